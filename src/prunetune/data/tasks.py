@@ -1,0 +1,63 @@
+"""Fixed, seeded splits and tokenisation for task data.
+
+The split is stratified per class (80/10/10 by default) with a fixed seed, so every method in a comparison
+sees exactly the same test set; the split is a pure function of the examples and the seed.
+"""
+
+from __future__ import annotations
+
+import random
+
+from prunetune.data.sources import Labelled
+from prunetune.errors import PrunetuneError
+
+
+def split_labelled(data: Labelled, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                   seed: int = 0) -> dict[str, list[dict]]:
+    """Stratified split into train/validation/test: each class contributes its own share to each part."""
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise PrunetuneError(f"split fractions must sum to 1, got {fractions}")
+    by_class: dict[int, list[dict]] = {}
+    for ex in data.examples:
+        by_class.setdefault(ex["label"], []).append(ex)
+    rng = random.Random(seed)
+    parts: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for label in sorted(by_class):
+        items = list(by_class[label])
+        rng.shuffle(items)
+        n = len(items)
+        n_val = round(n * fractions[1])
+        n_test = round(n * fractions[2])
+        parts["test"] += items[:n_test]
+        parts["validation"] += items[n_test:n_test + n_val]
+        parts["train"] += items[n_test + n_val:]
+    for k in parts:
+        rng.shuffle(parts[k])
+    return parts
+
+
+def subsample(examples: list[dict], n: int | None, seed: int = 0) -> list[dict]:
+    """A seeded, class-balanced-as-possible subset of `n` examples (all when n is None or larger)."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    by_class: dict[int, list[dict]] = {}
+    for ex in examples:
+        by_class.setdefault(ex["label"], []).append(ex)
+    rng = random.Random(seed)
+    for items in by_class.values():
+        rng.shuffle(items)
+    out: list[dict] = []
+    while len(out) < n:  # round-robin over classes keeps the subset stratified
+        for label in sorted(by_class):
+            if by_class[label] and len(out) < n:
+                out.append(by_class[label].pop())
+    rng.shuffle(out)
+    return out
+
+
+def tokenize_examples(tokenizer, examples: list[dict], max_length: int) -> dict:
+    """Tokenise (truncating to `max_length`) into lists ready for a padding collator."""
+    enc = tokenizer([e["text"] for e in examples], truncation=True, max_length=max_length)
+    enc = dict(enc)
+    enc["labels"] = [e["label"] for e in examples]
+    return enc

