@@ -13,6 +13,7 @@ SHARED_WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
 os.environ.setdefault("PRUNETUNE_PROGRESS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads crawl on a shared CPU
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 if SHARED_WIKITEXT.is_dir():

@@ -15,6 +15,10 @@ import typer
 
 from prunetune.errors import PrunetuneError
 
+# Before torch loads OpenMP: spinning worker threads make every op wait for a descheduled peer when the CPU
+# is shared (measured: a SmolLM2 512-token forward 11-17 s spinning vs 3.3 s passive on a loaded 2-core box).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -67,31 +71,41 @@ def info(
     layers: bool = typer.Option(True, "--layers/--no-layers", help="print per-layer sparsity"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
 ) -> None:
-    """Family, parameter count, geometry and per-layer sparsity of a model."""
+    """Family, head, parameter count, geometry, size on disk and per-layer sparsity of a model."""
     _quiet_libraries()
     from rich.table import Table
 
+    from prunetune.evaluation.speed import size_on_disk
     from prunetune.models.arch import get_adapter, nonzero_count, parameter_count
-    from prunetune.models.loading import load_model
+    from prunetune.models.loading import load_model, natural_task, weights_path
     from prunetune.pruning.masks import sparsity_report
 
-    loaded = load_model(model, task="base" if _is_encoder_spec(model) else "causal-lm")
+    task, kw = natural_task(model)
+    loaded = load_model(model, task=task, **kw)
     adapter = get_adapter(loaded.model)
     desc = adapter.describe()
     rep = sparsity_report(loaded.model)
     params = parameter_count(loaded.model)
-    payload = {"model": model, "source": loaded.source, **desc, "parameters": params,
-               "nonzero_parameters": nonzero_count(loaded.model), "prunable_sparsity": rep["sparsity"],
-               "layers": rep["layers"]}
-    con = _console()
-    con.print(_table(f"{model}", [
-        ("source", loaded.source), ("family", desc["family"]), ("blocks", str(desc["blocks"])),
-        ("hidden", str(desc["hidden_size"])),
+    wpath = weights_path(model)
+    disk = size_on_disk(wpath) if wpath is not None else None
+    labels = list((loaded.model.config.id2label or {}).values()) if task == "seq-cls" else None
+    payload = {"model": model, "source": loaded.source, "task": task, "class": type(loaded.model).__name__,
+               **desc, "parameters": params, "nonzero_parameters": nonzero_count(loaded.model),
+               "size_on_disk": disk, "labels": labels, "prunable_sparsity": rep["sparsity"], "layers": rep["layers"]}
+    rows = [
+        ("source", loaded.source), ("family", desc["family"]), ("head", f"{task} ({payload['class']})"),
+        ("blocks", str(desc["blocks"])), ("hidden", str(desc["hidden_size"])),
         ("heads / kv heads / head_dim", f"{desc['heads']} / {desc['kv_heads']} / {desc['head_dim']}"),
         ("mlp width", str(desc["mlp_width"])), ("parameters", f"{params:,}"),
         ("non-zero parameters", f"{payload['nonzero_parameters']:,}"),
         ("prunable linears", str(len(rep["layers"]))), ("prunable sparsity", f"{rep['sparsity']:.4%}"),
-    ]))
+    ]
+    if labels:
+        rows.insert(3, ("labels", ", ".join(map(str, labels))))
+    if disk:
+        rows.append((f"size on disk ({disk['format']})", f"{disk['bytes'] / 2**20:,.1f} MiB"))
+    con = _console()
+    con.print(_table(f"{model}", rows))
     if layers:
         t = Table(title="per-layer sparsity (real zeros)", header_style="bold")
         for c in ("layer", "role", "shape", "sparsity"):
@@ -102,50 +116,452 @@ def info(
     _write_json(json_out, payload)
 
 
-def _is_encoder_spec(spec: str) -> bool:
-    """Encoders (no causal head) are loaded as bare models for inspection."""
-    if spec in ("minilm-l6", "tiny-bert"):
-        return True
-    cfg = Path(spec) / "config.json"
-    if cfg.is_file():
-        try:
-            return json.loads(cfg.read_text()).get("model_type") in ("bert", "roberta", "xlm-roberta", "distilbert")
-        except json.JSONDecodeError:
-            return False
-    return False
-
-
 # ------------------------------------------------------------------------------------------------ eval
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="alias, HF dir, .gguf or hub id"),
-    ppl: Optional[str] = typer.Option(None, "--ppl", help="perplexity on wikitext2 | bbc-news | FILE"),
-    split: str = typer.Option("test", "--split", help="split of the perplexity text"),
-    seqlen: int = typer.Option(512, "--seqlen", min=2, help="window length in tokens"),
+    ppl: Optional[str] = typer.Option(None, "--ppl", help="causal perplexity on wikitext2 | bbc-news | FILE (.txt/.csv/.jsonl)"),
+    task: Optional[str] = typer.Option(None, "--task", help="classification on the fixed test split of bbc-news | FILE.csv | FILE.jsonl"),
+    pppl: Optional[str] = typer.Option(None, "--pppl", help="MLM pseudo-perplexity on a text source (masked-LM models)"),
+    speed: bool = typer.Option(False, "--speed", help="size, parameters, non-zeros, latency, generate tokens/s"),
+    split: str = typer.Option("test", "--split", help="split of the --ppl/--pppl text"),
+    seqlen: int = typer.Option(512, "--seqlen", min=2, help="perplexity window length in tokens"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="score only the first N windows"),
-    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="windows / examples per forward (--pppl: masked copies per forward, at least 16)"),
+    max_length: int = typer.Option(128, "--max-length", min=2, help="--task: truncate examples to this many tokens"),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="--task: stratified subset of the test split"),
+    seed: int = typer.Option(0, "--seed", help="--task: seed of the 80/10/10 split"),
+    text_column: str = typer.Option("text", "--text-column", help="text column of .csv/.jsonl data"),
+    label_column: str = typer.Option("label", "--label-column", help="label column of .csv/.jsonl task data"),
+    max_sentences: int = typer.Option(64, "--max-sentences", min=1, help="--pppl: first N non-empty lines"),
+    speed_seqlen: int = typer.Option(128, "--speed-seqlen", min=1, help="--speed: tokens per sequence"),
+    speed_batch: int = typer.Option(8, "--speed-batch", min=1, help="--speed: the batch N besides batch 1"),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="--speed: timed repeats (median)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local WikiText-2 dir (else PRUNETUNE_DATA_DIR or hub)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write all results as JSON here"),
+    harness: Optional[str] = typer.Option(None, "--harness", help="lm-eval tasks, comma-separated (offline: bbc_news_topic)"),
+    harness_limit: Optional[int] = typer.Option(None, "--harness-limit", min=1, help="--harness: first N documents per task"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write all results (a manifest) as JSON here"),
 ) -> None:
-    """Evaluate a model: perplexity (protocol recorded), task accuracy/F1, speed."""
+    """Evaluate a model: perplexity, task accuracy/macro-F1, pseudo-perplexity, speed; each with its protocol."""
     _quiet_libraries()
-    from prunetune.data.sources import load_text
-    from prunetune.evaluation.perplexity import perplexity
-    from prunetune.models.loading import load_model
+    import gc
+    import time
 
-    if ppl is None:
-        raise PrunetuneError("nothing to evaluate: pass --ppl SOURCE")
-    results: dict = {"model": model}
+    from prunetune.data.sources import load_labelled, load_text
+    from prunetune.data.tasks import split_labelled, subsample
+    from prunetune.manifest import build_manifest
+    from prunetune.models.loading import load_model, natural_task, weights_path
+
+    if not (ppl or task or pppl or speed or harness):
+        raise PrunetuneError("nothing to evaluate: pass --ppl, --task, --pppl, --speed and/or --harness")
+    t_start = time.perf_counter()
+    dd = str(data_dir) if data_dir else None
+    # read every dataset before loading any model: a wrong path fails in a second, not after a minute
+    ppl_src = load_text(ppl, split, data_dir=dd, text_column=text_column) if ppl else None
+    pppl_src = load_text(pppl, split, data_dir=dd, text_column=text_column) if pppl else None
+    task_data = test = None
+    if task:
+        task_data = load_labelled(task, text_column=text_column, label_column=label_column)
+        test = split_labelled(task_data, seed=seed)["test"]
+        if not test:
+            raise PrunetuneError(f"task data '{task_data.name}' has {len(task_data.examples)} examples: "
+                                 "too few for a test split (10% per class)")
+        test = subsample(test, max_examples, seed)
+
+    results: dict = {}
     rows: list[tuple[str, str]] = []
-    src = load_text(ppl, split, data_dir=str(data_dir) if data_dir else None)
-    loaded = load_model(model, task="causal-lm")
-    r = perplexity(loaded.model, loaded.tokenizer, src, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size)
-    results["perplexity"] = r
-    p = r["protocol"]
-    rows.append((f"ppl {p['dataset']} ({p['windows']}x{p['seqlen']})", f"{r['value']:.4f}"))
-    rows.append(("ppl seconds", f"{r['seconds']:.1f}"))
+    loaded = None
+    if ppl_src is not None:
+        from prunetune.evaluation.perplexity import perplexity
+
+        loaded = load_model(model, task="causal-lm")
+        r = perplexity(loaded.model, loaded.tokenizer, ppl_src, seqlen=seqlen, max_windows=max_windows,
+                       batch_size=batch_size)
+        results["perplexity"] = r
+        p = r["protocol"]
+        rows += [(f"perplexity {p['dataset']} ({p['windows']} x {p['seqlen']} tok)", f"{r['value']:.4f}"),
+                 ("  seconds", f"{r['seconds']:.1f}")]
+    if speed:
+        from prunetune.evaluation.speed import speed_report
+
+        if loaded is None:
+            nat_task, kw = natural_task(model)
+            loaded = load_model(model, task=nat_task, **kw)
+        r = speed_report(loaded.model, loaded.tokenizer, weights_path(model), seqlen=speed_seqlen,
+                         batch_size=speed_batch, repeats=repeats)
+        results["speed"] = r
+        rows.append(("parameters / non-zero", f"{r['parameters']:,} / {r['nonzero_parameters']:,}"))
+        if r["size_on_disk"]:
+            rows.append((f"size on disk ({r['size_on_disk']['format']})", f"{r['size_on_disk']['bytes'] / 2**20:,.1f} MiB"))
+        for lat in r["latency"]:
+            rows.append((f"latency batch {lat['batch']} x {lat['seqlen']} tok", f"{lat['ms_median']:.1f} ms"))
+        if r["generate"]:
+            rows.append((f"generate ({r['generate']['new_tokens']} new tokens)", f"{r['generate']['tokens_per_s']:.1f} tok/s"))
+        rows.append(("  threads / dtype", f"{r['protocol']['threads']} / {r['protocol']['dtype']}"))
+    loaded = None
+    gc.collect()
+    if task_data is not None:
+        from prunetune.evaluation.task import evaluate_classification
+
+        trained_head = _check_classifier(model, task_data.label_names)
+        cls = load_model(model, task="seq-cls", label_names=task_data.label_names)
+        r = evaluate_classification(cls.model, cls.tokenizer, test, max_length=max_length, batch_size=batch_size,
+                                    split="test", dataset=task_data.name)
+        r["protocol"].update({"split_seed": seed, "split_fractions": [0.8, 0.1, 0.1], "labels": task_data.label_names,
+                              "head": "trained (from checkpoint)" if trained_head else "new, untrained: chance level"})
+        results["classification"] = r
+        where = f"{task_data.name}/test, n={r['n']}"
+        rows += [(f"accuracy ({where})", f"{r['accuracy']:.4f}"), ("macro-F1", f"{r['macro_f1']:.4f}")]
+        if not trained_head:
+            rows.append(("  head", "new and untrained: expect chance level"))
+        cls = None
+        gc.collect()
+    if pppl_src is not None:
+        from prunetune.evaluation.perplexity import pseudo_perplexity
+
+        mlm = load_model(model, task="masked-lm")
+        r = pseudo_perplexity(mlm.model, mlm.tokenizer, pppl_src, max_sentences=max_sentences,
+                              batch_size=max(batch_size, 16))
+        results["pseudo_perplexity"] = r
+        rows += [(f"pseudo-perplexity {r['protocol']['dataset']} ({r['protocol']['sentences']} lines)",
+                  f"{r['value']:.4f}"), ("  seconds", f"{r['seconds']:.1f}")]
+    if harness:
+        from prunetune.evaluation.harness import harness_evaluate
+
+        lm = load_model(model, task="causal-lm")
+        r = harness_evaluate(lm.model, lm.tokenizer, harness, limit=harness_limit, seed=seed)
+        results["harness"] = r
+        for name, m in r.items():
+            if isinstance(m, dict):
+                rows += [(f"lm-eval {name} {k} (n={m['protocol']['documents']})", f"{v:.4f}")
+                         for k, v in m.items() if k != "protocol"]
+        lm = None
+    total = time.perf_counter() - t_start
+    rows.append(("total seconds", f"{total:.1f}"))
     _console().print(_table(f"eval {model}", rows))
-    _write_json(json_out, results)
+    config = {"model": model, "ppl": ppl, "task": task, "pppl": pppl, "speed": speed, "split": split, "seqlen": seqlen,
+              "max_windows": max_windows, "batch_size": batch_size, "max_length": max_length,
+              "max_examples": max_examples, "max_sentences": max_sentences, "data_dir": dd,
+              "harness": harness, "harness_limit": harness_limit}
+    _write_json(json_out, build_manifest("eval", config, seed=seed, metrics=results, timings={"total_s": total},
+                                         extra={"model": model}))
+
+
+def _check_classifier(spec: str, label_names: list[str]) -> bool:
+    """True when `spec` is a trained classifier for these labels; a mismatch is an error, not a silent new head."""
+    from prunetune.models.loading import natural_task
+
+    task, kw = natural_task(spec)
+    if task != "seq-cls":
+        return False
+    names = kw.get("label_names")
+    n = len(names) if names else kw.get("num_labels")
+    if n != len(label_names):
+        raise PrunetuneError(f"{spec} is a classifier with {n} labels but the task data has {len(label_names)}")
+    generic = names is None or all(str(x).startswith("LABEL_") for x in names)
+    if not generic and list(names) != list(label_names):
+        raise PrunetuneError(f"{spec} was trained for labels {names}, the task data has {label_names}")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ prune
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument(..., help="alias, HF dir, .gguf or hub id"),
+    method: str = typer.Option("wanda", "--method", help="magnitude | wanda | sparsegpt"),
+    sparsity: float = typer.Option(0.5, "--sparsity", help="fraction of weights to prune, in [0, 1)"),
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured pattern, e.g. 2:4 (overrides --sparsity)"),
+    granularity: str = typer.Option("row", "--granularity", help="row | layer | global | rows | cols | heads | neurons"),
+    calib: str = typer.Option("bbc-news", "--calib", help="calibration text: bbc-news | wikitext2 | FILE (.txt/.csv/.jsonl)"),
+    calib_split: Optional[str] = typer.Option(None, "--calib-split", help="split of --calib (default: valid for wikitext2, else train)"),
+    nsamples: int = typer.Option(32, "--nsamples", min=1, help="calibration windows"),
+    seqlen: int = typer.Option(512, "--seqlen", min=2, help="tokens per calibration window"),
+    skip: Optional[list[str]] = typer.Option(None, "--skip", help="regex of module names to leave dense (repeatable)"),
+    device: Optional[str] = typer.Option(None, "--device", help="calibration device: cpu | cuda (the model stays on CPU)"),
+    eval_ppl: Optional[str] = typer.Option(None, "--eval-ppl", help="perplexity before and after on wikitext2 | bbc-news | FILE"),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="--eval-ppl: first N windows only"),
+    seed: int = typer.Option(0, "--seed", help="seed of the calibration sample"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local WikiText-2 dir (else PRUNETUNE_DATA_DIR or hub)"),
+    out: Path = typer.Option(..., "--out", help="output directory: plain HF model + masks.safetensors + manifest.json"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
+) -> None:
+    """Prune a model one-shot (magnitude, Wanda, SparseGPT) and save it as a plain HF directory with its masks."""
+    _quiet_libraries()
+    import time
+
+    from prunetune.data.calibration import calibration_samples
+    from prunetune.data.sources import load_text
+    from prunetune.manifest import build_manifest
+    from prunetune.models.export import prepare_out_dir, save_hf_dir
+    from prunetune.models.loading import load_model, natural_task
+    from prunetune.pruning.api import default_calib_split, prune, validate
+    from prunetune.pruning.masks import sparsity_report
+
+    t_start = time.perf_counter()
+    # everything that can be checked without the model is checked first: a typo fails in a second
+    validate(method, sparsity, pattern, granularity)
+    if device not in (None, "cpu") and not str(device).startswith("cuda"):
+        raise PrunetuneError(f"unknown --device '{device}'; choose cpu or cuda")
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PrunetuneError("--device cuda asked but no CUDA device is available")
+    out = prepare_out_dir(out, overwrite)
+    dd = str(data_dir) if data_dir else None
+    needs_calib = method != "magnitude"
+    calib_src = load_text(calib, calib_split or default_calib_split(calib), data_dir=dd) if needs_calib else None
+    ppl_src = load_text(eval_ppl, "test", data_dir=dd) if eval_ppl else None
+
+    nat_task, kw = natural_task(model)
+    loaded = load_model(model, task=nat_task, **kw)
+    ids = None
+    if calib_src is not None:
+        ids = calibration_samples(loaded.tokenizer, calib_src.text, nsamples, seqlen, seed, calib_src.name)
+    timings: dict[str, float] = {"load_s": time.perf_counter() - t_start}
+    metrics: dict = {}
+
+    def _ppl(tag: str) -> None:
+        from prunetune.evaluation.perplexity import perplexity
+
+        t = time.perf_counter()
+        metrics[f"perplexity_{tag}"] = perplexity(loaded.model, loaded.tokenizer, ppl_src, seqlen=seqlen,
+                                                  max_windows=max_windows)
+        timings[f"ppl_{tag}_s"] = time.perf_counter() - t
+
+    if ppl_src is not None:
+        _ppl("before")
+    t = time.perf_counter()
+    masks = prune(loaded.model, method, sparsity, pattern=pattern, granularity=granularity, calib=ids,
+                  tokenizer=loaded.tokenizer, nsamples=nsamples, seqlen=seqlen, skip=skip, device=device, seed=seed)
+    timings["prune_s"] = time.perf_counter() - t
+    if ppl_src is not None:
+        _ppl("after")
+    report = sparsity_report(loaded.model)
+    metrics["sparsity"] = {"value": report["sparsity"], "masked_layers": len(masks), "mask_sparsity": masks.sparsity(),
+                           "protocol": "real zeros in the prunable linear weights (embeddings and heads excluded)",
+                           "layers": {n: round(r["sparsity"], 6) for n, r in report["layers"].items()}}
+    timings["total_s"] = time.perf_counter() - t_start
+    config = {"model": model, "source": loaded.source, "task": nat_task, "method": method, "sparsity": sparsity,
+              "pattern": pattern, "granularity": granularity, "skip": skip or [], "device": device or "cpu",
+              "calibration": None if ids is None else {"source": calib_src.name, "variant": calib_src.variant,
+                                                       "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+              "eval_ppl": eval_ppl, "max_windows": max_windows}
+    manifest = build_manifest("prune", config, seed=seed, metrics=metrics, timings=timings)
+    save_hf_dir(loaded.model, loaded.tokenizer, out, manifest,
+                extra=lambda tmp: masks.save(tmp, metadata={"method": method, "sparsity": sparsity, "pattern": pattern}))
+
+    rows = [("method", method + (f" {pattern}" if pattern else f" {sparsity:.0%} ({granularity})")),
+            ("real-zero sparsity (prunable linears)", f"{report['sparsity']:.4%}"),
+            ("prune seconds", f"{timings['prune_s']:.1f}")]
+    for tag in ("before", "after"):
+        if f"perplexity_{tag}" in metrics:
+            r = metrics[f"perplexity_{tag}"]
+            p = r["protocol"]
+            rows.append((f"perplexity {tag} ({p['dataset']}, {p['windows']} x {p['seqlen']})", f"{r['value']:.4f}"))
+    rows.append(("saved", str(out)))
+    _console().print(_table(f"prune {model}", rows))
+
+
+# ------------------------------------------------------------------------------------------------ finetune / payt
+def _tune_config(task_type: str, task: str, lora: bool, lora_rank: int, lora_alpha: float, lora_dropout: float,
+                 rslora: bool, kd: bool, kd_alpha: float, kd_temp: float, teacher: str, epochs: float,
+                 lr: Optional[float], batch_size: int, max_length: int, n_samples: int, eval_samples: int, seed: int,
+                 mix: float, mix_source: str, mix_strategy: str, mix_sampling: str, data_dir: Optional[Path],
+                 retention: bool, retention_windows: int):
+    from prunetune.data.mixing import MixSpec
+    from prunetune.tuning.trainer import TuneConfig
+
+    return TuneConfig(
+        task=task_type, data=task, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        rslora=rslora, kd=kd, kd_alpha=kd_alpha, kd_temp=kd_temp, teacher=teacher, epochs=epochs, lr=lr,
+        batch_size=batch_size, max_length=max_length, n_samples=n_samples or None, eval_samples=eval_samples or None,
+        seed=seed, mix=MixSpec(fraction=mix, source=mix_source, strategy=mix_strategy, sampling=mix_sampling, seed=seed),
+        data_dir=str(data_dir) if data_dir else None, retention=retention, retention_windows=retention_windows,
+    ).validate()
+
+
+def _print_run(title: str, r: dict) -> None:
+    rows: list[tuple[str, str]] = [("train examples", str(r["train_examples"])), ("steps", str(r["global_step"]))]
+    for key, label in (("test_before_merge", "before merge"), ("test_after_merge", "after merge (exported)")):
+        m = r.get(key) or {}
+        if "accuracy" in m:
+            rows.append((f"accuracy / macro-F1 {label}", f"{m['accuracy']:.4f} / {m['macro_f1']:.4f}"))
+        elif "perplexity" in m:
+            rows.append((f"test perplexity {label}", f"{m['perplexity']:.3f}"))
+    rows.append(("sparsity (real zeros of prunable linears)", f"{r.get('sparsity', 0.0):.4%}"))
+    if r.get("retention"):
+        rows.append((f"retention: {r['retention']['metric']}", f"{r['retention']['value']:.4f}"))
+    me = r.get("mask_enforcement", {})
+    if me.get("steps"):
+        rows.append(("mask enforcement / step", f"{me['enforce_ms_per_step']:.1f} ms ({me['overhead_fraction']:.2%})"))
+    rows.append(("train seconds", f"{r['timings']['train_s']:.1f}"))
+    _console().print(_table(title, rows))
+
+
+_TT = dict(help="seq-cls (labelled data) or causal-lm (plain text)")
+
+
+@app.command()
+def finetune(
+    model: str = typer.Argument(..., help="alias, HF dir (a pruned one keeps its masks), .gguf or hub id"),
+    task: str = typer.Option("bbc-news", "--task", help="task data: bbc-news | .csv/.jsonl (text,label) | text source"),
+    task_type: str = typer.Option("seq-cls", "--task-type", **_TT),
+    lora: bool = typer.Option(True, "--lora/--full", "--use-lora/--no-use-lora", help="LoRA adapters or full FT"),
+    lora_rank: int = typer.Option(8, "--lora-rank"),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+    rslora: bool = typer.Option(False, "--rslora", "--use-rs-lora", help="rank-stabilised scaling alpha/sqrt(r)"),
+    kd: bool = typer.Option(True, "--kd/--no-kd", "--use-kd/--no-use-kd", help="distil from a teacher"),
+    kd_alpha: float = typer.Option(0.5, "--kd-alpha", help="weight of CE; 1-alpha weighs the KL term"),
+    kd_temp: float = typer.Option(4.0, "--kd-temp", help="softmax temperature T"),
+    teacher: str = typer.Option("initial", "--teacher", help="initial | dense | PATH"),
+    epochs: float = typer.Option(2.0, "--epochs", "--num-epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="default 5e-4 (LoRA) / 1e-4 (full)"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(128, "--max-length"),
+    n_samples: int = typer.Option(200, "--n-samples", help="training examples (0 = all)"),
+    eval_samples: int = typer.Option(100, "--eval-samples", help="validation examples per epoch (0 = all)"),
+    seed: int = typer.Option(0, "--seed"),
+    mix: float = typer.Option(0.0, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
+    mix_source: str = typer.Option("wikitext2", "--mix-source"),
+    mix_strategy: str = typer.Option("random", "--mix-strategy", "--dataset-mix-strategy"),
+    mix_sampling: str = typer.Option("first", "--mix-sampling", "--dataset-sampling-strategy"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local WikiText-2 dir"),
+    retention: bool = typer.Option(True, "--retention/--no-retention", help="measure knowledge retention"),
+    retention_windows: int = typer.Option(8, "--retention-windows", min=1),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in OUT"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    out: Path = typer.Option(..., "--out", help="run directory"),
+) -> None:
+    """Fine-tune (LoRA/rsLoRA or full) with knowledge distillation; pruned weights stay zero."""
+    _quiet_libraries()
+    from prunetune.tuning.trainer import finetune as run
+
+    cfg = _tune_config(task_type, task, lora, lora_rank, lora_alpha, lora_dropout, rslora, kd, kd_alpha, kd_temp,
+                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, mix, mix_source,
+                       mix_strategy, mix_sampling, data_dir, retention, retention_windows)
+    r = run(model, cfg, out, resume=resume, overwrite=overwrite)
+    if "timings" in r:
+        _print_run(f"finetune {model} -> {out}", r)
+
+
+@app.command()
+def payt(
+    model: str = typer.Argument(..., help="alias, HF dir, .gguf or hub id"),
+    task: str = typer.Option("bbc-news", "--task"),
+    task_type: str = typer.Option("seq-cls", "--task-type", **_TT),
+    sparsity: float = typer.Option(0.5, "--sparsity", "--sparsity-target", help="target sparsity in [0, 1)"),
+    schedule: str = typer.Option("agp", "--schedule", "--pruning-schedule", help="oneshot | linear | agp"),
+    start: float = typer.Option(0.2, "--start", "--start-pruning-epoch-ptg", help="fraction of training before pruning"),
+    every: int = typer.Option(1, "--every", "--prune-every-epoch", help="prune every N epochs"),
+    every_steps: Optional[int] = typer.Option(None, "--every-steps", help="prune every N optimizer steps instead"),
+    criterion: str = typer.Option("l1-global", "--criterion", "--pruning-method", help="l1-global | l2-cols | wanda"),
+    lora: bool = typer.Option(True, "--lora/--full", "--use-lora/--no-use-lora"),
+    lora_rank: int = typer.Option(8, "--lora-rank"),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+    rslora: bool = typer.Option(False, "--rslora", "--use-rs-lora"),
+    kd: bool = typer.Option(True, "--kd/--no-kd", "--use-kd/--no-use-kd"),
+    kd_alpha: float = typer.Option(0.5, "--kd-alpha"),
+    kd_temp: float = typer.Option(4.0, "--kd-temp"),
+    teacher: str = typer.Option("initial", "--teacher", help="initial | dense | PATH"),
+    epochs: float = typer.Option(2.0, "--epochs", "--num-epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(128, "--max-length"),
+    n_samples: int = typer.Option(200, "--n-samples", help="training examples (0 = all)"),
+    eval_samples: int = typer.Option(100, "--eval-samples"),
+    seed: int = typer.Option(0, "--seed"),
+    mix: float = typer.Option(0.05, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
+    mix_source: str = typer.Option("wikitext2", "--mix-source"),
+    mix_strategy: str = typer.Option("random", "--mix-strategy", "--dataset-mix-strategy", help="random | old_first"),
+    mix_sampling: str = typer.Option("first", "--mix-sampling", "--dataset-sampling-strategy", help="first | random"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    retention: bool = typer.Option(True, "--retention/--no-retention"),
+    retention_windows: int = typer.Option(8, "--retention-windows", min=1),
+    full_evaluate: bool = typer.Option(False, "--full-evaluate", help="also run dense full FT, dense LoRA, prune->LoRA"),
+    resume: bool = typer.Option(False, "--resume"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    out: Path = typer.Option(..., "--out"),
+) -> None:
+    """Prune-As-You-Tune: prune the base weights on a schedule during (LoRA) fine-tuning with KD."""
+    _quiet_libraries()
+    from prunetune.methods.payt import PaytSpec, full_evaluate as run_all, run_payt
+
+    cfg = _tune_config(task_type, task, lora, lora_rank, lora_alpha, lora_dropout, rslora, kd, kd_alpha, kd_temp,
+                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, mix, mix_source,
+                       mix_strategy, mix_sampling, data_dir, retention, retention_windows)
+    if every_steps is not None and every_steps < 1:
+        raise PrunetuneError(f"--every-steps must be >= 1, got {every_steps}")
+    spec = PaytSpec(sparsity=sparsity, schedule=schedule, start=start, every=every_steps or every,
+                    unit="step" if every_steps else "epoch", criterion=criterion)
+    if full_evaluate:
+        if resume:
+            raise PrunetuneError("--resume is not supported with --full-evaluate; rerun it or resume one run dir")
+        res = run_all(model, cfg, spec, out, overwrite=overwrite)
+        _console().print(res["table"]["markdown"])
+        _console().print(f"written: {out / 'full_evaluate.md'} and {out / 'full_evaluate.json'}")
+        return
+    r = run_payt(model, cfg, spec, out, resume=resume, overwrite=overwrite)
+    if "timings" in r:
+        _print_run(f"payt {model} -> {out}", r)
+
+
+# ------------------------------------------------------------------------------------------------ run / recipes / compare
+@app.command()
+def run(
+    recipe: str = typer.Argument("quickstart", help="preset name (see `prunetune recipes`) or a recipe YAML file"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<recipe>-<timestamp>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue OUT: complete stages are skipped"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUT"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a recipe key: section.key=value (repeatable)"),
+) -> None:
+    """Run a recipe: stages in order, each atomic and resumable; ends with manifest.json and report.md."""
+    _quiet_libraries()
+    import datetime as _dt
+
+    from prunetune.config import load_recipe
+    from prunetune.pipelines.runner import run_recipe
+
+    rec = load_recipe(recipe, set_ or [])
+    if out is None:
+        if resume:
+            raise PrunetuneError("--resume needs --out: the run directory to continue")
+        out = Path("runs") / f"{rec.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    con = _console()
+    con.print(f"[bold]prunetune run[/bold] {rec.name} -> {out}")
+    man = run_recipe(rec, out, resume=resume, overwrite=overwrite, log=lambda msg: con.print(msg, highlight=False))
+    con.print(f"report: {out / 'report.md'}  (stage time {sum(man['timings'].get(s, 0) for s in man['stages']):.0f} s)")
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipe presets shipped with prunetune."""
+    from rich.table import Table
+
+    from prunetune.config import load_recipe, preset_names
+
+    t = Table(title="presets (prunetune run NAME)", header_style="bold")
+    for c in ("name", "model", "stages", "description"):
+        t.add_column(c)
+    for name in preset_names():
+        r = load_recipe(name)
+        first = " ".join(r.description.split()).split(": ")[0].split(". ")[0]
+        t.add_row(name, r.model.name, " > ".join(s.name or s.type for s in r.stages), first)
+    _console().print(t)
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="run directories written by `prunetune run`"),
+    out: Path = typer.Option(..., "--out", help="directory for report.md and plots/"),
+) -> None:
+    """Compare runs: one results table and PNG plots (metric vs sparsity, layers, weights, curves)."""
+    from prunetune.reporting.report import compare_runs
+
+    path = compare_runs(runs, out)
+    _console().print(f"written: {path}")
 
 
 # ------------------------------------------------------------------------------------------------ entry

@@ -14,23 +14,35 @@ from prunetune.errors import PrunetuneError
 
 def split_labelled(data: Labelled, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                    seed: int = 0) -> dict[str, list[dict]]:
-    """Stratified split into train/validation/test: each class contributes its own share to each part."""
-    if abs(sum(fractions) - 1.0) > 1e-6:
-        raise PrunetuneError(f"split fractions must sum to 1, got {fractions}")
-    by_class: dict[int, list[dict]] = {}
+    """Stratified split into train/validation/test: each class contributes its own share to each part.
+
+    Identical texts are kept in the same part: BBC News holds 98 exact duplicate articles, and a copy in
+    train with its twin in test would leak the answer. A part therefore receives whole groups until it has
+    at least its share, so it may hold one example more than `round(n * fraction)` in a class.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise PrunetuneError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    by_class: dict[int, dict[str, list[dict]]] = {}
     for ex in data.examples:
-        by_class.setdefault(ex["label"], []).append(ex)
+        by_class.setdefault(ex["label"], {}).setdefault(ex["text"], []).append(ex)
     rng = random.Random(seed)
     parts: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
     for label in sorted(by_class):
-        items = list(by_class[label])
-        rng.shuffle(items)
-        n = len(items)
-        n_val = round(n * fractions[1])
-        n_test = round(n * fractions[2])
-        parts["test"] += items[:n_test]
-        parts["validation"] += items[n_test:n_test + n_val]
-        parts["train"] += items[n_test + n_val:]
+        groups = list(by_class[label].values())
+        rng.shuffle(groups)
+        n = sum(len(g) for g in groups)
+        targets = (("test", round(n * fractions[2])), ("validation", round(n * fractions[1])))
+        it = iter(groups)
+        for part, target in targets:
+            got = 0
+            while got < target:
+                group = next(it, None)
+                if group is None:
+                    break
+                parts[part] += group
+                got += len(group)
+        for group in it:
+            parts["train"] += group
     for k in parts:
         rng.shuffle(parts[k])
     return parts

@@ -50,8 +50,12 @@ def prepare_out_dir(out: Path | str, overwrite: bool = False) -> Path:
     return out
 
 
-def save_hf_dir(model: torch.nn.Module, tokenizer: Any, out: Path | str, manifest: dict | None = None) -> Path:
-    """Save weights (safetensors), config, tokenizer and manifest atomically: temp dir, then rename."""
+def save_hf_dir(model: torch.nn.Module, tokenizer: Any, out: Path | str, manifest: dict | None = None,
+                extra: Any = None) -> Path:
+    """Save weights (safetensors), config, tokenizer and manifest atomically: temp dir, then rename.
+
+    `extra(tmp_dir)`, when given, writes more files (e.g. masks) before the rename: all appear or none.
+    """
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -60,6 +64,66 @@ def save_hf_dir(model: torch.nn.Module, tokenizer: Any, out: Path | str, manifes
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
+    if manifest is not None:
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------- LoRA with masks
+@torch.no_grad()
+def merge_lora_keep_masks(peft_model: torch.nn.Module, masks: Any = None) -> torch.nn.Module:
+    """Fold LoRA into the base weights and re-apply the masks: W' = (W + s*BA) ⊙ M.
+
+    A plain `merge_and_unload` adds the dense update s*BA to every weight and so destroys the sparsity
+    (the bug of the original PAYT code); masking after the merge keeps exactly the pruned zeros. The peft
+    model is consumed (its base weights now hold the merged values); a plain transformers model is returned.
+    """
+    merged = peft_model.merge_and_unload() if hasattr(peft_model, "merge_and_unload") else peft_model
+    if masks is not None and len(masks):
+        masks.apply(merged)
+    return merged
+
+
+def save_adapter_export(peft_model: torch.nn.Module, tokenizer: Any, out: Path | str, masks: Any = None,
+                        manifest: dict | None = None) -> Path:
+    """Adapter export: the sparse base as a plain HF dir in `out/base`, the peft adapter in `out/adapter`.
+
+    Users who keep several task adapters on one sparse base load the base with transformers and attach an
+    adapter with `PeftModel.from_pretrained(base, out/"adapter")`.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    peft_model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    base = peft_model.get_base_model()
+    with peft_model.disable_adapter():
+        state = {k.replace("base_layer.", ""): v for k, v in base.state_dict().items()
+                 if "lora_" not in k and "modules_to_save" not in k}
+    state = {k.replace("original_module.", ""): v for k, v in state.items()}
+    seen: set[int] = set()
+    for k in list(state):  # tied weights (embeddings / LM head) are stored once, as transformers does
+        ptr = state[k].data_ptr()
+        if ptr in seen:
+            del state[k]
+        seen.add(ptr)
+    cfg = base.config
+    strip_quantization_config(base)
+    from safetensors.torch import save_file
+
+    (tmp / "base").mkdir()
+    cfg.save_pretrained(tmp / "base")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "base" / "model.safetensors"),
+              metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "base")
+    if masks is not None and len(masks):
+        masks.save(tmp / "base")
     if manifest is not None:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     if out.exists():

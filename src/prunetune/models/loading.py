@@ -305,21 +305,109 @@ def load_model(
     return Loaded(_finish(model, tok, task), tok, spec, source, task)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all. Without this, an offline machine spends ~30 s in huggingface_hub's
+    retries and prints a warning per retry before the one error line we owe the user."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_hub(spec: str, task: str, dtype: torch.dtype, **kw):
+    import difflib
+    import logging
+
     from transformers import AutoConfig, AutoTokenizer
 
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "TRUE", "YES", "ON") or not _hub_reachable()
+    near = difflib.get_close_matches(spec, list(ALIASES), n=1)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would break the one-line error contract
     try:
-        config = AutoConfig.from_pretrained(spec)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        local = {"local_files_only": True} if offline else {}  # offline: the local HF cache may still have it
+        config = AutoConfig.from_pretrained(spec, **local)
+        tokenizer = AutoTokenizer.from_pretrained(spec, **local)
         cls = _auto_class(task, bool(getattr(config, "is_encoder_decoder", False)))
         if task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
             kw["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model = cls.from_pretrained(spec, dtype=dtype, **kw)
+        model = cls.from_pretrained(spec, dtype=dtype, **local, **kw)
     except PrunetuneError:
         raise
     except Exception as exc:
+        why = "the hub is unreachable (offline) and it is not in the local HF cache" if offline else (
+            f"the hub did not provide it ({type(exc).__name__}; wrong id or private?)")
         raise PrunetuneError(
-            f"cannot load '{spec}': not a known alias ({', '.join(ALIASES)}), not a local path, and the hub "
-            f"did not provide it ({type(exc).__name__}; offline or wrong id?)"
+            f"cannot load '{spec}': {hint}not a known alias ({', '.join(ALIASES)}), not a local path, and {why}"
         ) from None
+    finally:
+        hub_log.setLevel(level)
     return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------ inspection
+ALIAS_TASKS: dict[str, str] = {
+    "smollm2-135m": "causal-lm", "minilm-l6": "base", "tiny-llama": "causal-lm", "tiny-bert": "masked-lm",
+    "tiny-t5": "seq2seq",
+}
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert")
+
+
+def read_config_json(path: Path) -> dict:
+    """config.json of a model directory as a dict; a garbage file is a user error, not a traceback."""
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrunetuneError(f"cannot read a model config in {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise PrunetuneError(f"cannot read a model config in {path}: config.json is not a JSON object")
+    return cfg
+
+
+def natural_task(spec: str) -> tuple[str, dict]:
+    """The task a checkpoint was saved for, with the load_model kwargs it needs (labels of a classifier).
+
+    Used to inspect or time a model as it is, e.g. a fine-tuned classifier keeps its trained head instead
+    of being loaded as a causal LM with a missing LM head.
+    """
+    if spec in ALIAS_TASKS:
+        return ALIAS_TASKS[spec], {}
+    path = Path(os.path.expanduser(spec))
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return "causal-lm", {}
+    cfg = read_config_json(path)
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs and isinstance(archs[0], str) else ""
+    if arch.endswith("ForSequenceClassification"):
+        id2label = cfg.get("id2label") or {}
+        n = int(cfg.get("num_labels") or len(id2label) or 0)
+        names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)] if id2label else None
+        return "seq-cls", ({"label_names": names} if names else {"num_labels": n})
+    if arch.endswith("ForCausalLM"):
+        return "causal-lm", {}
+    if arch.endswith(("ForMaskedLM", "ForPreTraining")):
+        return "masked-lm", {}
+    if cfg.get("is_encoder_decoder"):
+        return "seq2seq", {}
+    if cfg.get("model_type") in ENCODER_TYPES:
+        return "base", {}
+    return "causal-lm", {}
+
+
+def weights_path(spec: str) -> Path | None:
+    """Where the weights of `spec` live on disk (converted HF dir for GGUF aliases); None for random/hub models."""
+    if spec == "smollm2-135m":
+        return gguf_to_hf_dir(smollm2_gguf_path())
+    if spec == "minilm-l6":
+        return minilm_dir()
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir() or (path.suffix == ".gguf" and path.is_file()):
+        return path
+    return None

@@ -1,0 +1,185 @@
+"""Pruning benchmark: SmolLM2-135M perplexity after magnitude / Wanda / SparseGPT at 50% and 2:4.
+
+Protocol: WikiText-2 test, non-overlapping windows of 512 tokens, first 64 windows (`--all-windows` for all
+of them); calibration 32 × 512 tokens from WikiText-2 valid, seed 0; fp32 on CPU unless `--device`.
+Each row runs in its own child process, so its peak RSS is its own: a sampler thread polls the process RSS
+every 20 ms while `prune()` runs, and the peak is reported as a ratio to the fp32 model size (whole-process
+RSS, and RSS above what the process held before the model was loaded, which excludes Python + torch).
+
+    PRUNETUNE_DATA_DIR=../shared/data/wikitext-2 python benchmarks/pruning.py [--all-windows] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROWS: dict[str, dict] = {
+    "dense": {},
+    "magnitude 50%": {"method": "magnitude", "sparsity": 0.5, "granularity": "layer"},
+    "wanda 50%": {"method": "wanda", "sparsity": 0.5, "granularity": "row"},
+    "sparsegpt 50%": {"method": "sparsegpt", "sparsity": 0.5, "granularity": "layer"},
+    "wanda 2:4": {"method": "wanda", "pattern": "2:4"},
+    "sparsegpt 2:4": {"method": "sparsegpt", "pattern": "2:4"},
+}
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a thread; `peak` is the maximum seen."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def _trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_row(name: str, args: argparse.Namespace) -> dict:
+    """One row, in this process: load, (calibrate +) prune, evaluate."""
+    import psutil
+    import torch
+
+    from prunetune.data.calibration import calibration_samples
+    from prunetune.data.sources import load_text
+    from prunetune.evaluation.perplexity import perplexity
+    from prunetune.models.loading import load_model
+    from prunetune.pruning.api import prune
+    from prunetune.pruning.masks import sparsity_report
+
+    cfg = ROWS[name]
+    import prunetune.pruning.api  # noqa: F401  (libraries imported before the baseline is taken)
+
+    _trim()
+    rss_before_model = psutil.Process().memory_info().rss
+    loaded = load_model("smollm2-135m", "causal-lm")
+    model, tok = loaded.model, loaded.tokenizer
+    seen, fp32_bytes = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            fp32_bytes += p.numel() * 4
+    row: dict = {"row": name, **cfg, "fp32_model_bytes": fp32_bytes}
+    if cfg:
+        ids = calibration_samples(tok, load_text("wikitext2", "valid").text, args.nsamples, args.seqlen, 0,
+                                  "wikitext2/valid")
+        _trim()  # hand freed heap (model conversion, tokenisation) back to the OS so RSS means what is in use
+        rss_before_prune = psutil.Process().memory_info().rss
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            prune(model, calib=ids, device=args.device, progress=args.progress, **cfg)
+            row["prune_seconds"] = time.perf_counter() - t0
+        row["peak_rss_bytes"] = rss.peak
+        row["peak_rss_ratio"] = rss.peak / fp32_bytes
+        row["peak_rss_above_start_ratio"] = (rss.peak - rss_before_model) / fp32_bytes
+        row["prune_extra_rss_bytes"] = rss.peak - rss_before_prune
+        row["sparsity"] = sparsity_report(model)["sparsity"]
+    test = load_text("wikitext2", "test")
+    r = perplexity(model, tok, test, seqlen=args.seqlen, max_windows=None if args.all_windows else args.windows,
+                   batch_size=4, progress=args.progress)
+    row["ppl"] = r["value"]
+    row["ppl_seconds"] = r["seconds"]
+    row["protocol"] = r["protocol"]
+    row["threads"] = torch.get_num_threads()
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | ppl | prune s | peak RSS / fp32 size: whole process | above pre-load RSS | prune extra MiB "
+             "| sparsity |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "prune_seconds" in r:
+            lines.append(f"| {r['row']} | {r['ppl']:.2f} | {r['prune_seconds']:.1f} | {r['peak_rss_ratio']:.2f} | "
+                         f"{r['peak_rss_above_start_ratio']:.2f} | {r['prune_extra_rss_bytes'] / 2**20:.0f} | {r['sparsity']:.2%} |")
+        else:
+            lines.append(f"| {r['row']} | {r['ppl']:.2f} | - | - | - | - | 0 |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=64, help="first N WikiText-2 test windows")
+    ap.add_argument("--all-windows", action="store_true", help="all windows (609 at seqlen 512)")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--device", default=None, help="calibration device (cpu, cuda)")
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), help=f"subset of: {', '.join(ROWS)}")
+    ap.add_argument("--json", type=Path, default=None, help="also write all rows as JSON")
+    ap.add_argument("--progress", action="store_true", help="show progress bars")
+    ap.add_argument("--_row", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args._row:  # child process: one row
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        Path(args._out).write_text(json.dumps(run_row(args._row, args), default=str))
+        return
+
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    rows = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    for name in args.rows:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+            out = fh.name
+        cmd = [sys.executable, __file__, "--_row", name, "--_out", out, "--windows", str(args.windows),
+               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+        cmd += ["--all-windows"] if args.all_windows else []
+        cmd += ["--device", args.device] if args.device else []
+        cmd += ["--progress"] if args.progress else []
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        row = json.loads(Path(out).read_text())
+        os.unlink(out)
+        row["row_seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"{name}: ppl {row['ppl']:.3f}" + (f", prune {row['prune_seconds']:.1f} s, peak RSS "
+              f"{row['peak_rss_ratio']:.2f}x fp32" if "prune_seconds" in row else ""), flush=True)
+    print()
+    print(table(rows))
+    meta = {"started": started, "machine": f"{platform.machine()} {platform.processor()}".strip(),
+            "cpus": os.cpu_count(), "command": " ".join(sys.argv), "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(meta, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Recipes as validated data: one YAML file (or preset) describes a whole experiment.
+
+A recipe names a model, its data, default settings for each kind of stage, and the ordered stages::
+
+    name: quickstart
+    seed: 0
+    model: {name: smollm2-135m}
+    data: {calib: bbc-news, ppl: [wikitext2, bbc-news]}
+    prune: {method: wanda, sparsity: 0.5, nsamples: 16, seqlen: 256}
+    tune: {steps: 12, batch_size: 4, seqlen: 256, lora_rank: 8}
+    eval: {ppl_seqlen: 512, max_windows: 16}
+    stages: [evaluate, prune, evaluate, finetune, evaluate, export]
+
+A stage is a bare type name, or a mapping with `type` plus overrides of that type's section
+(`{type: prune, sparsity: 0.6}`). Mistakes are reported in one line that names the key and what it allows;
+`--set prune.sparsity=0.6` edits any key before validation (values parsed as YAML scalars/lists).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prunetune.errors import PrunetuneError
+
+RECIPES_DIR = Path(__file__).resolve().parent / "pipelines" / "recipes"
+
+StageType = Literal["evaluate", "prune", "finetune", "payt", "export", "order_study"]
+STAGE_TYPES: tuple[str, ...] = get_args(StageType)
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Spec):
+    """Which model, and with which head (causal LM for perplexity recipes, seq-cls for task tuning)."""
+
+    name: str = Field("smollm2-135m", description="alias, local HF dir, .gguf or hub id")
+    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+
+
+class DataSpec(_Spec):
+    """Where text comes from: calibration, fine-tuning text or labelled task, perplexity sets."""
+
+    calib: str = Field("bbc-news", description="calibration text source (bbc-news | wikitext2 | FILE | HF name)")
+    calib_split: str = "train"
+    train: str = Field("bbc-news", description="fine-tuning source: text for causal LM, labelled data for seq-cls")
+    train_split: str = "train"
+    ppl: list[str] = Field(default_factory=lambda: ["wikitext2", "bbc-news"], description="perplexity sources")
+    ppl_split: str = "test"
+    data_dir: str | None = Field(None, description="local WikiText-2 dir (else PRUNETUNE_DATA_DIR or the hub)")
+
+
+class PruneSpec(_Spec):
+    """One-shot pruning with the engine (`prunetune.pruning.api.prune`)."""
+
+    method: Literal["wanda", "magnitude", "sparsegpt"] = "wanda"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    pattern: str | None = Field(None, description="N:M pattern such as '2:4' (overrides sparsity)")
+    granularity: Literal["row", "layer", "global"] = "row"
+    nsamples: int = Field(16, ge=1)
+    seqlen: int = Field(256, ge=2)
+    skip: list[str] | None = Field(None, description="regexes of module names left dense")
+
+    @field_validator("pattern")
+    @classmethod
+    def _nm(cls, v: str | None) -> str | None:
+        if v is None or v in ("", "none"):
+            return None
+        from prunetune.pruning.granularity import parse_nm
+
+        try:
+            parse_nm(v)
+        except PrunetuneError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+class TuneSpec(_Spec):
+    """LoRA (or full) fine-tuning; for a causal LM on text, for seq-cls on the labelled task."""
+
+    mode: Literal["lora", "full"] = "lora"
+    steps: int | None = Field(12, ge=1, description="optimizer steps (steps x batch_size examples, 1 epoch); "
+                              "None = n_samples x epochs")
+    batch_size: int = Field(4, ge=1)
+    seqlen: int = Field(256, ge=8, description="tokens per training sequence")
+    lr: float = Field(2e-4, gt=0)
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float | None = Field(None, description="default: 2 x rank")
+    lora_roles: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] | None = Field(
+        None, description="roles LoRA is put on; None = every prunable linear")
+    rslora: bool = False
+    kd_alpha: float | None = Field(None, ge=0.0, le=1.0, description="None = no distillation")
+    kd_temp: float = Field(4.0, gt=0)
+    n_samples: int | None = Field(None, ge=2, description="training examples when steps is None; None = all")
+    eval_samples: int | None = Field(8, ge=1, description="held-out examples scored after each epoch")
+    epochs: float = Field(1.0, gt=0)
+
+
+class PaytSpec(_Spec):
+    """Prune-As-You-Tune settings (forwarded to `prunetune.methods.payt`)."""
+
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    schedule: Literal["agp", "linear", "oneshot"] = "agp"
+    start: float = Field(0.2, ge=0.0, lt=1.0)
+    every: int = Field(1, ge=1)
+    unit: Literal["epoch", "step"] = "epoch"
+    criterion: Literal["l1-global", "l2-cols", "wanda"] = "l1-global"
+
+
+class EvalSpec(_Spec):
+    """What every `evaluate` stage measures."""
+
+    ppl_seqlen: int = Field(512, ge=2)
+    max_windows: int | None = Field(16, ge=1, description="score the first N windows of each ppl set (None = all)")
+    batch_size: int = Field(4, ge=1)
+    task: bool = Field(False, description="classification accuracy / macro-F1 on the task's test split")
+    harness: list[str] = Field(default_factory=list, description="lm-eval tasks, e.g. bbc_news_topic")
+    harness_limit: int | None = Field(None, ge=1)
+
+
+class OrderSpec(_Spec):
+    """The ordering study: how pruning and fine-tuning are interleaved on the way to a target sparsity."""
+
+    orderings: list[Literal["prune_ft", "ft_prune", "iter_pf", "iter_fp"]] = Field(
+        default_factory=lambda: ["prune_ft", "ft_prune", "iter_pf", "iter_fp"])
+    target: float = Field(0.5, gt=0.0, lt=1.0)
+    rounds: int = Field(3, ge=2, description="k rounds of the iterative orderings")
+    steps: int = Field(12, ge=1, description="total fine-tuning steps per ordering (split over rounds)")
+
+
+class Stage(_Spec):
+    """One step of the pipeline; `options` override the recipe's section for that stage type."""
+
+    type: StageType
+    name: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"type": v}
+        if isinstance(v, dict):
+            v = dict(v)
+            known = {"type", "name", "options"}
+            extra = {k: v.pop(k) for k in list(v) if k not in known}
+            if extra:
+                v["options"] = {**v.get("options", {}), **extra}
+        return v
+
+
+SECTION_OF: dict[str, str | None] = {
+    "evaluate": "eval", "prune": "prune", "finetune": "tune", "payt": "payt", "export": None,
+    "order_study": "order",
+}
+
+
+class Recipe(_Spec):
+    """A whole experiment: model, data, per-stage defaults and the ordered stages."""
+
+    name: str = "custom"
+    description: str = ""
+    seed: int = 0
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    prune: PruneSpec = Field(default_factory=PruneSpec)
+    tune: TuneSpec = Field(default_factory=TuneSpec)
+    payt: PaytSpec = Field(default_factory=PaytSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    order: OrderSpec = Field(default_factory=OrderSpec)
+    stages: list[Stage] = Field(min_length=1)
+    notes: str = Field("", description="free text copied into the report (e.g. how the run was sized)")
+
+    @model_validator(mode="after")
+    def _stage_options(self) -> Recipe:
+        for i, st in enumerate(self.stages):
+            self.stage_spec(i)  # validates the overrides now, not in the middle of a run
+        return self
+
+    def stage_spec(self, index: int) -> _Spec | None:
+        """The effective settings of stage `index`: its section with the stage's overrides applied."""
+        st = self.stages[index]
+        section = SECTION_OF[st.type]
+        if section is None:
+            if st.options:
+                raise ValueError(f"stages.{index}: stage '{st.type}' takes no options (got {', '.join(st.options)})")
+            return None
+        base: _Spec = getattr(self, section)
+        merged = {**base.model_dump(), **st.options}
+        try:
+            return type(base)(**merged)
+        except ValidationError as exc:
+            raise ValueError(_format_errors(exc, prefix=f"stages.{index}", model=type(base))) from None
+
+    def stage_names(self) -> list[str]:
+        """Directory names: `01-evaluate`, `02-prune`, ... (a stage's own `name` replaces the type)."""
+        return [f"{i + 1:02d}-{st.name or st.type}" for i, st in enumerate(self.stages)]
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _allowed(model: type[BaseModel] | None, loc: tuple) -> str:
+    """The keys a mapping at `loc` accepts, found by walking the models along the path."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if cur is None or isinstance(part, int):
+            continue
+        field = getattr(cur, "model_fields", {}).get(part)
+        ann = field.annotation if field else None
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if cur is None:
+        return ""
+    return ", ".join(cur.model_fields)
+
+
+def _format_errors(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if p not in ("function-after[_shorthand(), Stage]",))
+    path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed(model, loc)
+        return f"unknown key '{path}'" + (f"; allowed keys: {allowed}" if allowed else "")
+    if kind in ("literal_error", "enum"):
+        choices = err.get("ctx", {}).get("expected", "")
+        return f"{path}: {err['input']!r} is not allowed; choose one of: {choices.replace(' or ', ', ')}"
+    if kind == "missing":
+        return f"missing key '{path}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    val = err.get("input")
+    shown = "" if isinstance(val, (dict, list)) or val is None or str(val) in msg else f" (got {val!r})"
+    return f"{path}: {msg}{shown}" if path else msg
+
+
+def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
+    """A Recipe from a plain dict, or a PrunetuneError naming the bad key and what it allows."""
+    if not isinstance(data, dict):
+        raise PrunetuneError(f"{source}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Recipe(**data)
+    except ValidationError as exc:
+        raise PrunetuneError(f"{source}: {_format_errors(exc, model=Recipe)}") from None
+    except TypeError as exc:
+        raise PrunetuneError(f"{source}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------ overrides
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'prune.sparsity=0.6' -> (['prune', 'sparsity'], 0.6); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise PrunetuneError(f"--set needs key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise PrunetuneError(f"--set key '{key}' is malformed (use section.key=value, e.g. prune.sparsity=0.6)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a raw recipe dict (list items by index: stages.1.sparsity=0.6)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        cur: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(cur, list):
+                cur = _list_item(cur, part, path[: i + 1])
+                if isinstance(cur, str):  # shorthand stage 'prune' -> {'type': 'prune'}
+                    idx = int(part)
+                    cur = {"type": cur}
+                    _parent(data, path[:i])[idx] = cur
+                continue
+            if not isinstance(cur, dict):
+                raise PrunetuneError(f"--set {'.'.join(path)}: '{'.'.join(path[:i])}' is not a section")
+            nxt = cur.get(part)
+            if nxt is None:
+                nxt = cur[part] = {}
+            cur = nxt
+        last = path[-1]
+        if isinstance(cur, list):
+            idx = int(last) if last.isdigit() else None
+            if idx is None or idx >= len(cur):
+                raise PrunetuneError(f"--set {'.'.join(path)}: no item {last} (the list has {len(cur)})")
+            cur[idx] = value
+        elif isinstance(cur, dict):
+            cur[last] = value
+        else:
+            raise PrunetuneError(f"--set {'.'.join(path)}: '{'.'.join(path[:-1])}' is not a section")
+    return data
+
+
+def _list_item(lst: list, part: str, path: list[str]) -> Any:
+    if not part.isdigit() or int(part) >= len(lst):
+        raise PrunetuneError(f"--set {'.'.join(path)}: no item {part} (the list has {len(lst)})")
+    return lst[int(part)]
+
+
+def _parent(data: Any, path: list[str]) -> Any:
+    cur = data
+    for p in path:
+        cur = cur[int(p)] if isinstance(cur, list) else cur[p]
+    return cur
+
+
+# ------------------------------------------------------------------------------------------ loading
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def read_recipe_file(ref: str) -> tuple[dict, str]:
+    """Raw dict of a preset name or a YAML path, and a label for messages."""
+    path = Path(ref).expanduser()
+    if ref in preset_names():
+        path = RECIPES_DIR / f"{ref}.yaml"
+    elif not path.is_file():
+        raise PrunetuneError(f"'{ref}' is neither a preset ({', '.join(preset_names())}) nor a recipe file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PrunetuneError(f"recipe {path} is not valid YAML{where}") from None
+    if data is None:
+        raise PrunetuneError(f"recipe {path} is empty")
+    return data, path.name
+
+
+def load_recipe(ref: str = "quickstart", overrides: list[str] | None = None) -> Recipe:
+    """A validated Recipe from a preset name or YAML path, with `--set` overrides applied first."""
+    data, label = read_recipe_file(ref)
+    if not isinstance(data, dict):
+        raise PrunetuneError(f"{label}: a recipe must be a mapping of keys")
+    return validate_recipe(apply_overrides(data, overrides or []), label)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain data (what manifest.json and recipe.yaml record); stages keep their compact form."""
+    d = recipe.model_dump(mode="json")
+    d["stages"] = [
+        (st["type"] if not st["options"] and not st["name"] else
+         {"type": st["type"], **({"name": st["name"]} if st["name"] else {}), **st["options"]})
+        for st in d["stages"]
+    ]
+    return d

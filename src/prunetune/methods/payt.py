@@ -1,0 +1,266 @@
+"""Prune-As-You-Tune (PAYT): prune the pre-trained weights *during* (LoRA) fine-tuning, guided by KD.
+
+The pieces: a schedule (`pruning/schedules.py`) says how sparse at which step; a criterion scores the
+base weights (L1 magnitude, global over all prunable linears — the default; L2 structured input columns;
+or any engine criterion such as Wanda, calibrated on the training text); `MaskSet` is kept, enforced after
+every optimizer step, saved in every checkpoint and next to the exported model. With LoRA the masks act on
+the frozen base weights and the merge is W' = (W + s·BA) ⊙ M, so the export keeps the sparsity.
+
+Fixes over the original implementation: the schedule reaches the target exactly at its last event with no
+float comparisons (the linear schedule crashed on rounding), masks are saved, and merging keeps sparsity.
+
+Masks only ever shrink: weights pruned at an earlier event score -inf at later ones, so each event's mask is
+a superset of the pruned set before it and the sparsity is exactly the event's target.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunetune.errors import PrunetuneError
+from prunetune.pruning.masks import MaskSet
+from prunetune.pruning.schedules import Schedule
+
+CRITERIA = ("l1-global", "l2-cols", "wanda")
+CRITERION_ALIASES = {
+    "l1": "l1-global", "l1-global": "l1-global", "l1unstructured": "l1-global", "l1_unstructured": "l1-global",
+    "global-l1": "l1-global", "magnitude": "l1-global",
+    "l2": "l2-cols", "l2-cols": "l2-cols", "lnstructured": "l2-cols", "ln_structured": "l2-cols",
+    "l2-structured": "l2-cols", "l2structured": "l2-cols",
+    "wanda": "wanda",
+}
+
+
+def canonical_criterion(name: str) -> str:
+    key = name.strip().lower()
+    if key not in CRITERION_ALIASES:
+        raise PrunetuneError(f"unknown pruning criterion '{name}'; choose one of: {', '.join(CRITERIA)} "
+                             "(aliases: L1Unstructured, LnStructured)")
+    return CRITERION_ALIASES[key]
+
+
+@dataclass
+class PaytSpec:
+    """What PAYT prunes and when."""
+
+    sparsity: float = 0.5
+    schedule: str = "agp"
+    start: float = 0.2
+    every: int = 1
+    unit: str = "epoch"  # epoch | step
+    criterion: str = "l1-global"
+    nsamples: int = 16  # Wanda calibration
+    seqlen: int = 128
+
+    def __post_init__(self) -> None:
+        self.criterion = canonical_criterion(self.criterion)
+        self.as_schedule()  # validates
+
+    def as_schedule(self) -> Schedule:
+        return Schedule(self.schedule, self.sparsity, self.start, self.every, self.unit)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ criteria
+def _prunable(model: nn.Module) -> dict[str, nn.Linear]:
+    from prunetune.models.arch import get_adapter
+
+    # mask keys are module names of the plain model: drop peft's ".base_layer" suffix
+    return {name.replace(".base_layer", ""): lin for name, (_, lin) in get_adapter(model).linears().items()}
+
+
+@torch.no_grad()
+def compute_masks(model: nn.Module, criterion: str, sparsity: float, previous: MaskSet | None = None,
+                  tokenizer: Any = None, calib_text: str | None = None, nsamples: int = 16,
+                  seqlen: int = 128) -> MaskSet:
+    """Masks of exactly `sparsity` over the base weights; weights pruned before stay pruned."""
+    from prunetune.pruning.criteria.magnitude import l2_column_scores, magnitude_scores
+    from prunetune.pruning.granularity import global_masks, structured_mask
+
+    criterion = canonical_criterion(criterion)
+    layers = _prunable(model)
+    prev = previous if previous is not None else MaskSet()
+
+    def scored(name: str, s: torch.Tensor) -> torch.Tensor:
+        if name in prev:
+            s = s.masked_fill(~prev[name].to(s.device), float("-inf"))
+        return s
+
+    if criterion == "l1-global":
+        scores = {n: scored(n, magnitude_scores(lin.weight)) for n, lin in layers.items()}
+        return MaskSet(global_masks(scores, sparsity))
+    if criterion == "l2-cols":
+        out = {}
+        for n, lin in layers.items():
+            s = l2_column_scores(lin.weight)
+            if n in prev:  # a column counts as pruned when its mask is all-false
+                dead = ~prev[n].any(dim=0, keepdim=True).expand_as(s)
+                s = s.masked_fill(dead.to(s.device), float("-inf"))
+            out[n] = structured_mask(s, sparsity, "cols")
+        return MaskSet(out)
+    return _engine_masks(model, criterion, sparsity, prev, tokenizer, calib_text, nsamples, seqlen)
+
+
+def _engine_masks(model, criterion, sparsity, prev, tokenizer, calib_text, nsamples, seqlen) -> MaskSet:
+    """Any criterion of the pruning engine (`prunetune.pruning.api.prune`), calibrated on the training text."""
+    try:
+        from prunetune.pruning.api import prune
+    except ImportError:
+        raise PrunetuneError(f"criterion '{criterion}' needs the pruning engine (prunetune.pruning.api), "
+                             "which this installation does not have; use l1-global or l2-cols") from None
+    from prunetune.data.sources import TextSource
+    from prunetune.models.arch import unwrap
+
+    if not calib_text:
+        raise PrunetuneError(f"criterion '{criterion}' needs calibration text")
+    target = unwrap(model)
+    disable = getattr(model, "disable_adapter", None)
+    ctx = disable() if callable(disable) else _null()
+    with ctx:  # score the base model the masks act on
+        masks = prune(target, criterion, sparsity, calib=TextSource(calib_text, "train-text", "task"),
+                      tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen)
+    masks = MaskSet({n.replace(".base_layer", ""): m for n, m in masks.items()})  # plain-model names
+    if len(prev):
+        for n in masks.names():
+            if n in prev:
+                masks[n] = masks[n] & prev[n].to(masks[n].device)
+    return masks
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ callback
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class PaytCallback(_callback_base()):
+    """Prune on the schedule's events (before the optimizer step that follows), update the shared masks."""
+
+    def __init__(self, spec: PaytSpec, masks: MaskSet, model_ref: dict, tokenizer: Any = None,
+                 calib_text: str | None = None) -> None:
+        self.spec = spec
+        self.schedule = spec.as_schedule()
+        self.masks = masks
+        self.model_ref = model_ref
+        self.tokenizer = tokenizer
+        self.calib_text = calib_text
+        self.plan: list = []
+        self.events: list[dict] = []
+        self.resumed_from: int | None = None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+        spe = max(1, len(train_dataloader) // max(1, args.gradient_accumulation_steps)) if train_dataloader else 1
+        self.plan = self.schedule.plan(state.max_steps, spe)
+        self._done = {ev.step for ev in self.plan if self.resumed_from is not None and ev.step < self.resumed_from}
+
+    def on_step_begin(self, args, state, control, **kw):
+        for ev in self.plan:
+            if ev.step == state.global_step and ev.step not in self._done:
+                self._prune(ev, state)
+                self._done.add(ev.step)
+
+    def _prune(self, ev, state) -> None:
+        from prunetune.pruning.masks import sparsity_report
+        from prunetune.tuning.trainer import broadcast_masks
+
+        t = time.perf_counter()
+        model = self.model_ref["model"]
+        new = compute_masks(model, self.spec.criterion, ev.sparsity, self.masks, self.tokenizer, self.calib_text,
+                            self.spec.nsamples, self.spec.seqlen)
+        broadcast_masks(new)
+        self.masks.update(new)
+        self.masks.apply(model)
+        real = sparsity_report(model)["sparsity"]
+        self.events.append({"step": ev.step, "event": f"{ev.index}/{ev.of}", "target": ev.sparsity,
+                            "mask_sparsity": self.masks.sparsity(), "real_sparsity": real,
+                            "seconds": time.perf_counter() - t})
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_payt(model_spec: str, cfg, spec: PaytSpec, out: Path | str, **kw) -> dict:
+    """Fine-tune with PAYT; see `tuning.trainer.finetune` for what is written."""
+    from prunetune.tuning.trainer import finetune
+
+    return finetune(model_spec, cfg, out, payt=spec, kind="payt", **kw)
+
+
+ROWS = ("dense full FT", "dense LoRA FT", "prune -> LoRA FT", "PAYT")
+
+
+def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwrite: bool = False,
+                  only: tuple[str, ...] | None = None) -> dict:
+    """The four runs of the comparison on the same data, split and budget; one table as markdown + JSON.
+
+    prune -> LoRA FT is PAYT with a one-shot schedule at step 0 (same criterion, same teacher: the dense
+    initial model), so the only difference to PAYT is *when* the pruning happens.
+    """
+    import copy
+    import json
+
+    from prunetune.models.export import prepare_out_dir
+    from prunetune.tuning.trainer import finetune
+
+    out = prepare_out_dir(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict] = {}
+    full_cfg = copy.deepcopy(cfg)
+    full_cfg.lora = False
+    lora_cfg = copy.deepcopy(cfg)
+    lora_cfg.lora = True
+    oneshot = PaytSpec(sparsity=spec.sparsity, schedule="oneshot", start=0.0, every=1, unit="step",
+                       criterion=spec.criterion, nsamples=spec.nsamples, seqlen=spec.seqlen)
+    plan = [
+        ("dense full FT", "dense-full", lambda d: finetune(model_spec, full_cfg, d, kind="dense-full")),
+        ("dense LoRA FT", "dense-lora", lambda d: finetune(model_spec, lora_cfg, d, kind="dense-lora")),
+        ("prune -> LoRA FT", "prune-lora", lambda d: finetune(model_spec, cfg, d, payt=oneshot, kind="prune-lora")),
+        ("PAYT", "payt", lambda d: finetune(model_spec, cfg, d, payt=spec, kind="payt")),
+    ]
+    for label, sub, fn in plan:
+        if only and sub not in only:
+            continue
+        r = fn(out / sub)
+        runs[label] = {k: v for k, v in r.items() if not k.startswith("_") and k not in ("predictions", "layer_sparsity")}
+    table = comparison_table(runs)
+    payload = {"model": model_spec, "tune": cfg.to_dict(), "payt": spec.to_dict(), "runs": runs, "table": table}
+    (out / "full_evaluate.json").write_text(json.dumps(payload, indent=2, default=str))
+    (out / "full_evaluate.md").write_text(table["markdown"])
+    return payload
+
+
+def comparison_table(runs: dict[str, dict]) -> dict:
+    """Rows per run: accuracy, macro-F1, real-zero sparsity, retention (metric named), train time."""
+    ret_name = next((r["retention"]["metric"] for r in runs.values() if r.get("retention")), "retention")
+    head = ["run", "accuracy", "macro-F1", "sparsity (real zeros)", f"retention: {ret_name}", "train s"]
+    rows = []
+    for label, r in runs.items():
+        ret = r.get("retention", {}).get("value")
+        rows.append([label, r.get("accuracy"), r.get("macro_f1"), r.get("sparsity"), ret,
+                     r.get("timings", {}).get("train_s")])
+
+    def fmt(v, i):
+        if v is None:
+            return "-"
+        if isinstance(v, str):
+            return v
+        return f"{v:.2%}" if i in (1, 2, 3) else (f"{v:.4f}" if i == 4 else f"{v:.0f}")
+
+    md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+    md += "".join("| " + " | ".join(fmt(v, i) for i, v in enumerate(row)) + " |\n" for row in rows)
+    return {"columns": head, "rows": rows, "markdown": md}

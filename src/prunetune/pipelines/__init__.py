@@ -1,0 +1,13 @@
+"""Pipelines: a recipe's stages run in order, atomically and resumably (`prunetune run`)."""
+
+from __future__ import annotations
+
+__all__ = ["run_recipe", "load_run"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from prunetune.pipelines import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)

@@ -1,0 +1,241 @@
+"""Run a recipe: stages in order, each atomic and resumable, ending in manifest.json and report.md.
+
+Layout of a run directory::
+
+    OUT/recipe.yaml               the validated recipe (with --set overrides applied)
+    OUT/manifest.json             recipe, versions, seed, git rev, timings and metrics of every stage
+    OUT/stages/01-evaluate/       one directory per stage, written as 01-evaluate.partial and renamed
+    OUT/stages/02-prune/model/    stages that change the model save it (safetensors HF dir + masks)
+    OUT/report.md, OUT/plots/     the human summary
+
+Why the model is *reloaded* from the last saved stage before each stage: an uninterrupted run and a run
+killed (even by SIGKILL) and resumed then start every stage from the same bytes, so they end with the same
+metrics by construction, not by luck. Each stage also reseeds every RNG from the recipe seed and its index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunetune.config import Recipe, recipe_to_dict, validate_recipe
+from prunetune.errors import PrunetuneError
+
+PAUSE_ENV = "PRUNETUNE_PAUSE_IN_STAGE"  # test hook: stop inside this stage (before it completes) and wait
+
+
+@dataclass
+class RunState:
+    """What a stage needs from the run: recipe, its own settings, where the current model lives."""
+
+    recipe: Recipe
+    out: Path
+    index: int
+    name: str
+    spec: Any
+    model_dir: Path | None  # the last saved model (None: the recipe's original model)
+    history: list[dict] = field(default_factory=list)  # manifests of the completed stages before this one
+    _loaded: Any = None
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    def model_spec(self) -> str:
+        return str(self.model_dir) if self.model_dir is not None else self.recipe.model.name
+
+    def load(self):
+        """The current model (fresh from disk, so resume and straight runs see the same bytes)."""
+        if self._loaded is None:
+            from prunetune.models.loading import load_model
+
+            kw = {}
+            if self.recipe.model.task == "seq-cls" and self.model_dir is None:
+                from prunetune.data.sources import load_labelled
+
+                kw["label_names"] = load_labelled(self.recipe.data.train).label_names
+            self._loaded = load_model(self.model_spec(), self.recipe.model.task, **kw)
+        return self._loaded
+
+    def masks(self):
+        """The masks of the last pruning (None before any)."""
+        from prunetune.pruning.masks import MASKS_FILE, MaskSet
+
+        if self.model_dir is not None and (self.model_dir / MASKS_FILE).is_file():
+            return MaskSet.load(self.model_dir)
+        return None
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------- run dir
+def _stage_dirs(out: Path, recipe: Recipe) -> list[Path]:
+    return [out / "stages" / n for n in recipe.stage_names()]
+
+
+def is_complete(stage_dir: Path) -> bool:
+    return (stage_dir / "manifest.json").is_file()
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """New run: empty dir. Resume: the saved recipe must be the one asked for (else results would mix)."""
+    saved = out / "recipe.yaml"
+    if resume:
+        if not saved.is_file():
+            if out.exists() and any(out.iterdir()):
+                raise PrunetuneError(f"{out} is not a prunetune run directory (no recipe.yaml): cannot resume")
+        else:
+            old = yaml.safe_load(saved.read_text())
+            new = recipe_to_dict(recipe)
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise PrunetuneError(
+                    f"--resume: the recipe differs from the one that started {out} (keys: {', '.join(diff)}); "
+                    "resume with the same recipe and --set values, or use a new --out"
+                )
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise PrunetuneError(f"output directory {out} exists and is not empty (pass --resume to continue it, "
+                                 "--overwrite to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stages").mkdir(exist_ok=True)
+    for partial in (out / "stages").glob("*.partial"):  # left by a killed run: never trusted
+        shutil.rmtree(partial)
+    tmp = out / "recipe.yaml.partial"
+    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    tmp.replace(saved)
+
+
+def _pause_if_asked(name: str, tmp: Path) -> None:
+    """Test hook: announce, then wait to be killed, while the stage's work sits in its .partial dir."""
+    if os.environ.get(PAUSE_ENV) == name:
+        (tmp / ".paused").write_text(str(os.getpid()))
+        if os.environ.get("PRUNETUNE_PAUSE_SELF_KILL") == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(600)
+
+
+# --------------------------------------------------------------------------------------------- run
+def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwrite: bool = False,
+               report: bool = True, log=print) -> dict:
+    """Run (or resume) `recipe` into `out`; returns the run manifest."""
+    from prunetune.pipelines.stages import STAGES, produces_model
+
+    out = Path(out)
+    prepare_run_dir(out, recipe, resume, overwrite)
+    names = recipe.stage_names()
+    dirs = _stage_dirs(out, recipe)
+    model_dir: Path | None = None
+    history: list[dict] = []
+    t_run = time.perf_counter()
+    for i, (st, name, sdir) in enumerate(zip(recipe.stages, names, dirs)):
+        if is_complete(sdir):
+            man = _read_json(sdir / "manifest.json")
+            if man.get("stage_config") != _stage_config(recipe, i):
+                raise PrunetuneError(f"stage {name} in {out} was run with other settings; use a new --out")
+            log(f"[{i + 1}/{len(names)}] {name}: complete, skipped (resume)")
+        else:
+            log(f"[{i + 1}/{len(names)}] {name} ...")
+            tmp = sdir.with_name(sdir.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            seed_everything(recipe.seed + i)
+            state = RunState(recipe, out, i, name, recipe.stage_spec(i), model_dir, list(history))
+            t0 = time.perf_counter()
+            result = STAGES[st.type](state, tmp) or {}
+            seconds = time.perf_counter() - t0
+            _pause_if_asked(name, tmp)
+            man = {
+                "stage": name, "type": st.type, "index": i, "stage_config": _stage_config(recipe, i),
+                "seed": recipe.seed + i, "seconds": seconds, "metrics": result.get("metrics", {}),
+                "artifacts": result.get("artifacts", {}), "model_in": str(model_dir) if model_dir else
+                recipe.model.name, "produces_model": produces_model(st.type),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(man, indent=2, default=str))
+            tmp.rename(sdir)  # the stage is complete exactly when this rename has happened
+            log(f"[{i + 1}/{len(names)}] {name}: done in {seconds:.1f}s {_summary(man['metrics'])}")
+        history.append(man)
+        if produces_model(st.type):
+            model_dir = sdir / "model"
+        write_run_manifest(out, recipe, history, complete=(i == len(names) - 1))
+    manifest = write_run_manifest(out, recipe, history, complete=True, wall=time.perf_counter() - t_run)
+    if report:
+        from prunetune.reporting.report import write_run_report
+
+        write_run_report(out)
+    return manifest
+
+
+def _stage_config(recipe: Recipe, i: int) -> dict:
+    spec = recipe.stage_spec(i)
+    return {"type": recipe.stages[i].type, "settings": spec.model_dump(mode="json") if spec else {},
+            "model": recipe.model.model_dump(mode="json"), "data": recipe.data.model_dump(mode="json"),
+            "seed": recipe.seed}
+
+
+def _summary(metrics: dict) -> str:
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, dict) and isinstance(v.get("value"), (int, float)):
+            parts.append(f"{k}={v['value']:.4g}")
+    return " ".join(parts)
+
+
+def write_run_manifest(out: Path, recipe: Recipe, history: list[dict], complete: bool,
+                       wall: float | None = None) -> dict:
+    """The run's manifest.json, rebuilt from the stage manifests (so a resumed run records the same metrics)."""
+    from prunetune.manifest import build_manifest, write_manifest
+
+    timings = {h["stage"]: h["seconds"] for h in history}
+    if wall is not None:
+        timings["wall_this_invocation"] = wall
+    man = build_manifest(
+        "run", recipe_to_dict(recipe), seed=recipe.seed,
+        metrics={h["stage"]: h["metrics"] for h in history}, timings=timings,
+        extra={"status": "complete" if complete and len(history) == len(recipe.stages) else "running",
+               "stages": [h["stage"] for h in history], "recipe_name": recipe.name},
+    )
+    tmp = out / "manifest.json.partial"
+    write_manifest(tmp, man)
+    tmp.replace(out / "manifest.json")
+    return man
+
+
+def load_run(run_dir: Path | str) -> dict:
+    """A finished (or partial) run as data: recipe, run manifest and stage manifests in order."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        raise PrunetuneError(f"{run_dir} is not a prunetune run directory (no manifest.json)")
+    stages = []
+    for d in sorted((run_dir / "stages").glob("[0-9]*")):
+        if d.is_dir() and is_complete(d):
+            stages.append({**_read_json(d / "manifest.json"), "dir": str(d)})
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
+    return {"dir": str(run_dir), "manifest": _read_json(run_dir / "manifest.json"), "recipe": recipe,
+            "stages": stages, "name": run_dir.name}
+
+
+def recipe_from_run(run_dir: Path) -> Recipe:
+    return validate_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))

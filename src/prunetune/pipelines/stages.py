@@ -1,0 +1,396 @@
+"""The stages a recipe strings together. Each is `fn(state, out_dir) -> {"metrics", "artifacts"}`.
+
+A stage writes only into `out_dir` (a `.partial` directory the runner renames when the stage returns).
+Stages that change the model save it as `out_dir/model/` (plain HF safetensors dir + `masks.safetensors`);
+the next stage loads from there. Every metric carries its protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from prunetune.errors import PrunetuneError
+
+MODEL_STAGES = ("prune", "finetune", "payt")
+
+
+def produces_model(stage_type: str) -> bool:
+    return stage_type in MODEL_STAGES
+
+
+def _dump(path: Path, payload) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def sparsity_metric(model) -> tuple[dict, dict]:
+    """Real-zero sparsity of the prunable linears (the metric) and the per-layer report (for plots)."""
+    from prunetune.pruning.masks import sparsity_report
+
+    rep = sparsity_report(model)
+    metric = {"value": rep["sparsity"], "protocol": {
+        "what": "share of exact zeros in the weights of the prunable linear layers (attention + MLP)",
+        "zeros": rep["zeros"], "numel": rep["numel"]}}
+    layers = {n: {"role": r["role"], "sparsity": r["sparsity"]} for n, r in rep["layers"].items()}
+    return metric, layers
+
+
+def save_model(state, out_dir: Path, model, tokenizer, masks, extra: dict | None = None) -> Path:
+    """The stage's model as a plain HF dir with its masks beside the weights."""
+    from prunetune.manifest import build_manifest
+    from prunetune.models.export import save_hf_dir
+
+    target = out_dir / "model"
+    man = build_manifest(f"stage:{state.name}", {"recipe": state.recipe.name, "stage": state.name},
+                         seed=state.seed + state.index, extra=extra)
+    save_hf_dir(model, tokenizer, target, man)
+    if masks is not None and len(masks):
+        masks.save(target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+def run_evaluate(state, out_dir: Path) -> dict:
+    """Perplexity on each source, real-zero sparsity, and optionally task accuracy / lm-eval tasks."""
+    loaded = state.load()
+    metrics, layers = evaluate_model(loaded, state.recipe, state.spec, state.seed)
+    _dump(out_dir / "layer_sparsity.json", layers)
+    return {"metrics": metrics}
+
+
+def evaluate_model(loaded, recipe, spec, seed: int = 0) -> tuple[dict, dict]:
+    """All metrics an `evaluate` stage records (each with its protocol) and the per-layer sparsity."""
+    from prunetune.data.sources import load_text
+    from prunetune.evaluation.perplexity import perplexity
+
+    metrics: dict = {}
+    metric, layers = sparsity_metric(loaded.model)
+    metrics["sparsity"] = metric
+    if recipe.model.task == "causal-lm":
+        for src_name in recipe.data.ppl:
+            src = load_text(src_name, recipe.data.ppl_split, data_dir=recipe.data.data_dir)
+            r = perplexity(loaded.model, loaded.tokenizer, src, seqlen=spec.ppl_seqlen, max_windows=spec.max_windows,
+                           batch_size=spec.batch_size)
+            key = Path(src_name).name if ("/" in src_name or "\\" in src_name) else src_name
+            metrics[f"ppl/{key}"] = {"value": r["value"], "seconds": r["seconds"], "protocol": r["protocol"]}
+    if spec.task or recipe.model.task == "seq-cls":
+        metrics.update(_task_metrics(recipe, loaded))
+    if spec.harness:
+        from prunetune.evaluation.harness import harness_evaluate
+
+        res = harness_evaluate(loaded.model, loaded.tokenizer, spec.harness, limit=spec.harness_limit, seed=seed)
+        for task in spec.harness:
+            r = res[task]
+            for k, v in r.items():
+                if k != "protocol":
+                    metrics[f"harness/{task}/{k}"] = {"value": v, "protocol": r["protocol"]}
+    return metrics, layers
+
+
+def _task_metrics(recipe, loaded) -> dict:
+    from prunetune.data.sources import load_labelled
+    from prunetune.data.tasks import split_labelled
+    from prunetune.evaluation.task import evaluate_classification
+
+    if recipe.model.task != "seq-cls":
+        raise PrunetuneError("eval.task needs model.task: seq-cls (a classification head)")
+    data = load_labelled(recipe.data.train)
+    test = split_labelled(data, seed=0)["test"]
+    r = evaluate_classification(loaded.model, loaded.tokenizer, test, max_length=recipe.tune.seqlen,
+                                dataset=data.name)
+    return {f"task/{k}": {"value": r[k], "protocol": r["protocol"]} for k in ("accuracy", "macro_f1")}
+
+
+# --------------------------------------------------------------------------------------------- prune
+HIST_BINS = 60
+
+
+def chosen_layers(model) -> list[str]:
+    """Three layers shown in weight histograms: first block's q, a middle block's up, last block's down."""
+    from prunetune.models.arch import get_adapter
+
+    blocks = get_adapter(model).blocks()
+    picks = [(blocks[0], ("q",)), (blocks[len(blocks) // 2], ("up", "gate", "o")), (blocks[-1], ("down", "o"))]
+    out = []
+    for b, roles in picks:
+        for role in roles:
+            if role in b.linears:
+                out.append(f"{b.name}.{_attr_path(b, role)}")
+                break
+    return list(dict.fromkeys(out))
+
+
+def _attr_path(block, role: str) -> str:
+    target = block.linears[role]
+    for name, mod in block.module.named_modules():
+        if mod is target:
+            return name
+    raise PrunetuneError(f"layer of role {role} not found in block {block.name}")
+
+
+@torch.no_grad()
+def weight_histograms(model, names: list[str], edges: dict[str, list[float]] | None = None) -> dict:
+    """|w| histograms (exact zeros counted apart) of the named linears; `edges` reuses the dense bins."""
+    from prunetune.pruning.masks import _module
+
+    out = {}
+    for n in names:
+        w = _module(model, n).weight.detach().abs().flatten().float()
+        e = torch.tensor(edges[n]) if edges else torch.linspace(0, float(torch.quantile(w[:1_000_000], 0.999)) * 1.05,
+                                                                 HIST_BINS + 1)
+        nz = w[w != 0]
+        counts = torch.histogram(nz.clamp(max=float(e[-1])), bins=e).hist
+        out[n] = {"edges": e.tolist(), "counts": counts.tolist(), "zeros": int((w == 0).sum()), "numel": w.numel()}
+    return out
+
+
+def prune_model(loaded, recipe, spec, seed: int, previous=None) -> tuple:
+    """Prune `loaded.model` in place with the engine; earlier masks stay pruned. Returns (masks, seconds, calib)."""
+    from prunetune.data.calibration import calibration_samples
+    from prunetune.data.sources import load_text
+    from prunetune.pruning.api import prune
+
+    calib = None
+    if spec.method != "magnitude":
+        src = load_text(recipe.data.calib, recipe.data.calib_split, data_dir=recipe.data.data_dir)
+        calib = calibration_samples(loaded.tokenizer, src.text, spec.nsamples, spec.seqlen, seed, src.name)
+    t0 = time.perf_counter()
+    masks = prune(loaded.model, spec.method, spec.sparsity, pattern=spec.pattern, granularity=spec.granularity,
+                  calib=calib, tokenizer=loaded.tokenizer, nsamples=spec.nsamples, seqlen=spec.seqlen,
+                  skip=spec.skip, seed=seed)
+    seconds = time.perf_counter() - t0
+    if previous is not None:  # pruning again keeps what was pruned before
+        for k, m in previous.items():
+            masks[k] = masks[k] & m if k in masks else m
+        masks.apply(loaded.model)
+    desc = (f"{spec.nsamples} x {spec.seqlen} tokens of {recipe.data.calib}/{recipe.data.calib_split}, seed {seed}"
+            if calib is not None else "none (magnitude)")
+    return masks, seconds, desc
+
+
+def run_prune(state, out_dir: Path) -> dict:
+    """One-shot pruning through the engine; saves the pruned model, masks and dense/pruned histograms."""
+    spec = state.spec
+    loaded = state.load()
+    names = chosen_layers(loaded.model)
+    dense_hist = weight_histograms(loaded.model, names)
+    masks, seconds, calib_desc = prune_model(loaded, state.recipe, spec, state.seed, state.masks())
+    pruned_hist = weight_histograms(loaded.model, names, {n: h["edges"] for n, h in dense_hist.items()})
+    _dump(out_dir / "histograms.json", {"dense": dense_hist, "pruned": pruned_hist,
+                                        "label_before": "before pruning", "label_after": "after pruning"})
+    metric, layers = sparsity_metric(loaded.model)
+    _dump(out_dir / "layer_sparsity.json", layers)
+    save_model(state, out_dir, loaded.model, loaded.tokenizer, masks)
+    return {"metrics": {
+        "sparsity": metric,
+        "prune_seconds": {"value": seconds, "protocol": {"method": spec.method, "pattern": spec.pattern,
+                                                         "granularity": spec.granularity, "calibration": calib_desc,
+                                                         "threads": torch.get_num_threads()}},
+    }}
+
+
+# --------------------------------------------------------------------------------------------- finetune
+def tune_config(recipe, spec, seed: int, task: str | None = None):
+    """The tuning module's `TuneConfig` for a recipe's `tune` settings (steps -> samples x 1 epoch)."""
+    from prunetune.tuning.trainer import TuneConfig
+
+    n_samples, epochs = spec.n_samples, spec.epochs
+    if spec.steps is not None:
+        n_samples, epochs = spec.steps * spec.batch_size, 1.0
+    return TuneConfig(
+        task=task or recipe.model.task, data=recipe.data.train, lora=spec.mode == "lora", lora_rank=spec.lora_rank,
+        lora_alpha=spec.lora_alpha if spec.lora_alpha is not None else 2.0 * spec.lora_rank, rslora=spec.rslora,
+        kd=spec.kd_alpha is not None, kd_alpha=spec.kd_alpha if spec.kd_alpha is not None else 0.5,
+        kd_temp=spec.kd_temp, epochs=epochs, lr=spec.lr, batch_size=spec.batch_size, max_length=spec.seqlen,
+        n_samples=n_samples, eval_samples=spec.eval_samples, seed=seed, data_dir=recipe.data.data_dir,
+        retention=False, export=False, **_roles_kw(TuneConfig, spec),
+    )
+
+
+def _roles_kw(tune_config_cls, spec) -> dict:
+    """LoRA target roles, when the recipe names them (the tuning module's default is every linear)."""
+    if spec.lora_roles is None:
+        return {}
+    fields = getattr(tune_config_cls, "__dataclass_fields__", {})
+    for name in ("lora_roles", "roles", "lora_targets"):
+        if name in fields:
+            return {name: tuple(spec.lora_roles)}
+    raise PrunetuneError("tune.lora_roles is not supported by this version of prunetune.tuning (TuneConfig has no "
+                         "roles option); remove it to put LoRA on every prunable linear")
+
+
+def read_curves(log_csv: Path) -> dict:
+    """Training / eval curves from the Trainer's CSV log: {series: [[step, value], ...]}."""
+    import csv
+
+    curves: dict[str, list] = {}
+    if not log_csv.is_file():
+        return curves
+    with log_csv.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            for key in ("loss", "eval_loss", "eval_accuracy", "eval_macro_f1"):
+                v = row.get(key)
+                if v not in (None, ""):
+                    curves.setdefault(key, []).append([int(float(row["step"])), float(v)])
+    return curves
+
+
+def sized_training_text(recipe, tokenizer, n_train: int | None, max_length: int, path: Path) -> Path:
+    """The first documents of the training text, just enough for `n_train` pieces of `max_length` tokens.
+
+    The tuning module cuts its text into pieces and keeps 10% for validation and 10% as a held-out test it
+    scores in full; on a whole corpus that held-out scoring dwarfs a short recovery run, so the pipeline
+    hands it only the text the run uses (plus the 20% held out). Documents are taken in the fixed order of
+    the source's training split, so the text is a pure function of the recipe.
+    """
+    from prunetune.data.sources import load_text
+
+    src = load_text(recipe.data.train, recipe.data.train_split, data_dir=recipe.data.data_dir)
+    if n_train is None:
+        path.write_text(src.text)
+        return path
+    need = int(n_train / 0.8) + 4  # pieces: the tuning module keeps 10% + 10% of them out of training
+    kept, pieces, cur = [], 0, 0
+    for line in src.text.splitlines():  # pieces close on line boundaries once they hold max_length tokens
+        kept.append(line)
+        if not line.strip():
+            continue
+        cur += len(tokenizer(line, add_special_tokens=False)["input_ids"])
+        if cur >= max_length:
+            pieces, cur = pieces + 1, 0
+            if pieces >= need:
+                break
+    docs = ["\n".join(kept)]
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, task: str | None = None,
+                   tokenizer=None) -> dict:
+    """Fine-tune `model_spec` with the tuning module; returns {model, tokenizer, curves, metrics}."""
+    from prunetune.pruning.masks import MaskSet
+    from prunetune.tuning.trainer import finetune
+
+    cfg = tune_config(recipe, spec, seed, task)
+    if cfg.task == "causal-lm":
+        cfg.data = str(sized_training_text(recipe, tokenizer, cfg.n_samples, cfg.max_length,
+                                           work.with_name(work.name + "-train.txt")))
+    res = finetune(model_spec, cfg, work, masks=masks if masks is not None else MaskSet())
+    test = res.get("test_after_merge", {})
+    metrics: dict = {"train_loss": {"value": res["train_loss"], "protocol": {
+        "steps": res["global_step"], "examples": res["train_examples"], "mode": spec.mode,
+        "lora_rank": spec.lora_rank if spec.mode == "lora" else None,
+        "lora_roles": (spec.lora_roles or "all prunable linears") if spec.mode == "lora" else None,
+        "batch_size": spec.batch_size,
+        "seqlen": spec.seqlen, "lr": spec.lr, "data": res["data"], "teacher": res["teacher"]}}}
+    for key in ("loss", "accuracy", "macro_f1"):
+        if key in test:
+            metrics[f"heldout_{key}"] = {"value": test[key], "protocol": test.get("protocol")}
+    metrics["train_seconds"] = {"value": res["timings"].get("train_s"), "protocol": {"what": "Trainer.train wall time"}}
+    return {"model": res["_model"], "tokenizer": res["_tokenizer"], "curves": read_curves(work / "train_log.csv"),
+            "metrics": metrics}
+
+
+def run_finetune(state, out_dir: Path) -> dict:
+    """LoRA (or full) fine-tuning that keeps the masks; the merged model (W + sBA) * M is saved."""
+    import shutil
+
+    masks = state.masks()
+    work = out_dir / "tune"
+    res = finetune_model(state.model_spec(), state.recipe, state.spec, masks, state.seed + state.index, work,
+                         tokenizer=state.load().tokenizer)
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the stage is the checkpoint; keep logs only
+    _dump(out_dir / "curves.json", res["curves"])
+    metric, layers = sparsity_metric(res["model"])
+    _dump(out_dir / "layer_sparsity.json", layers)
+    save_model(state, out_dir, res["model"], res["tokenizer"], masks)
+    return {"metrics": {"sparsity": metric, **res["metrics"]}}
+
+
+# --------------------------------------------------------------------------------------------- payt
+def run_payt(state, out_dir: Path) -> dict:
+    """Prune-As-You-Tune through `prunetune.methods.payt`; saves the merged sparse model and its masks."""
+    import shutil
+
+    from prunetune.methods.payt import PaytSpec, run_payt as payt_run
+    from prunetune.pruning.masks import MaskSet
+
+    recipe, spec = state.recipe, state.spec
+    tspec = recipe.tune
+    cfg = tune_config(recipe, tspec, state.seed + state.index)
+    work = out_dir / "tune"
+    if cfg.task == "causal-lm":
+        cfg.data = str(sized_training_text(recipe, state.load().tokenizer, cfg.n_samples, cfg.max_length,
+                                           out_dir / "tune-train.txt"))
+    masks = state.masks() or MaskSet()
+    pspec = PaytSpec(sparsity=spec.sparsity, schedule=spec.schedule, start=spec.start, every=spec.every,
+                     unit=spec.unit, criterion=spec.criterion)
+    res = payt_run(state.model_spec(), cfg, pspec, work, masks=masks)
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    model, tok = res["_model"], res["_tokenizer"]
+    _dump(out_dir / "curves.json", read_curves(work / "train_log.csv"))
+    metric, layers = sparsity_metric(model)
+    _dump(out_dir / "layer_sparsity.json", layers)
+    save_model(state, out_dir, model, tok, masks)
+    test = res.get("test_after_merge", {})
+    metrics = {"sparsity": metric, "train_loss": {"value": res["train_loss"], "protocol": {
+        "steps": res["global_step"], "examples": res["train_examples"], "teacher": res["teacher"],
+        "payt": pspec.to_dict(), "tune": cfg.to_dict()}}}
+    for key in ("accuracy", "macro_f1", "loss"):
+        if key in test:
+            metrics[f"payt_test_{key}"] = {"value": test[key], "protocol": test.get("protocol")}
+    metrics["train_seconds"] = {"value": res["timings"].get("train_s"), "protocol": {"what": "Trainer.train wall time"}}
+    return {"metrics": metrics}
+
+
+# --------------------------------------------------------------------------------------------- export
+def run_export(state, out_dir: Path) -> dict:
+    """The final model as a plain HF dir (zeros in the weights, masks beside), plus size on disk."""
+    from prunetune.evaluation.speed import size_on_disk
+    from prunetune.manifest import build_manifest
+    from prunetune.models.arch import nonzero_count, parameter_count
+    from prunetune.models.export import save_hf_dir
+
+    loaded = state.load()
+    target = state.out / "model"
+    man = build_manifest("export", {"recipe": state.recipe.name, "from": state.model_spec()},
+                         seed=state.recipe.seed, metrics={h["stage"]: h["metrics"] for h in state.history})
+    save_hf_dir(loaded.model, loaded.tokenizer, target, man)
+    masks = state.masks()
+    if masks is not None:
+        masks.save(target)
+    size = size_on_disk(target)
+    metric, _ = sparsity_metric(loaded.model)
+    (out_dir / "exported_to").write_text(str(target))
+    return {"metrics": {
+        "sparsity": metric,
+        "size_on_disk_mb": {"value": size["bytes"] / 2**20, "protocol": {"format": size["format"], "files": size["files"],
+                                                                          "note": "dense safetensors with zeros"}},
+        "nonzero_parameters": {"value": nonzero_count(loaded.model),
+                               "protocol": {"parameters": parameter_count(loaded.model)}},
+    }, "artifacts": {"model": str(target)}}
+
+
+# --------------------------------------------------------------------------------------------- order study
+def run_order_study(state, out_dir: Path) -> dict:
+    """Prune/fine-tune orderings from the current model; rows of metrics after every step."""
+    from prunetune.methods.ordering import run_orderings
+
+    rows = run_orderings(state, out_dir)
+    _dump(out_dir / "ordering.json", rows)
+    metrics = {}
+    for r in rows:
+        if r.get("final"):
+            for k, v in r["metrics"].items():
+                metrics[f"{r['ordering']}/{k}"] = v
+    return {"metrics": metrics, "artifacts": {"rows": "ordering.json"}}
+
+
+STAGES: dict[str, Callable] = {
+    "evaluate": run_evaluate, "prune": run_prune, "finetune": run_finetune, "payt": run_payt,
+    "export": run_export, "order_study": run_order_study,
+}

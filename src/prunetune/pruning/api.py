@@ -1,0 +1,218 @@
+"""`prune(model, ...)`: one call from any script or the CLI, pruning an in-memory model in place.
+
+It validates everything before touching the model (a bad option never leaves a half-pruned model), turns
+the calibration argument into token ids, and composes the parts: a criterion (magnitude, Wanda, SparseGPT)
+gives scores or updated weights per layer, a granularity turns scores into a keep-mask of exactly the asked
+sparsity, the calibration engine decides when statistics are collected. The returned `MaskSet` is keyed by
+module name; the zeros are already in the weights.
+
+Which granularity does what:
+
+* `row` (default) / `layer`: unstructured, pruning floor(s × in_features) per output row (Wanda's
+  comparison group) or floor(s × numel) per layer. SparseGPT selects adaptively inside each 128-column
+  block with the same exact counts (`layer` is the paper's per-block selection).
+* `global`: one threshold over all pruned layers (magnitude, Wanda); Wanda statistics then come from one
+  pass over the dense model, since every layer's scores are needed before any layer is pruned.
+* `rows` / `cols`: whole output rows / input columns of each layer.
+* `heads` / `neurons`: coupled structures (GQA KV groups with their query heads and o columns; MLP channels
+  across gate/up/down), see `structured.py`.
+* `pattern="2:4"` (N:M) keeps N of every M consecutive inputs in each row; sparsity is then 1 − N/M.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from prunetune.errors import PrunetuneError
+from prunetune.models.arch import get_adapter, unwrap
+from prunetune.pruning import calibrate
+from prunetune.pruning.criteria.magnitude import magnitude_scores
+from prunetune.pruning.criteria.sparsegpt import HessianStats, sparsegpt_prune
+from prunetune.pruning.criteria.wanda import ColumnNormStats, wanda_scores
+from prunetune.pruning.granularity import check_sparsity, global_masks, mask_from_scores, parse_nm
+from prunetune.pruning.masks import MaskSet
+from prunetune.pruning.structured import STRUCTURES, structured_masks
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+ALL_GRANULARITIES = ("row", "layer", "global", "rows", "cols", "heads", "neurons")
+CALIBRATED = ("wanda", "sparsegpt")
+
+
+def validate(method: str, sparsity: float, pattern: str | None, granularity: str) -> tuple[int, int] | None:
+    """Check options without a model (the CLI calls this before loading anything); returns the N:M pair."""
+    if method not in METHODS:
+        raise PrunetuneError(f"unknown pruning method '{method}'; choose one of: {', '.join(METHODS)}")
+    check_sparsity(sparsity)
+    nm = parse_nm(pattern)
+    if granularity not in ALL_GRANULARITIES:
+        raise PrunetuneError(f"unknown granularity '{granularity}'; choose one of: {', '.join(ALL_GRANULARITIES)}")
+    if nm is not None and granularity not in ("row", "layer"):
+        raise PrunetuneError(f"an N:M pattern is per row; it cannot be combined with granularity '{granularity}'")
+    if method == "sparsegpt" and granularity not in ("row", "layer"):
+        raise PrunetuneError(f"sparsegpt prunes unstructured or N:M (granularity row or layer), not '{granularity}'")
+    return nm
+
+
+def select_targets(model: nn.Module, skip: list[str] | None) -> dict[str, nn.Linear]:
+    """Prunable linears minus those whose name matches a skip regex; a regex matching nothing is an error."""
+    adapter = get_adapter(model)
+    linears = {calibrate.layer_key(adapter, lin): lin for _, lin in adapter.linears().values()}
+    out = dict(linears)
+    for pat in skip or []:
+        try:
+            rx = re.compile(pat)
+        except re.error as exc:
+            raise PrunetuneError(f"skip pattern '{pat}' is not a valid regular expression: {exc}") from None
+        hits = [n for n in linears if rx.search(n)]
+        if not hits:
+            raise PrunetuneError(f"skip pattern '{pat}' matches no prunable layer (e.g. '{next(iter(linears))}')")
+        for n in hits:
+            out.pop(n, None)
+    if not out:
+        raise PrunetuneError("the skip patterns exclude every prunable layer: nothing to prune")
+    return out
+
+
+def default_calib_split(source: str) -> str:
+    """WikiText-2 calibrates on `valid` (test is for perplexity); other sources on their training part."""
+    return "valid" if source == "wikitext2" else "train"
+
+
+def calibration_ids(calib, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Token ids [n, seqlen] from a LongTensor, a TextSource or a source name (the last two need a tokenizer)."""
+    from prunetune.data.calibration import calibration_samples
+    from prunetune.data.sources import TextSource, load_text
+
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
+            raise PrunetuneError(f"calib tensor must be integer token ids [n, seqlen], got {calib.dtype} "
+                                 f"{tuple(calib.shape)}")
+        return calib.long()
+    if isinstance(calib, str):
+        calib = load_text(calib, default_calib_split(calib))
+    if not isinstance(calib, TextSource):
+        raise PrunetuneError(f"calib must be token ids, a TextSource or a source name, got {type(calib).__name__}")
+    if tokenizer is None:
+        raise PrunetuneError("calibration from text needs a tokenizer: pass tokenizer=...")
+    return calibration_samples(tokenizer, calib.text, nsamples, seqlen, seed, calib.name)
+
+
+def _weight(lin: nn.Linear) -> torch.Tensor:
+    return lin.weight
+
+
+def _masks_from_scores(adapter, blocks, scores: dict[str, torch.Tensor], sparsity: float, granularity: str,
+                       nm: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+    """Scores of some layers -> their keep-masks at the asked granularity (global handled by the caller)."""
+    if granularity in STRUCTURES:
+        out: dict[str, torch.Tensor] = {}
+        for b in blocks:
+            out.update(structured_masks(adapter, b, scores, granularity, sparsity))
+        return out
+    return {n: mask_from_scores(s, sparsity, granularity, nm) for n, s in scores.items()}
+
+
+@torch.no_grad()
+def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pattern: str | None = None,
+          granularity: str = "row", calib=None, tokenizer=None, nsamples: int = 32, seqlen: int = 512,
+          skip: list[str] | None = None, device: str | torch.device | None = None, seed: int = 0,
+          progress: bool | None = None, batch_size: int = 8,
+          stats_hook: Callable[[str, object], None] | None = None) -> MaskSet:
+    """Prune `model` in place and return its MaskSet (keyed by module name of the unwrapped model).
+
+    `calib`: LongTensor [n, seqlen] of token ids, a `TextSource`, or a source name (`wikitext2`, `bbc-news`,
+    a file) tokenised with `tokenizer` into `nsamples` × `seqlen` windows chosen with `seed`. Needed by
+    wanda and sparsegpt; magnitude ignores it. `skip`: regexes of module names to leave dense.
+    `device`: where calibration runs (one block at a time); the model stays where it is.
+    `stats_hook(name, stats)` sees each layer's calibration statistics (for tests and diagnostics).
+    """
+    nm = validate(method, sparsity, pattern, granularity)
+    if nm is not None:
+        sparsity = 1.0 - nm[0] / nm[1]
+    root = unwrap(model)
+    adapter = get_adapter(root)
+    targets = select_targets(root, skip)
+    if nm is not None:
+        for name, lin in targets.items():
+            if lin.in_features % nm[1]:
+                raise PrunetuneError(f"N:M {pattern} needs in_features divisible by {nm[1]}; {name} has "
+                                     f"{lin.in_features} (skip it with --skip)")
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise PrunetuneError("--device cuda asked but no CUDA device is available")
+    ids = None
+    if method in CALIBRATED:
+        if calib is None:
+            raise PrunetuneError(f"{method} needs calibration data: pass calib (token ids, a TextSource or a source name)")
+        ids = calibration_ids(calib, tokenizer, nsamples, seqlen, seed)
+        vocab = root.get_input_embeddings().num_embeddings
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:
+            raise PrunetuneError(f"calibration token ids fall outside the model's vocabulary of {vocab}")
+
+    torch.manual_seed(seed)
+    masks = MaskSet()
+    blocks = adapter.blocks()
+
+    if method == "magnitude" and granularity == "global":
+        scores = {n: magnitude_scores(_weight(lin)) for n, lin in targets.items()}
+        _apply(targets, global_masks(scores, sparsity), masks)
+    elif method == "magnitude":
+        # block by block, so only one block's scores exist at a time
+        for b in blocks:
+            scores = {n: magnitude_scores(lin.weight) for n, lin in targets.items()
+                      if n in {calibrate.layer_key(adapter, x) for x in b.linears.values()}}
+            _apply(targets, _masks_from_scores(adapter, [b], scores, sparsity, granularity, nm), masks)
+    elif method == "wanda" and (granularity == "global" or getattr(root.config, "is_encoder_decoder", False)):
+        stats = calibrate.collect_all(model, ids, lambda n, lin, dev: ColumnNormStats(lin.in_features, dev),
+                                      set(targets), batch_size=batch_size, progress=progress)
+        if stats_hook:
+            for n, st in stats.items():
+                stats_hook(n, st)
+        scores = {n: wanda_scores(_weight(targets[n]), st.norms()) for n, st in stats.items()}
+        new = global_masks(scores, sparsity) if granularity == "global" else \
+            _masks_from_scores(adapter, blocks, scores, sparsity, granularity, nm)
+        _apply(targets, new, masks)
+    elif method == "sparsegpt" and getattr(root.config, "is_encoder_decoder", False):
+        stats = calibrate.collect_all(model, ids, lambda n, lin, dev: HessianStats(lin.in_features, dev),
+                                      set(targets), batch_size=batch_size, progress=progress)
+        for n, st in stats.items():
+            if stats_hook:
+                stats_hook(n, st)
+            _sparsegpt_layer(n, targets[n], st, sparsity, nm, granularity, masks)
+    else:
+        factory = (lambda n, lin, dev: ColumnNormStats(lin.in_features, dev)) if method == "wanda" else \
+            (lambda n, lin, dev: HessianStats(lin.in_features, dev))
+
+        def on_block(block, stats) -> None:
+            if stats_hook:
+                for n, st in stats.items():
+                    stats_hook(n, st)
+            if method == "wanda":
+                scores = {n: wanda_scores(_weight(targets[n]), st.norms().to(_weight(targets[n]).device))
+                          for n, st in stats.items()}
+                _apply(targets, _masks_from_scores(adapter, [block], scores, sparsity, granularity, nm), masks)
+            else:
+                for n, st in stats.items():
+                    _sparsegpt_layer(n, targets[n], st, sparsity, nm, granularity, masks)
+
+        calibrate.sequential(model, ids, factory, on_block, targets=set(targets), device=device,
+                             batch_size=batch_size, progress=progress)
+    return masks
+
+
+def _apply(targets: dict[str, nn.Linear], new: dict[str, torch.Tensor], masks: MaskSet) -> None:
+    for name, mask in new.items():
+        w = targets[name].weight
+        w.mul_(mask.to(device=w.device, dtype=w.dtype))
+        masks[name] = mask.cpu()
+
+
+def _sparsegpt_layer(name: str, lin: nn.Linear, st: HessianStats, sparsity: float, nm, granularity: str,
+                     masks: MaskSet) -> None:
+    w = lin.weight
+    new_w, keep = sparsegpt_prune(w.to(st.H.device), st.H, sparsity, pattern=nm, per=granularity)
+    w.copy_(new_w.to(device=w.device, dtype=w.dtype))
+    masks[name] = keep.cpu()

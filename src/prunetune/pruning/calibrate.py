@@ -1,0 +1,194 @@
+"""Sequential layer-wise calibration: the lifecycle around the criteria, kept apart from their math.
+
+The engine never runs the whole model on calibration data more than once. It captures what block 0
+receives (hidden states plus whatever keyword arguments the family passes: rotary position embeddings and
+position ids for Llama, the extended attention mask for BERT), then walks the blocks:
+
+1. forward hooks on the block's linear layers feed a statistics object per layer (column norms for Wanda,
+   the Hessian XᵀX for SparseGPT) while the block runs on all calibration batches;
+2. the caller prunes the block's layers from those statistics (`on_block`);
+3. the block runs again and its *pruned* outputs become the next block's inputs, so each block is pruned
+   knowing the error of the blocks before it (as in the SparseGPT and Wanda reference code).
+
+Only one block's activations live in memory at a time. With `device="cuda"` the model stays where it is
+(CPU) and one block at a time is moved to the device with the activations, so a model larger than the GPU
+can still be calibrated on it.
+
+Encoder-decoder models (T5) have two stacks that talk through cross-attention; for them, and for global
+thresholds that need every layer's scores before any pruning, `collect_all` gathers statistics for all
+layers in one pass over the dense model instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from prunetune.models.arch import Block, get_adapter, unwrap
+from prunetune.progress import track
+
+
+class Stats(Protocol):
+    @staticmethod
+    def prepare(x: torch.Tensor) -> Any: ...
+
+    def accumulate(self, prepared: Any, batch: int) -> None: ...
+
+
+StatFactory = Callable[[str, nn.Linear, torch.device], Stats]
+OnBlock = Callable[[Block, dict[str, Stats]], None]
+
+
+class _StopForward(Exception):
+    """Raised by the block-0 hook: everything after block 0 is not needed to capture its inputs."""
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """Move tensors inside (nested) tuples / lists / dicts; leave everything else alone."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def layer_key(adapter, lin: nn.Linear) -> str:
+    """A layer's MaskSet key: its name in the plain model (a peft LoRA layer's `.base_layer` dropped)."""
+    return adapter.name_of(lin).removesuffix(".base_layer")
+
+
+def _first(out: Any) -> torch.Tensor:
+    """Blocks return a tensor (Llama in transformers 5) or a tuple whose first item is the hidden states."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _model_kwargs(model: nn.Module) -> dict:
+    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, batch_size: int,
+                         device: torch.device) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """(hidden, extra positional args, kwargs) that `block` receives for each calibration batch."""
+    captured: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def hook(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.to(device), _to(tuple(args[1:]), device), _to(kwargs, device)))
+        raise _StopForward
+
+    model_device = next(unwrap(model).parameters()).device
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for s in range(0, ids.shape[0], batch_size):
+            batch = ids[s : s + batch_size].to(model_device)
+            try:
+                model(input_ids=batch, attention_mask=torch.ones_like(batch), **_model_kwargs(model))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hooks(named: dict[str, nn.Linear], stats: dict[str, Stats]) -> list:
+    """Forward hooks feeding each linear's input to its statistics; layers fed the same tensor share the work."""
+    # (tensor, stats type, prepared): matched by identity; holding the tensor keeps its memory from being
+    # reused by a later activation of the same shape, so a match can never be a stale address.
+    cache: list[tuple[torch.Tensor, type, Any]] = []
+
+    def make(name: str):
+        st = stats[name]
+
+        def hook(_module, inputs, _output):
+            x = inputs[0]
+            for t, kind, prepared in cache:
+                if t is x and kind is type(st):
+                    break
+            else:
+                prepared = st.prepare(x)
+                cache.append((x, type(st), prepared))
+                del cache[:-3]
+            st.accumulate(prepared, x.shape[0] if x.dim() > 2 else 1)
+
+        return hook
+
+    return [lin.register_forward_hook(make(n)) for n, lin in named.items()]
+
+
+@torch.no_grad()
+def sequential(model: nn.Module, ids: torch.Tensor, make_stats: StatFactory, on_block: OnBlock, *,
+               targets: set[str] | None = None, device: str | torch.device | None = None, batch_size: int = 8,
+               progress: bool | None = None) -> None:
+    """Walk the blocks in order: collect statistics, let `on_block` prune, propagate the pruned outputs.
+
+    `targets` limits statistics (and so pruning) to these module names; blocks without targets are still run
+    to produce the next block's inputs. `make_stats(name, layer, device)` builds one statistics object.
+    """
+    root = unwrap(model)
+    adapter = get_adapter(root)
+    blocks = adapter.blocks()
+    home = next(root.parameters()).device
+    device = torch.device(device) if device is not None else home
+    was_training = root.training
+    root.eval()
+    try:
+        inputs = capture_block_inputs(model, blocks[0].module, ids, batch_size, device)
+        for block in track(blocks, "prune blocks", total=len(blocks), show=progress):
+            block.module.to(device)
+            named = {layer_key(adapter, lin): lin for lin in block.linears.values()}
+            if targets is not None:
+                named = {n: lin for n, lin in named.items() if n in targets}
+            if named:
+                stats = {n: make_stats(n, lin, device) for n, lin in named.items()}
+                handles = _hooks(named, stats)
+                try:
+                    for hidden, args, kwargs in inputs:
+                        block.module(hidden, *args, **kwargs)
+                finally:
+                    for h in handles:
+                        h.remove()
+                on_block(block, stats)
+                del stats
+            outputs = []
+            for hidden, args, kwargs in inputs:
+                outputs.append((_first(block.module(hidden, *args, **kwargs)), args, kwargs))
+            inputs = outputs
+            block.module.to(home)
+    finally:
+        root.train(was_training)
+
+
+@torch.no_grad()
+def collect_all(model: nn.Module, ids: torch.Tensor, make_stats: StatFactory, targets: set[str], *,
+                batch_size: int = 8, progress: bool | None = None) -> dict[str, Stats]:
+    """Statistics for every target layer from forward passes of the dense model (one pass per batch)."""
+    root = unwrap(model)
+    adapter = get_adapter(root)
+    home = next(root.parameters()).device
+    named = {layer_key(adapter, lin): lin for _, lin in adapter.linears().values()}
+    named = {n: lin for n, lin in named.items() if n in targets}
+    stats = {n: make_stats(n, lin, home) for n, lin in named.items()}
+    handles = _hooks(named, stats)
+    was_training = root.training
+    root.eval()
+    extra = _model_kwargs(root)
+    try:
+        batches = range(0, ids.shape[0], batch_size)
+        for s in track(batches, "calibration pass", total=len(batches), show=progress):
+            batch = ids[s : s + batch_size].to(home)
+            kw = {"decoder_input_ids": batch} if getattr(root.config, "is_encoder_decoder", False) else {}
+            model(input_ids=batch, attention_mask=torch.ones_like(batch), **kw, **extra)
+    finally:
+        for h in handles:
+            h.remove()
+        root.train(was_training)
+    return stats

@@ -1,0 +1,1 @@
+"""Fine-tuning: LoRA/rsLoRA or full, with knowledge distillation and masks that stay zero."""

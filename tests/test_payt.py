@@ -1,0 +1,183 @@
+"""Prune-As-You-Tune: exact sparsity per layer, masks saved, export keeps predictions and zeros, CLI, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunetune.methods.payt import PaytSpec, compute_masks, run_payt
+from prunetune.pruning.masks import MaskSet, sparsity_report
+from prunetune.tuning.trainer import TuneConfig
+
+
+def _cfg(**kw) -> TuneConfig:
+    base = dict(task="seq-cls", n_samples=16, eval_samples=8, epochs=2, batch_size=8, max_length=32, retention=False)
+    base.update(kw)
+    return TuneConfig(**base)
+
+
+def test_compute_masks_is_exact_and_monotone(tiny_llama):
+    model = tiny_llama.model
+    m1 = compute_masks(model, "l1-global", 0.3)
+    total = sum(m.numel() for m in m1.masks.values())
+    assert total - sum(int(m.sum()) for m in m1.masks.values()) == int(0.3 * total)
+    m1.apply(model)
+    m2 = compute_masks(model, "L1Unstructured", 0.6, previous=m1)
+    for name in m1.names():
+        assert not bool((m2[name] & ~m1[name]).any()), "a weight pruned earlier came back"
+    pytest.importorskip("prunetune.pruning.api")  # Wanda comes from the pruning engine
+    from prunetune.data.sources import load_text
+    from prunetune.tuning.lora import apply_lora
+
+    peft = apply_lora(model, "causal-lm", rank=2, alpha=4)
+    text = load_text("wikitext2", "valid").text[:100_000]
+    w = compute_masks(peft, "wanda", 0.7, previous=m2, tokenizer=tiny_llama.tokenizer, calib_text=text, nsamples=2,
+                      seqlen=64)
+    assert set(w.names()) == set(m1.names())  # plain-model names, no peft ".base_layer"
+    assert all(not bool((w[n] & ~m2[n]).any()) for n in w.names()) and w.sparsity() >= 0.6
+    cols = compute_masks(model, "LnStructured", 0.5)
+    for name, m in cols.items():
+        dead_cols = (~m.any(dim=0)).sum()
+        assert int(dead_cols) == m.shape[1] // 2 and 1 - m.float().mean() == 0.5
+
+
+@pytest.mark.parametrize("criterion", ["l2-cols", "l1-global"])
+def test_payt_reaches_target_in_real_zeros(tmp_path, criterion):
+    spec = PaytSpec(sparsity=0.5, schedule="agp", start=0.2, every=1, unit="step", criterion=criterion)
+    r = run_payt("tiny-llama", _cfg(lora=True, mix=__import__("prunetune.data.mixing", fromlist=["MixSpec"]).MixSpec(
+        fraction=0.1)), spec, tmp_path / "payt")
+    events = r["pruning_events"]
+    # 16 + 2 mixed examples / batch 8 = 3 steps x 2 epochs; start 20% -> step floor(1.2) = 1, then every step
+    assert r["global_step"] == 6 and [e["step"] for e in events] == [1, 2, 3, 4, 5]
+    assert events[-1]["target"] == 0.5 and events[-1]["real_sparsity"] == pytest.approx(0.5, abs=1e-12)
+    assert [e["target"] for e in events] == sorted(e["target"] for e in events)
+    rep = sparsity_report(r["_model"])
+    if criterion == "l2-cols":  # per-layer exact: every pruned layer has exactly the target in real zeros
+        assert all(layer["sparsity"] == 0.5 for layer in rep["layers"].values())
+    else:  # global: exactly floor(0.5 * total) zeros over all prunable linears
+        assert rep["zeros"] == rep["numel"] // 2
+    saved = MaskSet.load(tmp_path / "payt" / "model")
+    assert saved.sparsity() == pytest.approx(0.5, abs=1e-12)
+    ckpts = sorted((tmp_path / "payt" / "checkpoints").glob("checkpoint-*"))
+    assert ckpts and all((c / "masks.safetensors").is_file() for c in ckpts)
+    assert r["mixing"]["mixed"] == 2
+
+
+def test_merged_export_reloads_with_plain_transformers_same_predictions(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from prunetune.tuning.lora import mask_lora_updates
+    from prunetune.tuning.trainer import predict_classes
+
+    spec = PaytSpec(sparsity=0.5, schedule="linear", start=0.0, every=1, unit="epoch")
+    r = run_payt("tiny-llama", _cfg(lora=True), spec, tmp_path / "run")
+    assert r["merge_changed_predictions"] == 0
+    assert r["test_after_merge"]["accuracy"] == r["test_before_merge"]["accuracy"]
+    d = tmp_path / "run" / "model"
+    plain = AutoModelForSequenceClassification.from_pretrained(d).eval()
+    tok = AutoTokenizer.from_pretrained(d)
+    preds = predict_classes(plain, tok, r["_test"], 32)
+    assert preds == r["predictions"]
+    assert sparsity_report(plain)["sparsity"] == pytest.approx(0.5, abs=1e-12)
+    # adapter export: sparse base + adapter; with the masked update it is the same model again
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "adapter" / "base")
+    assert sparsity_report(base)["sparsity"] == pytest.approx(0.5, abs=1e-12)
+    peft = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter" / "adapter").eval()
+    mask_lora_updates(peft, MaskSet.load(tmp_path / "run" / "adapter" / "base"))
+    assert predict_classes(peft, tok, r["_test"], 32) == preds
+
+
+def test_full_evaluate_table_has_four_rows(tmp_path):
+    from prunetune.methods.payt import full_evaluate
+
+    res = full_evaluate("tiny-llama", _cfg(epochs=1, n_samples=8), PaytSpec(sparsity=0.5, start=0.0), tmp_path / "fe")
+    labels = [row[0] for row in res["table"]["rows"]]
+    assert labels == ["dense full FT", "dense LoRA FT", "prune -> LoRA FT", "PAYT"]
+    sp = {row[0]: row[3] for row in res["table"]["rows"]}
+    assert sp["dense full FT"] == 0.0 and sp["PAYT"] == pytest.approx(0.5) and sp["prune -> LoRA FT"] == pytest.approx(0.5)
+    md = (tmp_path / "fe" / "full_evaluate.md").read_text()
+    assert md.count("\n") == 6 and "macro-F1" in md
+    assert json.loads((tmp_path / "fe" / "full_evaluate.json").read_text())["runs"]["PAYT"]["sparsity"] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from prunetune.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_cli_accepts_original_payt_option_names(tmp_path, capsys):
+    from prunetune.cli import main
+
+    out = tmp_path / "cli"
+    main(["payt", "tiny-llama", "--n-samples", "8", "--num-epochs", "1", "--max-length", "32",
+          "--sparsity-target", "0.4", "--pruning-schedule", "linear", "--start-pruning-epoch-ptg", "0.0",
+          "--prune-every-epoch", "1", "--pruning-method", "L1Unstructured", "--use-kd", "--kd-alpha", "0.5",
+          "--kd-temp", "4", "--use-lora", "--use-rs-lora", "--lora-rank", "4", "--lora-alpha", "8",
+          "--lora-dropout", "0.0", "--dataset-mix-ptg", "0.1", "--dataset-mix-strategy", "old_first",
+          "--dataset-sampling-strategy", "random", "--eval-samples", "4", "--no-retention", "--out", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    assert abs(m["sparsity"] - 0.4) < 1e-5  # floor(0.4 * numel) zeros
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["tune"]["rslora"] is True and man["config"]["payt"]["criterion"] == "l1-global"
+    assert man["config"]["tune"]["mix"]["strategy"] == "old_first" and m["mixing"]["mixed"] == 1
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--sparsity", "1.0"], "target sparsity"),
+    (["--start", "1"], "start"),
+    (["--schedule", "cosine"], "unknown pruning schedule"),
+    (["--criterion", "random"], "unknown pruning criterion"),
+    (["--kd-alpha", "2"], "--kd-alpha"),
+    (["--resume"], "no checkpoint"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, msg):
+    code, _, err = _cli(capsys, "payt", "tiny-llama", *args, "--out", str(tmp_path / "x"))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("prunetune: error:") and msg in err
+
+
+def test_cli_bad_task_data_is_one_line_exit_2(tmp_path, capsys):
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\nhello world,a\nanother text,a\n")
+    code, _, err = _cli(capsys, "finetune", "tiny-llama", "--task", str(one), "--out", str(tmp_path / "o"))
+    assert code == 2 and "only one class" in err and err.count("\n") == 1
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n ,a\n,b\n")
+    code, _, err = _cli(capsys, "finetune", "tiny-llama", "--task", str(empty), "--out", str(tmp_path / "o2"))
+    assert code == 2 and "no non-empty text" in err
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+@pytest.mark.slow
+def test_two_process_gloo_payt_identical_masks(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.fail("torchrun not found next to the python executable")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PRUNETUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "prunetune.cli", "payt", "tiny-llama",
+           "--n-samples", "16", "--epochs", "2", "--batch-size", "4", "--max-length", "32", "--eval-samples", "8",
+           "--every-steps", "1", "--no-retention", "--out", str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0 = json.loads((out / "rank0.json").read_text())
+    r1 = json.loads((out / "rank1.json").read_text())
+    assert r0["masks_digest"] == r1["masks_digest"] and r0["masks_digest"]
+    # (16 + 1 mixed) examples / (2 ranks x 4) = 3 steps x 2 epochs
+    assert r0["global_step"] == r1["global_step"] == 6
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    shutil.rmtree(out, ignore_errors=True)

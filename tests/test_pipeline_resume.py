@@ -1,0 +1,121 @@
+"""`prunetune run` on tiny-llama: atomic stages, SIGKILL in a stage + --resume = the uninterrupted metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prunetune.config import load_recipe
+from prunetune.errors import PrunetuneError
+from prunetune.pipelines.runner import PAUSE_ENV, run_recipe
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "model": {"name": "tiny-llama"},
+    "data": {"calib": "TEXT", "train": "TEXT", "ppl": ["TEXT"]},
+    "prune": {"method": "wanda", "sparsity": 0.5, "nsamples": 4, "seqlen": 64},
+    "tune": {"steps": 3, "batch_size": 2, "seqlen": 64, "eval_samples": 2, "lr": 0.01},
+    "eval": {"ppl_seqlen": 64, "max_windows": 4},
+    "stages": ["evaluate", "prune", "evaluate", "finetune", "evaluate", "export"],
+}
+
+
+def values(manifest: dict) -> dict:
+    """Every metric value of a run (timings excluded: they differ between runs by nature)."""
+    return {f"{stage}/{k}": v["value"] for stage, m in manifest["metrics"].items() for k, v in m.items()
+            if "seconds" not in k}
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory, wikitext_dir) -> Path:
+    """The tiny recipe on a 60 KB slice of WikiText-2 (tokenising whole corpora would dominate the test)."""
+    d = tmp_path_factory.mktemp("recipe")
+    text = d / "text.txt"
+    text.write_text((wikitext_dir / "test.txt").read_text()[:60_000])
+    data = json.loads(json.dumps(TINY).replace("TEXT", str(text)))
+    p = d / "tiny.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(recipe_file, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    man = run_recipe(load_recipe(str(recipe_file)), out, log=lambda *_: None)
+    return out, man
+
+
+def test_uninterrupted_run_layout_and_metrics(reference):
+    out, man = reference
+    assert man["status"] == "complete" and man["seed"] == 3 and man["git_rev"] is not None
+    v = values(man)
+    assert v["01-evaluate/sparsity"] == 0.0
+    assert v["02-prune/sparsity"] == pytest.approx(0.5, abs=1e-9)  # Wanda row-wise: exactly half of each row
+    assert v["05-evaluate/sparsity"] == pytest.approx(0.5, abs=1e-9)  # LoRA merge kept every zero
+    assert v["03-evaluate/ppl/text.txt"] != v["01-evaluate/ppl/text.txt"]
+    assert v["05-evaluate/ppl/text.txt"] != v["03-evaluate/ppl/text.txt"]  # fine-tuning changed the model
+    proto = man["metrics"]["01-evaluate"]["ppl/text.txt"]["protocol"]
+    assert (proto["seqlen"], proto["windows"], proto["dataset"]) == (64, 4, "text.txt")
+    stages = sorted(p.name for p in (out / "stages").iterdir())
+    assert stages == ["01-evaluate", "02-prune", "03-evaluate", "04-finetune", "05-evaluate", "06-export"]
+    assert not list((out / "stages").glob("*.partial"))
+    # the exported model is plain transformers with the zeros in it
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(out / "model")
+    w = m.model.layers[0].mlp.down_proj.weight
+    assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-9)
+    assert (out / "model" / "masks.safetensors").is_file() and (out / "report.md").is_file()
+
+
+def _start_paused(recipe_file: Path, out: Path, stage: str) -> subprocess.Popen:
+    env = {**os.environ, PAUSE_ENV: stage, "PRUNETUNE_PROGRESS": "0"}
+    return subprocess.Popen([sys.executable, "-m", "prunetune.cli", "run", str(recipe_file), "--out", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("stage", ["02-prune", "04-finetune", "06-export"])
+def test_sigkill_in_stage_then_resume_gives_same_metrics(recipe_file, reference, tmp_path, stage):
+    out = tmp_path / "run"
+    proc = _start_paused(recipe_file, out, stage)
+    marker = out / "stages" / f"{stage}.partial" / ".paused"
+    deadline = time.time() + 240
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before reaching {stage}: {proc.stderr.read().decode()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"{stage} not reached in time")
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)  # the stage has done its work but has not been renamed complete
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "stages" / f"{stage}.partial").is_dir() and not (out / "stages" / stage).exists()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+
+    logs: list[str] = []
+    man = run_recipe(load_recipe(str(recipe_file)), out, resume=True, log=logs.append)
+    done_before = int(stage[:2]) - 1
+    assert sum("skipped (resume)" in m for m in logs) == done_before
+    assert not list((out / "stages").glob("*.partial"))
+    assert values(man) == values(reference[1])  # bit-identical metrics
+
+
+def test_resume_of_complete_run_skips_everything_and_rejects_other_recipe(reference, recipe_file, tmp_path):
+    out, man = reference
+    logs: list[str] = []
+    again = run_recipe(load_recipe(str(recipe_file)), out, resume=True, log=logs.append, report=False)
+    assert sum("skipped" in m for m in logs) == 6 and values(again) == values(man)
+    with pytest.raises(PrunetuneError, match="recipe differs"):
+        run_recipe(load_recipe(str(recipe_file), ["prune.sparsity=0.6"]), out, resume=True, log=lambda *_: None)
+    with pytest.raises(PrunetuneError, match="exists and is not empty"):
+        run_recipe(load_recipe(str(recipe_file)), out, log=lambda *_: None)

@@ -1,0 +1,255 @@
+"""Pruning engine on tiny models: criteria against hand computations, exact sparsity, calibration flow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prunetune.errors import PrunetuneError
+from prunetune.models.arch import get_adapter
+from prunetune.models.loading import load_model
+from prunetune.pruning.api import prune
+from prunetune.pruning.criteria.wanda import ColumnNormStats, wanda_scores
+from prunetune.pruning.granularity import unstructured_mask
+from prunetune.pruning.masks import MaskSet, sparsity_report
+from prunetune.pruning.structured import remove_pruned
+
+
+def _ids(n=8, seqlen=64, vocab=259, seed=0):
+    return torch.randint(3, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _linears(model):
+    return {n: lin for n, (_, lin) in get_adapter(model).linears().items()}
+
+
+def _dense_copy(model):
+    return {n: lin.weight.detach().clone() for n, lin in _linears(model).items()}
+
+
+def test_wanda_scores_match_hand_formula():
+    W = torch.tensor([[1.0, -2.0, 3.0], [4.0, 5.0, -6.0]])
+    X = torch.tensor([[[1.0, 0.0, 2.0], [3.0, 1.0, 0.0]]])  # 1 sample, 2 tokens, 3 features
+    st = ColumnNormStats(3)
+    st.add(X)
+    scores = wanda_scores(W, st.norms())
+    for i in range(2):
+        for j in range(3):
+            norm_j = math.sqrt(sum(float(X[0, t, j]) ** 2 for t in range(2)))
+            assert scores[i, j].item() == pytest.approx(abs(W[i, j].item()) * norm_j, rel=1e-6)
+    # per output row, 1/3 sparsity drops the lowest |W|*||X|| of each row: column 1 in both rows
+    mask = unstructured_mask(scores, 1 / 3 + 1e-9, per="row")
+    assert mask.tolist() == [[True, False, True], [True, False, True]]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_every_group_has_exact_zeros(tiny_llama, method, pattern):
+    n, m = (int(x) for x in pattern.split(":"))
+    masks = prune(tiny_llama.model, method, pattern=pattern, calib=_ids())
+    for name, lin in _linears(tiny_llama.model).items():
+        w = lin.weight.detach()
+        zeros = (w == 0).reshape(w.shape[0], -1, m).sum(-1)
+        assert (zeros == m - n).all(), name
+        assert torch.equal(masks[name], w != 0)
+
+
+@pytest.mark.parametrize("method,granularity", [("magnitude", "row"), ("magnitude", "layer"), ("wanda", "row"),
+                                                ("wanda", "layer"), ("sparsegpt", "row"), ("sparsegpt", "layer")])
+def test_sparsity_exact_per_layer(tiny_llama, method, granularity):
+    s = 0.3  # not a multiple of 1/in_features: rounding must still be exact
+    prune(tiny_llama.model, method, s, granularity=granularity, calib=_ids())
+    rep = sparsity_report(tiny_llama.model)
+    for name, lin in _linears(tiny_llama.model).items():
+        rows, cols = lin.weight.shape
+        zeros = (lin.weight == 0)
+        if granularity == "row":
+            assert (zeros.sum(1) == math.floor(s * cols)).all(), name
+        else:
+            assert int(zeros.sum()) == math.floor(s * rows * cols), name
+        assert rep["layers"][name]["zeros"] == int(zeros.sum())
+
+
+def test_global_sparsity_exact_total(tiny_llama):
+    prune(tiny_llama.model, "wanda", 0.45, granularity="global", calib=_ids())
+    rep = sparsity_report(tiny_llama.model)
+    assert rep["zeros"] == math.floor(0.45 * rep["numel"])
+    # global thresholds give layers different sparsities
+    assert len({round(r["sparsity"], 3) for r in rep["layers"].values()}) > 1
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_weights_outside_mask_unchanged(tiny_llama, method):
+    before = _dense_copy(tiny_llama.model)
+    masks = prune(tiny_llama.model, method, 0.5, calib=_ids())
+    for name, lin in _linears(tiny_llama.model).items():
+        keep = masks[name]
+        assert torch.equal(lin.weight[keep], before[name][keep]), name
+        assert (lin.weight[~keep] == 0).all()
+        assert int((~keep).sum()) == before[name].numel() // 2
+
+
+def test_sparsegpt_updates_surviving_weights(tiny_llama):
+    before = _dense_copy(tiny_llama.model)
+    masks = prune(tiny_llama.model, "sparsegpt", 0.5, calib=_ids())
+    name = next(iter(masks.names()))
+    w = _linears(tiny_llama.model)[name].weight
+    assert not torch.equal(w[masks[name]], before[name][masks[name]])  # OBS moved the survivors
+
+
+def test_sequential_calibration_feeds_pruned_outputs(tiny_llama):
+    """Block 1's statistics must come from the outputs of the already pruned block 0."""
+    model = tiny_llama.model
+    ids = _ids()
+    target = "model.layers.1.self_attn.q_proj"
+    seen = {}
+    prune(model, "wanda", 0.5, calib=ids, stats_hook=lambda n, st: seen.__setitem__(n, st.norms().clone()))
+
+    def norms_now(m):
+        acc = ColumnNormStats(64)
+        h = m.get_submodule(target).register_forward_hook(lambda _m, i, _o: acc.add(i[0]))
+        with torch.no_grad():
+            m(input_ids=ids, use_cache=False)
+        h.remove()
+        return acc.norms()
+
+    # q_proj of block 1 reads the (pruned) block-0 output; the pruned model reproduces what calibration saw
+    assert torch.allclose(seen[target], norms_now(model), rtol=1e-4)
+    dense = load_model("tiny-llama", "causal-lm").model
+    assert not torch.allclose(seen[target], norms_now(dense), rtol=1e-3)
+
+
+def test_heads_remove_whole_kv_groups(tiny_llama):
+    model = tiny_llama.model
+    g = get_adapter(model).attention()  # 4 query heads, 2 KV heads, head_dim 16
+    masks = prune(model, "wanda", 0.5, granularity="heads", calib=_ids())
+    hd, per_kv = g.head_dim, g.kv_groups * g.head_dim
+    for b in range(2):
+        a = model.model.layers[b].self_attn
+        k_alive = (a.k_proj.weight != 0).any(1).reshape(g.num_kv_heads, hd).any(1)
+        v_alive = (a.v_proj.weight != 0).any(1).reshape(g.num_kv_heads, hd).any(1)
+        q_alive = (a.q_proj.weight != 0).any(1).reshape(g.num_kv_heads, per_kv).any(1)
+        o_alive = (a.o_proj.weight != 0).any(0).reshape(g.num_kv_heads, per_kv).any(1)
+        assert int(k_alive.sum()) == 1  # floor(0.5 * 2) groups removed
+        assert torch.equal(k_alive, v_alive) and torch.equal(k_alive, q_alive) and torch.equal(k_alive, o_alive)
+        # the surviving group is fully dense
+        assert (a.k_proj.weight.reshape(g.num_kv_heads, hd, -1)[k_alive] != 0).all()
+    assert all(n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in masks.names())
+    ids = _ids(2, 32)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+        removed = remove_pruned(model, "heads")
+        assert len(removed) == 2 and set(removed.values()) == {1}
+        assert model.model.layers[0].self_attn.k_proj.weight.shape[0] == hd
+        shrunk = model(input_ids=ids).logits
+    assert torch.allclose(masked, shrunk, atol=1e-5)
+
+
+def test_neurons_across_gate_up_down(tiny_llama):
+    model = tiny_llama.model
+    prune(model, "magnitude", 0.25, granularity="neurons")
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        gate = (mlp.gate_proj.weight != 0).any(1)
+        assert torch.equal(gate, (mlp.up_proj.weight != 0).any(1))
+        assert torch.equal(gate, (mlp.down_proj.weight != 0).any(0))
+        assert int((~gate).sum()) == 32  # floor(0.25 * 128)
+        assert (layer.self_attn.q_proj.weight != 0).all()  # attention untouched
+    ids = _ids(2, 32)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+        remove_pruned(model, "neurons")
+        assert model.model.layers[0].mlp.up_proj.weight.shape[0] == 96
+        assert torch.allclose(masked, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_structured_rows_cols(tiny_llama):
+    masks = prune(tiny_llama.model, "wanda", 0.5, granularity="cols", calib=_ids())
+    for name, lin in _linears(tiny_llama.model).items():
+        dead_cols = (lin.weight == 0).all(0)
+        assert int(dead_cols.sum()) == lin.weight.shape[1] // 2, name
+        assert torch.equal(masks[name], lin.weight != 0)
+
+
+def test_skip_patterns(tiny_llama):
+    before = _dense_copy(tiny_llama.model)
+    masks = prune(tiny_llama.model, "magnitude", 0.5, skip=[r"\.down_proj$", r"layers\.0\.self_attn"])
+    assert "model.layers.1.mlp.down_proj" not in masks and "model.layers.0.self_attn.q_proj" not in masks
+    assert torch.equal(tiny_llama.model.model.layers[1].mlp.down_proj.weight, before["model.layers.1.mlp.down_proj"])
+    assert "model.layers.1.self_attn.q_proj" in masks
+    with pytest.raises(PrunetuneError, match="matches no prunable layer"):
+        prune(tiny_llama.model, "magnitude", 0.5, skip=["no_such_layer"])
+
+
+def test_bad_inputs(tiny_llama):
+    m = tiny_llama.model
+    with pytest.raises(PrunetuneError, match=r"\[0, 1\)"):
+        prune(m, "magnitude", 1.0)
+    with pytest.raises(PrunetuneError, match="0 < N < M"):
+        prune(m, "magnitude", pattern="4:4")
+    with pytest.raises(PrunetuneError, match="needs calibration"):
+        prune(m, "wanda", 0.5)
+    with pytest.raises(PrunetuneError, match="unknown pruning method"):
+        prune(m, "random", 0.5)
+    with pytest.raises(PrunetuneError, match=r"has \d[\d,]* tokens"):
+        prune(m, "wanda", 0.5, calib=_short_source(), tokenizer=tiny_llama.tokenizer, nsamples=4, seqlen=512)
+    with pytest.raises(PrunetuneError, match="needs a tokenizer"):
+        prune(m, "wanda", 0.5, calib=_short_source())
+    with pytest.raises(PrunetuneError, match="sparsegpt prunes unstructured"):
+        prune(m, "sparsegpt", 0.5, granularity="heads", calib=_ids())
+    assert sparsity_report(m)["zeros"] == 0  # nothing was pruned by any failed call
+
+
+def _short_source():
+    from prunetune.data.sources import TextSource
+
+    return TextSource("hello world " * 50, "short", "test")
+
+
+def test_calibration_from_named_source(tiny_llama, wikitext_dir):
+    masks = prune(tiny_llama.model, "wanda", 0.5, calib="wikitext2", tokenizer=tiny_llama.tokenizer, nsamples=4,
+                  seqlen=128)
+    assert masks.sparsity() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("alias,task", [("tiny-bert", "masked-lm"), ("tiny-t5", "seq2seq")])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_other_families(alias, task, method):
+    loaded = load_model(alias, task)
+    masks = prune(loaded.model, method, 0.5, calib=_ids(4, 32, vocab=255))
+    rep = sparsity_report(loaded.model)
+    assert rep["sparsity"] == pytest.approx(0.5) and len(masks) == len(rep["layers"])
+    assert MaskSet.from_model(loaded.model).sparsity() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("alias,task", [("tiny-bert", "masked-lm"), ("tiny-llama", "causal-lm")])
+def test_captured_block_inputs_reproduce_the_model(alias, task):
+    """Re-running block 0 on what was captured (hidden states, rotary embeddings / attention mask passed as
+    the family passes them) gives exactly what block 0 computes inside the full model."""
+    from prunetune.pruning.calibrate import _first, capture_block_inputs
+
+    loaded = load_model(alias, task)
+    block = get_adapter(loaded.model).blocks()[0].module
+    ids = _ids(2, 16, vocab=255)
+    hidden, args, kwargs = capture_block_inputs(loaded.model, block, ids, 2, torch.device("cpu"))[0]
+    seen = {}
+    h = block.register_forward_hook(lambda _m, _i, o: seen.__setitem__("out", _first(o).clone()))
+    with torch.no_grad():
+        loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        h.remove()
+        again = _first(block(hidden, *args, **kwargs))
+    assert torch.equal(again, seen["out"])
+
+
+def test_prune_through_peft_wrapper(tiny_llama):
+    """A user's LoRA model can be pruned directly; masks are keyed like the plain model and hit the base weights."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    masks = prune(peft_model, "wanda", 0.5, calib=_ids(4, 32))
+    assert "model.layers.0.self_attn.q_proj" in masks and not any("base_layer" in n for n in masks.names())
+    base_q = peft_model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(base_q != 0, masks["model.layers.0.self_attn.q_proj"])
+    assert MaskSet.from_model(peft_model, masks.names()).sparsity() == pytest.approx(0.5)

@@ -1,0 +1,340 @@
+"""Fine-tuning: schedules, KD loss, LoRA config, masks staying zero, merge keeping masks, resume, mixing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from prunetune.errors import PrunetuneError
+from prunetune.pruning.schedules import Schedule
+from prunetune.tuning.distill import kd_loss
+from prunetune.tuning.trainer import TuneConfig, finetune
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def test_linear_schedule_values_with_delay_and_every_n_epochs():
+    s = Schedule("linear", target=0.6, start=0.25, every=2, unit="epoch")
+    # 8 epochs x 10 steps: first event at step 20, then every 2 epochs = 20 steps: 20, 40, 60
+    plan = s.plan(total_steps=80, steps_per_epoch=10)
+    assert [e.step for e in plan] == [20, 40, 60]
+    assert [e.sparsity for e in plan] == pytest.approx([0.2, 0.4, 0.6])
+    assert plan[-1].sparsity == 0.6  # exactly, not approximately
+    assert s.sparsity_at(19, 80, 10) == 0.0
+    assert s.sparsity_at(20, 80, 10) == pytest.approx(0.2)
+    assert s.sparsity_at(59, 80, 10) == pytest.approx(0.4)
+    assert s.sparsity_at(79, 80, 10) == 0.6
+
+
+def test_agp_cubic_schedule_values_every_n_steps():
+    s = Schedule("agp", target=0.5, start=0.0, every=5, unit="step")
+    plan = s.plan(total_steps=20, steps_per_epoch=7)
+    assert [e.step for e in plan] == [0, 5, 10, 15]
+    n = 4
+    expected = [0.5 * (1 - (1 - k / n) ** 3) for k in range(1, n + 1)]
+    assert [e.sparsity for e in plan] == pytest.approx(expected)
+    assert [e.sparsity for e in plan][:2] == pytest.approx([0.2890625, 0.4375])
+    assert plan[-1].sparsity == 0.5
+    assert all(a.sparsity < b.sparsity for a, b in zip(plan, plan[1:]))
+
+
+def test_schedule_hits_target_exactly_where_float_arithmetic_would_not():
+    # 0.7 * 3/3 style rounding made the original linear schedule overshoot/crash; the last event is exact
+    for target in (0.7, 0.3, 0.9, 0.1 + 0.2):
+        for kind in ("linear", "agp", "oneshot"):
+            for total in (1, 3, 7, 10, 33):
+                plan = Schedule(kind, target, start=0.1, every=1, unit="step").plan(total, 3)
+                assert plan[-1].sparsity == target
+                assert all(0.0 <= e.sparsity <= target for e in plan)
+                assert all(e.step < total for e in plan)
+
+
+def test_oneshot_schedule_is_one_event_at_the_delay():
+    plan = Schedule("oneshot", 0.5, start=0.5, unit="epoch").plan(total_steps=10, steps_per_epoch=5)
+    assert [(e.step, e.sparsity) for e in plan] == [(5, 0.5)]
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"target": 1.0}, "target sparsity"), ({"target": -0.1}, "target sparsity"), ({"start": 1.0}, "start"),
+    ({"kind": "cosine"}, "unknown pruning schedule"), ({"every": 0}, "N >= 1"),
+])
+def test_schedule_rejects_bad_values(kw, msg):
+    with pytest.raises(PrunetuneError, match=msg):
+        Schedule(**kw)
+
+
+# ------------------------------------------------------------------------------------------------ KD loss
+def test_kd_loss_equals_hand_computation():
+    s = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    t = torch.tensor([[1.0, 1.0, 0.0], [0.0, 3.0, -2.0]])
+    y = torch.tensor([0, 2])
+    alpha, T = 0.3, 2.0
+
+    def softmax(v):
+        e = [math.exp(x) for x in v]
+        return [x / sum(e) for x in e]
+
+    ce = -sum(math.log(softmax(s[i].tolist())[y[i]]) for i in range(2)) / 2
+    kl = 0.0
+    for i in range(2):
+        ps, pt = softmax((s[i] / T).tolist()), softmax((t[i] / T).tolist())
+        kl += sum(q * (math.log(q) - math.log(p)) for p, q in zip(ps, pt))
+    kl /= 2
+    loss, parts = kd_loss(s, t, y, alpha=alpha, temperature=T)
+    assert float(loss) == pytest.approx(alpha * ce + (1 - alpha) * T**2 * kl, rel=1e-6)
+    assert parts["ce"] == pytest.approx(ce, rel=1e-6) and parts["kl"] == pytest.approx(kl, rel=1e-6)
+    # no teacher (or alpha 1) is plain CE; identical teacher gives zero KL
+    assert float(kd_loss(s, None, y)[0]) == pytest.approx(ce, rel=1e-6)
+    assert kd_loss(s, s.clone(), y)[1]["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kd_loss_causal_shifts_and_ignores_padding():
+    torch.manual_seed(0)
+    s, t = torch.randn(1, 4, 5), torch.randn(1, 4, 5)
+    labels = torch.tensor([[1, 2, 3, -100]])
+    loss, parts = kd_loss(s, t, labels, alpha=0.0, temperature=1.0, causal=True)
+    # positions 0 and 1 predict labels 2 and 3; position 2 predicts the ignored label
+    manual = sum(torch.nn.functional.kl_div(torch.log_softmax(s[0, i], -1), torch.log_softmax(t[0, i], -1),
+                                            log_target=True, reduction="sum") for i in (0, 1)) / 2
+    assert float(loss) == pytest.approx(float(manual), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+def test_lora_targets_are_the_adapter_linears_and_rslora_scaling(tiny_llama):
+    from prunetune.models.arch import get_adapter
+    from prunetune.tuning.lora import apply_lora, lora_config, lora_scale
+
+    cfg = lora_config(tiny_llama.model, "causal-lm", rank=4, alpha=8, rslora=True)
+    assert set(cfg.target_modules) == set(get_adapter(tiny_llama.model).linears())
+    peft = apply_lora(tiny_llama.model, "causal-lm", rank=4, alpha=8, rslora=True)
+    layer = peft.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(lora_scale(4, 8, True)) == pytest.approx(4.0)
+    trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_merge_keeps_masks_and_equals_masked_sum():
+    from prunetune.methods.payt import compute_masks
+    from prunetune.models.export import merge_lora_keep_masks
+    from prunetune.models.loading import load_model
+    from prunetune.tuning.lora import apply_lora
+
+    model = load_model("tiny-llama", "causal-lm").model
+    masks = compute_masks(model, "l1-global", 0.5)
+    masks.apply(model)
+    peft = apply_lora(model, "causal-lm", rank=4, alpha=8)
+    torch.manual_seed(1)
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()
+    name = "model.layers.1.mlp.down_proj"
+    lay = peft.get_base_model().get_submodule(name)
+    expected = (lay.base_layer.weight + lay.scaling["default"] * lay.lora_B["default"].weight
+                @ lay.lora_A["default"].weight) * masks[name]
+    merged = merge_lora_keep_masks(peft, masks)
+    assert torch.allclose(merged.get_submodule(name).weight, expected, atol=1e-6)
+    w = merged.get_submodule(name).weight
+    assert int((w[~masks[name]] != 0).sum()) == 0
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _cfg(**kw) -> TuneConfig:
+    base = dict(task="seq-cls", n_samples=16, eval_samples=8, epochs=2, batch_size=8, max_length=32,
+                retention=False)
+    base.update(kw)
+    return TuneConfig(**base)
+
+
+class _ZeroWatcher:
+    """Checks after every optimizer step (after the enforcer) that pruned weights are exactly zero."""
+
+    def __init__(self, masks, ref):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                outer.check()
+
+        self.cb, self.masks, self.ref, self.checked, self.bad = CB(), masks, ref, 0, 0
+
+    def check(self):
+        from prunetune.pruning.masks import _module
+
+        for name, m in self.masks.items():
+            w = _module(self.ref["model"], name).weight
+            self.bad += int((w.detach()[~m] != 0).sum())
+        self.checked += 1
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_pruned_weights_stay_exactly_zero_through_training(tmp_path, lora):
+    from prunetune.methods.payt import compute_masks
+    from prunetune.models.loading import load_model
+    from prunetune.pruning.masks import sparsity_report
+
+    # a pruned input model: 50% magnitude-pruned tiny Llama saved as a plain dir (zeros + masks file)
+    m = load_model("tiny-llama", "causal-lm")
+    masks = compute_masks(m.model, "l1-global", 0.5)
+    masks.apply(m.model)
+    src = tmp_path / "pruned"
+    m.model.save_pretrained(src)
+    m.tokenizer.save_pretrained(src)
+    masks.save(src)
+
+    from prunetune.pruning.masks import MaskSet
+
+    live = MaskSet.load(src)
+    ref: dict = {}
+    watcher = _ZeroWatcher(live, ref)
+
+    from transformers import TrainerCallback
+
+    class Grab(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            ref["model"] = model
+
+    r = finetune(str(src), _cfg(lora=lora, lr=5e-2, weight_decay=0.1), tmp_path / "run", masks=live,
+                 callbacks=(Grab(), watcher.cb))
+    assert watcher.checked == r["global_step"] == 4
+    assert watcher.bad == 0
+    # the weights did train (not frozen by accident), and the export keeps exactly the masks' zeros
+    rep = sparsity_report(r["_model"])
+    assert rep["sparsity"] == pytest.approx(live.sparsity(), abs=1e-9)
+    assert r["mask_enforcement"]["overhead_fraction"] < 0.05
+    assert r["merge_changed_predictions"] == 0
+
+
+def test_resume_continues_from_checkpoint_step(tmp_path):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 3:  # checkpoint-2 (end of epoch 1) exists, step 3 was done
+                raise KeyboardInterrupt
+
+    class FirstStep(TrainerCallback):
+        first = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if FirstStep.first is None:
+                FirstStep.first = state.global_step
+
+    out = tmp_path / "run"
+    cfg = _cfg(epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune("tiny-llama", cfg, out, callbacks=(Crash(),))
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    r = finetune("tiny-llama", cfg, out, resume=True, callbacks=(FirstStep(),))
+    assert r["resumed_from"].endswith("checkpoint-2")
+    assert FirstStep.first == 2
+    assert r["global_step"] == 6
+    log = (out / "train_log.csv").read_text()
+    assert "eval_accuracy" in log and (out / "tb").is_dir()
+
+
+def test_resume_missing_or_corrupt_checkpoint_is_one_line_error(tmp_path):
+    with pytest.raises(PrunetuneError, match="no checkpoint"):
+        finetune("tiny-llama", _cfg(), tmp_path / "none", resume=True)
+    bad = tmp_path / "bad" / "checkpoints" / "checkpoint-4"
+    bad.mkdir(parents=True)
+    (bad / "trainer_state.json").write_text("{not json")
+    with pytest.raises(PrunetuneError, match="corrupt"):
+        finetune("tiny-llama", _cfg(), tmp_path / "bad", resume=True)
+
+
+def test_causal_lm_finetune_with_kd_shared_teacher(tmp_path):
+    r = finetune("tiny-llama", _cfg(task="causal-lm", data="wikitext2", n_samples=8, eval_samples=2, epochs=1,
+                                     max_length=64), tmp_path / "lm")
+    assert r["teacher"].startswith("initial (frozen base shared")
+    assert r["test_after_merge"]["loss"] == pytest.approx(r["test_before_merge"]["loss"], rel=1e-4)
+    assert math.isfinite(r["test_after_merge"]["perplexity"])
+    man = json.loads((tmp_path / "lm" / "manifest.json").read_text())
+    assert man["config"]["tune"]["task"] == "causal-lm"
+
+
+# ------------------------------------------------------------------------------------------------ mixing
+def test_mixing_adds_teacher_labelled_general_text(tiny_llama):
+    from prunetune.data.mixing import MixSpec, build_mixed, general_lines, mix_examples
+    from prunetune.models.loading import load_model
+
+    loaded = load_model("tiny-llama", "seq-cls", num_labels=3)
+    train = [{"text": f"task example {i}", "label": i % 3} for i in range(40)]
+    mixed, summary = build_mixed(train, MixSpec(fraction=0.05, seed=1), loaded.model, loaded.tokenizer, "seq-cls",
+                                 max_length=32)
+    extra = [e for e in mixed if e.get("mixed")]
+    assert len(mixed) == 42 and len(extra) == 2 and summary["mixed"] == 2
+    enc = loaded.tokenizer([e["text"] for e in extra], return_tensors="pt", padding=True, truncation=True,
+                           max_length=32)
+    with torch.no_grad():
+        assert loaded.model(**enc).logits.argmax(-1).tolist() == [e["label"] for e in extra]
+    text = "\n".join(f"line number {i} " + "x" * 40 for i in range(10))
+    assert general_lines(text, 3, "first") == general_lines(text, 10)[:3]
+    assert general_lines(text, 3, "random", seed=2) == general_lines(text, 3, "random", seed=2)
+    assert general_lines(text, 3, "random", seed=2) != general_lines(text, 3, "random", seed=5)
+    old = mix_examples(train[:5], [{"text": "g", "label": 0, "mixed": 1}] * 2, "old_first", seed=0)
+    assert [e.get("mixed", 0) for e in old] == [1, 1, 0, 0, 0, 0, 0]
+    with pytest.raises(PrunetuneError, match="mix strategy"):
+        MixSpec(strategy="newest")
+
+
+# ------------------------------------------------------------------------------------------------ retention
+def test_retention_metrics_are_identity_for_untuned_backbones():
+    from prunetune.data.sources import load_text
+    from prunetune.evaluation.perplexity import perplexity
+    from prunetune.evaluation.retention import retention
+    from prunetune.models.loading import load_model
+
+    llama = load_model("tiny-llama", "causal-lm")
+    r = retention(llama.model, "tiny-llama", llama.tokenizer, max_windows=1, seqlen=128)
+    ref = perplexity(llama.model, llama.tokenizer, load_text("wikitext2", "test"), seqlen=128, max_windows=1)
+    assert r["metric"].startswith("wikitext2 perplexity") and not r["higher_is_better"]
+    assert r["value"] == pytest.approx(ref["value"], rel=1e-6)
+
+    bert = load_model("tiny-bert", "seq-cls", num_labels=2)  # has an MLM head -> pseudo-perplexity
+    rb = retention(bert.model, "tiny-bert", bert.tokenizer, n_sentences=4)
+    assert "pseudo-perplexity" in rb["metric"] and rb["value"] > 1 and rb["protocol"]["masked_tokens"] > 0
+
+    mini = load_model("minilm-l6", "seq-cls", num_labels=2)  # no MLM head -> cosine to the original
+    rm = retention(mini.model, "minilm-l6", mini.tokenizer, n_sentences=8, max_length=32)
+    assert "cosine" in rm["metric"] and rm["higher_is_better"] and rm["value"] == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        mini.model.bert.encoder.layer[0].attention.self.query.weight.mul_(0.0)
+    assert retention(mini.model, "minilm-l6", mini.tokenizer, n_sentences=8, max_length=32)["value"] < 0.999
+
+
+def test_payt_resume_restores_masks_and_skips_done_events(tmp_path):
+    from transformers import TrainerCallback
+
+    from prunetune.methods.payt import PaytSpec, run_payt
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    spec = PaytSpec(sparsity=0.5, schedule="linear", start=0.0, every=1, unit="step")
+    out = tmp_path / "payt"
+    with pytest.raises(KeyboardInterrupt):
+        run_payt("tiny-llama", _cfg(epochs=3), spec, out, callbacks=(Crash(),))
+    from prunetune.pruning.masks import MaskSet
+
+    saved = MaskSet.load(out / "checkpoints" / "checkpoint-2")
+    assert saved.sparsity() == pytest.approx(0.5 * 2 / 6, abs=1e-3)  # events at steps 0 and 1 of 6 done
+    r = run_payt("tiny-llama", _cfg(epochs=3), spec, out, resume=True)
+    assert [e["step"] for e in r["pruning_events"]] == [2, 3, 4, 5]
+    assert r["pruning_events"][0]["mask_sparsity"] == pytest.approx(0.5 * 3 / 6, abs=1e-3)
+    assert r["sparsity"] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_dense_teacher_then_teacher_from_path(tmp_path):
+    r = finetune("tiny-llama", _cfg(epochs=1, n_samples=8, teacher="dense"), tmp_path / "kd")
+    assert r["teacher"].startswith("dense") and (tmp_path / "kd" / "teacher-dense" / "model" / "config.json").is_file()
+    r2 = finetune("tiny-llama", _cfg(epochs=1, n_samples=8, teacher=str(tmp_path / "kd" / "teacher-dense" / "model")),
+                  tmp_path / "kd2")
+    assert r2["teacher"].startswith("path")
+    with pytest.raises(PrunetuneError, match="--teacher"):
+        finetune("tiny-llama", _cfg(teacher=str(tmp_path / "nope")), tmp_path / "kd3")
