@@ -172,6 +172,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name}: ppl {row['ppl']:.3f}" + (f", prune {row['prune_seconds']:.1f} s, peak RSS "
               f"{row['peak_rss_ratio']:.2f}x fp32" if "prune_seconds" in row else ""), flush=True)
+    rows.sort(key=lambda r: list(ROWS).index(r["row"]))
     print()
     print(table(rows))
     meta = {"started": started, "machine": f"{platform.machine()} {platform.processor()}".strip(),

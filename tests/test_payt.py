@@ -18,7 +18,8 @@ from prunetune.tuning.trainer import TuneConfig
 
 
 def _cfg(**kw) -> TuneConfig:
-    base = dict(task="seq-cls", n_samples=16, eval_samples=8, epochs=2, batch_size=8, max_length=32, retention=False)
+    base = dict(task="seq-cls", n_samples=16, eval_samples=8, test_samples=40, epochs=2, batch_size=8,
+                max_length=32, retention=False)
     base.update(kw)
     return TuneConfig(**base)
 
@@ -127,7 +128,8 @@ def test_cli_accepts_original_payt_option_names(tmp_path, capsys):
           "--prune-every-epoch", "1", "--pruning-method", "L1Unstructured", "--use-kd", "--kd-alpha", "0.5",
           "--kd-temp", "4", "--use-lora", "--use-rs-lora", "--lora-rank", "4", "--lora-alpha", "8",
           "--lora-dropout", "0.0", "--dataset-mix-ptg", "0.1", "--dataset-mix-strategy", "old_first",
-          "--dataset-sampling-strategy", "random", "--eval-samples", "4", "--no-retention", "--out", str(out)])
+          "--dataset-sampling-strategy", "random", "--eval-samples", "4", "--test-samples", "20",
+          "--no-retention", "--out", str(out)])
     m = json.loads((out / "metrics.json").read_text())
     assert abs(m["sparsity"] - 0.4) < 1e-5  # floor(0.4 * numel) zeros
     man = json.loads((out / "manifest.json").read_text())
@@ -170,7 +172,7 @@ def test_two_process_gloo_payt_identical_masks(tmp_path):
     env = {**os.environ, "PRUNETUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "prunetune.cli", "payt", "tiny-llama",
            "--n-samples", "16", "--epochs", "2", "--batch-size", "4", "--max-length", "32", "--eval-samples", "8",
-           "--every-steps", "1", "--no-retention", "--out", str(out)]
+           "--every-steps", "1", "--test-samples", "20", "--no-retention", "--out", str(out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     r0 = json.loads((out / "rank0.json").read_text())

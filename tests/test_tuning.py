@@ -141,8 +141,8 @@ def test_merge_keeps_masks_and_equals_masked_sum():
 
 # ------------------------------------------------------------------------------------------------ training
 def _cfg(**kw) -> TuneConfig:
-    base = dict(task="seq-cls", n_samples=16, eval_samples=8, epochs=2, batch_size=8, max_length=32,
-                retention=False)
+    base = dict(task="seq-cls", n_samples=16, eval_samples=8, test_samples=40, epochs=2, batch_size=8,
+                max_length=32, retention=False)
     base.update(kw)
     return TuneConfig(**base)
 

@@ -367,6 +367,7 @@ def prune_cmd(
 def _tune_config(task_type: str, task: str, lora: bool, lora_rank: int, lora_alpha: float, lora_dropout: float,
                  rslora: bool, kd: bool, kd_alpha: float, kd_temp: float, teacher: str, epochs: float,
                  lr: Optional[float], batch_size: int, max_length: int, n_samples: int, eval_samples: int, seed: int,
+                 test_samples: int,
                  mix: float, mix_source: str, mix_strategy: str, mix_sampling: str, data_dir: Optional[Path],
                  retention: bool, retention_windows: int):
     from prunetune.data.mixing import MixSpec
@@ -376,7 +377,7 @@ def _tune_config(task_type: str, task: str, lora: bool, lora_rank: int, lora_alp
         task=task_type, data=task, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         rslora=rslora, kd=kd, kd_alpha=kd_alpha, kd_temp=kd_temp, teacher=teacher, epochs=epochs, lr=lr,
         batch_size=batch_size, max_length=max_length, n_samples=n_samples or None, eval_samples=eval_samples or None,
-        seed=seed, mix=MixSpec(fraction=mix, source=mix_source, strategy=mix_strategy, sampling=mix_sampling, seed=seed),
+        test_samples=test_samples or None, seed=seed, mix=MixSpec(fraction=mix, source=mix_source, strategy=mix_strategy, sampling=mix_sampling, seed=seed),
         data_dir=str(data_dir) if data_dir else None, retention=retention, retention_windows=retention_windows,
     ).validate()
 
@@ -422,6 +423,7 @@ def finetune(
     max_length: int = typer.Option(128, "--max-length"),
     n_samples: int = typer.Option(200, "--n-samples", help="training examples (0 = all)"),
     eval_samples: int = typer.Option(100, "--eval-samples", help="validation examples per epoch (0 = all)"),
+    test_samples: int = typer.Option(0, "--test-samples", help="test examples scored (0 = the whole test split)"),
     seed: int = typer.Option(0, "--seed"),
     mix: float = typer.Option(0.0, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
     mix_source: str = typer.Option("wikitext2", "--mix-source"),
@@ -439,7 +441,7 @@ def finetune(
     from prunetune.tuning.trainer import finetune as run
 
     cfg = _tune_config(task_type, task, lora, lora_rank, lora_alpha, lora_dropout, rslora, kd, kd_alpha, kd_temp,
-                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, mix, mix_source,
+                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, test_samples, mix, mix_source,
                        mix_strategy, mix_sampling, data_dir, retention, retention_windows)
     r = run(model, cfg, out, resume=resume, overwrite=overwrite)
     if "timings" in r:
@@ -472,6 +474,7 @@ def payt(
     max_length: int = typer.Option(128, "--max-length"),
     n_samples: int = typer.Option(200, "--n-samples", help="training examples (0 = all)"),
     eval_samples: int = typer.Option(100, "--eval-samples"),
+    test_samples: int = typer.Option(0, "--test-samples", help="test examples scored (0 = the whole test split)"),
     seed: int = typer.Option(0, "--seed"),
     mix: float = typer.Option(0.05, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
     mix_source: str = typer.Option("wikitext2", "--mix-source"),
@@ -490,7 +493,7 @@ def payt(
     from prunetune.methods.payt import PaytSpec, full_evaluate as run_all, run_payt
 
     cfg = _tune_config(task_type, task, lora, lora_rank, lora_alpha, lora_dropout, rslora, kd, kd_alpha, kd_temp,
-                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, mix, mix_source,
+                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, test_samples, mix, mix_source,
                        mix_strategy, mix_sampling, data_dir, retention, retention_windows)
     if every_steps is not None and every_steps < 1:
         raise PrunetuneError(f"--every-steps must be >= 1, got {every_steps}")

@@ -60,6 +60,14 @@ def _start_row(state) -> dict | None:
     return None
 
 
+def _tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    from prunetune.models.loading import load_model
+
+    return AutoTokenizer.from_pretrained(spec) if Path(spec).is_dir() else load_model(spec, "causal-lm").tokenizer
+
+
 def run_orderings(state, out_dir: Path) -> list[dict]:
     """Run every ordering of the stage's `order` settings from the run's current model; rows of metrics."""
     from prunetune.models.loading import load_model
@@ -88,14 +96,14 @@ def run_orderings(state, out_dir: Path) -> list[dict]:
             step_dir = work / f"step{i}"
             step_dir.mkdir(parents=True, exist_ok=True)
             seed = state.seed + 1000 * i
-            loaded = load_model(current, "causal-lm")
             if kind == "prune":
+                loaded = load_model(current, "causal-lm")
                 pspec = recipe.prune.model_copy(update={"sparsity": float(value), "pattern": None})
                 masks, _, _ = prune_model(loaded, recipe, pspec, seed, masks)
                 model, tok = loaded.model, loaded.tokenizer
             else:
                 tspec = tune_spec.model_copy(update={"steps": int(value)})
-                res = finetune_model(current, recipe, tspec, masks, seed, step_dir / "tune", tokenizer=loaded.tokenizer)
+                res = finetune_model(current, recipe, tspec, masks, seed, step_dir / "tune", tokenizer=_tokenizer(current))
                 model, tok = res["model"], res["tokenizer"]
                 for k, pts in res["curves"].items():
                     if k == "loss":
@@ -112,7 +120,8 @@ def run_orderings(state, out_dir: Path) -> list[dict]:
             if current != state.model_spec():  # keep disk use to one model per ordering
                 shutil.rmtree(Path(current), ignore_errors=True)
             current = str(saved)
-            del model, loaded
+            del model
         shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(out_dir / "work", ignore_errors=True)
     (out_dir / "ordering_curves.json").write_text(json.dumps(curves))
     return rows

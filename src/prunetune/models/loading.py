@@ -276,11 +276,21 @@ def load_model(
     num_labels: int | None = None,
     label_names: list[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    seed: int = 0,
 ) -> Loaded:
     """Load `spec` with the head for `task`; a new classification head gets `num_labels` from the data."""
     if task not in TASKS:
         raise PrunetuneError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
     kw = _task_kwargs(task, num_labels, label_names)
+    # A new task head is randomly initialised: seed it so that two loads (two ranks, a resumed run, a
+    # baseline and its competitor) start from the same head.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, tok, source = _load_any(spec, task, dtype, kw)
+    return Loaded(_finish(model, tok, task), tok, spec, source, task)
+
+
+def _load_any(spec: str, task: str, dtype: torch.dtype, kw: dict):
     path = Path(os.path.expanduser(spec))
     if spec in ALIASES:
         model, tok = _load_alias(spec, task, dtype, **kw)
@@ -302,7 +312,7 @@ def load_model(
     else:
         model, tok = _load_hub(spec, task, dtype, **kw)
         source = f"hub:{spec}"
-    return Loaded(_finish(model, tok, task), tok, spec, source, task)
+    return model, tok, source
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -58,12 +58,20 @@ class RunState:
             from prunetune.models.loading import load_model
 
             kw = {}
-            if self.recipe.model.task == "seq-cls" and self.model_dir is None:
+            if self.recipe.model.task == "seq-cls":  # same labels, same order: a saved head is kept
                 from prunetune.data.sources import load_labelled
 
                 kw["label_names"] = load_labelled(self.recipe.data.train).label_names
             self._loaded = load_model(self.model_spec(), self.recipe.model.task, **kw)
         return self._loaded
+
+    def tokenizer(self):
+        """The current model's tokenizer without loading its weights when they are on disk."""
+        if self._loaded is None and self.model_dir is not None:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(self.model_dir)
+        return self.load().tokenizer
 
     def masks(self):
         """The masks of the last pruning (None before any)."""

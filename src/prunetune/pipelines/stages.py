@@ -302,7 +302,7 @@ def run_finetune(state, out_dir: Path) -> dict:
     masks = state.masks()
     work = out_dir / "tune"
     res = finetune_model(state.model_spec(), state.recipe, state.spec, masks, state.seed + state.index, work,
-                         tokenizer=state.load().tokenizer)
+                         tokenizer=state.tokenizer())
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the stage is the checkpoint; keep logs only
     _dump(out_dir / "curves.json", res["curves"])
     metric, layers = sparsity_metric(res["model"])
@@ -324,7 +324,7 @@ def run_payt(state, out_dir: Path) -> dict:
     cfg = tune_config(recipe, tspec, state.seed + state.index)
     work = out_dir / "tune"
     if cfg.task == "causal-lm":
-        cfg.data = str(sized_training_text(recipe, state.load().tokenizer, cfg.n_samples, cfg.max_length,
+        cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
                                            out_dir / "tune-train.txt"))
     masks = state.masks() or MaskSet()
     pspec = PaytSpec(sparsity=spec.sparsity, schedule=spec.schedule, start=spec.start, every=spec.every,
@@ -363,13 +363,17 @@ def run_export(state, out_dir: Path) -> dict:
     masks = state.masks()
     if masks is not None:
         masks.save(target)
+    from prunetune.pruning.masks import MASKS_FILE
+
     size = size_on_disk(target)
+    mask_bytes = (target / MASKS_FILE).stat().st_size if (target / MASKS_FILE).is_file() else 0
     metric, _ = sparsity_metric(loaded.model)
     (out_dir / "exported_to").write_text(str(target))
     return {"metrics": {
         "sparsity": metric,
-        "size_on_disk_mb": {"value": size["bytes"] / 2**20, "protocol": {"format": size["format"], "files": size["files"],
-                                                                          "note": "dense safetensors with zeros"}},
+        "size_on_disk_mb": {"value": (size["bytes"] - mask_bytes) / 2**20, "protocol": {
+            "format": size["format"], "what": "model weights (dense safetensors holding the zeros)",
+            "masks_mb": mask_bytes / 2**20}},
         "nonzero_parameters": {"value": nonzero_count(loaded.model),
                                "protocol": {"parameters": parameter_count(loaded.model)}},
     }, "artifacts": {"model": str(target)}}

@@ -92,17 +92,13 @@ def calibration_ids(calib, tokenizer, nsamples: int, seqlen: int, seed: int) -> 
             raise PrunetuneError(f"calib tensor must be integer token ids [n, seqlen], got {calib.dtype} "
                                  f"{tuple(calib.shape)}")
         return calib.long()
-    if isinstance(calib, str):
-        calib = load_text(calib, default_calib_split(calib))
-    if not isinstance(calib, TextSource):
+    if not isinstance(calib, (str, TextSource)):
         raise PrunetuneError(f"calib must be token ids, a TextSource or a source name, got {type(calib).__name__}")
     if tokenizer is None:
         raise PrunetuneError("calibration from text needs a tokenizer: pass tokenizer=...")
+    if isinstance(calib, str):
+        calib = load_text(calib, default_calib_split(calib))
     return calibration_samples(tokenizer, calib.text, nsamples, seqlen, seed, calib.name)
-
-
-def _weight(lin: nn.Linear) -> torch.Tensor:
-    return lin.weight
 
 
 def _masks_from_scores(adapter, blocks, scores: dict[str, torch.Tensor], sparsity: float, granularity: str,
@@ -157,13 +153,13 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     blocks = adapter.blocks()
 
     if method == "magnitude" and granularity == "global":
-        scores = {n: magnitude_scores(_weight(lin)) for n, lin in targets.items()}
+        scores = {n: magnitude_scores(lin.weight) for n, lin in targets.items()}
         _apply(targets, global_masks(scores, sparsity), masks)
     elif method == "magnitude":
         # block by block, so only one block's scores exist at a time
         for b in blocks:
-            scores = {n: magnitude_scores(lin.weight) for n, lin in targets.items()
-                      if n in {calibrate.layer_key(adapter, x) for x in b.linears.values()}}
+            names = [k for k in (calibrate.layer_key(adapter, x) for x in b.linears.values()) if k in targets]
+            scores = {n: magnitude_scores(targets[n].weight) for n in names}
             _apply(targets, _masks_from_scores(adapter, [b], scores, sparsity, granularity, nm), masks)
     elif method == "wanda" and (granularity == "global" or getattr(root.config, "is_encoder_decoder", False)):
         stats = calibrate.collect_all(model, ids, lambda n, lin, dev: ColumnNormStats(lin.in_features, dev),
@@ -171,7 +167,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
         if stats_hook:
             for n, st in stats.items():
                 stats_hook(n, st)
-        scores = {n: wanda_scores(_weight(targets[n]), st.norms()) for n, st in stats.items()}
+        scores = {n: wanda_scores(targets[n].weight, st.norms()) for n, st in stats.items()}
         new = global_masks(scores, sparsity) if granularity == "global" else \
             _masks_from_scores(adapter, blocks, scores, sparsity, granularity, nm)
         _apply(targets, new, masks)
@@ -191,8 +187,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
                 for n, st in stats.items():
                     stats_hook(n, st)
             if method == "wanda":
-                scores = {n: wanda_scores(_weight(targets[n]), st.norms().to(_weight(targets[n]).device))
-                          for n, st in stats.items()}
+                scores = {n: wanda_scores(targets[n].weight, st.norms()) for n, st in stats.items()}
                 _apply(targets, _masks_from_scores(adapter, [block], scores, sparsity, granularity, nm), masks)
             else:
                 for n, st in stats.items():

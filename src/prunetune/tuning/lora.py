@@ -48,9 +48,14 @@ def lora_config(model: nn.Module, task: str, rank: int = 8, alpha: float = 16.0,
 
 def apply_lora(model: nn.Module, task: str, **kw) -> nn.Module:
     """Wrap `model` with LoRA adapters (base weights frozen); returns the peft model."""
+    import warnings
+
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, task, **kw))
+    cfg = lora_config(model, task, **kw)
+    with warnings.catch_warnings():  # peft asks transformers v5 a deprecated question; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def is_peft(model: nn.Module) -> bool:

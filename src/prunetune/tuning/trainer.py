@@ -50,6 +50,7 @@ class TuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     rslora: bool = False
+    lora_roles: tuple[str, ...] | None = None  # None: every prunable linear (q k v o gate up down)
     kd: bool = True
     kd_alpha: float = 0.5
     kd_temp: float = 4.0
@@ -61,6 +62,7 @@ class TuneConfig:
     max_length: int = 128
     n_samples: int | None = 200
     eval_samples: int | None = 100
+    test_samples: int | None = None  # None = the whole test split (reported numbers); tests use fewer
     seed: int = 0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
@@ -183,7 +185,8 @@ def load_task_data(cfg: TuneConfig, tokenizer=None) -> dict:
             raise PrunetuneError(f"task data '{cfg.data}' is too small to split into train/validation/test")
         return {"train": subsample(parts["train"], cfg.n_samples, cfg.seed),
                 "validation": subsample(parts["validation"] or parts["test"], cfg.eval_samples, cfg.seed),
-                "test": parts["test"], "label_names": data.label_names, "name": data.name}
+                "test": subsample(parts["test"], cfg.test_samples, cfg.seed), "label_names": data.label_names,
+                "name": data.name}
     from prunetune.data.sources import load_text
 
     src = load_text(cfg.data, "train" if cfg.data != "wikitext2" else "valid", data_dir=cfg.data_dir)
@@ -484,7 +487,10 @@ def finetune(model_spec: str, cfg: TuneConfig, out: Path | str, *, resume: bool 
         data = load_task_data(cfg)
         loaded = load_model(model_spec, "seq-cls", label_names=data["label_names"])
     model, tok = loaded.model, loaded.tokenizer
-    masks = masks if masks is not None else _existing_masks(model_spec, model)
+    if masks is None:
+        masks = MaskSet()
+    if not len(masks):  # filled in place: callers holding this MaskSet see PAYT's final masks
+        masks.update(_existing_masks(model_spec, model))
     if len(masks):
         masks.apply(model)
 
@@ -529,7 +535,7 @@ def finetune(model_spec: str, cfg: TuneConfig, out: Path | str, *, resume: bool 
         from prunetune.tuning.lora import apply_lora
 
         model = apply_lora(model, task, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           rslora=cfg.rslora)
+                           rslora=cfg.rslora, **({"roles": tuple(cfg.lora_roles)} if cfg.lora_roles else {}))
         if cfg.mask_lora:
             from prunetune.tuning.lora import mask_lora_updates
 
