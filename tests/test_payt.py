@@ -99,13 +99,15 @@ def test_merged_export_reloads_with_plain_transformers_same_predictions(tmp_path
 def test_full_evaluate_table_has_four_rows(tmp_path):
     from prunetune.methods.payt import full_evaluate
 
-    res = full_evaluate("tiny-llama", _cfg(epochs=1, n_samples=8), PaytSpec(sparsity=0.5, start=0.0), tmp_path / "fe")
+    res = full_evaluate("tiny-llama", _cfg(epochs=1, n_samples=8, retention=True, retention_windows=1),
+                        PaytSpec(sparsity=0.5, start=0.0), tmp_path / "fe")
     labels = [row[0] for row in res["table"]["rows"]]
-    assert labels == ["dense full FT", "dense LoRA FT", "prune -> LoRA FT", "PAYT"]
+    assert labels == ["original (no tuning)", "dense full FT", "dense LoRA FT", "prune -> LoRA FT", "PAYT"]
+    assert all(row[4] is not None and row[4] > 1 for row in res["table"]["rows"])  # perplexities, all measured
     sp = {row[0]: row[3] for row in res["table"]["rows"]}
     assert sp["dense full FT"] == 0.0 and sp["PAYT"] == pytest.approx(0.5) and sp["prune -> LoRA FT"] == pytest.approx(0.5)
     md = (tmp_path / "fe" / "full_evaluate.md").read_text()
-    assert md.count("\n") == 6 and "macro-F1" in md
+    assert md.count("\n") == 7 and "macro-F1" in md
     assert json.loads((tmp_path / "fe" / "full_evaluate.json").read_text())["runs"]["PAYT"]["sparsity"] == pytest.approx(0.5)
 
 

@@ -253,3 +253,12 @@ def test_prune_through_peft_wrapper(tiny_llama):
     base_q = peft_model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     assert torch.equal(base_q != 0, masks["model.layers.0.self_attn.q_proj"])
     assert MaskSet.from_model(peft_model, masks.names()).sparsity() == pytest.approx(0.5)
+
+
+def test_explicit_calibration_device_matches_default():
+    """`device=` moves one block at a time to the calibration device and back; results must not change."""
+    a, b = load_model("tiny-llama", "causal-lm"), load_model("tiny-llama", "causal-lm")
+    ma = prune(a.model, "sparsegpt", 0.5, calib=_ids(4, 32))
+    mb = prune(b.model, "sparsegpt", 0.5, calib=_ids(4, 32), device="cpu")
+    assert all(torch.equal(ma[n], mb[n]) for n in ma.names())
+    assert next(b.model.parameters()).device.type == "cpu"

@@ -107,3 +107,14 @@ def test_weight_histograms_of_a_real_prune(tiny_llama):
         assert p["zeros"] == d["numel"] // 2 and sum(p["counts"]) + p["zeros"] == p["numel"]
         # magnitude pruning removes the smallest: the lowest bins empty out, the top bin is untouched
         assert p["counts"][0] == 0 and p["counts"][-1] == d["counts"][-1]
+
+
+def test_cli_compare_and_recipes(tmp_path, capsys):
+    from prunetune.cli import main
+
+    a = _fake_run(tmp_path, "a", 0.5, (21.0, 35.0))
+    main(["compare", str(a), "--out", str(tmp_path / "c")])
+    assert "| a | a | tiny-llama | 03-evaluate | 50.00% | 35 |" in (tmp_path / "c" / "report.md").read_text()
+    main(["recipes"])
+    out = capsys.readouterr().out
+    assert all(n in out for n in ("quickstart", "payt", "wanda-lora", "sparsegpt-2of4", "order-study"))

@@ -232,6 +232,17 @@ def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwri
         ("prune -> LoRA FT", "prune-lora", lambda d: finetune(model_spec, cfg, d, payt=oneshot, kind="prune-lora")),
         ("PAYT", "payt", lambda d: finetune(model_spec, cfg, d, payt=spec, kind="payt")),
     ]
+    if cfg.retention:  # the untuned model's value, so the retention column has its reference point
+        from prunetune.evaluation.retention import retention
+        from prunetune.models.loading import load_model
+
+        ref = load_model(model_spec, "seq-cls" if cfg.task == "seq-cls" else "causal-lm", num_labels=2)
+        runs["original (no tuning)"] = {"retention": retention(ref.model, model_spec, ref.tokenizer,
+                                                               data_dir=cfg.data_dir,
+                                                               max_windows=cfg.retention_windows,
+                                                               max_length=cfg.max_length),
+                                        "sparsity": 0.0}
+        del ref
     for label, sub, fn in plan:
         if only and sub not in only:
             continue

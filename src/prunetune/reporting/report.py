@@ -208,10 +208,10 @@ def _ordering_section(rows: list[dict], plot_dir: Path, rel: str) -> list[str]:
         series: dict[str, list] = {}
         for r in rows:
             if metric in r["metrics"]:
-                series.setdefault(r["ordering"], []).append((r["sparsity"], r["metrics"][metric]["value"],
-                                                             r["action"] if r["action"] != "start" else ""))
+                series.setdefault(r["ordering"], []).append((r["sparsity"], r["metrics"][metric]["value"], ""))
         fname = f"ordering_{_slug(metric)}.png"
-        plots.metric_vs_sparsity(series, metric, plot_dir / fname, title=f"ordering study: {metric} vs sparsity",
+        plots.metric_vs_sparsity(series, metric, plot_dir / fname,
+                                 title=f"ordering study: {metric} after every step (table above)",
                                  log_y=metric.startswith("ppl/"))
         lines += [f"![ordering {metric}]({rel}/{fname})", ""]
     return lines
@@ -242,6 +242,14 @@ def compare_runs(run_dirs: list[Path | str], out: Path | str) -> Path:
     rows = []
     for k, r in runs.items():
         pts = allpts[k]
+        finals = [r2 for r2 in _ordering_rows(r) if r2.get("final")]
+        if not pts and finals:  # an ordering study: one row per ordering's final model
+            for f in finals:
+                rows.append([f"{k} [{f['ordering']}]", r["recipe"].get("name", ""),
+                             r["recipe"].get("model", {}).get("name", ""), f["action"], f"{f['sparsity']:.2%}"]
+                            + [f["metrics"].get(n, {}).get("value", "") for n in names]
+                            + [round(sum(s["seconds"] for s in r["stages"]) / 60, 1), r["manifest"].get("status")])
+            continue
         last = pts[-1] if pts else {"sparsity": float("nan"), "metrics": {}, "stage": "-"}
         rows.append([k, r["recipe"].get("name", ""), r["recipe"].get("model", {}).get("name", ""), last["stage"],
                      f"{last['sparsity']:.2%}"] + [last["metrics"].get(n, "") for n in names]
@@ -263,6 +271,20 @@ def compare_runs(run_dirs: list[Path | str], out: Path | str) -> Path:
             lines += [ln.replace("## ", "### ") for ln in _ordering_section(orows, plot_dir, "plots")]
     lines += _curves_section(runs, plot_dir, "plots")
     lines += ["## Protocols", ""]
+    for n in names:  # numbers measured differently must not be read as comparable
+        seen_p: dict[str, list[str]] = {}
+        for k, r in runs.items():
+            for st in r["stages"]:
+                for key, v in st.get("metrics", {}).items():
+                    if key.endswith(n) and isinstance(v, dict) and isinstance(v.get("protocol"), dict):
+                        p = v["protocol"]
+                        sig = ", ".join(f"{f}={p[f]}" for f in ("dataset", "seqlen", "windows", "documents", "n")
+                                        if f in p)
+                        if k not in seen_p.setdefault(sig, []):
+                            seen_p[sig].append(k)
+        if len(seen_p) > 1:
+            lines.append(f"- **warning: {n} was measured under different protocols**: "
+                         + "; ".join(f"{sig} ({', '.join(ks)})" for sig, ks in seen_p.items()))
     seen: dict = {}
     for k, r in runs.items():
         for m, p in protocols(r).items():
