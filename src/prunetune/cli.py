@@ -278,7 +278,7 @@ def prune_cmd(
     seqlen: int = typer.Option(512, "--seqlen", min=2, help="tokens per calibration window"),
     skip: Optional[list[str]] = typer.Option(None, "--skip", help="regex of module names to leave dense (repeatable)"),
     device: Optional[str] = typer.Option(None, "--device", help="calibration device: cpu | cuda (the model stays on CPU)"),
-    eval_ppl: Optional[str] = typer.Option(None, "--eval-ppl", help="perplexity before and after on wikitext2 | bbc-news | FILE"),
+    eval_ppl: Optional[str] = typer.Option(None, "--eval-ppl", help="perplexity before and after (windows of --seqlen) on wikitext2 | bbc-news | FILE"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="--eval-ppl: first N windows only"),
     seed: int = typer.Option(0, "--seed", help="seed of the calibration sample"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local WikiText-2 dir (else PRUNETUNE_DATA_DIR or hub)"),
@@ -314,6 +314,8 @@ def prune_cmd(
     ppl_src = load_text(eval_ppl, "test", data_dir=dd) if eval_ppl else None
 
     nat_task, kw = natural_task(model)
+    if ppl_src is not None and nat_task != "causal-lm":
+        raise PrunetuneError(f"--eval-ppl needs a causal LM; {model} is a {nat_task} model")
     loaded = load_model(model, task=nat_task, **kw)
     ids = None
     if calib_src is not None:
