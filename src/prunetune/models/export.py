@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,28 +52,35 @@ def prepare_out_dir(out: Path | str, overwrite: bool = False) -> Path:
     return out
 
 
+@contextmanager
+def atomic_dir(out: Path | str, manifest: dict | None = None) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; on success write the manifest and rename it to `out` (all or nothing)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if manifest is not None:
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def save_hf_dir(model: torch.nn.Module, tokenizer: Any, out: Path | str, manifest: dict | None = None,
                 extra: Any = None) -> Path:
     """Save weights (safetensors), config, tokenizer and manifest atomically: temp dir, then rename.
 
     `extra(tmp_dir)`, when given, writes more files (e.g. masks) before the rename: all appear or none.
     """
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    strip_quantization_config(model)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if extra is not None:
-        extra(tmp)
-    if manifest is not None:
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    with atomic_dir(out, manifest) as tmp:
+        strip_quantization_config(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+    return Path(out)
 
 
 # ------------------------------------------------------------------------------------- LoRA with masks
@@ -96,37 +105,29 @@ def save_adapter_export(peft_model: torch.nn.Module, tokenizer: Any, out: Path |
     Users who keep several task adapters on one sparse base load the base with transformers and attach an
     adapter with `PeftModel.from_pretrained(base, out/"adapter")`.
     """
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    peft_model.save_pretrained(tmp / "adapter", safe_serialization=True)
-    base = peft_model.get_base_model()
-    with peft_model.disable_adapter():
-        state = {k.replace("base_layer.", ""): v for k, v in base.state_dict().items()
-                 if "lora_" not in k and "modules_to_save" not in k}
-    state = {k.replace("original_module.", ""): v for k, v in state.items()}
-    seen: set[int] = set()
-    for k in list(state):  # tied weights (embeddings / LM head) are stored once, as transformers does
-        ptr = state[k].data_ptr()
-        if ptr in seen:
-            del state[k]
-        seen.add(ptr)
-    cfg = base.config
-    strip_quantization_config(base)
-    from safetensors.torch import save_file
+    with atomic_dir(out, manifest) as tmp:
+        peft_model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        base = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            state = {k.replace("base_layer.", ""): v for k, v in base.state_dict().items()
+                     if "lora_" not in k and "modules_to_save" not in k}
+        state = {k.replace("original_module.", ""): v for k, v in state.items()}
+        seen: set[int] = set()
+        for k in list(state):  # tied weights (embeddings / LM head) are stored once, as transformers does
+            ptr = state[k].data_ptr()
+            if ptr in seen:
+                del state[k]
+            seen.add(ptr)
+        cfg = base.config
+        strip_quantization_config(base)
+        from safetensors.torch import save_file
 
-    (tmp / "base").mkdir()
-    cfg.save_pretrained(tmp / "base")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "base" / "model.safetensors"),
-              metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "base")
-    if masks is not None and len(masks):
-        masks.save(tmp / "base")
-    if manifest is not None:
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+        (tmp / "base").mkdir()
+        cfg.save_pretrained(tmp / "base")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "base" / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "base")
+        if masks is not None and len(masks):
+            masks.save(tmp / "base")
+    return Path(out)

@@ -105,23 +105,10 @@ class TuneConfig:
 
 # ------------------------------------------------------------------------------------------------ metrics
 def classification_metrics(preds, labels) -> dict:
-    """Accuracy and macro-F1 (evaluation.task's when present, so there is one definition in the package)."""
-    try:
-        from prunetune.evaluation.task import classification_metrics as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return shared(list(map(int, preds)), list(map(int, labels)))
-    preds, labels = [int(p) for p in preds], [int(y) for y in labels]
-    classes = sorted(set(labels) | set(preds))
-    f1s = []
-    for c in classes:
-        tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
-        fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
-        fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    acc = sum(1 for p, y in zip(preds, labels) if p == y) / max(len(labels), 1)
-    return {"accuracy": acc, "macro_f1": sum(f1s) / max(len(f1s), 1)}
+    """Accuracy and macro-F1 with the one definition the package has (evaluation.task)."""
+    from prunetune.evaluation.task import classification_metrics as shared
+
+    return shared([int(p) for p in preds], [int(y) for y in labels])
 
 
 def _compute_metrics(eval_pred) -> dict:
