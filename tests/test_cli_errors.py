@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from prunetune.cli import main
+from cli_helpers import cli_error
 
 TEXT = "Some words for a small text file.\n" * 40  # 1,360 bytes: enough for tiny windows, short of 2,048
 
@@ -27,19 +27,6 @@ def files(tmp_path):
     (tmp_path / "no_config").mkdir()
     (tmp_path / "no_config" / "model.safetensors").write_bytes(b"\0" * 16)
     return tmp_path
-
-
-def _run(capfd, args: list[str]) -> str:
-    capfd.readouterr()  # drop whatever the test's own setup printed
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capfd.readouterr()
-    assert exc.value.code == 2, (out, err)
-    assert "Traceback" not in err + out
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("prunetune: error: ")
-    return lines[0]
 
 
 CASES = {
@@ -92,8 +79,7 @@ def test_bad_input_one_line_exit_2(case, files, capfd):
         bert = load_model("tiny-bert", "masked-lm")
         bert.model.save_pretrained(files / "bert")
         bert.tokenizer.save_pretrained(files / "bert")
-    line = _run(capfd, [a.format(d=files) for a in args])
-    assert expect in line, line
+    cli_error([a.format(d=files) for a in args], capfd, needle=expect)
 
 
 def test_console_script_one_line_exit_2(tmp_path):

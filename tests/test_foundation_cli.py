@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prunetune.cli import main
+from cli_helpers import cli_ok
 from prunetune.data.sources import load_labelled, load_text
 from prunetune.data.tasks import split_labelled
 from prunetune.evaluation.perplexity import perplexity
@@ -24,19 +24,11 @@ def data(tmp_path):
     return tmp_path
 
 
-def _main(args: list[str]) -> None:
-    try:
-        main(args)
-    except SystemExit as exc:  # a clean run returns normally; any exit is a failure here
-        raise AssertionError(f"exit {exc.code}") from None
-
-
 def test_eval_ppl_and_speed_json(data, capsys):
     out = data / "r.json"
-    _main(["eval", "tiny-llama", "--ppl", str(data / "text.txt"), "--seqlen", "64", "--max-windows", "5",
-           "--batch-size", "2", "--speed", "--speed-seqlen", "16", "--speed-batch", "2", "--repeats", "2",
-           "--json", str(out)])
-    printed = capsys.readouterr().out
+    printed = cli_ok(["eval", "tiny-llama", "--ppl", str(data / "text.txt"), "--seqlen", "64", "--max-windows", "5",
+                      "--batch-size", "2", "--speed", "--speed-seqlen", "16", "--speed-batch", "2", "--repeats", "2",
+                      "--json", str(out)], capsys)
     assert "perplexity text.txt (5 x 64 tok)" in printed and "latency batch 2 x 16 tok" in printed
     man = json.loads(out.read_text())
     assert man["kind"] == "eval" and man["config"]["max_windows"] == 5 and "versions" in man
@@ -50,9 +42,8 @@ def test_eval_ppl_and_speed_json(data, capsys):
 
 def test_eval_task_and_pppl_on_tiny_bert(data, capsys):
     out = data / "r.json"
-    _main(["eval", "tiny-bert", "--task", str(data / "task.csv"), "--pppl", str(data / "text.txt"),
-           "--max-sentences", "3", "--max-length", "32", "--json", str(out)])
-    printed = capsys.readouterr().out
+    printed = cli_ok(["eval", "tiny-bert", "--task", str(data / "task.csv"), "--pppl", str(data / "text.txt"),
+                      "--max-sentences", "3", "--max-length", "32", "--json", str(out)], capsys)
     assert "accuracy (task.csv/test, n=9)" in printed and "untrained" in printed
     m = json.loads(out.read_text())["metrics"]
     c = m["classification"]
@@ -68,13 +59,13 @@ def test_trained_classifier_dir_info_and_eval(data, capsys):
     clf.model.save_pretrained(d)
     clf.tokenizer.save_pretrained(d)
 
-    _main(["info", str(d), "--no-layers", "--json", str(data / "info.json")])
+    cli_ok(["info", str(d), "--no-layers", "--json", str(data / "info.json")], capsys)
     info = json.loads((data / "info.json").read_text())
     assert info["task"] == "seq-cls" and info["class"] == "LlamaForSequenceClassification"
     assert info["labels"] == list(LABELS) and info["heads"] == 4 and info["kv_heads"] == 2
     assert info["size_on_disk"]["format"] == "safetensors" and info["size_on_disk"]["bytes"] > 4 * info["parameters"]
 
-    _main(["eval", str(d), "--task", str(data / "task.csv"), "--json", str(data / "e.json")])
+    cli_ok(["eval", str(d), "--task", str(data / "task.csv"), "--json", str(data / "e.json")], capsys)
     c = json.loads((data / "e.json").read_text())["metrics"]["classification"]
     assert c["protocol"]["head"] == "trained (from checkpoint)"
     test = split_labelled(load_labelled(str(data / "task.csv")), seed=0)["test"]
@@ -84,8 +75,8 @@ def test_trained_classifier_dir_info_and_eval(data, capsys):
 
 @pytest.mark.parametrize("alias,family", [("tiny-llama", "llama"), ("tiny-bert", "bert"), ("tiny-t5", "t5")])
 def test_info_tiny_aliases(alias, family, tmp_path, capsys):
-    _main(["info", alias, "--json", str(tmp_path / "i.json")])
+    printed = cli_ok(["info", alias, "--json", str(tmp_path / "i.json")], capsys)
     info = json.loads((tmp_path / "i.json").read_text())
     assert info["family"] == family and info["parameters"] >= info["nonzero_parameters"] > 0
     assert len(info["layers"]) == {"llama": 14, "bert": 12, "t5": 32}[family]
-    assert "per-layer sparsity" in capsys.readouterr().out
+    assert "per-layer sparsity" in printed

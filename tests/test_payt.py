@@ -1,17 +1,16 @@
-"""Prune-As-You-Tune: exact sparsity per layer, masks saved, export keeps predictions and zeros, CLI, DDP."""
+"""Prune-As-You-Tune: exact sparsity per layer, masks saved, export keeps predictions and zeros, CLI.
+
+The two-process (DDP) PAYT run is in test_distributed.py.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import cli_error, cli_ok
 from prunetune.methods.payt import PaytSpec, compute_masks, run_payt
 from prunetune.pruning.masks import MaskSet, sparsity_report
 from prunetune.tuning.trainer import TuneConfig
@@ -112,26 +111,15 @@ def test_full_evaluate_table_has_four_rows(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    from prunetune.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
 def test_cli_accepts_original_payt_option_names(tmp_path, capsys):
-    from prunetune.cli import main
-
     out = tmp_path / "cli"
-    main(["payt", "tiny-llama", "--n-samples", "8", "--num-epochs", "1", "--max-length", "32",
-          "--sparsity-target", "0.4", "--pruning-schedule", "linear", "--start-pruning-epoch-ptg", "0.0",
-          "--prune-every-epoch", "1", "--pruning-method", "L1Unstructured", "--use-kd", "--kd-alpha", "0.5",
-          "--kd-temp", "4", "--use-lora", "--use-rs-lora", "--lora-rank", "4", "--lora-alpha", "8",
-          "--lora-dropout", "0.0", "--dataset-mix-ptg", "0.1", "--dataset-mix-strategy", "old_first",
-          "--dataset-sampling-strategy", "random", "--eval-samples", "4", "--test-samples", "20",
-          "--no-retention", "--out", str(out)])
+    cli_ok(["payt", "tiny-llama", "--n-samples", "8", "--num-epochs", "1", "--max-length", "32",
+            "--sparsity-target", "0.4", "--pruning-schedule", "linear", "--start-pruning-epoch-ptg", "0.0",
+            "--prune-every-epoch", "1", "--pruning-method", "L1Unstructured", "--use-kd", "--kd-alpha", "0.5",
+            "--kd-temp", "4", "--use-lora", "--use-rs-lora", "--lora-rank", "4", "--lora-alpha", "8",
+            "--lora-dropout", "0.0", "--dataset-mix-ptg", "0.1", "--dataset-mix-strategy", "old_first",
+            "--dataset-sampling-strategy", "random", "--eval-samples", "4", "--test-samples", "20",
+            "--no-retention", "--out", str(out)], capsys)
     m = json.loads((out / "metrics.json").read_text())
     assert abs(m["sparsity"] - 0.4) < 1e-5  # floor(0.4 * numel) zeros
     man = json.loads((out / "manifest.json").read_text())
@@ -148,40 +136,15 @@ def test_cli_accepts_original_payt_option_names(tmp_path, capsys):
     (["--resume"], "no checkpoint"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, msg):
-    code, _, err = _cli(capsys, "payt", "tiny-llama", *args, "--out", str(tmp_path / "x"))
-    assert code == 2
-    assert err.count("\n") == 1 and err.startswith("prunetune: error:") and msg in err
+    cli_error(["payt", "tiny-llama", *args, "--out", str(tmp_path / "x")], capsys, needle=msg)
 
 
 def test_cli_bad_task_data_is_one_line_exit_2(tmp_path, capsys):
     one = tmp_path / "one.csv"
     one.write_text("text,label\nhello world,a\nanother text,a\n")
-    code, _, err = _cli(capsys, "finetune", "tiny-llama", "--task", str(one), "--out", str(tmp_path / "o"))
-    assert code == 2 and "only one class" in err and err.count("\n") == 1
+    cli_error(["finetune", "tiny-llama", "--task", str(one), "--out", str(tmp_path / "o")], capsys,
+              needle="only one class")
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n ,a\n,b\n")
-    code, _, err = _cli(capsys, "finetune", "tiny-llama", "--task", str(empty), "--out", str(tmp_path / "o2"))
-    assert code == 2 and "no non-empty text" in err
-
-
-# ------------------------------------------------------------------------------------------------ DDP
-@pytest.mark.slow
-def test_two_process_gloo_payt_identical_masks(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.fail("torchrun not found next to the python executable")
-    out = tmp_path / "ddp"
-    env = {**os.environ, "PRUNETUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "prunetune.cli", "payt", "tiny-llama",
-           "--n-samples", "16", "--epochs", "2", "--batch-size", "4", "--max-length", "32", "--eval-samples", "8",
-           "--every-steps", "1", "--test-samples", "20", "--no-retention", "--out", str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    r0 = json.loads((out / "rank0.json").read_text())
-    r1 = json.loads((out / "rank1.json").read_text())
-    assert r0["masks_digest"] == r1["masks_digest"] and r0["masks_digest"]
-    # (16 + 1 mixed) examples / (2 ranks x 4) = 3 steps x 2 epochs
-    assert r0["global_step"] == r1["global_step"] == 6
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["sparsity"] == pytest.approx(0.5, abs=1e-9)
-    shutil.rmtree(out, ignore_errors=True)
+    cli_error(["finetune", "tiny-llama", "--task", str(empty), "--out", str(tmp_path / "o2")], capsys,
+              needle="no non-empty text")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cli_helpers import cli_error
 from prunetune.config import apply_overrides, load_recipe, preset_names, recipe_to_dict, validate_recipe
 from prunetune.errors import PrunetuneError
 from prunetune.methods.ordering import plan
@@ -57,16 +58,10 @@ def test_set_overrides_types_and_stage_items():
 
 
 def test_cli_errors_are_one_line(capsys):
-    from prunetune.cli import main
-
     for argv, needle in [(["run", "nope"], "neither a preset"),
                          (["run", "--set", "prune.method=foo"], "prune.method: 'foo' is not allowed"),
                          (["run", "--resume"], "--resume needs --out")]:
-        with pytest.raises(SystemExit) as ei:
-            main(argv)
-        assert ei.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and needle in err
+        cli_error(argv, capsys, needle=needle)
 
 
 def test_ordering_plans_same_budget_and_target():

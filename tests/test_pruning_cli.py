@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from prunetune.cli import main
+from cli_helpers import cli_error, cli_ok
 from prunetune.pruning.masks import MaskSet
 
 
@@ -18,21 +18,6 @@ def calib_file(tmp_path, wikitext_dir):
     return f
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def _ok(argv, capsys) -> str:
-    try:
-        main(argv)
-    except SystemExit as exc:  # pragma: no cover - a failure should show its message
-        pytest.fail(f"exit {exc.code}: {capsys.readouterr().err}")
-    return capsys.readouterr().out
-
-
 def test_prune_cli_saves_plain_hf_dir(tmp_path, calib_file, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -41,8 +26,9 @@ def test_prune_cli_saves_plain_hf_dir(tmp_path, calib_file, capsys):
     from prunetune.pruning.api import prune
 
     out = tmp_path / "pruned"
-    text = _ok(["prune", "tiny-llama", "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib_file),
-                "--nsamples", "4", "--seqlen", "128", "--skip", r"layers\.1\.mlp\.down_proj", "--out", str(out)], capsys)
+    text = cli_ok(["prune", "tiny-llama", "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib_file),
+                   "--nsamples", "4", "--seqlen", "128", "--skip", r"layers\.1\.mlp\.down_proj", "--out", str(out)],
+                  capsys)
     assert "50" in text
     assert {"model.safetensors", "config.json", "masks.safetensors", "manifest.json"} <= {p.name for p in out.iterdir()}
     assert not (tmp_path / "pruned.partial").exists()
@@ -69,8 +55,8 @@ def test_prune_cli_saves_plain_hf_dir(tmp_path, calib_file, capsys):
 
 def test_prune_cli_magnitude_with_ppl(tmp_path, calib_file, capsys):
     out = tmp_path / "mag"
-    text = _ok(["prune", "tiny-llama", "--method", "magnitude", "--pattern", "2:4", "--eval-ppl", str(calib_file),
-                "--max-windows", "1", "--seqlen", "64", "--out", str(out)], capsys)
+    text = cli_ok(["prune", "tiny-llama", "--method", "magnitude", "--pattern", "2:4", "--eval-ppl", str(calib_file),
+                   "--max-windows", "1", "--seqlen", "64", "--out", str(out)], capsys)
     man = json.loads((out / "manifest.json").read_text())
     assert man["metrics"]["perplexity_before"]["value"] > 0 and man["metrics"]["perplexity_after"]["value"] > 0
     assert man["metrics"]["perplexity_after"]["protocol"]["windows"] == 1
@@ -93,9 +79,7 @@ def test_prune_cli_magnitude_with_ppl(tmp_path, calib_file, capsys):
 def test_prune_cli_bad_input(tmp_path, calib_file, capsys, args, needle):
     out = tmp_path / "o"
     argv = ["prune", "tiny-llama", "--calib", str(calib_file), "--nsamples", "2", "--seqlen", "64", "--out", str(out)]
-    code, _, err = _run(argv + args, capsys)
-    assert code == 2
-    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+    cli_error(argv + args, capsys, needle=needle)
     assert not out.exists() and not (tmp_path / "o.partial").exists()  # nothing half-written
 
 
@@ -103,8 +87,7 @@ def test_prune_cli_refuses_non_empty_out(tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    code, _, err = _run(["prune", "tiny-llama", "--method", "magnitude", "--out", str(out)], capsys)
-    assert code == 2 and "--overwrite" in err
+    cli_error(["prune", "tiny-llama", "--method", "magnitude", "--out", str(out)], capsys, needle="--overwrite")
     assert (out / "keep.txt").read_text() == "x"
-    _ok(["prune", "tiny-llama", "--method", "magnitude", "--out", str(out), "--overwrite"], capsys)
+    cli_ok(["prune", "tiny-llama", "--method", "magnitude", "--out", str(out), "--overwrite"], capsys)
     assert (out / "masks.safetensors").is_file() and not (out / "keep.txt").exists()

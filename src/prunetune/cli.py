@@ -278,6 +278,7 @@ def prune_cmd(
     seqlen: int = typer.Option(512, "--seqlen", min=2, help="tokens per calibration window"),
     skip: Optional[list[str]] = typer.Option(None, "--skip", help="regex of module names to leave dense (repeatable)"),
     device: Optional[str] = typer.Option(None, "--device", help="calibration device: cpu | cuda (the model stays on CPU)"),
+    calib_batch: int = typer.Option(4, "--calib-batch", min=1, help="calibration windows per block forward (memory vs speed)"),
     eval_ppl: Optional[str] = typer.Option(None, "--eval-ppl", help="perplexity before and after (windows of --seqlen) on wikitext2 | bbc-news | FILE"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="--eval-ppl: first N windows only"),
     seed: int = typer.Option(0, "--seed", help="seed of the calibration sample"),
@@ -335,7 +336,8 @@ def prune_cmd(
         _ppl("before")
     t = time.perf_counter()
     masks = prune(loaded.model, method, sparsity, pattern=pattern, granularity=granularity, calib=ids,
-                  tokenizer=loaded.tokenizer, nsamples=nsamples, seqlen=seqlen, skip=skip, device=device, seed=seed)
+                  tokenizer=loaded.tokenizer, nsamples=nsamples, seqlen=seqlen, skip=skip, device=device, seed=seed,
+                  batch_size=calib_batch)
     timings["prune_s"] = time.perf_counter() - t
     if ppl_src is not None:
         _ppl("after")
@@ -347,7 +349,8 @@ def prune_cmd(
     config = {"model": model, "source": loaded.source, "task": nat_task, "method": method, "sparsity": sparsity,
               "pattern": pattern, "granularity": granularity, "skip": skip or [], "device": device or "cpu",
               "calibration": None if ids is None else {"source": calib_src.name, "variant": calib_src.variant,
-                                                       "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+                                                       "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                                                       "batch_size": calib_batch},
               "eval_ppl": eval_ppl, "max_windows": max_windows}
     manifest = build_manifest("prune", config, seed=seed, metrics=metrics, timings=timings)
     save_hf_dir(loaded.model, loaded.tokenizer, out, manifest,
@@ -471,7 +474,8 @@ def payt(
     kd_temp: float = typer.Option(4.0, "--kd-temp"),
     teacher: str = typer.Option("initial", "--teacher", help="initial | dense | PATH"),
     epochs: float = typer.Option(2.0, "--epochs", "--num-epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="default 5e-4 (LoRA) / 1e-4 (full)"),
+    full_lr: Optional[float] = typer.Option(None, "--full-lr", help="--full-evaluate: learning rate of the dense full-FT baseline (default 1e-4; --lr is for the LoRA runs)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_length: int = typer.Option(128, "--max-length"),
     n_samples: int = typer.Option(200, "--n-samples", help="training examples (0 = all)"),
@@ -504,7 +508,7 @@ def payt(
     if full_evaluate:
         if resume:
             raise PrunetuneError("--resume is not supported with --full-evaluate; rerun it or resume one run dir")
-        res = run_all(model, cfg, spec, out, overwrite=overwrite)
+        res = run_all(model, cfg, spec, out, overwrite=overwrite, full_lr=full_lr)
         _console().print(res["table"]["markdown"])
         _console().print(f"written: {out / 'full_evaluate.md'} and {out / 'full_evaluate.json'}")
         return

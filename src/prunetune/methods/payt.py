@@ -205,8 +205,11 @@ ROWS = ("dense full FT", "dense LoRA FT", "prune -> LoRA FT", "PAYT")
 
 
 def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwrite: bool = False,
-                  only: tuple[str, ...] | None = None) -> dict:
+                  only: tuple[str, ...] | None = None, full_lr: float | None = None) -> dict:
     """The four runs of the comparison on the same data, split and budget; one table as markdown + JSON.
+
+    `cfg.lr` is the LoRA runs' learning rate; the dense full-FT baseline gets `full_lr` (None: the full-FT
+    default), since a rate that suits a rank-8 adapter would wreck every weight of the model at once.
 
     prune -> LoRA FT is PAYT with a one-shot schedule at step 0 (same criterion, same teacher: the dense
     initial model), so the only difference to PAYT is *when* the pruning happens.
@@ -222,6 +225,7 @@ def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwri
     runs: dict[str, dict] = {}
     full_cfg = copy.deepcopy(cfg)
     full_cfg.lora = False
+    full_cfg.lr = full_lr
     lora_cfg = copy.deepcopy(cfg)
     lora_cfg.lora = True
     oneshot = PaytSpec(sparsity=spec.sparsity, schedule="oneshot", start=0.0, every=1, unit="step",
@@ -249,7 +253,8 @@ def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwri
         r = fn(out / sub)
         runs[label] = {k: v for k, v in r.items() if not k.startswith("_") and k not in ("predictions", "layer_sparsity")}
     table = comparison_table(runs)
-    payload = {"model": model_spec, "tune": cfg.to_dict(), "payt": spec.to_dict(), "runs": runs, "table": table}
+    payload = {"model": model_spec, "tune": cfg.to_dict(), "full_ft_learning_rate": full_cfg.learning_rate,
+               "payt": spec.to_dict(), "runs": runs, "table": table}
     (out / "full_evaluate.json").write_text(json.dumps(payload, indent=2, default=str))
     (out / "full_evaluate.md").write_text(table["markdown"])
     return payload

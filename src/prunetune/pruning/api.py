@@ -116,7 +116,7 @@ def _masks_from_scores(adapter, blocks, scores: dict[str, torch.Tensor], sparsit
 def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pattern: str | None = None,
           granularity: str = "row", calib=None, tokenizer=None, nsamples: int = 32, seqlen: int = 512,
           skip: list[str] | None = None, device: str | torch.device | None = None, seed: int = 0,
-          progress: bool | None = None, batch_size: int = 8,
+          progress: bool | None = None, batch_size: int = 4,
           stats_hook: Callable[[str, object], None] | None = None) -> MaskSet:
     """Prune `model` in place and return its MaskSet (keyed by module name of the unwrapped model).
 
@@ -149,6 +149,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
             raise PrunetuneError(f"calibration token ids fall outside the model's vocabulary of {vocab}")
 
     torch.manual_seed(seed)
+    calibrate.bound_heap_growth()
     masks = MaskSet()
     blocks = adapter.blocks()
 

@@ -1,0 +1,63 @@
+"""Drive `prunetune.cli.main` in-process, the way every CLI test does (one helper, one contract).
+
+`capture` is pytest's `capsys` or `capfd` fixture (`capfd` also sees output written straight to the file
+descriptors, e.g. by C extensions). Each call first drops what the test itself printed before, so the
+returned text is this command's alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+ERROR_PREFIX = "prunetune: error: "
+
+
+def _invoke(argv: Sequence[str], capture) -> tuple[int | None, str, str]:
+    """Exit code (None when `main` returned normally, as a clean run does), stdout, stderr."""
+    from prunetune.cli import main
+
+    capture.readouterr()
+    code: int | None = None
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    out, err = capture.readouterr()
+    return code, out, err
+
+
+def run_cli(argv: Sequence[str], capture) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr); the code is 0 when `main` returns normally."""
+    code, out, err = _invoke(argv, capture)
+    return (0 if code is None else code), out, err
+
+
+def cli_ok(argv: Sequence[str], capture) -> str:
+    """Run a command that must succeed and return its stdout.
+
+    A clean run returns from `main`; any SystemExit (even code 0) fails the test and shows stderr, since the
+    CLI only exits explicitly on errors, aborts and interrupts.
+    """
+    code, out, err = _invoke(argv, capture)
+    if code is not None:
+        pytest.fail(f"prunetune {' '.join(map(str, argv))} exited with {code}:\n{err[-3000:]}")
+    return out
+
+
+def cli_error(argv: Sequence[str], capture, needle: str | None = None) -> str:
+    """Run a command that must fail as a user error; return its one error line.
+
+    The contract: exit code 2, stderr is exactly one line starting with "prunetune: error: " (nothing else,
+    not even blank lines), no traceback anywhere, and `needle` (when given) is in that line.
+    """
+    code, out, err = _invoke(argv, capture)
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in out + err, err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    line = err.rstrip("\n")
+    assert line.startswith(ERROR_PREFIX) and line[len(ERROR_PREFIX):].strip(), err
+    if needle is not None:
+        assert needle in line, line
+    return line
