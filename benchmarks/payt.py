@@ -19,9 +19,10 @@ from pathlib import Path
 
 SIZES = {  # per model: CPU-sized budgets (n-samples, epochs, batch, max-length, retention windows)
     "minilm-l6": ["--n-samples", "400", "--epochs", "2", "--batch-size", "8", "--max-length", "128",
-                  "--eval-samples", "100", "--lr", "2e-3", "--kd-alpha", "0.3"],
-    "smollm2-135m": ["--n-samples", "96", "--epochs", "1", "--batch-size", "8", "--max-length", "128",
-                     "--eval-samples", "40", "--retention-windows", "4", "--start", "0.2", "--every-steps", "4"],
+                  "--eval-samples", "100", "--lr", "2e-3", "--kd-alpha", "0.3", "--criterion", "wanda"],
+    "smollm2-135m": ["--n-samples", "160", "--epochs", "1", "--batch-size", "8", "--max-length", "128",
+                     "--eval-samples", "40", "--retention-windows", "4", "--start", "0.1", "--every-steps", "4",
+                     "--lr", "1e-3", "--kd-alpha", "0.3", "--criterion", "wanda"],
 }
 
 
