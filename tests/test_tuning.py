@@ -338,3 +338,15 @@ def test_dense_teacher_then_teacher_from_path(tmp_path):
     assert r2["teacher"].startswith("path")
     with pytest.raises(PrunetuneError, match="--teacher"):
         finetune("tiny-llama", _cfg(teacher=str(tmp_path / "nope")), tmp_path / "kd3")
+
+
+def test_lora_run_does_not_depend_on_what_ran_before(tmp_path):
+    """--full-evaluate runs four trainings in one process: each must equal the same run made alone."""
+    results = []
+    for i, noise in enumerate((1, 12345)):
+        torch.manual_seed(noise)  # a different global RNG state, as left by an earlier run
+        r = finetune("tiny-llama", _cfg(lora=True), tmp_path / f"run{i}")
+        results.append(r)
+    a, b = (r["_model"].state_dict() for r in results)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert results[0]["predictions"] == results[1]["predictions"]

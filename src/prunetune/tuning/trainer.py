@@ -520,6 +520,9 @@ def finetune(model_spec: str, cfg: TuneConfig, out: Path | str, *, resume: bool 
                                                   cfg.data_dir)
 
     # -- LoRA -------------------------------------------------------------------------------------
+    # Adapter init draws from the global RNG: seed it here, or a run's result would depend on what ran
+    # before it in the same process (the --full-evaluate rows differed from the same runs made alone).
+    torch.manual_seed(cfg.seed)
     if cfg.lora:
         from prunetune.tuning.lora import apply_lora
 
