@@ -51,6 +51,18 @@ def test_schedule_hits_target_exactly_where_float_arithmetic_would_not():
                 assert all(e.step < total for e in plan)
 
 
+def test_agp_with_end_reaches_target_early_then_recovers():
+    s = Schedule("agp", target=0.5, start=0.1, every=10, unit="step", end=0.5)
+    plan = s.plan(total_steps=100, steps_per_epoch=10)
+    assert [e.step for e in plan] == [10, 20, 30, 40, 50]  # nothing after end * total
+    assert [e.sparsity for e in plan] == pytest.approx([0.5 * (1 - (1 - k / 5) ** 3) for k in range(1, 6)])
+    assert plan[-1].sparsity == 0.5 and s.sparsity_at(99, 100, 10) == 0.5
+    # end = 1 is the default: the same events as before the option existed
+    assert [e.step for e in Schedule("agp", 0.5, 0.1, 10, "step", 1.0).plan(100, 10)] == list(range(10, 100, 10))
+    # an end too close to the start still yields the one (exact) event at the start
+    assert [(e.step, e.sparsity) for e in Schedule("linear", 0.4, 0.3, 5, "step", 0.31).plan(10, 5)] == [(3, 0.4)]
+
+
 def test_oneshot_schedule_is_one_event_at_the_delay():
     plan = Schedule("oneshot", 0.5, start=0.5, unit="epoch").plan(total_steps=10, steps_per_epoch=5)
     assert [(e.step, e.sparsity) for e in plan] == [(5, 0.5)]
@@ -59,6 +71,7 @@ def test_oneshot_schedule_is_one_event_at_the_delay():
 @pytest.mark.parametrize("kw,msg", [
     ({"target": 1.0}, "target sparsity"), ({"target": -0.1}, "target sparsity"), ({"start": 1.0}, "start"),
     ({"kind": "cosine"}, "unknown pruning schedule"), ({"every": 0}, "N >= 1"),
+    ({"start": 0.5, "end": 0.5}, "pruning end"), ({"end": 1.5}, "pruning end"),
 ])
 def test_schedule_rejects_bad_values(kw, msg):
     with pytest.raises(PrunetuneError, match=msg):

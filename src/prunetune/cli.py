@@ -461,6 +461,7 @@ def payt(
     sparsity: float = typer.Option(0.5, "--sparsity", "--sparsity-target", help="target sparsity in [0, 1)"),
     schedule: str = typer.Option("agp", "--schedule", "--pruning-schedule", help="oneshot | linear | agp"),
     start: float = typer.Option(0.2, "--start", "--start-pruning-epoch-ptg", help="fraction of training before pruning"),
+    end: float = typer.Option(1.0, "--end", help="fraction of training by which the target is reached (1: the last event that fits)"),
     every: int = typer.Option(1, "--every", "--prune-every-epoch", help="prune every N epochs"),
     every_steps: Optional[int] = typer.Option(None, "--every-steps", help="prune every N optimizer steps instead"),
     criterion: str = typer.Option("l1-global", "--criterion", "--pruning-method", help="l1-global | l2-cols | wanda"),
@@ -504,7 +505,7 @@ def payt(
     if every_steps is not None and every_steps < 1:
         raise PrunetuneError(f"--every-steps must be >= 1, got {every_steps}")
     spec = PaytSpec(sparsity=sparsity, schedule=schedule, start=start, every=every_steps or every,
-                    unit="step" if every_steps else "epoch", criterion=criterion)
+                    unit="step" if every_steps else "epoch", criterion=criterion, end=end)
     if full_evaluate:
         if resume:
             raise PrunetuneError("--resume is not supported with --full-evaluate; rerun it or resume one run dir")

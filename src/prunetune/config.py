@@ -108,6 +108,7 @@ class PaytSpec(_Spec):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     schedule: Literal["agp", "linear", "oneshot"] = "agp"
     start: float = Field(0.2, ge=0.0, lt=1.0)
+    end: float = Field(1.0, gt=0.0, le=1.0)
     every: int = Field(1, ge=1)
     unit: Literal["epoch", "step"] = "epoch"
     criterion: Literal["l1-global", "l2-cols", "wanda"] = "l1-global"

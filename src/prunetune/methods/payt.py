@@ -55,6 +55,7 @@ class PaytSpec:
     every: int = 1
     unit: str = "epoch"  # epoch | step
     criterion: str = "l1-global"
+    end: float = 1.0  # fraction of training by which the target is reached
     nsamples: int = 16  # Wanda calibration
     seqlen: int = 128
 
@@ -63,7 +64,7 @@ class PaytSpec:
         self.as_schedule()  # validates
 
     def as_schedule(self) -> Schedule:
-        return Schedule(self.schedule, self.sparsity, self.start, self.every, self.unit)
+        return Schedule(self.schedule, self.sparsity, self.start, self.every, self.unit, self.end)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -328,7 +328,7 @@ def run_payt(state, out_dir: Path) -> dict:
                                            out_dir / "tune-train.txt"))
     masks = state.masks() or MaskSet()
     pspec = PaytSpec(sparsity=spec.sparsity, schedule=spec.schedule, start=spec.start, every=spec.every,
-                     unit=spec.unit, criterion=spec.criterion)
+                     unit=spec.unit, criterion=spec.criterion, end=spec.end)
     res = payt_run(state.model_spec(), cfg, pspec, work, masks=masks)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     model, tok = res["_model"], res["_tokenizer"]

@@ -9,9 +9,10 @@ A schedule is planned once, when the number of optimizer steps is known, into a 
 
 and the last event asks for S *exactly* (set, not computed), so float rounding can neither overshoot the
 target nor crash a "reached target?" check as in the original PAYT code. The first event is at
-`start * total_steps` (a delay as a fraction of training); later ones every `every` epochs (or steps). An event
-at step s prunes before optimizer step s + 1, so step 0 prunes before any training and the last event always
-leaves training after it to recover.
+`start * total_steps` (a delay as a fraction of training); later ones every `every` epochs (or steps), up to
+`end * total_steps` (AGP's end step: with `end` < 1 the target is reached early and the rest of training
+recovers under the final mask). An event at step s prunes before optimizer step s + 1, so step 0 prunes
+before any training and the last event always leaves training after it to recover.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Schedule:
     start: float = 0.0  # fraction of training before the first pruning event
     every: int = 1  # distance between events, in `unit`s
     unit: str = "epoch"
+    end: float = 1.0  # fraction of training by which the last event has happened (1.0: the last that fits)
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
@@ -50,6 +52,9 @@ class Schedule:
             raise PrunetuneError(f"target sparsity must be in [0, 1), got {self.target}")
         if not (0.0 <= float(self.start) < 1.0) or math.isnan(float(self.start)):
             raise PrunetuneError(f"pruning start must be a fraction of training in [0, 1), got {self.start}")
+        if not (float(self.start) < float(self.end) <= 1.0) or math.isnan(float(self.end)):
+            raise PrunetuneError(f"pruning end must be a fraction of training in (start, 1], got {self.end} "
+                                 f"(start {self.start})")
         if int(self.every) < 1:
             raise PrunetuneError(f"prune every N {self.unit}s needs N >= 1, got {self.every}")
         if self.unit not in UNITS:
@@ -73,7 +78,8 @@ class Schedule:
         if self.kind == "oneshot":
             return [first]
         gap = int(self.every) * (max(1, int(steps_per_epoch)) if self.unit == "epoch" else 1)
-        return list(range(first, total_steps, gap))
+        limit = total_steps if self.end >= 1.0 else min(total_steps, int(math.floor(self.end * total_steps + 1e-9)) + 1)
+        return list(range(first, max(limit, first + 1), gap))
 
     def plan(self, total_steps: int, steps_per_epoch: int) -> list[PruningEvent]:
         steps = self.steps(total_steps, steps_per_epoch)
