@@ -32,6 +32,7 @@ def test_presets_all_validate():
     ({"stages": ["prune"], "bogus": 1}, "unknown key 'bogus'; allowed keys: name, description, seed, model"),
     ({"stages": ["prune"], "prune": {"pattern": "4:2"}}, "prune.pattern: N:M pattern needs 0 < N < M"),
     ({"stages": [{"type": "export", "x": 1}]}, "stages.0: stage 'export' takes no options"),
+    ({"stages": ["payt"], "payt": {"start": 0.5, "end": 0.4}}, "payt: end (0.4) must be after start (0.5)"),
 ])
 def test_bad_recipes_one_line(data, expected):
     with pytest.raises(PrunetuneError) as ei:

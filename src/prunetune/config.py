@@ -113,6 +113,12 @@ class PaytSpec(_Spec):
     unit: Literal["epoch", "step"] = "epoch"
     criterion: Literal["l1-global", "l2-cols", "wanda"] = "l1-global"
 
+    @model_validator(mode="after")
+    def _end_after_start(self) -> PaytSpec:
+        if self.end <= self.start:  # checked at load, not after the stages before PAYT have run
+            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
+        return self
+
 
 class EvalSpec(_Spec):
     """What every `evaluate` stage measures."""
