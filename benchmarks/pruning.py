@@ -63,15 +63,6 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def _trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def run_row(name: str, args: argparse.Namespace) -> dict:
     """One row, in this process: load, (calibrate +) prune, evaluate."""
     import psutil
@@ -82,6 +73,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     from prunetune.evaluation.perplexity import perplexity
     from prunetune.models.loading import load_model
     from prunetune.pruning.api import prune
+    from prunetune.pruning.calibrate import release_freed_memory as _trim
     from prunetune.pruning.masks import sparsity_report
 
     cfg = ROWS[name]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cli_helpers import cli_ok
 from prunetune.pruning.masks import MaskSet
@@ -50,10 +51,14 @@ def pruned(tmp_path, capsys) -> Path:
     return d
 
 
+def _rank_states(out: Path) -> tuple[dict, dict]:
+    """What each rank wrote at the end of training: global step and masks digest."""
+    return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
 def _check_two_ranks_kept_masks(out: Path, pruned: Path) -> None:
     want = MaskSet.load(pruned)
-    r0 = json.loads((out / "rank0.json").read_text())
-    r1 = json.loads((out / "rank1.json").read_text())
+    r0, r1 = _rank_states(out)
     assert r0["masks_digest"] == r1["masks_digest"] == masks_digest(want)  # the input dir's masks, on both ranks
     assert r0["global_step"] == r1["global_step"] == STEPS
     m = json.loads((out / "metrics.json").read_text())
@@ -61,8 +66,6 @@ def _check_two_ranks_kept_masks(out: Path, pruned: Path) -> None:
     assert MaskSet.load(out / "model").sparsity() == 0.5
 
     from transformers import AutoModelForSequenceClassification
-
-    from safetensors.torch import load_file
 
     before = load_file(pruned / "model.safetensors")
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")
@@ -95,8 +98,6 @@ def test_torchrun_ddp_full_finetune_keeps_pruned_zeros(tmp_path, pruned):
     _check_two_ranks_kept_masks(out, pruned)
     assert not (out / "adapter").exists()
     # the export re-applies the masks anyway; the Trainer's own checkpoints show the zeros held at every epoch
-    from safetensors.torch import load_file
-
     want = MaskSet.load(pruned)
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
     assert [c.name for c in ckpts] == ["checkpoint-2", f"checkpoint-{STEPS}"]
@@ -110,18 +111,11 @@ def test_torchrun_ddp_full_finetune_keeps_pruned_zeros(tmp_path, pruned):
 # ------------------------------------------------------------------------------------------------ PAYT
 @pytest.mark.slow
 def test_two_process_gloo_payt_identical_masks(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.fail("torchrun not found next to the python executable")
     out = tmp_path / "ddp"
-    env = {**os.environ, "PRUNETUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "prunetune.cli", "payt", "tiny-llama",
-           "--n-samples", "16", "--epochs", "2", "--batch-size", "4", "--max-length", "32", "--eval-samples", "8",
-           "--every-steps", "1", "--test-samples", "20", "--no-retention", "--out", str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    r0 = json.loads((out / "rank0.json").read_text())
-    r1 = json.loads((out / "rank1.json").read_text())
+    _launch([_launcher("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "prunetune.cli", "payt",
+             "tiny-llama", "--n-samples", "16", "--epochs", "2", "--batch-size", "4", "--max-length", "32",
+             "--eval-samples", "8", "--every-steps", "1", "--test-samples", "20", "--no-retention", "--out", str(out)])
+    r0, r1 = _rank_states(out)
     assert r0["masks_digest"] == r1["masks_digest"] and r0["masks_digest"]
     # (16 + 1 mixed) examples / (2 ranks x 4) = 3 steps x 2 epochs
     assert r0["global_step"] == r1["global_step"] == 6

@@ -94,8 +94,9 @@ def release_freed_memory() -> None:
     hold the previous block's temporaries as resident memory and the peak RSS would grow with the number of
     blocks rather than stay at one block's worth.
     """
-    if _libc():
-        _LIBC.malloc_trim(0)
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def bound_heap_growth() -> None:
@@ -107,8 +108,9 @@ def bound_heap_growth() -> None:
     allocates nothing that lives. A fixed threshold returns every freed tensor to the OS at once; the cost
     is a page fault per fresh page, small next to the matmuls that fill it. Process-wide and idempotent.
     """
-    if _libc():
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    libc = _libc()
+    if libc:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def _model_kwargs(model: nn.Module) -> dict:
