@@ -13,7 +13,6 @@ Every result names its metric, direction and protocol.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -58,28 +57,6 @@ def mean_pooled(encoder: nn.Module, tokenizer, texts: list[str], max_length: int
     return torch.cat(out)
 
 
-@torch.no_grad()
-def pseudo_perplexity(mlm: nn.Module, tokenizer, texts: list[str], max_length: int = 64, batch_size: int = 32) -> dict:
-    """exp(mean NLL) of each token predicted with itself masked (Salazar et al.), all positions batched."""
-    mask_id = tokenizer.mask_token_id
-    if mask_id is None:
-        raise PrunetuneError("pseudo-perplexity needs a tokenizer with a mask token")
-    nll, count = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"][0]
-        special = torch.tensor(tokenizer.get_special_tokens_mask(ids.tolist(), already_has_special_tokens=True),
-                               dtype=torch.bool)
-        positions = (~special).nonzero().flatten()
-        for s in range(0, positions.numel(), batch_size):
-            pos = positions[s : s + batch_size]
-            batch = ids.repeat(pos.numel(), 1)
-            batch[torch.arange(pos.numel()), pos] = mask_id
-            logits = mlm(input_ids=batch).logits[torch.arange(pos.numel()), pos].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, ids[pos], reduction="sum"))
-            count += pos.numel()
-    return {"value": math.exp(nll / max(count, 1)), "tokens": count}
-
-
 def retention(tuned: nn.Module, original_spec: str, tokenizer, *, data_dir: str | None = None,
               max_windows: int = 8, seqlen: int = 512, n_sentences: int = 128, max_length: int = 128,
               original: dict | None = None) -> dict:
@@ -111,13 +88,19 @@ def retention(tuned: nn.Module, original_spec: str, tokenizer, *, data_dir: str 
             except PrunetuneError:
                 mlm = None
             if mlm is not None:
+                from prunetune.data.sources import TextSource
+                from prunetune.evaluation.perplexity import pseudo_perplexity
+
                 _transplant(tuned, mlm)
-                r = pseudo_perplexity(mlm, tokenizer, texts[: max(1, n_sentences // 4)], max_length=64)
+                scored = texts[: max(1, n_sentences // 4)]
+                r = pseudo_perplexity(mlm, tokenizer, TextSource("\n".join(scored), src.name, src.variant),
+                                      max_sentences=None, max_length=64, progress=False)
                 result = {"metric": "wikitext2 MLM pseudo-perplexity (original MLM head + tuned encoder)",
                           "value": r["value"], "higher_is_better": False,
-                          "protocol": {"dataset": src.name, "variant": src.variant, "sentences": len(texts[: max(1, n_sentences // 4)]),
-                                       "max_length": 64, "masked_tokens": r["tokens"],
-                                       "reduction": "exp(mean NLL), each token masked in turn"}}
+                          "protocol": {"dataset": src.name, "variant": src.variant, "sentences": len(scored),
+                                       "min_chars": SENT_MIN_CHARS, "max_length": 64,
+                                       "masked_tokens": r["protocol"]["scored_tokens"],
+                                       "reduction": r["protocol"]["reduction"]}}
             else:
                 base = load_model(original_spec, "base").model.eval()
                 a = mean_pooled(get_adapter(tuned).backbone(), tokenizer, texts, max_length)
