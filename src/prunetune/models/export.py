@@ -6,16 +6,14 @@ masks go beside them (`masks.safetensors`) and a `manifest.json` says how the mo
 
 from __future__ import annotations
 
-import json
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from prunetune.errors import PrunetuneError
+from prunetune.rundir import atomic_dir  # noqa: F401  (re-exported: callers used to import it from here)
 
 
 def strip_quantization_config(model: torch.nn.Module) -> None:
@@ -50,21 +48,6 @@ def prepare_out_dir(out: Path | str, overwrite: bool = False) -> Path:
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
-
-
-@contextmanager
-def atomic_dir(out: Path | str, manifest: dict | None = None) -> Iterator[Path]:
-    """Yield a temp dir beside `out`; on success write the manifest and rename it to `out` (all or nothing)."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if manifest is not None:
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def save_hf_dir(model: torch.nn.Module, tokenizer: Any, out: Path | str, manifest: dict | None = None,
