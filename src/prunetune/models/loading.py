@@ -295,6 +295,11 @@ def _load_any(spec: str, task: str, dtype: torch.dtype, kw: dict):
     if spec in ALIASES:
         model, tok = _load_alias(spec, task, dtype, **kw)
         source = ALIASES[spec]
+    elif path.is_dir() and (path / "losparse.json").is_file():  # factorised LoSparse export (models/factorized.py)
+        from prunetune.models.factorized import load_factorized
+
+        model, tok = load_factorized(path, task, dtype)
+        source = str(path.resolve())
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise PrunetuneError(f"{path} is a directory without config.json: not a Hugging Face model directory")
