@@ -130,7 +130,7 @@ def eval_cmd(
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="windows / examples per forward (--pppl: masked copies per forward, at least 16)"),
     max_length: int = typer.Option(128, "--max-length", min=2, help="--task: truncate examples to this many tokens"),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="--task: stratified subset of the test split"),
-    seed: int = typer.Option(0, "--seed", help="--task: seed of the 80/10/10 split"),
+    seed: int = typer.Option(0, "--split-seed", "--seed", help="--task: seed of the 80/10/10 split (as finetune/payt --split-seed)"),
     text_column: str = typer.Option("text", "--text-column", help="text column of .csv/.jsonl data"),
     label_column: str = typer.Option("label", "--label-column", help="label column of .csv/.jsonl task data"),
     max_sentences: int = typer.Option(64, "--max-sentences", min=1, help="--pppl: first N non-empty lines"),
@@ -372,7 +372,7 @@ def prune_cmd(
 def _tune_config(task_type: str, task: str, lora: bool, lora_rank: int, lora_alpha: float, lora_dropout: float,
                  rslora: bool, kd: bool, kd_alpha: float, kd_temp: float, teacher: str, epochs: float,
                  lr: Optional[float], batch_size: int, max_length: int, n_samples: int, eval_samples: int, seed: int,
-                 test_samples: int,
+                 test_samples: int, split_seed: int,
                  mix: float, mix_source: str, mix_strategy: str, mix_sampling: str, data_dir: Optional[Path],
                  retention: bool, retention_windows: int):
     from prunetune.data.mixing import MixSpec
@@ -382,7 +382,7 @@ def _tune_config(task_type: str, task: str, lora: bool, lora_rank: int, lora_alp
         task=task_type, data=task, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         rslora=rslora, kd=kd, kd_alpha=kd_alpha, kd_temp=kd_temp, teacher=teacher, epochs=epochs, lr=lr,
         batch_size=batch_size, max_length=max_length, n_samples=n_samples or None, eval_samples=eval_samples or None,
-        test_samples=test_samples or None, seed=seed, mix=MixSpec(fraction=mix, source=mix_source, strategy=mix_strategy, sampling=mix_sampling, seed=seed),
+        test_samples=test_samples or None, seed=seed, split_seed=split_seed, mix=MixSpec(fraction=mix, source=mix_source, strategy=mix_strategy, sampling=mix_sampling, seed=seed),
         data_dir=str(data_dir) if data_dir else None, retention=retention, retention_windows=retention_windows,
     ).validate()
 
@@ -429,7 +429,8 @@ def finetune(
     n_samples: int = typer.Option(200, "--n-samples", help="training examples (0 = all)"),
     eval_samples: int = typer.Option(100, "--eval-samples", help="validation examples per epoch (0 = all)"),
     test_samples: int = typer.Option(0, "--test-samples", help="test examples scored (0 = the whole test split)"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="training seed (adapter init, data order); not the split"),
+    split_seed: int = typer.Option(0, "--split-seed", help="seed of the fixed train/validation/test split"),
     mix: float = typer.Option(0.0, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
     mix_source: str = typer.Option("wikitext2", "--mix-source"),
     mix_strategy: str = typer.Option("random", "--mix-strategy", "--dataset-mix-strategy"),
@@ -446,7 +447,8 @@ def finetune(
     from prunetune.tuning.trainer import finetune as run
 
     cfg = _tune_config(task_type, task, lora, lora_rank, lora_alpha, lora_dropout, rslora, kd, kd_alpha, kd_temp,
-                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, test_samples, mix, mix_source,
+                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, test_samples, split_seed,
+                       mix, mix_source,
                        mix_strategy, mix_sampling, data_dir, retention, retention_windows)
     r = run(model, cfg, out, resume=resume, overwrite=overwrite)
     if "timings" in r:
@@ -482,7 +484,8 @@ def payt(
     n_samples: int = typer.Option(200, "--n-samples", help="training examples (0 = all)"),
     eval_samples: int = typer.Option(100, "--eval-samples"),
     test_samples: int = typer.Option(0, "--test-samples", help="test examples scored (0 = the whole test split)"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="training seed (adapter init, data order); not the split"),
+    split_seed: int = typer.Option(0, "--split-seed", help="seed of the fixed train/validation/test split"),
     mix: float = typer.Option(0.05, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
     mix_source: str = typer.Option("wikitext2", "--mix-source"),
     mix_strategy: str = typer.Option("random", "--mix-strategy", "--dataset-mix-strategy", help="random | old_first"),
@@ -500,7 +503,8 @@ def payt(
     from prunetune.methods.payt import PaytSpec, full_evaluate as run_all, run_payt
 
     cfg = _tune_config(task_type, task, lora, lora_rank, lora_alpha, lora_dropout, rslora, kd, kd_alpha, kd_temp,
-                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, test_samples, mix, mix_source,
+                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, test_samples, split_seed,
+                       mix, mix_source,
                        mix_strategy, mix_sampling, data_dir, retention, retention_windows)
     if every_steps is not None and every_steps < 1:
         raise PrunetuneError(f"--every-steps must be >= 1, got {every_steps}")

@@ -54,6 +54,8 @@ class DataSpec(_Spec):
     ppl: list[str] = Field(default_factory=lambda: ["wikitext2", "bbc-news"], description="perplexity sources")
     ppl_split: str = "test"
     data_dir: str | None = Field(None, description="local WikiText-2 dir (else PRUNETUNE_DATA_DIR or the hub)")
+    split_seed: int = Field(0, description="seed of the fixed train/validation/test split of task data; the same "
+                            "in every stage, command and training seed, so every run is scored on the same test set")
 
 
 class PruneSpec(_Spec):
@@ -81,6 +83,16 @@ class PruneSpec(_Spec):
         return v
 
 
+class MixOptions(_Spec):
+    """Data mixing (PAYT): general text, labelled by the teacher, mixed into the task's training examples."""
+
+    fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of the training set added as general text")
+    source: str = Field("wikitext2", description="text source of the general samples")
+    split: str = "valid"
+    strategy: Literal["random", "old_first"] = "random"
+    sampling: Literal["first", "random"] = "first"
+
+
 class TuneSpec(_Spec):
     """LoRA (or full) fine-tuning; for a causal LM on text, for seq-cls on the labelled task."""
 
@@ -100,6 +112,10 @@ class TuneSpec(_Spec):
     n_samples: int | None = Field(None, ge=2, description="training examples when steps is None; None = all")
     eval_samples: int | None = Field(8, ge=1, description="held-out examples scored after each epoch")
     epochs: float = Field(1.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    teacher: str = Field("initial", description="KD teacher: initial | dense | PATH")
+    test_samples: int | None = Field(None, ge=1, description="test examples scored (None = the whole test split)")
+    mix: MixOptions = Field(default_factory=MixOptions)
 
 
 class PaytSpec(_Spec):

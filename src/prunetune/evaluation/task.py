@@ -68,6 +68,17 @@ def predict_classes(model, tokenizer, texts: Sequence[str], max_length: int = 12
     return preds
 
 
+def examples_digest(examples: Sequence[dict]) -> str:
+    """A short fingerprint of an evaluation set (texts and labels, order-free): equal digests = same test set."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for row in sorted(f"{e.get('label', '')}\t{e['text']}" for e in examples):
+        h.update(row.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
 def evaluate_classification(model, tokenizer, examples: Sequence[dict], max_length: int = 128,
                             batch_size: int = 16, *, split: str = "test", dataset: str | None = None,
                             progress: bool | None = None) -> dict:
@@ -92,6 +103,7 @@ def evaluate_classification(model, tokenizer, examples: Sequence[dict], max_leng
             "dataset": dataset,
             "split": split,
             "n": len(examples),
+            "examples_sha256": examples_digest(examples),
             "max_length": max_length,
             "truncation": "keep the first max_length tokens",
             "batch_size": batch_size,

@@ -99,9 +99,10 @@ def _task_metrics(recipe, loaded) -> dict:
     if recipe.model.task != "seq-cls":
         raise PrunetuneError("eval.task needs model.task: seq-cls (a classification head)")
     data = load_labelled(recipe.data.train)
-    test = split_labelled(data, seed=0)["test"]
+    test = split_labelled(data, seed=recipe.data.split_seed)["test"]
     r = evaluate_classification(loaded.model, loaded.tokenizer, test, max_length=recipe.tune.seqlen,
                                 dataset=data.name)
+    r["protocol"]["split_seed"] = recipe.data.split_seed
     return {f"task/{k}": {"value": r[k], "protocol": r["protocol"]} for k in ("accuracy", "macro_f1")}
 
 
@@ -196,17 +197,22 @@ def run_prune(state, out_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------------- finetune
 def tune_config(recipe, spec, seed: int, task: str | None = None):
     """The tuning module's `TuneConfig` for a recipe's `tune` settings (steps -> samples x 1 epoch)."""
+    from prunetune.data.mixing import MixSpec
     from prunetune.tuning.trainer import TuneConfig
 
     n_samples, epochs = spec.n_samples, spec.epochs
     if spec.steps is not None:
         n_samples, epochs = spec.steps * spec.batch_size, 1.0
+    mix = MixSpec(fraction=spec.mix.fraction, source=spec.mix.source, split=spec.mix.split,
+                  strategy=spec.mix.strategy, sampling=spec.mix.sampling, seed=seed)
     return TuneConfig(
         task=task or recipe.model.task, data=recipe.data.train, lora=spec.mode == "lora", lora_rank=spec.lora_rank,
         lora_alpha=spec.lora_alpha if spec.lora_alpha is not None else 2.0 * spec.lora_rank, rslora=spec.rslora,
         kd=spec.kd_alpha is not None, kd_alpha=spec.kd_alpha if spec.kd_alpha is not None else 0.5,
         kd_temp=spec.kd_temp, epochs=epochs, lr=spec.lr, batch_size=spec.batch_size, max_length=spec.seqlen,
-        n_samples=n_samples, eval_samples=spec.eval_samples, seed=seed, data_dir=recipe.data.data_dir,
+        n_samples=n_samples, eval_samples=spec.eval_samples, seed=seed, split_seed=recipe.data.split_seed,
+        data_dir=recipe.data.data_dir,
+        lora_dropout=spec.lora_dropout, teacher=spec.teacher, test_samples=spec.test_samples, mix=mix,
         retention=False, export=False, **_roles_kw(TuneConfig, spec),
     )
 
@@ -269,6 +275,15 @@ def sized_training_text(recipe, tokenizer, n_train: int | None, max_length: int,
     return path
 
 
+def _test_protocol(test: dict, res: dict, recipe) -> dict:
+    """How a tuning run's held-out score was measured, with a fingerprint of the exact test set it used."""
+    from prunetune.evaluation.task import examples_digest
+
+    examples = res.get("_test") or []
+    return {"what": test.get("protocol"), "model": "merged (the exported weights)", "n": len(examples),
+            "split_seed": recipe.data.split_seed, "examples_sha256": examples_digest(examples)}
+
+
 def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, task: str | None = None,
                    tokenizer=None) -> dict:
     """Fine-tune `model_spec` with the tuning module; returns {model, tokenizer, curves, metrics}."""
@@ -289,7 +304,7 @@ def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, 
         "seqlen": spec.seqlen, "lr": spec.lr, "data": res["data"], "teacher": res["teacher"]}}}
     for key in ("loss", "accuracy", "macro_f1"):
         if key in test:
-            metrics[f"heldout_{key}"] = {"value": test[key], "protocol": test.get("protocol")}
+            metrics[f"heldout_{key}"] = {"value": test[key], "protocol": _test_protocol(test, res, recipe)}
     metrics["train_seconds"] = {"value": res["timings"].get("train_s"), "protocol": {"what": "Trainer.train wall time"}}
     return {"model": res["_model"], "tokenizer": res["_tokenizer"], "curves": read_curves(work / "train_log.csv"),
             "metrics": metrics}
@@ -342,7 +357,7 @@ def run_payt(state, out_dir: Path) -> dict:
         "payt": pspec.to_dict(), "tune": cfg.to_dict()}}}
     for key in ("accuracy", "macro_f1", "loss"):
         if key in test:
-            metrics[f"payt_test_{key}"] = {"value": test[key], "protocol": test.get("protocol")}
+            metrics[f"payt_test_{key}"] = {"value": test[key], "protocol": _test_protocol(test, res, recipe)}
     metrics["train_seconds"] = {"value": res["timings"].get("train_s"), "protocol": {"what": "Trainer.train wall time"}}
     return {"metrics": metrics}
 

@@ -63,7 +63,8 @@ class TuneConfig:
     n_samples: int | None = 200
     eval_samples: int | None = 100
     test_samples: int | None = None  # None = the whole test split (reported numbers); tests use fewer
-    seed: int = 0
+    seed: int = 0  # training randomness (adapter init, data order, subsample of the train split)
+    split_seed: int = 0  # train/validation/test split: no training seed changes the test set
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     mix: MixSpec = field(default_factory=lambda: MixSpec(fraction=0.0))
@@ -169,12 +170,12 @@ def load_task_data(cfg: TuneConfig, tokenizer=None) -> dict:
         from prunetune.data.sources import load_labelled
 
         data = load_labelled(cfg.data)
-        parts = split_labelled(data, seed=cfg.seed)
+        parts = split_labelled(data, seed=cfg.split_seed)
         if not parts["train"] or not parts["test"]:
             raise PrunetuneError(f"task data '{cfg.data}' is too small to split into train/validation/test")
         return {"train": subsample(parts["train"], cfg.n_samples, cfg.seed),
-                "validation": subsample(parts["validation"] or parts["test"], cfg.eval_samples, cfg.seed),
-                "test": subsample(parts["test"], cfg.test_samples, cfg.seed), "label_names": data.label_names,
+                "validation": subsample(parts["validation"] or parts["test"], cfg.eval_samples, cfg.split_seed),
+                "test": subsample(parts["test"], cfg.test_samples, cfg.split_seed), "label_names": data.label_names,
                 "name": data.name}
     from prunetune.data.sources import load_text
 
@@ -184,7 +185,7 @@ def load_task_data(cfg: TuneConfig, tokenizer=None) -> dict:
     chunks = _lm_chunks(tokenizer, src.text, cfg.max_length)
     if len(chunks) < 3:
         raise PrunetuneError(f"text '{src.name}' is too short: {len(chunks)} pieces of {cfg.max_length} tokens")
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.split_seed)
     rng.shuffle(chunks)
     n_test = max(1, len(chunks) // 10)
     test, val, train = chunks[:n_test], chunks[n_test : 2 * n_test], chunks[2 * n_test :]
@@ -427,7 +428,7 @@ def _task_eval(model, tokenizer, data: dict, cfg: TuneConfig) -> dict:
         preds = predict_classes(model, tokenizer, data["test"], cfg.max_length)
         labels = [e["label"] for e in data["test"]]
         return {**classification_metrics(preds, labels), "predictions": preds, "n": len(labels),
-                "protocol": f"{data['name']} test split (seeded stratified 80/10/10, seed {cfg.seed}), "
+                "protocol": f"{data['name']} test split (seeded stratified 80/10/10, split seed {cfg.split_seed}), "
                             f"max_length {cfg.max_length}"}
     r = lm_loss(model, tokenizer, data["test"], cfg.max_length)
     return {**r, "protocol": f"{data['name']} held-out pieces of ~{cfg.max_length} tokens, mean token NLL"}
