@@ -283,3 +283,29 @@ def test_calibration_batch_size_changes_nothing_but_memory(method):
                 agree = ref_masks[n] == masks[n]
                 assert agree.float().mean() > 0.995
                 assert torch.allclose(ref_w[n][agree], weights[n][agree], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_pruning_again_keeps_earlier_zeros(tiny_llama, method):
+    """Bug 3 through the engine: 30% then 50% on the same model ends at exactly 50% per layer, and no weight
+    pruned at 30% is alive afterwards (SparseGPT's OBS update used to revive some)."""
+    model = tiny_llama.model
+    first = prune(model, method, 0.3, granularity="layer", calib=_ids())
+    zeros30 = {n: lin.weight == 0 for n, lin in _linears(model).items()}
+    second = prune(model, method, 0.5, granularity="layer", calib=_ids())
+    for name, lin in _linears(model).items():
+        assert not (zeros30[name] & (lin.weight != 0)).any(), name
+        assert int((lin.weight == 0).sum()) == lin.weight.numel() // 2, name
+        assert torch.equal(second[name], lin.weight != 0) and not (second[name] & ~first[name]).any()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_previous_masks_stay_pruned(tiny_llama, method):
+    """`previous=` masks not yet applied to the weights (an ordering round after fine-tuning) are honoured."""
+    model = tiny_llama.model
+    previous = MaskSet({n: torch.rand(lin.weight.shape, generator=torch.Generator().manual_seed(5)) > 0.2
+                        for n, lin in _linears(model).items()})
+    masks = prune(model, method, 0.5, granularity="layer", calib=_ids(), previous=previous)
+    for name, lin in _linears(model).items():
+        assert not (masks[name] & ~previous[name]).any(), name
+        assert int((lin.weight == 0).sum()) == lin.weight.numel() // 2, name

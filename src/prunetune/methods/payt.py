@@ -127,7 +127,7 @@ def _engine_masks(model, criterion, sparsity, prev, tokenizer, calib_text, nsamp
     ctx = disable() if callable(disable) else _null()
     with ctx:  # score the base model the masks act on
         masks = prune(target, criterion, sparsity, calib=TextSource(calib_text, "train-text", "task"),
-                      tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen)
+                      tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, previous=prev)
     masks = MaskSet({n.replace(".base_layer", ""): m for n, m in masks.items()})  # plain-model names
     if len(prev):
         for n in masks.names():

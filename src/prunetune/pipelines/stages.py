@@ -162,9 +162,9 @@ def prune_model(loaded, recipe, spec, seed: int, previous=None) -> tuple:
     t0 = time.perf_counter()
     masks = prune(loaded.model, spec.method, spec.sparsity, pattern=spec.pattern, granularity=spec.granularity,
                   calib=calib, tokenizer=loaded.tokenizer, nsamples=spec.nsamples, seqlen=spec.seqlen,
-                  skip=spec.skip, seed=seed)
+                  skip=spec.skip, seed=seed, previous=previous)
     seconds = time.perf_counter() - t0
-    if previous is not None:  # pruning again keeps what was pruned before
+    if previous is not None:  # prune() kept what was pruned before; layers it skipped keep their masks too
         for k, m in previous.items():
             masks[k] = masks[k] & m if k in masks else m
         masks.apply(loaded.model)

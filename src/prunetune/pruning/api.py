@@ -117,7 +117,8 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
           granularity: str = "row", calib=None, tokenizer=None, nsamples: int = 32, seqlen: int = 512,
           skip: list[str] | None = None, device: str | torch.device | None = None, seed: int = 0,
           progress: bool | None = None, batch_size: int = 4,
-          stats_hook: Callable[[str, object], None] | None = None) -> MaskSet:
+          stats_hook: Callable[[str, object], None] | None = None,
+          previous: MaskSet | dict[str, torch.Tensor] | None = None) -> MaskSet:
     """Prune `model` in place and return its MaskSet (keyed by module name of the unwrapped model).
 
     `calib`: LongTensor [n, seqlen] of token ids, a `TextSource`, or a source name (`wikitext2`, `bbc-news`,
@@ -125,6 +126,9 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     wanda and sparsegpt; magnitude ignores it. `skip`: regexes of module names to leave dense.
     `device`: where calibration runs (one block at a time); the model stays where it is.
     `stats_hook(name, stats)` sees each layer's calibration statistics (for tests and diagnostics).
+    `previous`: keep-masks of an earlier pruning. Pruning only ever adds zeros: weights outside `previous`,
+    and weights that are already exactly zero, stay pruned and count towards `sparsity` (SparseGPT treats
+    them as pruned in its OBS updates, so its compensation accounts for them).
     """
     nm = validate(method, sparsity, pattern, granularity)
     if nm is not None:
@@ -148,37 +152,40 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
         if int(ids.max()) >= vocab or int(ids.min()) < 0:
             raise PrunetuneError(f"calibration token ids fall outside the model's vocabulary of {vocab}")
 
+    prior = _prior(targets, previous)
     torch.manual_seed(seed)
     calibrate.bound_heap_growth()
     masks = MaskSet()
     blocks = adapter.blocks()
 
     if method == "magnitude" and granularity == "global":
-        scores = {n: magnitude_scores(lin.weight) for n, lin in targets.items()}
-        _apply(targets, global_masks(scores, sparsity), masks)
+        scores = {n: _floor(magnitude_scores(lin.weight), lin.weight, prior, n, granularity) for n, lin in targets.items()}
+        _apply(targets, global_masks(scores, sparsity), masks, prior)
     elif method == "magnitude":
         # block by block, so only one block's scores exist at a time
         for b in blocks:
             names = [k for k in (calibrate.layer_key(adapter, x) for x in b.linears.values()) if k in targets]
-            scores = {n: magnitude_scores(targets[n].weight) for n in names}
-            _apply(targets, _masks_from_scores(adapter, [b], scores, sparsity, granularity, nm), masks)
+            scores = {n: _floor(magnitude_scores(targets[n].weight), targets[n].weight, prior, n, granularity) for n in names}
+            _apply(targets, _masks_from_scores(adapter, [b], scores, sparsity, granularity, nm), masks, prior)
     elif method == "wanda" and (granularity == "global" or getattr(root.config, "is_encoder_decoder", False)):
         stats = calibrate.collect_all(model, ids, lambda n, lin, dev: ColumnNormStats(lin.in_features, dev),
                                       set(targets), batch_size=batch_size, progress=progress)
         if stats_hook:
             for n, st in stats.items():
                 stats_hook(n, st)
-        scores = {n: wanda_scores(targets[n].weight, st.norms()) for n, st in stats.items()}
+        scores = {n: _floor(wanda_scores(targets[n].weight, st.norms()), targets[n].weight, prior, n,
+                                granularity)
+                  for n, st in stats.items()}
         new = global_masks(scores, sparsity) if granularity == "global" else \
             _masks_from_scores(adapter, blocks, scores, sparsity, granularity, nm)
-        _apply(targets, new, masks)
+        _apply(targets, new, masks, prior)
     elif method == "sparsegpt" and getattr(root.config, "is_encoder_decoder", False):
         stats = calibrate.collect_all(model, ids, lambda n, lin, dev: HessianStats(lin.in_features, dev),
                                       set(targets), batch_size=batch_size, progress=progress)
         for n, st in stats.items():
             if stats_hook:
                 stats_hook(n, st)
-            _sparsegpt_layer(n, targets[n], st, sparsity, nm, granularity, masks)
+            _sparsegpt_layer(n, targets[n], st, sparsity, nm, granularity, masks, prior)
     else:
         factory = (lambda n, lin, dev: ColumnNormStats(lin.in_features, dev)) if method == "wanda" else \
             (lambda n, lin, dev: HessianStats(lin.in_features, dev))
@@ -188,27 +195,71 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
                 for n, st in stats.items():
                     stats_hook(n, st)
             if method == "wanda":
-                scores = {n: wanda_scores(targets[n].weight, st.norms()) for n, st in stats.items()}
-                _apply(targets, _masks_from_scores(adapter, [block], scores, sparsity, granularity, nm), masks)
+                scores = {n: _floor(wanda_scores(targets[n].weight, st.norms()), targets[n].weight, prior, n,
+                                granularity)
+                          for n, st in stats.items()}
+                _apply(targets, _masks_from_scores(adapter, [block], scores, sparsity, granularity, nm), masks,
+                       prior)
             else:
                 for n, st in stats.items():
-                    _sparsegpt_layer(n, targets[n], st, sparsity, nm, granularity, masks)
+                    _sparsegpt_layer(n, targets[n], st, sparsity, nm, granularity, masks, prior)
 
         calibrate.sequential(model, ids, factory, on_block, targets=set(targets), device=device,
                              batch_size=batch_size, progress=progress)
     return masks
 
 
-def _apply(targets: dict[str, nn.Linear], new: dict[str, torch.Tensor], masks: MaskSet) -> None:
+def _prior(targets: dict[str, nn.Linear], previous) -> dict[str, torch.Tensor]:
+    """The previous keep-masks of the targets, shapes checked before anything is pruned."""
+    prior = {}
+    for name, prev in (previous or {}).items():
+        if name not in targets:
+            continue
+        shape = tuple(targets[name].weight.shape)
+        if tuple(prev.shape) != shape:
+            raise PrunetuneError(f"previous mask for '{name}' has shape {tuple(prev.shape)}, weight {shape}")
+        prior[name] = prev.to(torch.bool)
+    return prior
+
+
+def _alive(name: str, weight: torch.Tensor, prior: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Keep-mask of what is still alive: not already zero and inside the previous mask; None when all is.
+
+    Built per layer on demand, so a dense model costs no extra memory."""
+    alive = weight.detach() != 0
+    if name in prior:
+        alive &= prior[name].to(alive.device)
+    return None if bool(alive.all()) else alive
+
+
+def _floor(scores: torch.Tensor, weight: torch.Tensor, prior: dict[str, torch.Tensor], name: str,
+           granularity: str) -> torch.Tensor:
+    """Already-pruned weights score lowest, so an unstructured selection takes them first and counts them.
+
+    Structured granularities sum scores over a group, where one -inf would condemn the whole group; there the
+    prior is only intersected afterwards (`_apply`)."""
+    if granularity in STRUCTURES or granularity in ("rows", "cols"):
+        return scores
+    alive = _alive(name, weight, prior)
+    return scores if alive is None else scores.masked_fill(~alive.to(scores.device), float("-inf"))
+
+
+def _apply(targets: dict[str, nn.Linear], new: dict[str, torch.Tensor], masks: MaskSet,
+           prior: dict[str, torch.Tensor]) -> None:
     for name, mask in new.items():
         w = targets[name].weight
+        alive = _alive(name, w, prior)
+        if alive is not None:
+            mask = mask & alive.to(mask.device)
         w.mul_(mask.to(device=w.device, dtype=w.dtype))
         masks[name] = mask.cpu()
 
 
 def _sparsegpt_layer(name: str, lin: nn.Linear, st: HessianStats, sparsity: float, nm, granularity: str,
-                     masks: MaskSet) -> None:
+                     masks: MaskSet, prior: dict[str, torch.Tensor]) -> None:
     w = lin.weight
-    new_w, keep = sparsegpt_prune(w.to(st.H.device), st.H, sparsity, pattern=nm, per=granularity)
+    prev = prior.get(name)  # zeros in the weight are forced by sparsegpt_prune itself
+    new_w, keep = sparsegpt_prune(w.to(st.H.device), st.H, sparsity, pattern=nm, per=granularity,
+                                  keep=None if prev is None else prev.to(st.H.device))
     w.copy_(new_w.to(device=w.device, dtype=w.dtype))
     masks[name] = keep.cpu()
