@@ -147,7 +147,7 @@ class LlamaAdapter(ArchAdapter):
 
 class BertAdapter(ArchAdapter):
     family = "bert"
-    model_types = ("bert", "roberta", "xlm-roberta", "distilbert")
+    model_types = ("bert", "roberta", "xlm-roberta")
 
     def _block_modules(self):
         return [("encoder", m) for m in self.backbone().encoder.layer]
@@ -164,6 +164,28 @@ class BertAdapter(ArchAdapter):
 
     def mlp_width(self) -> int:
         return self.config.intermediate_size
+
+
+class DistilBertAdapter(BertAdapter):
+    """DistilBERT: BERT's geometry under other names (`q_lin k_lin v_lin out_lin`, `ffn.lin1 ffn.lin2`)."""
+
+    family = "bert"
+    model_types = ("distilbert",)
+
+    def _block_modules(self):
+        return [("encoder", m) for m in self.backbone().transformer.layer]
+
+    def _block_linears(self, block, stack):
+        a = block.attention
+        return {"q": a.q_lin, "k": a.k_lin, "v": a.v_lin, "o": a.out_lin, "up": block.ffn.lin1,
+                "down": block.ffn.lin2}
+
+    def attention(self) -> AttentionGeometry:
+        c = self.config
+        return AttentionGeometry(c.n_heads, c.n_heads, c.dim // c.n_heads, c.dim)
+
+    def mlp_width(self) -> int:
+        return self.config.hidden_dim
 
 
 class T5Adapter(ArchAdapter):
@@ -200,7 +222,7 @@ class T5Adapter(ArchAdapter):
         return self.config.d_ff
 
 
-ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, BertAdapter, T5Adapter)
+ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, BertAdapter, DistilBertAdapter, T5Adapter)
 
 
 def get_adapter(model: nn.Module) -> ArchAdapter:

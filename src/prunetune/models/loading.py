@@ -143,6 +143,57 @@ def tiny_config(alias: str):
     raise PrunetuneError(f"unknown tiny model '{alias}'")
 
 
+# Tiny random configs of every model type the architecture adapters claim (tests, the architecture table).
+# Small enough that the whole table runs in seconds, large enough for every granularity: 4 heads (2 KV heads
+# for the GQA families), N:M 2:4 divisible widths, 2 blocks per stack.
+_DECODER = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                tie_word_embeddings=False)
+_ENCODER = dict(vocab_size=261, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256, pad_token_id=0)
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": _DECODER,
+    "mistral": {**_DECODER, "sliding_window": None},
+    "qwen2": _DECODER,  # q/k/v projections carry biases in this family
+    "qwen3": {**_DECODER, "head_dim": 16},  # q_norm / k_norm over head_dim
+    "bert": _ENCODER,
+    "roberta": {**_ENCODER, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3},
+    "xlm-roberta": {**_ENCODER, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3},
+    "distilbert": dict(vocab_size=261, dim=64, hidden_dim=128, n_layers=2, n_heads=4, max_position_embeddings=256,
+                       pad_token_id=0),
+    "t5": dict(vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+    "mt5": dict(vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False),
+}
+TINY_TOKENIZER_KIND = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "bert": "bert",
+                       "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "t5": "t5", "mt5": "t5"}
+
+
+def tiny_model(model_type: str, task: str = "base", *, num_labels: int | None = None, seed: int = 0,
+               **overrides) -> Loaded:
+    """A seeded random model of `model_type` (a key of TINY_CONFIGS) with the head for `task`.
+
+    The tokenizer is the byte-level one the tiny aliases use, so the model saves and reloads as a complete
+    plain HF directory.
+    """
+    from transformers import AutoConfig
+
+    if model_type not in TINY_CONFIGS:
+        raise PrunetuneError(f"no tiny config for model type '{model_type}'; known: {', '.join(TINY_CONFIGS)}")
+    if task not in TASKS:
+        raise PrunetuneError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides,
+                                                 **_task_kwargs(task, num_labels, None)})
+    cls = _auto_class(task, bool(getattr(config, "is_encoder_decoder", False)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls.from_config(config, dtype=torch.float32)
+    tok = tiny_tokenizer(TINY_TOKENIZER_KIND[model_type])
+    return Loaded(_finish(model, tok, task), tok, f"tiny:{model_type}", f"random tiny {model_type}, seed {seed}", task)
+
+
 # ------------------------------------------------------------------------------------------ class choice
 def _auto_class(task: str, is_encoder_decoder: bool):
     import transformers as tf
