@@ -309,3 +309,22 @@ def test_previous_masks_stay_pruned(tiny_llama, method):
     for name, lin in _linears(model).items():
         assert not (masks[name] & ~previous[name]).any(), name
         assert int((lin.weight == 0).sum()) == lin.weight.numel() // 2, name
+
+
+def test_sparsegpt_default_is_the_papers_block_selection():
+    """Bug 4: SparseGPT's default selection is adaptive over each whole 128-column block (`layer`), so rows
+    of a layer end with different counts while the layer's total is exact; `row` stays available."""
+    from prunetune.config import PruneSpec
+    from prunetune.pruning.api import resolve_granularity
+
+    a, b, c = (load_model("tiny-llama", "causal-lm") for _ in range(3))
+    default = prune(a.model, "sparsegpt", 0.3, calib=_ids(4, 32))
+    layer = prune(b.model, "sparsegpt", 0.3, granularity="layer", calib=_ids(4, 32))
+    row = prune(c.model, "sparsegpt", 0.3, granularity="row", calib=_ids(4, 32))
+    assert all(torch.equal(default[n], layer[n]) for n in default.names())
+    per_row = {int(x) for n in default.names() for x in (~default[n]).sum(1)}
+    assert len(per_row) > 1  # the block-wide choice prunes rows unevenly
+    assert all(((~row[n]).sum(1) == math.floor(0.3 * row[n].shape[1])).all() for n in row.names())
+    assert PruneSpec().granularity is None
+    assert resolve_granularity("sparsegpt", None) == "layer" and resolve_granularity("wanda", None) == "row"
+    assert resolve_granularity("sparsegpt", "row") == "row"

@@ -271,7 +271,7 @@ def prune_cmd(
     method: str = typer.Option("wanda", "--method", help="magnitude | wanda | sparsegpt"),
     sparsity: float = typer.Option(0.5, "--sparsity", help="fraction of weights to prune, in [0, 1)"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured pattern, e.g. 2:4 (overrides --sparsity)"),
-    granularity: str = typer.Option("row", "--granularity", help="row | layer | global | rows | cols | heads | neurons"),
+    granularity: Optional[str] = typer.Option(None, "--granularity", help="row | layer | global | rows | cols | heads | neurons (default: sparsegpt layer, others row)"),
     calib: str = typer.Option("bbc-news", "--calib", help="calibration text: bbc-news | wikitext2 | FILE (.txt/.csv/.jsonl)"),
     calib_split: Optional[str] = typer.Option(None, "--calib-split", help="split of --calib (default: valid for wikitext2, else train)"),
     nsamples: int = typer.Option(32, "--nsamples", min=1, help="calibration windows"),
@@ -295,12 +295,13 @@ def prune_cmd(
     from prunetune.manifest import build_manifest
     from prunetune.models.export import prepare_out_dir, save_hf_dir
     from prunetune.models.loading import load_model, natural_task
-    from prunetune.pruning.api import default_calib_split, prune, validate
+    from prunetune.pruning.api import default_calib_split, prune, resolve_granularity, validate
     from prunetune.pruning.masks import sparsity_report
 
     t_start = time.perf_counter()
     # everything that can be checked without the model is checked first: a typo fails in a second
     validate(method, sparsity, pattern, granularity)
+    granularity = resolve_granularity(method, granularity)
     if device not in (None, "cpu") and not str(device).startswith("cuda"):
         raise PrunetuneError(f"unknown --device '{device}'; choose cpu or cuda")
     if device and device.startswith("cuda"):

@@ -64,7 +64,9 @@ class PruneSpec(_Spec):
     method: Literal["wanda", "magnitude", "sparsegpt"] = "wanda"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     pattern: str | None = Field(None, description="N:M pattern such as '2:4' (overrides sparsity)")
-    granularity: Literal["row", "layer", "global"] = "row"
+    granularity: Literal["row", "layer", "global"] | None = Field(
+        None, description="None = the method's default: sparsegpt 'layer' (the paper's selection over each "
+        "128-column block), magnitude and wanda 'row'")
     nsamples: int = Field(16, ge=1)
     seqlen: int = Field(256, ge=2)
     skip: list[str] | None = Field(None, description="regexes of module names left dense")

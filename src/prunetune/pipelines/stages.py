@@ -175,6 +175,8 @@ def prune_model(loaded, recipe, spec, seed: int, previous=None) -> tuple:
 
 def run_prune(state, out_dir: Path) -> dict:
     """One-shot pruning through the engine; saves the pruned model, masks and dense/pruned histograms."""
+    from prunetune.pruning.api import resolve_granularity
+
     spec = state.spec
     loaded = state.load()
     names = chosen_layers(loaded.model)
@@ -189,7 +191,8 @@ def run_prune(state, out_dir: Path) -> dict:
     return {"metrics": {
         "sparsity": metric,
         "prune_seconds": {"value": seconds, "protocol": {"method": spec.method, "pattern": spec.pattern,
-                                                         "granularity": spec.granularity, "calibration": calib_desc,
+                                                         "granularity": resolve_granularity(spec.method, spec.granularity),
+                                                         "calibration": calib_desc,
                                                          "threads": torch.get_num_threads()}},
     }}
 
