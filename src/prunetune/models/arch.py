@@ -65,6 +65,11 @@ def base_linear(module: nn.Module) -> nn.Linear:
 class ArchAdapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
+    # Structures `structured.shrink` can remove physically so that stock transformers still loads the model:
+    # each needs a config field that sets its width uniformly for every layer (see `set_width`).
+    shrinkable: tuple[str, ...] = ()
+    # What normalises the residual stream: "rms" (RMSNorm, hidden channels can go) or "layer" (LayerNorm).
+    norm_kind: str = "layer"
 
     def __init__(self, model: nn.Module) -> None:
         self.root = unwrap(model)
@@ -83,6 +88,26 @@ class ArchAdapter:
 
     def mlp_width(self) -> int:
         raise NotImplementedError
+
+    def set_width(self, kind: str, kept: int) -> None:
+        """Write a shrunk uniform width into the config (`kept` KV groups for heads, else channels)."""
+        raise PrunetuneError(f"{self.family} models cannot shrink '{kind}' and still load in stock transformers")
+
+    def hidden_norms(self) -> list[nn.Module]:
+        """Every norm over the residual stream (per block and final); only RMSNorm families define it."""
+        raise PrunetuneError(
+            f"hidden-dimension pruning needs an RMSNorm family; {self.config.model_type} normalises with "
+            f"LayerNorm, whose mean and variance over the channels change when channels go")
+
+    def output_heads(self) -> list[nn.Linear]:
+        """Linear heads reading the final hidden state (LM head, classifier `score`)."""
+        hidden = self.attention().hidden_size
+        out = []
+        for name in ("lm_head", "score", "classifier"):
+            mod = getattr(self.root, name, None)
+            if isinstance(mod, nn.Linear) and mod.in_features == hidden:
+                out.append(mod)
+        return out
 
     # -- shared ------------------------------------------------------------------------------------
     def name_of(self, module: nn.Module) -> str:
@@ -126,6 +151,8 @@ class ArchAdapter:
 class LlamaAdapter(ArchAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3")
+    shrinkable = ("heads", "neurons", "hidden")
+    norm_kind = "rms"
 
     def _block_modules(self):
         return [("decoder", m) for m in self.backbone().layers]
@@ -144,10 +171,27 @@ class LlamaAdapter(ArchAdapter):
     def mlp_width(self) -> int:
         return self.config.intermediate_size
 
+    def set_width(self, kind: str, kept: int) -> None:
+        c, g = self.config, self.attention()
+        if kind == "heads":  # head_dim is written explicitly: hidden_size // heads would no longer give it
+            c.head_dim, c.num_key_value_heads, c.num_attention_heads = g.head_dim, kept, kept * g.kv_groups
+        elif kind == "neurons":
+            c.intermediate_size = kept
+        elif kind == "hidden":
+            c.head_dim, c.hidden_size = g.head_dim, kept
+        else:
+            super().set_width(kind, kept)
+
+    def hidden_norms(self) -> list[nn.Module]:
+        bb = self.backbone()
+        return [n for layer in bb.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [bb.norm]
+
 
 class BertAdapter(ArchAdapter):
     family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta")
+    # Heads cannot shrink: BERT derives the head size as hidden_size / num_attention_heads (no head_dim field).
+    shrinkable = ("neurons",)
 
     def _block_modules(self):
         return [("encoder", m) for m in self.backbone().encoder.layer]
@@ -164,6 +208,11 @@ class BertAdapter(ArchAdapter):
 
     def mlp_width(self) -> int:
         return self.config.intermediate_size
+
+    def set_width(self, kind: str, kept: int) -> None:
+        if kind != "neurons":
+            super().set_width(kind, kept)
+        self.config.intermediate_size = kept
 
 
 class DistilBertAdapter(BertAdapter):
@@ -187,10 +236,16 @@ class DistilBertAdapter(BertAdapter):
     def mlp_width(self) -> int:
         return self.config.hidden_dim
 
+    def set_width(self, kind: str, kept: int) -> None:
+        if kind != "neurons":
+            ArchAdapter.set_width(self, kind, kept)
+        self.config.hidden_dim = kept
+
 
 class T5Adapter(ArchAdapter):
     family = "t5"
     model_types = ("t5", "mt5")
+    shrinkable = ("neurons",)  # d_ff is one width for both stacks; heads would need relative-bias surgery
 
     def backbone(self) -> nn.Module:
         return self.root
@@ -220,6 +275,11 @@ class T5Adapter(ArchAdapter):
 
     def mlp_width(self) -> int:
         return self.config.d_ff
+
+    def set_width(self, kind: str, kept: int) -> None:
+        if kind != "neurons":
+            super().set_width(kind, kept)
+        self.config.d_ff = kept
 
 
 ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, BertAdapter, DistilBertAdapter, T5Adapter)
