@@ -81,12 +81,14 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     from prunetune.evaluation.perplexity import perplexity
     from prunetune.models.loading import load_model
     from prunetune.pruning.api import prune
+    from prunetune.pruning.calibrate import bound_heap_growth
     from prunetune.pruning.calibrate import release_freed_memory as _trim
     from prunetune.pruning.masks import sparsity_report
 
     cfg = ROWS[name]
     import prunetune.pruning.api  # noqa: F401  (libraries imported before the baseline is taken)
 
+    bound_heap_growth()  # as the `prunetune prune` command does: prune() itself leaves malloc settings alone
     _trim()
     rss_before_model = psutil.Process().memory_info().rss
     loaded = load_model("smollm2-135m", "causal-lm")

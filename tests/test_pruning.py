@@ -328,3 +328,29 @@ def test_sparsegpt_default_is_the_papers_block_selection():
     assert PruneSpec().granularity is None
     assert resolve_granularity("sparsegpt", None) == "layer" and resolve_granularity("wanda", None) == "row"
     assert resolve_granularity("sparsegpt", "row") == "row"
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_leaves_process_state_alone(tiny_llama, method, monkeypatch):
+    """Bug 2: prune() used to call torch.manual_seed(seed) (resetting dropout in a PAYT run at every pruning
+    event) and to change glibc's mmap threshold for the whole process. Neither may happen."""
+    from prunetune.data.sources import TextSource
+    from prunetune.pruning import calibrate
+
+    calls: list[str] = []
+
+    class FakeLibc:
+        def malloc_trim(self, _pad):
+            calls.append("malloc_trim")
+
+        def mallopt(self, *_args):
+            calls.append("mallopt")
+
+    monkeypatch.setattr(calibrate, "_LIBC", FakeLibc())
+    torch.manual_seed(1234)
+    torch.rand(3)
+    state = torch.get_rng_state()
+    text = TextSource("the cat sat on the mat and looked at the dog " * 400, "cats", "test")
+    prune(tiny_llama.model, method, 0.5, calib=text, tokenizer=tiny_llama.tokenizer, nsamples=4, seqlen=32, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert "mallopt" not in calls

@@ -335,6 +335,9 @@ def prune_cmd(
 
     if ppl_src is not None:
         _ppl("before")
+    from prunetune.pruning.calibrate import bound_heap_growth
+
+    bound_heap_growth()  # this process only prunes (and evaluates): free tensors go back to the OS at once
     t = time.perf_counter()
     masks = prune(loaded.model, method, sparsity, pattern=pattern, granularity=granularity, calib=ids,
                   tokenizer=loaded.tokenizer, nsamples=nsamples, seqlen=seqlen, skip=skip, device=device, seed=seed,

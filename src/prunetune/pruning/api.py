@@ -138,6 +138,10 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     wanda and sparsegpt; magnitude ignores it. `skip`: regexes of module names to leave dense.
     `granularity`: None = the method's default (`DEFAULT_GRANULARITY`: SparseGPT `layer`, the others `row`).
     `device`: where calibration runs (one block at a time); the model stays where it is.
+    Process state is left alone: calibration windows are drawn with a local generator seeded by `seed` (the
+    global RNG is neither read nor reseeded, so dropout in a training loop around it keeps its stream), and
+    glibc's allocator settings are unchanged (a process that only prunes may call
+    `calibrate.bound_heap_growth()` itself, as the `prune` command and the benchmark do).
     `stats_hook(name, stats)` sees each layer's calibration statistics (for tests and diagnostics).
     `previous`: keep-masks of an earlier pruning. Pruning only ever adds zeros: weights outside `previous`,
     and weights that are already exactly zero, stay pruned and count towards `sparsity` (SparseGPT treats
@@ -167,8 +171,6 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
             raise PrunetuneError(f"calibration token ids fall outside the model's vocabulary of {vocab}")
 
     prior = _prior(targets, previous)
-    torch.manual_seed(seed)
-    calibrate.bound_heap_growth()
     masks = MaskSet()
     blocks = adapter.blocks()
 

@@ -106,7 +106,12 @@ def bound_heap_growth() -> None:
     size come from the heap, where the masks kept between them pin the freed space: pruning SmolLM2-135M
     then peaked ~0.4 x the model size above what it finally holds, even for magnitude pruning, which
     allocates nothing that lives. A fixed threshold returns every freed tensor to the OS at once; the cost
-    is a page fault per fresh page, small next to the matmuls that fill it. Process-wide and idempotent.
+    is a page fault per fresh page, small next to the matmuls that fill it.
+
+    Process-wide, idempotent and irreversible (glibc cannot switch its dynamic threshold back on), and a
+    fault per fresh page would slow a training loop that allocates activations at every step. So it is
+    opt-in: `prune()` never calls it; processes that only prune (the `prunetune prune` command,
+    `benchmarks/pruning.py`) call it once before pruning.
     """
     libc = _libc()
     if libc:
