@@ -160,7 +160,8 @@ def test_all_three_structures_on_llama(tmp_path):
     summary = shrink(model, plan)
     assert {k: v["after"] for k, v in summary.items()} == {"heads": 1, "neurons": 64, "hidden": 48}
     assert float((_logits(model) - masked).abs().max()) <= 1e-3
-    assert model.config.prunetune_shrink == {"heads": 1, "neurons": 64, "hidden": 48}
+    assert model.config.prunetune_shrink == {"heads": {"before": 2, "after": 1}, "neurons": {"before": 128, "after": 64},
+                                             "hidden": {"before": 64, "after": 48}}
     assert_config_matches_shapes(model)
     assert torch.equal(_logits(_reload(model, tmp_path, "AutoModelForCausalLM")), _logits(model))
 
@@ -214,3 +215,22 @@ def test_bad_inputs_are_one_line_errors():
     assert "\n" not in str(e.value)
     with pytest.raises(PrunetuneError, match="bert models cannot shrink heads: its config has no head_dim"):
         shrink(bert, {"heads": torch.ones(2, 4, dtype=torch.bool)})
+
+
+def test_info_shows_the_shrunk_widths(tmp_path, capsys):
+    from cli_helpers import cli_ok
+
+    loaded = tiny_model("llama", "causal-lm")
+    model = loaded.model
+    g = torch.Generator().manual_seed(5)
+    shrink(model, keep_from_scores(model, {"heads": torch.rand(2, 2, generator=g),
+                                           "neurons": torch.rand(2, 128, generator=g)}, sparsity=0.5))
+    model.save_pretrained(tmp_path / "m")
+    loaded.tokenizer.save_pretrained(tmp_path / "m")
+    out = cli_ok(["info", str(tmp_path / "m"), "--no-layers", "--json", str(tmp_path / "info.json")], capsys)
+    assert "kv heads 2 -> 1, mlp width 128 -> 64" in out
+    import json
+
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert (info["heads"], info["kv_heads"], info["head_dim"], info["mlp_width"]) == (2, 1, 16, 64)
+    assert info["shrunk"] == {"neurons": {"before": 128, "after": 64}, "heads": {"before": 2, "after": 1}}

@@ -102,6 +102,10 @@ def info(
     ]
     if labels:
         rows.insert(3, ("labels", ", ".join(map(str, labels))))
+    if desc.get("shrunk"):  # physically removed structures (structured.shrink): original -> current width
+        names = {"heads": "kv heads", "neurons": "mlp width", "hidden": "hidden"}
+        rows.append(("shrunk (before -> after)", ", ".join(
+            f"{names.get(k, k)} {v['before']} -> {v['after']}" for k, v in desc["shrunk"].items())))
     if disk:
         rows.append((f"size on disk ({disk['format']})", f"{disk['bytes'] / 2**20:,.1f} MiB"))
     con = _console()

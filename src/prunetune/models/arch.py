@@ -145,6 +145,8 @@ class ArchAdapter:
             "kv_heads": g.num_kv_heads,
             "head_dim": g.head_dim,
             "mlp_width": self.mlp_width(),
+            # widths before -> after `structured.shrink` (KV groups for heads), when the model was shrunk
+            "shrunk": dict(getattr(self.config, "prunetune_shrink", None) or {}),
         }
 
 

@@ -438,9 +438,12 @@ def shrink(model: torch.nn.Module, keep) -> dict[str, dict[str, int]]:
                     _take(base_linear(root.get_submodule(m.name)), m.axis, idx)
         adapter.set_width(kind, kept)
         adapter = type(adapter)(root)  # geometry read from the updated config
-    if summary:  # recorded for `prunetune info`; stock transformers ignores unknown config fields
-        done = dict(getattr(root.config, "prunetune_shrink", None) or {})
-        done.update({k: v["after"] for k, v in summary.items()})
+    # recorded for `prunetune info` (original and current widths); stock transformers ignores unknown fields
+    done = dict(getattr(root.config, "prunetune_shrink", None) or {})
+    for kind, v in summary.items():
+        if v["after"] != v["before"] or kind in done:
+            done[kind] = {"before": done.get(kind, v)["before"], "after": v["after"]}
+    if done:
         root.config.prunetune_shrink = done
     return summary
 
