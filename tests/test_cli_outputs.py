@@ -49,3 +49,85 @@ def test_headline_accuracy_is_the_exported_models(task_csv, tmp_path, monkeypatc
     assert after["accuracy"] == pytest.approx(1 - before["accuracy"]) and after["accuracy"] != before["accuracy"]
     assert saved["accuracy"] == after["accuracy"] and saved["macro_f1"] == after["macro_f1"]
     assert r["accuracy"] == after["accuracy"]
+
+
+# ------------------------------------------------------------------------------------------------ bug 6: output dirs
+def test_out_that_cannot_be_created_is_one_line(tmp_path, capfd):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    err = cli_error(["prune", "tiny-llama", "--method", "magnitude", "--out", str(blocker / "out")], capfd,
+                    needle="is not a directory")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    if Path("/proc/self").is_dir():  # a root that cannot hold directories, even for root (ENOENT from mkdir)
+        err = cli_error(["prune", "tiny-llama", "--method", "magnitude", "--out", "/proc/prunetune-nope/x"], capfd,
+                        needle="/proc/prunetune-nope")
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["finetune", "tiny-bert", "--task", "missing-file.csv"],
+    ["payt", "tiny-bert", "--task", "missing-file.csv"],
+    ["prune", "tiny-llama", "--method", "magnitude", "--sparsity", "2"],
+    ["run", "quickstart", "--set", "prune.sparsity=2"],
+])
+def test_failed_validation_leaves_no_output_directory(argv, tmp_path, capfd):
+    out = tmp_path / "new" / "deeper" / "out"
+    (tmp_path / "kept-empty").mkdir()
+    cli_error([*argv, "--out", str(out)], capfd)
+    assert not (tmp_path / "new").exists()
+    cli_error([*argv, "--out", str(tmp_path / "kept-empty" / "o")], capfd)
+    assert (tmp_path / "kept-empty").is_dir() and not any((tmp_path / "kept-empty").iterdir())
+
+
+def test_saved_files_follow_the_umask(tmp_path, capfd):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        cli_ok(["prune", "tiny-llama", "--method", "magnitude", "--out", str(tmp_path / "p")], capfd)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "p").iterdir() if p.is_file()}
+    assert modes and set(modes.values()) == {0o640}, modes
+    assert (tmp_path / "p").stat().st_mode & 0o777 == 0o750
+
+
+# ------------------------------------------------------------------------------------------------ bug 7: --resume
+def test_resume_with_nothing_to_resume_says_so(tmp_path, capfd):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": "tiny-llama"}, "stages": ["export"]}))
+    out = cli_ok(["run", str(recipe), "--out", str(tmp_path / "run"), "--resume"], capfd)
+    lines = [ln for ln in out.splitlines() if "nothing to resume" in ln]
+    assert len(lines) == 1 and "starting a new run" in lines[0]
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    again = cli_ok(["run", str(recipe), "--out", str(tmp_path / "run"), "--resume"], capfd)
+    assert "nothing to resume" not in again and "complete, skipped" in again
+
+
+# ------------------------------------------------------------------------------------------------ bug 8: offline noise
+def test_offline_failure_prints_only_prunetunes_line(tmp_path, capfd, monkeypatch):
+    """The hub libraries' retry warnings (what an offline `--task no-such-task` printed) stay silent."""
+    import logging
+
+    import datasets
+
+    for name in ("huggingface_hub", "huggingface_hub.utils._http", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.NOTSET)  # as in a fresh process
+    datasets.utils.logging.set_verbosity_warning()
+    monkeypatch.setattr(logging.root, "handlers", [])  # pytest's capture handler would swallow the warnings
+
+    def offline_load_dataset(name, *a, **kw):
+        logging.getLogger("huggingface_hub.utils._http").warning(
+            "'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/datasets/x")
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 4/5].")
+        logging.getLogger("datasets.load").warning("Using the latest cached version of the dataset")
+        logging.getLogger("httpx").warning("HTTP Request: HEAD https://huggingface.co/api 'HTTP/1.1 503'")
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline_load_dataset)
+    err = cli_error(["finetune", "tiny-bert", "--task", "no-such-task", "--out", str(tmp_path / "o")], capfd,
+                    needle="not a known task")
+    assert err.strip().splitlines() == [err.strip()], err
+    assert "Retry" not in err and "huggingface.co" not in err

@@ -5,6 +5,7 @@ Every user mistake ends as one line on stderr and exit code 2 (`main` below); tr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -27,10 +28,22 @@ app = typer.Typer(
 )
 
 
+QUIET_LOGGERS = ("huggingface_hub", "datasets", "httpx", "httpcore", "urllib3", "filelock", "fsspec")
+
+
 def _quiet_libraries() -> None:
-    """Our progress bars and tables are the output; silence transformers' own bars and load reports."""
+    """Our progress bars, tables and one-line errors are the output; silence the libraries' own chatter.
+
+    Offline, a hub lookup that is bound to fail (e.g. `--task no-such-task`) would otherwise print its HTTP
+    retries and warnings before prunetune's one line says what is wrong.
+    """
+    import logging
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -38,6 +51,54 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover - transformers missing is reported where it is used
         pass
+    for mod in ("huggingface_hub.utils.logging", "datasets.utils.logging"):
+        try:  # their own handlers ignore the root's levels; set each library's verbosity too
+            lib = __import__(mod, fromlist=["set_verbosity"])
+            lib.set_verbosity(logging.CRITICAL)
+            getattr(lib, "disable_progress_bar", lambda: None)()
+        except Exception:  # pragma: no cover - optional dependency
+            pass
+
+
+# ------------------------------------------------------------------------------------------------ output dirs
+_NEW_OUTPUTS: list[tuple[Path, Path]] = []  # (output dir, topmost dir it creates): removed if a failure leaves them empty
+
+
+def _claim_out(out: Path) -> Path:
+    """Check that `out` can be created before any work starts, and remember to remove it if it stays empty.
+
+    Checked on the nearest existing ancestor: it must be a writable directory. The check runs before the
+    model loads, so a typo in --out fails in a second, in one line.
+    """
+    out = Path(out).expanduser()
+    if out.exists():
+        if not out.is_dir():
+            raise PrunetuneError(f"output path {out} exists and is not a directory")
+        return out
+    top, anc = out, out.parent
+    while not anc.exists() and anc != anc.parent:
+        top, anc = anc, anc.parent
+    if not anc.is_dir():
+        raise PrunetuneError(f"cannot create output directory {out}: {anc} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise PrunetuneError(f"cannot create output directory {out}: {anc} is not writable")
+    _NEW_OUTPUTS.append((out, top))
+    return out
+
+
+def _remove_empty_outputs() -> None:
+    """A failed command leaves no empty output directory behind (nor the empty parents it created)."""
+    for out, top in reversed(_NEW_OUTPUTS):
+        d = out
+        while d.is_dir() and not any(d.iterdir()):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+            if d == top:
+                break
+            d = d.parent
+    _NEW_OUTPUTS.clear()
 
 
 def _console():
@@ -313,7 +374,7 @@ def prune_cmd(
 
         if not torch.cuda.is_available():
             raise PrunetuneError("--device cuda asked but no CUDA device is available")
-    out = prepare_out_dir(out, overwrite)
+    out = prepare_out_dir(_claim_out(out), overwrite)
     dd = str(data_dir) if data_dir else None
     needs_calib = method != "magnitude"
     calib_src = load_text(calib, calib_split or default_calib_split(calib), data_dir=dd) if needs_calib else None
@@ -458,7 +519,7 @@ def finetune(
                        teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, test_samples, split_seed,
                        mix, mix_source,
                        mix_strategy, mix_sampling, data_dir, retention, retention_windows)
-    r = run(model, cfg, out, resume=resume, overwrite=overwrite)
+    r = run(model, cfg, _claim_out(out), resume=resume, overwrite=overwrite)
     if "timings" in r:
         _print_run(f"finetune {model} -> {out}", r)
 
@@ -521,11 +582,11 @@ def payt(
     if full_evaluate:
         if resume:
             raise PrunetuneError("--resume is not supported with --full-evaluate; rerun it or resume one run dir")
-        res = run_all(model, cfg, spec, out, overwrite=overwrite, full_lr=full_lr)
+        res = run_all(model, cfg, spec, _claim_out(out), overwrite=overwrite, full_lr=full_lr)
         _console().print(res["table"]["markdown"])
         _console().print(f"written: {out / 'full_evaluate.md'} and {out / 'full_evaluate.json'}")
         return
-    r = run_payt(model, cfg, spec, out, resume=resume, overwrite=overwrite)
+    r = run_payt(model, cfg, spec, _claim_out(out), resume=resume, overwrite=overwrite)
     if "timings" in r:
         _print_run(f"payt {model} -> {out}", r)
 
@@ -551,9 +612,10 @@ def run(
         if resume:
             raise PrunetuneError("--resume needs --out: the run directory to continue")
         out = Path("runs") / f"{rec.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out = _claim_out(out)
     con = _console()
     con.print(f"[bold]prunetune run[/bold] {rec.name} -> {out}")
-    man = run_recipe(rec, out, resume=resume, overwrite=overwrite, log=lambda msg: con.print(msg, highlight=False))
+    man = run_recipe(rec, out, resume=resume, overwrite=overwrite, log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
     con.print(f"report: {out / 'report.md'}  (stage time {sum(man['timings'].get(s, 0) for s in man['stages']):.0f} s)")
 
 
@@ -598,15 +660,29 @@ def _click_modules() -> list:
     return mods
 
 
+# the file-system errors a user causes (a path that cannot be written, a full disk): one line, not a traceback
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.ENOSPC, errno.EEXIST,
+                errno.EISDIR, errno.EDQUOT}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors (ours and click's) become one line on stderr and exit code 2."""
     click_errors = tuple({getattr(m, "ClickException") for m in _click_modules()})
     exit_types = tuple({getattr(m, "Exit", typer.Exit) for m in _click_modules()} | {typer.Exit})
     abort_types = tuple({getattr(m, "Abort", typer.Abort) for m in _click_modules()} | {typer.Abort})
+    _NEW_OUTPUTS.clear()
     try:
         app(args=argv, prog_name="prunetune", standalone_mode=False)
     except PrunetuneError as exc:
+        _remove_empty_outputs()
         print(f"prunetune: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            raise
+        _remove_empty_outputs()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"prunetune: error: {exc.strerror or exc}{where}", file=sys.stderr)
         sys.exit(2)
     except click_errors as exc:
         msg = " ".join(exc.format_message().split())

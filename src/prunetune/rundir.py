@@ -57,6 +57,21 @@ def fsync_tree(root: Path | str) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def umask_modes(root: Path | str) -> None:
+    """Give every file and directory below `root` the modes the user's umask allows (0644/0755 under 022).
+
+    Some writers (safetensors' `save_file`, `tempfile`) create files 0600; published results follow the umask.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for dirpath, dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
     path = Path(path)
@@ -97,6 +112,7 @@ def atomic_dir(out: Path | str, manifest: dict | None = None) -> Iterator[Path]:
         yield tmp
         if manifest is not None:
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        umask_modes(tmp)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,7 @@ import yaml
 
 from prunetune.config import Recipe, recipe_to_dict, validate_recipe
 from prunetune.errors import PrunetuneError
+from prunetune.rundir import atomic_write_json, atomic_write_text, fsync_tree, umask_modes
 
 PAUSE_ENV = "PRUNETUNE_PAUSE_IN_STAGE"  # test hook: stop inside this stage (before it completes) and wait
 
@@ -106,13 +107,14 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, log=print) -> None:
     """New run: empty dir. Resume: the saved recipe must be the one asked for (else results would mix)."""
     saved = out / "recipe.yaml"
     if resume:
         if not saved.is_file():
             if out.exists() and any(out.iterdir()):
                 raise PrunetuneError(f"{out} is not a prunetune run directory (no recipe.yaml): cannot resume")
+            log(f"--resume: nothing to resume in {out} (no run there yet): starting a new run")
         else:
             old = yaml.safe_load(saved.read_text())
             new = recipe_to_dict(recipe)
@@ -131,9 +133,7 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) ->
     (out / "stages").mkdir(exist_ok=True)
     for partial in (out / "stages").glob("*.partial"):  # left by a killed run: never trusted
         shutil.rmtree(partial)
-    tmp = out / "recipe.yaml.partial"
-    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    tmp.replace(saved)
+    atomic_write_text(saved, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
 def _pause_if_asked(name: str, tmp: Path) -> None:
@@ -152,7 +152,7 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
     from prunetune.pipelines.stages import STAGES, produces_model
 
     out = Path(out)
-    prepare_run_dir(out, recipe, resume, overwrite)
+    prepare_run_dir(out, recipe, resume, overwrite, log)
     names = recipe.stage_names()
     dirs = _stage_dirs(out, recipe)
     model_dir: Path | None = None
@@ -182,6 +182,8 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
                 recipe.model.name, "produces_model": produces_model(st.type),
             }
             (tmp / "manifest.json").write_text(json.dumps(man, indent=2, default=str))
+            umask_modes(tmp)
+            fsync_tree(tmp)  # durable before it is published: a crash never leaves a complete-looking stage
             tmp.rename(sdir)  # the stage is complete exactly when this rename has happened
             log(f"[{i + 1}/{len(names)}] {name}: done in {seconds:.1f}s {_summary(man['metrics'])}")
         history.append(man)
@@ -214,7 +216,7 @@ def _summary(metrics: dict) -> str:
 def write_run_manifest(out: Path, recipe: Recipe, history: list[dict], complete: bool,
                        wall: float | None = None) -> dict:
     """The run's manifest.json, rebuilt from the stage manifests (so a resumed run records the same metrics)."""
-    from prunetune.manifest import build_manifest, write_manifest
+    from prunetune.manifest import build_manifest
 
     timings = {h["stage"]: h["seconds"] for h in history}
     if wall is not None:
@@ -225,9 +227,7 @@ def write_run_manifest(out: Path, recipe: Recipe, history: list[dict], complete:
         extra={"status": "complete" if complete and len(history) == len(recipe.stages) else "running",
                "stages": [h["stage"] for h in history], "recipe_name": recipe.name},
     )
-    tmp = out / "manifest.json.partial"
-    write_manifest(tmp, man)
-    tmp.replace(out / "manifest.json")
+    atomic_write_json(out / "manifest.json", man)
     return man
 
 
