@@ -1,0 +1,560 @@
+"""Structured pruning that shrinks the model: scores -> uniform widths -> selection -> fold/compensate -> shrink.
+
+One engine for VIB (`methods.vib`) and its baselines (L1, L2, Wanda-structured, FLAP), so that every row of
+the benchmark shares the same width allocation, the same surgery and the same export. The three structures
+of a Llama-family model:
+
+* ``heads``: one KV group (a KV head, the query heads that read it, the o_proj columns they feed);
+* ``neurons``: one MLP neuron (a gate/up row and a down column);
+* ``hidden``: one channel of the residual stream (embedding column, every norm, the input of every
+  projection, the output of o_proj and down_proj, the LM head's input).
+
+transformers has no per-layer widths, so every layer keeps the same number of each structure (`Widths`),
+chosen by score within the layer. Widths of neurons and hidden channels are multiples of `round_to`
+(default 64: on CPU a width like 1,256 runs no faster than dense 1,536 while 1,280 does). The count that
+a sparsity refers to is *block parameters*: the weights of the seven projections of every block (norms,
+embeddings and the LM head excluded), as in the issue and the TVA-Prune paper.
+
+The math of the baselines' scores is in pure functions (`group_*`); `prune_structured` is the lifecycle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from prunetune.errors import PrunetuneError
+from prunetune.models.arch import ArchAdapter, base_linear, get_adapter, unwrap
+
+STRUCTURES = ("heads", "neurons", "hidden")
+BASELINES = ("l1", "l2", "wanda", "flap")
+
+
+# ----------------------------------------------------------------------------------------- geometry, widths
+@dataclass(frozen=True)
+class Geometry:
+    """The shape numbers of a Llama-family model that parameter and FLOP counts need."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    vocab: int
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+    def attn_params(self, kv: int | float, hidden: int | float) -> float:
+        """q (G·kv·d rows), k and v (kv·d rows each), o (G·kv·d columns), all `hidden` wide."""
+        return hidden * kv * self.head_dim * (2 * self.groups + 2)
+
+    def mlp_params(self, neurons: int | float, hidden: int | float) -> float:
+        return 3 * hidden * neurons
+
+    def block_params(self, w: Widths) -> int:
+        return int(self.layers * (self.attn_params(w.kv, w.hidden) + self.mlp_params(w.neurons, w.hidden)))
+
+    def flops_per_token(self, w: Widths) -> int:
+        """Multiply-adds x 2 of every weight a token meets: blocks plus the LM head (vocab x hidden).
+
+        Attention's score/context products (which grow with the context) are left out: at the short contexts
+        measured here they are a few percent, and they shrink with the kept heads like o_proj does.
+        """
+        return 2 * (self.block_params(w) + self.vocab * w.hidden)
+
+    def dense(self) -> Widths:
+        return Widths(self.kv_heads, self.inter, self.hidden)
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Kept structures per layer (uniform across layers): KV groups, MLP neurons, hidden channels."""
+
+    kv: int
+    neurons: int
+    hidden: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def geometry(model: nn.Module) -> Geometry:
+    adapter = get_adapter(model)
+    if adapter.family != "llama":
+        raise PrunetuneError(f"structured shrinking supports the Llama family (heads, neurons, hidden); "
+                             f"'{adapter.config.model_type}' is not one")
+    g = adapter.attention()
+    return Geometry(adapter.num_blocks(), g.hidden_size, g.num_heads, g.num_kv_heads, g.head_dim,
+                    adapter.mlp_width(), int(adapter.config.vocab_size))
+
+
+def parse_structures(structures: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    items = [s.strip() for s in structures.split(",")] if isinstance(structures, str) else list(structures)
+    items = [s for s in items if s]
+    bad = [s for s in items if s not in STRUCTURES]
+    if bad or not items:
+        raise PrunetuneError(f"unknown structure(s) {', '.join(bad) or '(none)'}; choose from {', '.join(STRUCTURES)}")
+    return tuple(s for s in STRUCTURES if s in items)
+
+
+def check_inputs(geom: Geometry, sparsity: float, structures: tuple[str, ...], round_to: int) -> None:
+    """One-line errors for requests that cannot give a loadable model, before any work is done."""
+    if not 0.0 <= sparsity < 1.0:
+        raise PrunetuneError(f"sparsity must be in [0, 1), got {sparsity}")
+    if round_to < 1:
+        raise PrunetuneError(f"--round-to must be >= 1, got {round_to}")
+    dims = {"neurons": geom.inter, "hidden": geom.hidden}
+    for s in structures:
+        if s in dims and round_to > dims[s]:
+            raise PrunetuneError(f"--round-to {round_to} is larger than the {s} dimension ({dims[s]})")
+    dense = geom.dense()
+    # the most a request can remove: everything but one KV group / one rounding unit of each structure
+    least = Widths(1 if "heads" in structures else dense.kv,
+                   min(round_to, geom.inter) if "neurons" in structures else dense.inter,
+                   min(round_to, geom.hidden) if "hidden" in structures else dense.hidden)
+    most = 1.0 - geom.block_params(least) / geom.block_params(dense)
+    if sparsity > most + 1e-9:
+        what = "every KV group of a layer" if structures == ("heads",) else "every structure of a layer"
+        raise PrunetuneError(f"sparsity {sparsity} of block parameters with structures {','.join(structures)} would "
+                             f"remove {what}: at most {most:.3f} is possible (add structures or lower the sparsity)")
+
+
+def _round(x: float, multiple: int, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, round(x / multiple) * multiple)))
+
+
+def fit_neurons(geom: Geometry, target_kept: float, kv: int, hidden: int, round_to: int) -> int:
+    """Neurons per layer (a multiple of `round_to`) that bring block parameters closest to `target_kept`."""
+    per_layer = target_kept / geom.layers - geom.attn_params(kv, hidden)
+    return _round(per_layer / (3 * hidden), round_to, min(round_to, geom.inter), geom.inter)
+
+
+def allocate_widths(geom: Geometry, sparsity: float, structures: tuple[str, ...], round_to: int = 64,
+                    hint: Widths | None = None) -> Widths:
+    """Uniform widths removing `sparsity` of block parameters.
+
+    Without a `hint` (the baselines), every selected structure keeps the same fraction r; with a hint (VIB's
+    learned kept counts) its KV groups and hidden width are used. KV groups are whole, hidden widths are
+    rounded, and the neurons (finest step) absorb the rest so that all methods keep the same parameters.
+    """
+    check_inputs(geom, sparsity, structures, round_to)
+    dense = geom.dense()
+    target = (1.0 - sparsity) * geom.block_params(dense)
+    if hint is None:
+        def kept(r: float) -> float:
+            w = Widths(geom.kv_heads * r if "heads" in structures else geom.kv_heads,
+                       geom.inter * r if "neurons" in structures else geom.inter,
+                       geom.hidden * r if "hidden" in structures else geom.hidden)
+            return geom.layers * (geom.attn_params(w.kv, w.hidden) + geom.mlp_params(w.neurons, w.hidden))
+
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if kept(mid) < target else (lo, mid)
+        r = (lo + hi) / 2
+        kv_f, hid_f = geom.kv_heads * r, geom.hidden * r
+    else:
+        kv_f, hid_f = hint.kv, hint.hidden
+    kv, hidden = _heads_and_hidden(geom, kv_f, hid_f, structures, round_to)
+    if "neurons" not in structures:
+        return Widths(kv, geom.inter, hidden)
+    return Widths(kv, fit_neurons(geom, target, kv, hidden, round_to), hidden)
+
+
+def _heads_and_hidden(geom: Geometry, kv_f: float, hid_f: float, structures: tuple[str, ...],
+                      round_to: int) -> tuple[int, int]:
+    """Whole KV groups nearest `kv_f` and a hidden width nearest `hid_f` that stock transformers accepts.
+
+    transformers' LlamaConfig refuses a hidden size that is not a multiple of the number of attention heads
+    (even with an explicit head_dim), so a hidden width is a multiple of lcm(round_to, kept query heads):
+    for SmolLM2 (9 heads, 3 KV groups) hidden 384 needs 6 or 3 heads, and 9 heads allow only 576.
+    """
+    kvs = (sorted(range(1, geom.kv_heads + 1), key=lambda k: (abs(k - kv_f), -k)) if "heads" in structures
+           else [geom.kv_heads])
+    for kv in kvs:
+        heads = kv * geom.groups
+        if "hidden" in structures:
+            step = math.lcm(round_to, heads)
+            top = geom.hidden // step * step
+            if top < step:
+                continue
+            hidden = int(min(top, max(step, round(hid_f / step) * step)))
+            if hidden == geom.hidden or hidden % heads == 0:
+                return kv, hidden
+        elif geom.hidden % heads == 0:
+            return kv, geom.hidden
+    raise PrunetuneError(f"no kept head count divides a hidden width that is a multiple of {round_to} "
+                         f"(transformers needs hidden_size % num_attention_heads == 0); lower --round-to")
+
+
+# --------------------------------------------------------------------------------------------- selection
+@dataclass
+class Selection:
+    """Kept indices, sorted: `kv` [layers, kv] KV groups, `neurons` [layers, n], `hidden` [h] channels."""
+
+    kv: torch.Tensor
+    neurons: torch.Tensor
+    hidden: torch.Tensor
+
+    def widths(self) -> Widths:
+        return Widths(self.kv.shape[1], self.neurons.shape[1], self.hidden.numel())
+
+
+def select(scores: dict[str, torch.Tensor], widths: Widths, geom: Geometry) -> Selection:
+    """Top-`width` structures by score in every layer (higher score = more important); sorted indices."""
+    def top(s: torch.Tensor | None, k: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+        if s is None or k >= n:
+            return torch.arange(n).expand(*shape, n).clone() if shape else torch.arange(n)
+        idx = torch.topk(s.double(), k, dim=-1, sorted=False).indices  # ties: any, scores are continuous
+        return torch.sort(idx, dim=-1).values
+
+    return Selection(top(scores.get("heads"), widths.kv, geom.kv_heads, (geom.layers,)),
+                     top(scores.get("neurons"), widths.neurons, geom.inter, (geom.layers,)),
+                     top(scores.get("hidden"), widths.hidden, geom.hidden, ()))
+
+
+def _removed(kept: torch.Tensor, n: int) -> torch.Tensor:
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[kept] = True
+    return ~keep
+
+
+def _layers(adapter: ArchAdapter) -> list[dict[str, nn.Linear]]:
+    return [b.linears for b in adapter.blocks()]
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, sel: Selection) -> None:
+    """Zero every removed structure in place (the masked model `shrink` must reproduce)."""
+    adapter = get_adapter(model)
+    geom = geometry(model)
+    qchunk = geom.groups * geom.head_dim
+    for l, lin in enumerate(_layers(adapter)):
+        gone_kv = _removed(sel.kv[l], geom.kv_heads)
+        q_rows = gone_kv.repeat_interleave(qchunk)
+        kv_rows = gone_kv.repeat_interleave(geom.head_dim)
+        lin["q"].weight[q_rows] = 0
+        lin["k"].weight[kv_rows] = 0
+        lin["v"].weight[kv_rows] = 0
+        lin["o"].weight[:, q_rows] = 0
+        for r, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+            if lin[r].bias is not None:
+                lin[r].bias[rows] = 0
+        gone_n = _removed(sel.neurons[l], geom.inter)
+        lin["gate"].weight[gone_n] = 0
+        lin["up"].weight[gone_n] = 0
+        lin["down"].weight[:, gone_n] = 0
+        for r in ("gate", "up"):
+            if lin[r].bias is not None:
+                lin[r].bias[gone_n] = 0
+    gone_h = _removed(sel.hidden, geom.hidden)
+    if bool(gone_h.any()):
+        root = unwrap(model)
+        root.get_input_embeddings().weight[:, gone_h] = 0
+        for lin in _layers(adapter):
+            for r in ("o", "down"):
+                lin[r].weight[gone_h] = 0
+                if lin[r].bias is not None:
+                    lin[r].bias[gone_h] = 0
+
+
+def keep_masks(model: nn.Module, sel: Selection) -> dict[str, torch.Tensor]:
+    """Weight-shaped keep-masks (module name -> bool) of a selection, the form `shrink` takes."""
+    adapter = get_adapter(model)
+    geom = geometry(model)
+    qchunk = geom.groups * geom.head_dim
+    out: dict[str, torch.Tensor] = {}
+    keep_h = ~_removed(sel.hidden, geom.hidden)
+    for l, lin in enumerate(_layers(adapter)):
+        names = {r: adapter.name_of(m).removesuffix(".base_layer") for r, m in lin.items()}
+        keep_kv = ~_removed(sel.kv[l], geom.kv_heads)
+        keep_n = ~_removed(sel.neurons[l], geom.inter)
+        q_rows, kv_rows = keep_kv.repeat_interleave(qchunk), keep_kv.repeat_interleave(geom.head_dim)
+        out[names["q"]] = q_rows[:, None] & keep_h[None, :]
+        out[names["k"]] = kv_rows[:, None] & keep_h[None, :]
+        out[names["v"]] = kv_rows[:, None] & keep_h[None, :]
+        out[names["o"]] = keep_h[:, None] & q_rows[None, :]
+        out[names["gate"]] = keep_n[:, None] & keep_h[None, :]
+        out[names["up"]] = keep_n[:, None] & keep_h[None, :]
+        out[names["down"]] = keep_h[:, None] & keep_n[None, :]
+    return out
+
+
+def shrink_selection(model: nn.Module, sel: Selection, structures: tuple[str, ...]) -> nn.Module:
+    """Physically remove what `sel` drops and update the config (stock `from_pretrained` loads the result).
+
+    Uses the architecture adapter's surgery (`pruning.structured.shrink`) when this build has it, else the
+    Llama index-select below.
+    """
+    from prunetune.pruning import structured
+
+    shrink = getattr(structured, "shrink", None)
+    if shrink is not None:
+        return shrink(model, keep_masks(model, sel), structures=structures)
+    return _shrink_llama(model, sel)
+
+
+def _take(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    w = lin.weight.data
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.data.index_select(0, rows.to(w.device)), lin.bias.requires_grad)
+        lin.out_features = w.shape[0]
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+        lin.in_features = w.shape[1]
+    lin.weight = nn.Parameter(w.contiguous(), lin.weight.requires_grad)
+
+
+@torch.no_grad()
+def _shrink_llama(model: nn.Module, sel: Selection) -> nn.Module:
+    """Index-select the kept KV groups, neurons and hidden channels of a Llama-family model; config updated.
+
+    RMSNorm over h kept channels differs from RMSNorm over all D channels with the rest zero by sqrt(D/h):
+    the gains are multiplied by it so outputs match up to the norm's epsilon.
+    """
+    root = unwrap(model)
+    adapter = get_adapter(root)
+    geom = geometry(root)
+    cfg = root.config
+    qchunk = geom.groups * geom.head_dim
+    w = sel.widths()
+    h_idx = sel.hidden
+    hid_changed = w.hidden != geom.hidden
+    gain = math.sqrt(geom.hidden / w.hidden)
+    for l, block in enumerate(adapter.blocks()):
+        lin = block.linears
+        kv = sel.kv[l]
+        q_rows = (kv[:, None] * qchunk + torch.arange(qchunk)[None, :]).flatten()
+        kv_rows = (kv[:, None] * geom.head_dim + torch.arange(geom.head_dim)[None, :]).flatten()
+        neur = sel.neurons[l]
+        hcols = h_idx if hid_changed else None
+        _take(lin["q"], q_rows, hcols)
+        _take(lin["k"], kv_rows, hcols)
+        _take(lin["v"], kv_rows, hcols)
+        _take(lin["o"], hcols, q_rows)
+        _take(lin["gate"], neur, hcols)
+        _take(lin["up"], neur, hcols)
+        _take(lin["down"], hcols, neur)
+        attn = block.module.self_attn
+        for attr, val in (("num_heads", w.kv * geom.groups), ("num_key_value_heads", w.kv)):
+            if hasattr(attn, attr):
+                setattr(attn, attr, val)
+        if hid_changed:
+            for norm in (block.module.input_layernorm, block.module.post_attention_layernorm):
+                norm.weight = nn.Parameter(norm.weight.data.index_select(0, h_idx) * gain)
+    if hid_changed:
+        emb = root.get_input_embeddings()
+        head = root.get_output_embeddings()
+        tied = head is not None and head.weight is emb.weight
+        emb.weight = nn.Parameter(emb.weight.data.index_select(1, h_idx).contiguous())
+        emb.embedding_dim = w.hidden
+        norm = root.base_model.norm
+        norm.weight = nn.Parameter(norm.weight.data.index_select(0, h_idx) * gain)
+        if head is not None:
+            if tied:
+                head.weight = emb.weight
+            else:
+                head.weight = nn.Parameter(head.weight.data.index_select(1, h_idx).contiguous())
+            head.in_features = w.hidden
+    cfg.num_attention_heads = w.kv * geom.groups
+    cfg.num_key_value_heads = w.kv
+    cfg.head_dim = geom.head_dim
+    cfg.intermediate_size = w.neurons
+    cfg.hidden_size = w.hidden
+    return model
+
+
+# -------------------------------------------------------------------------------------- baseline scores
+class MomentStats:
+    """Per input column: sum, sum of squares and token count (Wanda needs ||X_j||, FLAP mean and variance)."""
+
+    def __init__(self, n: int, device: torch.device | str | None = None) -> None:
+        self.s = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sq = torch.zeros(n, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    @staticmethod
+    def prepare(x: torch.Tensor):
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        return x.sum(0), x.pow(2).sum(0), x.shape[0]
+
+    def accumulate(self, prepared, batch: int) -> None:
+        s, sq, n = prepared
+        self.s += s.to(self.s.device)
+        self.sq += sq.to(self.sq.device)
+        self.tokens += n
+
+    def mean(self) -> torch.Tensor:
+        return self.s / max(self.tokens, 1)
+
+    def norm(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+    def var(self) -> torch.Tensor:
+        m = self.mean()
+        return (self.sq / max(self.tokens, 1) - m * m).clamp_min(0)
+
+
+def column_scores(method: str, weight: torch.Tensor, stats: MomentStats | None) -> torch.Tensor:
+    """Importance of each input column of a linear: L1/L2 of the column, Wanda Σ|W|·||X||, FLAP var(X)·||W||²."""
+    w = weight.detach().double()
+    if method == "l1":
+        return w.abs().sum(0)
+    if method == "l2":
+        return w.pow(2).sum(0)
+    assert stats is not None
+    if method == "wanda":
+        return w.abs().sum(0) * stats.norm().to(w.device)
+    if method == "flap":
+        return w.pow(2).sum(0) * stats.var().to(w.device)
+    raise PrunetuneError(f"unknown structured criterion '{method}'; choose from {', '.join(BASELINES)}")
+
+
+def row_scores(method: str, weight: torch.Tensor) -> torch.Tensor:
+    w = weight.detach().double()
+    return w.abs().sum(1) if method == "l1" else w.pow(2).sum(1)
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return x / x.mean().clamp_min(1e-30)
+
+
+def baseline_scores(model: nn.Module, method: str, stats: dict[str, MomentStats] | None) -> dict[str, torch.Tensor]:
+    """Scores of every structure. L1/L2 sum every coupled weight (each member normalised by its mean, as in
+    `pruning.structured.group_scores`); Wanda and FLAP score what a structure *feeds* (the o_proj / down_proj
+    input columns, FLAP's choice) and, for hidden channels, the input columns of every projection."""
+    adapter = get_adapter(model)
+    geom = geometry(model)
+    qchunk = geom.groups * geom.head_dim
+    names = [{r: adapter.name_of(m) for r, m in lin.items()} for lin in _layers(adapter)]
+    heads, neurons = [], []
+    hidden = torch.zeros(geom.hidden, dtype=torch.float64)
+    for l, lin in enumerate(_layers(adapter)):
+        st = (lambda r: stats[names[l][r]]) if stats is not None else (lambda r: None)
+        o_cols = column_scores(method, lin["o"].weight, st("o")).cpu()
+        d_cols = column_scores(method, lin["down"].weight, st("down")).cpu()
+        h = _norm(o_cols.view(geom.kv_heads, qchunk).sum(1))
+        n = _norm(d_cols)
+        if method in ("l1", "l2"):
+            for r, chunk in (("q", qchunk), ("k", geom.head_dim), ("v", geom.head_dim)):
+                h += _norm(row_scores(method, lin[r].weight).cpu().view(geom.kv_heads, chunk).sum(1))
+            for r in ("gate", "up"):
+                n += _norm(row_scores(method, lin[r].weight).cpu())
+            for r in ("o", "down"):
+                hidden += _norm(row_scores(method, lin[r].weight).cpu())
+        for r in ("q", "k", "v", "gate", "up"):
+            hidden += _norm(column_scores(method, lin[r].weight, st(r)).cpu())
+        heads.append(h)
+        neurons.append(n)
+    if method in ("l1", "l2"):
+        hidden += _norm(column_scores(method, unwrap(model).get_input_embeddings().weight, None).cpu())
+    return {"heads": torch.stack(heads), "neurons": torch.stack(neurons), "hidden": hidden}
+
+
+def collect_moments(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, MomentStats]:
+    """Input moments of every projection from one pass of the dense model over the calibration windows."""
+    from prunetune.pruning.calibrate import collect_all, layer_key
+
+    adapter = get_adapter(model)
+    targets = {layer_key(adapter, lin) for _, lin in adapter.linears().values()}
+    return collect_all(model, ids, lambda _n, lin, dev: MomentStats(lin.in_features, dev), targets,
+                       batch_size=batch_size, progress=False)
+
+
+@torch.no_grad()
+def flap_compensate(model: nn.Module, sel: Selection, stats: dict[str, MomentStats]) -> None:
+    """FLAP's bias compensation: a removed input column j of o_proj/down_proj is replaced by its mean
+    contribution W[:, j]·E[x_j], added to the layer's bias.
+
+    Llama has no bias there, so the model gets `attention_bias` / `mlp_bias` (stock LlamaConfig flags: the
+    export loads in plain transformers); q/k/v and gate/up get zero biases, as those flags give every
+    projection of the module a bias.
+    """
+    adapter = get_adapter(model)
+    geom = geometry(model)
+    qchunk = geom.groups * geom.head_dim
+    for l, lin in enumerate(_layers(adapter)):
+        for out_role, ins, gone in (("o", ("q", "k", "v"), _removed(sel.kv[l], geom.kv_heads).repeat_interleave(qchunk)),
+                                    ("down", ("gate", "up"), _removed(sel.neurons[l], geom.inter))):
+            layer = lin[out_role]
+            mean = stats[adapter.name_of(layer)].mean().to(layer.weight.device)
+            comp = (layer.weight.double()[:, gone] @ mean[gone]).to(layer.weight.dtype)
+            for r in (*ins, out_role):
+                m = lin[r]
+                if m.bias is None:
+                    m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device),
+                                          requires_grad=False)
+            layer.bias += comp
+    cfg = unwrap(model).config
+    cfg.attention_bias = True
+    cfg.mlp_bias = True
+
+
+# ---------------------------------------------------------------------------------------------- lifecycle
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    from prunetune.pruning.api import calibration_ids
+
+    return calibration_ids(source, tokenizer, nsamples, seqlen, seed)
+
+
+def prune_structured(model: nn.Module, method: str, sparsity: float, *, structures: str | tuple[str, ...] =
+                     ("heads", "neurons"), round_to: int = 64, ids: torch.Tensor | None = None,
+                     shrink: bool = True, vib: dict | None = None, batch_size: int = 4) -> tuple[nn.Module, dict]:
+    """One-shot structured pruning to `sparsity` of block parameters; returns (model, facts).
+
+    `method` is `vib` (gates trained on `ids`, see `methods.vib`) or a baseline (`l1`, `l2`, `wanda`, `flap`;
+    Wanda and FLAP need `ids`). With `shrink=False` the removed structures are zeroed instead (same outputs
+    for heads and neurons), which needs no surgery.
+    """
+    structs = parse_structures(structures)
+    geom = geometry(model)
+    check_inputs(geom, sparsity, structs, round_to)
+    facts: dict = {"method": method, "sparsity_target": sparsity, "structures": list(structs), "round_to": round_to}
+    if method == "vib":
+        from prunetune.methods.vib import VibConfig, VibMethod, train_gates
+
+        if ids is None:
+            raise PrunetuneError("vib needs calibration text (token windows) to train its gates")
+        cfg = VibConfig(**{**(vib or {}), "target_sparsity": sparsity, "structures": structs, "round_to": round_to})
+        meth = VibMethod(cfg)
+        train_gates(model, meth, ids)
+        widths, scores = meth.widths(geom), meth.scores()
+        sel = select(scores, widths, geom)
+        meth.fold(model, sel)
+        facts["vib"] = meth.summary()
+    elif method in BASELINES:
+        stats = None
+        if method in ("wanda", "flap"):
+            if ids is None:
+                raise PrunetuneError(f"{method} needs calibration text to score structures")
+            stats = collect_moments(model, ids, batch_size)
+            facts["calibration"] = {"windows": int(ids.shape[0]), "seqlen": int(ids.shape[1])}
+        scores = baseline_scores(model, method, stats)
+        widths = allocate_widths(geom, sparsity, structs, round_to)
+        sel = select({k: v for k, v in scores.items() if k in structs}, widths, geom)
+        if method == "flap":
+            assert stats is not None
+            flap_compensate(model, sel, stats)
+    else:
+        raise PrunetuneError(f"unknown structured method '{method}'; choose vib or one of {', '.join(BASELINES)}")
+    dense = geom.dense()
+    facts.update({
+        "widths": widths.to_dict(), "dense_widths": dense.to_dict(),
+        "block_params": geom.block_params(widths), "dense_block_params": geom.block_params(dense),
+        "block_sparsity": 1 - geom.block_params(widths) / geom.block_params(dense),
+        "compute_ratio": geom.flops_per_token(dense) / geom.flops_per_token(widths),
+    })
+    if shrink:
+        model = shrink_selection(model, sel, structs)
+    else:
+        apply_masks(model, sel)
+    facts["shrunk"] = shrink
+    return model, facts

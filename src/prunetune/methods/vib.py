@@ -1,0 +1,396 @@
+"""VIB structured pruning (TVA-Prune / VTrans): learn which KV groups, neurons and hidden channels carry
+information, with the model's weights frozen.
+
+Every structure gets a gate z = μ + σ·ε (ε ~ N(0, 1), resampled per example while training) that multiplies
+what the structure contributes:
+
+* a KV group scales the o_proj input columns its query heads produce (forward pre-hook on o_proj);
+* a neuron scales its down_proj input column (pre-hook on down_proj);
+* a hidden channel scales the residual stream: the embedding output and the o_proj / down_proj outputs (one
+  z per forward, shared by every layer, so the residual stream is exactly z ⊙ (ungated stream)).
+
+The loss is the LM loss on calibration text + `kl_factor` × VIBNet's closed-form information penalty
+½ Σ log(1 + μ²/σ²), + a Lagrangian that pulls the kept fraction of block parameters to the target:
+λ₁(ŝ − t) + λ₂(ŝ − t)², where ŝ is the expected sparsity from soft keep-probabilities
+sigmoid(−β·(log σ² − log μ²)) (β = 10: sharp enough that ŝ tracks the thresholded count) and t ramps from 0
+to `target_sparsity` over the first `lagrangian_warmup` of the steps. The multipliers maximise the loss
+(gradient ascent: their gradients are negated before an ordinary Adam step, the seed's negative learning
+rate; torch refuses a negative one). `att_mul` weighs attention parameters in ŝ.
+
+A structure is kept where log σ² − log μ² < 0. Then the instant weight update: each kept gate's mean μ is
+folded into the weights it scales (o_proj columns, down_proj columns; embedding columns and o/down rows for
+hidden channels, with the final norm's gain divided by μ when the LM head is tied to the embedding), so the
+pruned model computes what the gated model computes in eval mode (z = μ on kept structures, 0 elsewhere)
+and needs no fine-tuning to be usable. Uniform widths and rounding then come from `structured_prune`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunetune.errors import PrunetuneError
+from prunetune.methods.base import Method, MethodContext
+from prunetune.methods.structured_prune import (
+    Geometry,
+    Selection,
+    Widths,
+    allocate_widths,
+    geometry,
+    parse_structures,
+)
+from prunetune.models.arch import get_adapter, unwrap
+
+EPS = 1e-8
+
+
+@dataclass
+class VibConfig:
+    """VIB options; names and meanings of TVA-Prune's seed where it has them."""
+
+    target_sparsity: float = 0.3  # TARGET_SPARSITY: fraction of block parameters removed
+    vib_lr: float = 0.1  # VIB_LR: Adam learning rate of the gates (μ, log σ²)
+    lagrangian_lr: float = 0.1  # learning rate of the multipliers (ascent)
+    lagrangian_warmup: float = 0.2  # LAGRANGIAN_WARMUP: fraction of steps over which the target ramps up
+    att_mul: float = 1.0  # ATT_MUL: weight of attention parameters in the sparsity count
+    kl_factor: float = 1e-6  # weight of the summed KL term
+    beta: float = 1.0  # sharpness of the soft keep-probability sigmoid(−β·log α)
+    straight_through: bool = True  # constrain the thresholded sparsity (value), with the expected one's gradient
+    structures: tuple[str, ...] = ("heads", "neurons")
+    round_to: int = 64
+    steps: int = 200  # gate-training budget: steps x batch_size x seqlen tokens
+    batch_size: int = 2
+    init_log_sigma2: float = -9.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.structures = parse_structures(self.structures)
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise PrunetuneError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        if not 0.0 <= self.lagrangian_warmup <= 1.0:
+            raise PrunetuneError(f"lagrangian_warmup is a fraction of the steps in [0, 1], got {self.lagrangian_warmup}")
+        for name in ("vib_lr", "lagrangian_lr", "att_mul", "beta"):
+            if getattr(self, name) <= 0:
+                raise PrunetuneError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise PrunetuneError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+
+
+class GateBank(nn.Module):
+    """Gates of one kind, any shape: posterior mean μ and log-variance log σ² per structure."""
+
+    def __init__(self, shape: tuple[int, ...], init_log_sigma2: float, gen: torch.Generator) -> None:
+        super().__init__()
+        self.mu = nn.Parameter(1.0 + 0.01 * torch.randn(shape, generator=gen))
+        self.log_sigma2 = nn.Parameter(init_log_sigma2 + 0.01 * torch.randn(shape, generator=gen))
+        self.keep_override: torch.Tensor | None = None  # eval-mode keep set (after uniform selection)
+
+    def log_alpha(self) -> torch.Tensor:
+        """log σ² − log μ²: the structure is kept where it is < 0 (signal above noise)."""
+        return self.log_sigma2 - torch.log(self.mu.pow(2) + EPS)
+
+    def keep(self) -> torch.Tensor:
+        return self.keep_override if self.keep_override is not None else (self.log_alpha() < 0)
+
+    def keep_prob(self, beta: float) -> torch.Tensor:
+        return torch.sigmoid(-beta * self.log_alpha())
+
+    def kl(self) -> torch.Tensor:
+        """VIBNet's closed form: ½ Σ log(1 + μ²/σ²)."""
+        return 0.5 * torch.log1p(self.mu.pow(2) / (self.log_sigma2.exp() + EPS)).sum()
+
+    def z(self, batch: int, index: int | None = None) -> torch.Tensor:
+        """[batch, *shape[1:] or shape] gate values: sampled while training, μ ⊙ keep in eval."""
+        mu, ls = (self.mu, self.log_sigma2) if index is None else (self.mu[index], self.log_sigma2[index])
+        if self.training:
+            eps = torch.randn((batch, *mu.shape), device=mu.device, dtype=mu.dtype)
+            return mu + eps * (0.5 * ls).exp()
+        keep = self.keep() if index is None else self.keep()[index]
+        return (mu * keep.to(mu.dtype)).unsqueeze(0)
+
+
+class VibGates(nn.Module):
+    """All gates of a model: heads [layers, kv_heads], neurons [layers, inter], hidden [hidden]."""
+
+    def __init__(self, geom: Geometry, structures: tuple[str, ...], init_log_sigma2: float, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.geom = geom
+        self.banks = nn.ModuleDict()
+        shapes = {"heads": (geom.layers, geom.kv_heads), "neurons": (geom.layers, geom.inter), "hidden": (geom.hidden,)}
+        for s in structures:
+            self.banks[s] = GateBank(shapes[s], init_log_sigma2, gen)
+
+    def kl(self) -> torch.Tensor:
+        return sum(b.kl() for b in self.banks.values())
+
+    def kept_fraction(self, probs: dict[str, torch.Tensor], att_mul: float) -> torch.Tensor:
+        """Kept fraction of block parameters (attention weighted by `att_mul`) for per-structure keep values."""
+        g = self.geom
+        ref = next(iter(probs.values()))
+        hid = probs["hidden"].sum() if "hidden" in probs else torch.tensor(float(g.hidden), device=ref.device)
+        kv = probs["heads"].sum(-1) if "heads" in probs else torch.full((g.layers,), float(g.kv_heads), device=ref.device)
+        nn_ = probs["neurons"].sum(-1) if "neurons" in probs else torch.full((g.layers,), float(g.inter), device=ref.device)
+        att = att_mul * g.attn_params(kv, hid).sum()
+        mlp = g.mlp_params(nn_, hid).sum()
+        dense = g.layers * (att_mul * g.attn_params(g.kv_heads, g.hidden) + g.mlp_params(g.inter, g.hidden))
+        return (att + mlp) / dense
+
+    def soft(self, beta: float) -> dict[str, torch.Tensor]:
+        return {k: b.keep_prob(beta) for k, b in self.banks.items()}
+
+    def hard(self) -> dict[str, torch.Tensor]:
+        return {k: b.keep().float() for k, b in self.banks.items()}
+
+
+class VibMethod(Method):
+    """The VIB lifecycle: `prepare` adds gates (hooks, weights frozen), `extra_loss` = KL + Lagrangian,
+    `after_step` steps the gates and (ascending) the multipliers, `finalize` folds μ and shrinks.
+
+    The gates and multipliers are the method's own parameters with their own optimizers: the model's
+    weights stay frozen, and a LoRA trainer driving this method would not move them with its learning rate.
+    """
+
+    name = "vib"
+
+    def __init__(self, config: VibConfig | None = None, **kw) -> None:
+        self.cfg = config or VibConfig(**kw)
+        self.gates: VibGates | None = None
+        self.lambdas = nn.Parameter(torch.zeros(2))
+        self._hooks: list = []
+        self._z_hidden: torch.Tensor | None = None
+        self._frozen: list[nn.Parameter] = []
+        self.history: list[dict] = []
+        self.total_steps = self.cfg.steps
+        self.step = 0
+        self._opt: torch.optim.Optimizer | None = None
+        self._lag_opt: torch.optim.Optimizer | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
+        geom = geometry(model)
+        if "hidden" in self.cfg.structures and get_adapter(model).family != "llama":
+            raise PrunetuneError("hidden-dimension gates need a family with hidden-dimension coupling (Llama)")
+        device = next(model.parameters()).device
+        self.gates = VibGates(geom, self.cfg.structures, self.cfg.init_log_sigma2, self.cfg.seed).to(device)
+        self.lambdas = nn.Parameter(torch.zeros(2, device=device))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                self._frozen.append(p)
+        self._install(model)
+        self._opt = torch.optim.Adam(self.gates.parameters(), lr=self.cfg.vib_lr)
+        self._lag_opt = torch.optim.Adam([self.lambdas], lr=self.cfg.lagrangian_lr)
+        if ctx is not None and ctx.max_steps:
+            self.total_steps = ctx.max_steps
+        return model
+
+    def _install(self, model: nn.Module) -> None:
+        adapter = get_adapter(model)
+        root = unwrap(model)
+        geom = self.gates.geom
+        banks = self.gates.banks
+        qchunk = geom.groups * geom.head_dim
+
+        def outer(lin: nn.Module) -> nn.Module:
+            return root.get_submodule(adapter.name_of(lin).removesuffix(".base_layer"))
+
+        def scale_in(bank: GateBank, layer: int, chunk: int):
+            def hook(_m, args):
+                x = args[0]
+                z = bank.z(x.shape[0], layer).to(x.dtype)  # [B or 1, n]
+                shape = (z.shape[0],) + (1,) * (x.dim() - 2) + (z.shape[1], 1)
+                y = (x.unflatten(-1, (z.shape[1], chunk)) * z.view(shape)).flatten(-2)
+                return (y, *args[1:])
+            return hook
+
+        def scale_out_hidden(_m, _args, out):
+            z = self._z_hidden
+            if z is None:
+                return out
+            return out * z.view(z.shape[0], *([1] * (out.dim() - 2)), z.shape[-1]).to(out.dtype)
+
+        def sample_hidden(_m, args, out):
+            self._z_hidden = banks["hidden"].z(out.shape[0])
+            return scale_out_hidden(_m, args, out)
+
+        for l, block in enumerate(adapter.blocks()):
+            if "heads" in banks:
+                self._hooks.append(outer(block.linears["o"]).register_forward_pre_hook(scale_in(banks["heads"], l, qchunk)))
+            if "neurons" in banks:
+                self._hooks.append(outer(block.linears["down"]).register_forward_pre_hook(scale_in(banks["neurons"], l, 1)))
+            if "hidden" in banks:
+                for r in ("o", "down"):
+                    self._hooks.append(outer(block.linears[r]).register_forward_hook(scale_out_hidden))
+        if "hidden" in banks:
+            self._hooks.append(root.get_input_embeddings().register_forward_hook(sample_hidden))
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._z_hidden = None
+
+    def target_at(self, step: int) -> float:
+        warm = self.cfg.lagrangian_warmup * self.total_steps
+        return self.cfg.target_sparsity * (min(1.0, step / warm) if warm > 0 else 1.0)
+
+    def extra_loss(self, model: nn.Module, inputs: dict | None, outputs, ctx: MethodContext | None = None):
+        assert self.gates is not None
+        step = ctx.step if ctx is not None else self.step
+        kl = self.gates.kl()
+        expected = 1.0 - self.gates.kept_fraction(self.gates.soft(self.cfg.beta), self.cfg.att_mul)
+        with torch.no_grad():
+            hard = 1.0 - self.gates.kept_fraction(self.gates.hard(), self.cfg.att_mul)
+        # the value is what thresholding removes, the gradient the expected count's (straight-through)
+        s = hard + (expected - expected.detach()) if self.cfg.straight_through else expected
+        t = self.target_at(step)
+        gap = s - t
+        lag = self.lambdas[0] * gap + self.lambdas[1] * gap * gap
+        logs = {"kl": float(kl.detach()), "expected_sparsity": float(expected.detach()),
+                "thresholded_sparsity": float(hard),
+                "target": t, "lambda1": float(self.lambdas[0]), "lambda2": float(self.lambdas[1])}
+        return self.cfg.kl_factor * kl + lag, logs
+
+    def after_step(self, model: nn.Module, ctx: MethodContext | None = None) -> None:
+        assert self._opt is not None and self._lag_opt is not None
+        if self.lambdas.grad is not None:
+            self.lambdas.grad.neg_()  # ascent on the multipliers
+        self._opt.step()
+        self._lag_opt.step()
+        self._opt.zero_grad(set_to_none=True)
+        self._lag_opt.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def finalize(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
+        from prunetune.methods.structured_prune import select, shrink_selection
+
+        geom = geometry(model)
+        sel = select(self.scores(), self.widths(geom), geom)
+        self.fold(model, sel)
+        return shrink_selection(model, sel, self.cfg.structures)
+
+    def summary(self) -> dict:
+        out: dict = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()},
+                     "steps_done": self.step}
+        if self.gates is not None:
+            hard = self.gates.hard()
+            out["thresholded_sparsity"] = 1.0 - float(self.gates.kept_fraction(hard, self.cfg.att_mul))
+            out["kept"] = {k: (v.sum(-1).tolist() if v.dim() > 1 else int(v.sum())) for k, v in hard.items()}
+        if self.history:
+            out["last"] = self.history[-1]
+        return out
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **self.summary()["config"]}
+
+    # -- selection and fold ------------------------------------------------------------------------
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Importance = −(log σ² − log μ²): the more signal over noise, the more important."""
+        assert self.gates is not None
+        return {k: -b.log_alpha().detach().cpu() for k, b in self.gates.banks.items()}
+
+    def learned_widths(self) -> dict[str, float]:
+        """Mean thresholded kept count per layer of each gated structure (before uniformity and rounding)."""
+        assert self.gates is not None
+        return {k: float(v.sum(-1).float().mean()) for k, v in self.gates.hard().items()}
+
+    def widths(self, geom: Geometry) -> Widths:
+        """Uniform widths at the target: VIB's learned KV groups and hidden width, rounded; neurons fill the
+        exact parameter budget (so VIB and the baselines keep the same number of parameters)."""
+        learned = self.learned_widths()
+        hint = Widths(round(learned.get("heads", geom.kv_heads)), geom.inter, round(learned.get("hidden", geom.hidden)))
+        return allocate_widths(geom, self.cfg.target_sparsity, self.cfg.structures, self.cfg.round_to, hint=hint)
+
+    @torch.no_grad()
+    def fold(self, model: nn.Module, sel: Selection) -> None:
+        """Fold each kept gate's μ into the weights it scales and drop the hooks.
+
+        Removed structures are not touched here: `shrink` drops them (or `apply_masks` zeroes them).
+        """
+        assert self.gates is not None
+        self.remove_hooks()
+        adapter = get_adapter(model)
+        root = unwrap(model)
+        geom = self.gates.geom
+        banks = self.gates.banks
+        qchunk = geom.groups * geom.head_dim
+        blocks = adapter.blocks()
+        for l, block in enumerate(blocks):
+            if "heads" in banks:
+                mu = banks["heads"].mu[l].to(block.linears["o"].weight.dtype)
+                block.linears["o"].weight.mul_(mu.repeat_interleave(qchunk)[None, :])
+            if "neurons" in banks:
+                mu = banks["neurons"].mu[l].to(block.linears["down"].weight.dtype)
+                block.linears["down"].weight.mul_(mu[None, :])
+        if "hidden" in banks:
+            mu = banks["hidden"].mu.detach()
+            safe = torch.where(mu.abs() > EPS, mu, torch.full_like(mu, EPS))
+            emb = root.get_input_embeddings()
+            emb.weight.mul_(mu[None, :].to(emb.weight.dtype))
+            for block in blocks:
+                for r in ("o", "down"):
+                    lin = block.linears[r]
+                    lin.weight.mul_(mu[:, None].to(lin.weight.dtype))
+                    if lin.bias is not None:
+                        lin.bias.mul_(mu.to(lin.bias.dtype))
+            head = root.get_output_embeddings()
+            if head is not None and head.weight is emb.weight:
+                norm = root.base_model.norm  # the final RMSNorm feeding the (tied) LM head
+                norm.weight.div_(safe.to(norm.weight.dtype))
+            # an untied head keeps its weights: the residual stream it reads is unchanged by the fold
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen.clear()
+
+    def set_eval_keep(self, sel: Selection) -> None:
+        """Make eval-mode gates keep exactly `sel` (z = μ there, 0 elsewhere): the model `fold` reproduces."""
+        assert self.gates is not None
+        geom = self.gates.geom
+        for kind, idx, n in (("heads", sel.kv, geom.kv_heads), ("neurons", sel.neurons, geom.inter),
+                             ("hidden", sel.hidden, geom.hidden)):
+            if kind in self.gates.banks:
+                keep = torch.zeros(idx.shape[:-1] + (n,), dtype=torch.bool)
+                keep.scatter_(-1, idx, True)
+                self.gates.banks[kind].keep_override = keep.to(self.gates.banks[kind].mu.device)
+
+
+def train_gates(model: nn.Module, method: VibMethod, ids: torch.Tensor, *, log_every: int = 0,
+                log=None) -> VibMethod:
+    """The standalone gate-training loop on calibration windows `ids` [n, seqlen]: `cfg.steps` steps of
+    `cfg.batch_size` windows (cycled), LM loss + KL + Lagrangian, model weights frozen."""
+    cfg = method.cfg
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise PrunetuneError(f"gate training needs token windows [n, seqlen >= 2], got {tuple(ids.shape)}")
+    method.prepare(model)
+    root = unwrap(model)
+    was_training = root.training
+    root.eval()  # dropout off: the only noise is the gates'
+    method.gates.train()
+    device = next(root.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(ids.shape[0], generator=gen)
+    t0 = time.perf_counter()
+    try:
+        for step in range(cfg.steps):
+            pick = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % ids.shape[0]]
+            batch = ids[pick].to(device)
+            out = root(input_ids=batch, labels=batch)
+            extra, logs = method.extra_loss(model, None, out)
+            loss = out.loss + extra
+            loss.backward()
+            method.after_step(model)
+            logs.update({"step": step + 1, "lm_loss": float(out.loss), "seconds": time.perf_counter() - t0})
+            method.history.append(logs)
+            if log is not None and log_every and (step + 1) % log_every == 0:
+                log(logs)
+    finally:
+        method.gates.eval()
+        root.train(was_training)
+    method.history[-1]["tokens"] = cfg.steps * cfg.batch_size * ids.shape[1]
+    return method
