@@ -1,0 +1,234 @@
+"""Structured pruning that makes SmolLM2 smaller and faster: VIB vs L1 / L2 / Wanda / FLAP, one engine.
+
+Every row prunes a fresh SmolLM2-135M (fp32) to a fraction of *block parameters* removed, shrinks it
+physically (uniform widths per layer, neurons and hidden widths rounded to --round-to), saves it as a plain
+HF directory, reloads it with stock `AutoModelForCausalLM` and measures:
+
+* parameters, size on disk, perplexity (WikiText-2 test, --ppl-windows windows of 512 tokens);
+* the compute ratio: per-token weight FLOPs of dense ÷ pruned (blocks + the tied 49k LM head);
+* speed against dense, measured alternately in one run (--reps repetitions each, medians): forward latency
+  at batch 1 x 256 and batch 8 x 256 tokens, and greedy generation tokens/s (32 new tokens, KV cache) in
+  transformers; speedup ÷ compute ratio. Speed depends only on the widths, so it is measured once per
+  distinct widths and shared by the rows that have them.
+
+Optional LoRA recovery (--recover vib,flap@0.3 ...) fine-tunes the shrunk export on WikiText-2 valid and
+re-measures perplexity. Rows are resumable: results/structured.json is rewritten after every row, and a row
+already there is skipped. Run it in the background with `nice`; the CPU is shared.
+
+    PRUNETUNE_DATA_DIR=... nice python benchmarks/structured.py --out benchmarks/results/structured.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "loadavg": os.getloadavg(), "torch": torch.__version__}
+
+
+def load(spec: str):
+    from prunetune.models.loading import load_model
+
+    loaded = load_model(spec, "causal-lm")
+    return loaded.model.eval(), loaded.tokenizer
+
+
+def ppl(model, tok, windows: int) -> dict:
+    from prunetune.data.sources import load_wikitext2
+    from prunetune.evaluation.perplexity import perplexity
+
+    r = perplexity(model, tok, load_wikitext2("test"), seqlen=512, max_windows=windows, batch_size=4, progress=False)
+    return {"ppl": r["value"], "ppl_seconds": r["seconds"], "windows": windows, "seqlen": 512,
+            "dataset": "wikitext2/test"}
+
+
+@torch.no_grad()
+def speed_pair(dense, pruned, reps: int, gen_tokens: int = 32) -> dict:
+    """Alternating timings (dense, pruned) x reps; medians and ratios (dense time / pruned time)."""
+    from prunetune.evaluation.speed import _dummy_inputs
+
+    def fwd(m, b):
+        inp = _dummy_inputs(m, b, 256)
+        return lambda: m(**inp)
+
+    def gen(m):
+        inp = _dummy_inputs(m, 1, 16, seed=1)
+        pad = m.config.eos_token_id if isinstance(m.config.eos_token_id, int) else 0
+        return lambda: m.generate(**inp, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False,
+                                  pad_token_id=pad)
+
+    out = {}
+    for name, make in (("b1x256", lambda m: fwd(m, 1)), ("b8x256", lambda m: fwd(m, 8)), ("generate", gen)):
+        fns = {"dense": make(dense), "pruned": make(pruned)}
+        times: dict[str, list[float]] = {"dense": [], "pruned": []}
+        for f in fns.values():  # warm-up
+            f()
+        for _ in range(reps):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[name] = {"dense_s": med["dense"], "pruned_s": med["pruned"], "speedup": med["dense"] / med["pruned"],
+                     "dense_all": times["dense"], "pruned_all": times["pruned"]}
+        if name == "generate":
+            out[name]["dense_tokens_per_s"] = gen_tokens / med["dense"]
+            out[name]["pruned_tokens_per_s"] = gen_tokens / med["pruned"]
+    out["reps"] = reps
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def save(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", default="dense,vib@0.3,flap@0.3,wanda@0.3,l2@0.3,l1@0.3,"
+                    "flap@0.5,wanda@0.5,l2@0.5,l1@0.5,vib@0.5,flap@0.2,wanda@0.2,l2@0.2,l1@0.2,vib@0.2,"
+                    "flap@flops0.5,vib@flops0.5",
+                    help="method@sparsity of block parameters; method@flops0.5 = 50%% of per-token FLOPs (needs hidden)")
+    ap.add_argument("--structures", default="heads,neurons")
+    ap.add_argument("--round-to", type=int, default=64)
+    ap.add_argument("--calib", type=int, default=8, help="calibration windows of 256 tokens (WikiText-2 valid)")
+    ap.add_argument("--vib-steps", type=int, default=16)
+    ap.add_argument("--vib-batch", type=int, default=1)
+    ap.add_argument("--vib-lr", type=float, default=0.5)
+    ap.add_argument("--vib-init", type=float, default=-4.0, help="initial log sigma^2 of the gates")
+    ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--recover", default="", help="rows to LoRA-recover, e.g. vib@0.3,flap@0.3")
+    ap.add_argument("--recover-samples", type=int, default=32, help="LoRA steps = samples / batch 2, 256 tokens")
+    ap.add_argument("--out", default="benchmarks/results/structured.json")
+    args = ap.parse_args()
+
+    from prunetune.methods.structured_prune import (allocate_widths, calibration_windows, geometry,
+                                                    prune_structured)
+
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {"rows": {}, "speed": {}}
+    data["machine"] = machine()
+    data["settings"] = vars(args)
+    dense, tok = load(args.model)
+    geom = geometry(dense)
+    calib = calibration_windows(tok, "wikitext2", max(args.calib, args.vib_steps * args.vib_batch), 256, seed=0)
+    work = Path(os.environ.get("STRUCTURED_BENCH_WORK", Path(tempfile.gettempdir()) / "prunetune-structured-bench"))
+    work.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in args.rows.split(",") if r]
+    recover = {r for r in args.recover.split(",") if r}
+
+    def flops_sparsity() -> float:
+        """Block sparsity whose uniform allocation (with hidden) removes 50% of per-token FLOPs."""
+        structs = tuple(dict.fromkeys(args.structures.split(",") + ["hidden"]))
+        full = geom.flops_per_token(geom.dense())
+        best = min((abs(1 - geom.flops_per_token(allocate_widths(geom, s / 100, structs, args.round_to)) / full - 0.5), s / 100)
+                   for s in range(30, 80))
+        return best[1]
+
+    for row in todo:
+        if row in data["rows"] and (row not in recover or "recovered" in data["rows"][row]):
+            print("skip", row, flush=True)
+            continue
+        t0 = time.perf_counter()
+        if row == "dense":
+            res = {"params": sum(p.numel() for p in dense.parameters()), **ppl(dense, tok, args.ppl_windows)}
+            d = work / "dense"
+            dense.save_pretrained(d)
+            res["disk_bytes"] = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+            res["flops_per_token"] = geom.flops_per_token(geom.dense())
+            data["rows"][row] = res
+            save(path, data)
+            continue
+        method, _, target = row.partition("@")
+        structs = args.structures
+        if target.startswith("flops"):
+            structs = ",".join(dict.fromkeys(args.structures.split(",") + ["hidden"]))
+            sparsity = flops_sparsity()
+        else:
+            sparsity = float(target)
+        res = data["rows"].get(row)
+        d = work / row.replace("@", "_")
+        if res is None:
+            model, _ = load(args.model)
+            vib = {"steps": args.vib_steps, "batch_size": args.vib_batch, "vib_lr": args.vib_lr,
+                   "init_log_sigma2": args.vib_init, "lagrangian_warmup": 0.5, "lagrangian_lr": 0.5}
+            t_p = time.perf_counter()
+            model, facts = prune_structured(model, method, sparsity, structures=structs, round_to=args.round_to,
+                                            ids=calib[: args.calib] if method != "vib" else calib, vib=vib)
+            facts["prune_seconds"] = time.perf_counter() - t_p
+            if method == "vib":
+                facts["vib"]["budget"] = (f"{args.vib_steps} steps x {args.vib_batch} x 256 tokens = "
+                                          f"{args.vib_steps * args.vib_batch * 256} tokens")
+            model.save_pretrained(d)
+            tok.save_pretrained(d)
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(d).eval()  # stock transformers loads it
+            res = {**facts, "params": sum(p.numel() for p in model.parameters()),
+                   "disk_bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")),
+                   "flops_per_token": geom.flops_per_token(geom.dense()) / facts["compute_ratio"],
+                   **ppl(model, tok, args.ppl_windows)}
+            key = json.dumps(res["widths"], sort_keys=True) + f" bias={bool(model.config.mlp_bias)}"
+            res["speed_key"] = key
+            if args.speed and key not in data["speed"]:
+                data["speed"][key] = speed_pair(dense, model, args.reps)
+            if key in data["speed"]:
+                sp = data["speed"][key]
+                res["speed"] = {k: sp[k]["speedup"] for k in ("b1x256", "b8x256", "generate")}
+                res["gen_speedup_over_ratio"] = sp["generate"]["speedup"] / res["compute_ratio"]
+            res["seconds"] = time.perf_counter() - t0
+            data["rows"][row] = res
+            save(path, data)
+            print(row, {k: res[k] for k in ("widths", "block_sparsity", "compute_ratio", "ppl")},
+                  res.get("speed"), flush=True)
+            del model
+        if row in recover and "recovered" not in res:
+            if not d.exists():
+                print("cannot recover", row, "(its export is gone: re-run the row)", flush=True)
+                continue
+            from prunetune.tuning.trainer import TuneConfig, finetune
+
+            t_r = time.perf_counter()
+            cfg = TuneConfig(task="causal-lm", data="wikitext2", kd=False, epochs=1, n_samples=args.recover_samples,
+                             batch_size=2, max_length=256, eval_samples=2, retention=False, lora_rank=8,
+                             lora_alpha=16, lora_dropout=0.0, lr=1e-3)
+            fin = finetune(str(d), cfg, work / f"{d.name}-lora", overwrite=True)
+            model, _ = load(str(work / f"{d.name}-lora" / "model"))
+            res["recovered"] = {**ppl(model, tok, args.ppl_windows), "lora": {
+                "rank": 8, "samples": args.recover_samples, "batch": 2, "seqlen": 256, "lr": 1e-3,
+                "data": "wikitext2/valid"}, "seconds": time.perf_counter() - t_r,
+                "train_loss": fin.get("train_loss")}
+            data["rows"][row] = res
+            save(path, data)
+            print(row, "recovered ppl", res["recovered"]["ppl"], flush=True)
+    data["machine"]["loadavg_end"] = os.getloadavg()
+    save(path, data)
+
+
+if __name__ == "__main__":
+    main()
