@@ -116,7 +116,7 @@ def check_inputs(geom: Geometry, sparsity: float, structures: tuple[str, ...], r
     dense = geom.dense()
     # the most a request can remove: everything but one KV group / one rounding unit of each structure
     least = Widths(1 if "heads" in structures else dense.kv,
-                   min(round_to, geom.inter) if "neurons" in structures else dense.inter,
+                   min(round_to, geom.inter) if "neurons" in structures else dense.neurons,
                    min(round_to, geom.hidden) if "hidden" in structures else dense.hidden)
     most = 1.0 - geom.block_params(least) / geom.block_params(dense)
     if sparsity > most + 1e-9:

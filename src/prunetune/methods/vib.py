@@ -254,7 +254,7 @@ class VibMethod(Method):
         lag = self.lambdas[0] * gap + self.lambdas[1] * gap * gap
         logs = {"kl": float(kl.detach()), "expected_sparsity": float(expected.detach()),
                 "thresholded_sparsity": float(hard),
-                "target": t, "lambda1": float(self.lambdas[0]), "lambda2": float(self.lambdas[1])}
+                "target": t, "lambda1": float(self.lambdas[0].detach()), "lambda2": float(self.lambdas[1].detach())}
         return self.cfg.kl_factor * kl + lag, logs
 
     def after_step(self, model: nn.Module, ctx: MethodContext | None = None) -> None:
@@ -376,6 +376,9 @@ def train_gates(model: nn.Module, method: VibMethod, ids: torch.Tensor, *, log_e
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(ids.shape[0], generator=gen)
     t0 = time.perf_counter()
+    rng = torch.random.fork_rng(devices=[])  # the gates' noise is seeded: a run is reproducible
+    rng.__enter__()
+    torch.manual_seed(cfg.seed)
     try:
         for step in range(cfg.steps):
             pick = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % ids.shape[0]]
@@ -390,6 +393,7 @@ def train_gates(model: nn.Module, method: VibMethod, ids: torch.Tensor, *, log_e
             if log is not None and log_every and (step + 1) % log_every == 0:
                 log(logs)
     finally:
+        rng.__exit__(None, None, None)
         method.gates.eval()
         root.train(was_training)
     method.history[-1]["tokens"] = cfg.steps * cfg.batch_size * ids.shape[1]

@@ -1,0 +1,245 @@
+"""VIB structured pruning and its baselines: Lagrangian target, μ fold, uniform widths, shrink + plain load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from prunetune.errors import PrunetuneError
+from prunetune.methods.structured_prune import (
+    Widths,
+    allocate_widths,
+    apply_masks,
+    geometry,
+    parse_structures,
+    prune_structured,
+    select,
+)
+from prunetune.methods.vib import GateBank, VibConfig, VibMethod, train_gates
+
+
+def tiny(tie: bool = True, hidden: int = 32, inter: int = 256, heads: int = 8, kv: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tie,
+                      max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def ids(n: int = 8, seqlen: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 97, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits
+
+
+# ------------------------------------------------------------------------------------------ gates, KL
+def test_kl_is_vibnets_closed_form_and_pushes_noise_up():
+    bank = GateBank((5,), -3.0, torch.Generator().manual_seed(0))
+    mu, ls = bank.mu.detach(), bank.log_sigma2.detach()
+    expected = 0.5 * torch.log(1 + mu**2 / ls.exp()).sum()
+    assert torch.allclose(bank.kl(), expected, rtol=1e-5)
+    bank.kl().backward()
+    assert (bank.log_sigma2.grad < 0).all()  # descent raises log σ²: less information passes
+    assert (bank.mu.grad > 0).all()  # and shrinks μ towards 0
+    keep = bank.log_alpha() < 0
+    assert keep.all()  # μ≈1, σ²=e^-3: signal above noise
+
+
+def test_gates_sample_in_training_and_use_kept_mean_in_eval():
+    bank = GateBank((3, 4), -2.0, torch.Generator().manual_seed(0))
+    bank.train()
+    a, b = bank.z(2, 1), bank.z(2, 1)
+    assert a.shape == (2, 4) and not torch.equal(a, b)
+    bank.eval()
+    with torch.no_grad():
+        bank.log_sigma2[1, 0] = 5.0  # noise dominates: removed
+    z = bank.z(2, 1)
+    assert z.shape == (1, 4) and z[0, 0] == 0 and torch.allclose(z[0, 1:], bank.mu[1, 1:])
+
+
+def test_multipliers_ascend_and_gates_descend():
+    model = tiny()
+    meth = VibMethod(VibConfig(target_sparsity=0.5, steps=1, lagrangian_warmup=0.0, batch_size=2))
+    meth.prepare(model)
+    loss, logs = meth.extra_loss(model, None, None)
+    assert logs["target"] == 0.5 and logs["thresholded_sparsity"] == 0.0
+    loss.backward()
+    meth.after_step(model)
+    # the constraint is violated (sparsity 0 < 0.5): ascent on λ₁(ŝ − t) makes λ₁ negative,
+    # which makes removing parameters pay
+    assert meth.lambdas[0].item() < 0
+    assert all(not p.requires_grad for p in model.parameters())  # weights frozen while gates train
+
+
+# --------------------------------------------------------------------------------------- Lagrangian
+@pytest.mark.parametrize("structures", [("heads", "neurons"), ("neurons", "hidden")])
+def test_lagrangian_brings_thresholded_sparsity_to_target(structures):
+    model = tiny(hidden=64 if "hidden" in structures else 32)
+    target = 0.4
+    meth = VibMethod(VibConfig(target_sparsity=target, structures=structures, steps=120, batch_size=4,
+                               vib_lr=0.1, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0))
+    train_gates(model, meth, ids(16, 16))
+    # what thresholding actually removes (structures with log σ² − log μ² ≥ 0), not the expected value
+    removed = meth.summary()["thresholded_sparsity"]
+    assert abs(removed - target) <= 0.01, meth.history[-5:]
+    kept = meth.gates.hard()
+    geom = meth.gates.geom
+    frac = 1 - meth.gates.kept_fraction(kept, 1.0).item()
+    assert frac == pytest.approx(removed)
+    # check the count by hand: block parameters of the kept structures
+    hid = kept["hidden"].sum().item() if "hidden" in kept else geom.hidden
+    kvs = kept["heads"].sum(-1) if "heads" in kept else torch.full((geom.layers,), float(geom.kv_heads))
+    neu = kept["neurons"].sum(-1)
+    by_hand = sum(geom.attn_params(k.item(), hid) + geom.mlp_params(n.item(), hid) for k, n in zip(kvs, neu))
+    assert 1 - by_hand / geom.block_params(geom.dense()) == pytest.approx(removed)
+
+
+def test_target_ramps_over_the_warmup_fraction():
+    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=100, lagrangian_warmup=0.5))
+    assert meth.target_at(0) == 0 and meth.target_at(25) == pytest.approx(0.15) and meth.target_at(80) == 0.3
+
+
+# --------------------------------------------------------------------------------------------- fold
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("structures", [("heads", "neurons"), ("heads", "neurons", "hidden")])
+def test_folding_mu_keeps_the_gated_models_eval_outputs(tie, structures):
+    model = tiny(tie=tie)
+    meth = VibMethod(VibConfig(target_sparsity=0.3, structures=structures, steps=6, batch_size=2, vib_lr=0.3,
+                               round_to=8))
+    train_gates(model, meth, ids())
+    assert not torch.allclose(meth.gates.banks["neurons"].mu, torch.ones(1))  # μ moved: the fold is not trivial
+    geom = geometry(model)
+    sel = select(meth.scores(), meth.widths(geom), geom)
+    meth.set_eval_keep(sel)  # gated model in eval mode: z = μ on the kept structures, 0 elsewhere
+    x = ids(2, 16, seed=5)
+    gated = logits(model, x)
+    meth.fold(model, sel)
+    apply_masks(model, sel)
+    assert not meth._hooks
+    assert (logits(model, x) - gated).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------- shrink and load
+@pytest.mark.parametrize("method", ["vib", "l1", "l2", "wanda", "flap"])
+def test_shrink_equals_masked_and_loads_in_plain_transformers(method, tmp_path):
+    base = tiny(tie=True)
+    kw = dict(structures="heads,neurons", round_to=16, ids=ids(), vib={"steps": 4, "batch_size": 2})
+    masked, fm = prune_structured(copy.deepcopy(base), method, 0.3, shrink=False, **kw)
+    shrunk, fs = prune_structured(copy.deepcopy(base), method, 0.3, shrink=True, **kw)
+    assert fm["widths"] == fs["widths"]
+    x = ids(2, 16, seed=7)
+    assert (logits(masked, x) - logits(shrunk, x)).abs().max().item() <= 1e-5
+    w = fs["widths"]
+    cfg = shrunk.config
+    assert (cfg.num_key_value_heads, cfg.intermediate_size) == (w["kv"], w["neurons"])
+    assert cfg.num_attention_heads == w["kv"] * 2  # GQA groups stay whole (2 query heads per KV head)
+    assert w["neurons"] % 16 == 0
+    layer = shrunk.model.layers[0]
+    assert layer.self_attn.q_proj.weight.shape == (cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
+    assert layer.self_attn.k_proj.weight.shape == (cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size)
+    assert layer.mlp.down_proj.weight.shape == (cfg.hidden_size, cfg.intermediate_size)
+    assert fs["block_sparsity"] == pytest.approx(0.3, abs=0.05)
+    shrunk.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no prunetune, no remote code
+    assert (logits(plain, x) - logits(shrunk, x)).abs().max().item() <= 1e-6
+    if method == "flap":  # bias compensation rides on stock config flags
+        assert plain.config.mlp_bias and plain.config.attention_bias
+        assert plain.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
+
+
+def test_hidden_dimension_shrink_within_1e_3_with_rmsnorm_rescale(tmp_path):
+    base = tiny(tie=True, hidden=64)
+    kw = dict(structures="heads,neurons,hidden", round_to=16, ids=ids())
+    masked, _ = prune_structured(copy.deepcopy(base), "wanda", 0.4, shrink=False, **kw)
+    shrunk, facts = prune_structured(copy.deepcopy(base), "wanda", 0.4, shrink=True, **kw)
+    assert facts["widths"]["hidden"] < 64 and facts["widths"]["hidden"] % 16 == 0
+    assert shrunk.config.hidden_size % shrunk.config.num_attention_heads == 0  # transformers requires it
+    x = ids(2, 16, seed=3)
+    assert (logits(masked, x) - logits(shrunk, x)).abs().max().item() <= 1e-3
+    shrunk.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert plain.get_input_embeddings().weight.shape[1] == facts["widths"]["hidden"]
+    assert (logits(plain, x) - logits(shrunk, x)).abs().max().item() <= 1e-6
+    assert facts["compute_ratio"] > 1 / (1 - facts["block_sparsity"]) * 0.9  # the LM head shrank too
+
+
+# ------------------------------------------------------------------------------------------ widths
+@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.5])
+def test_uniform_widths_hit_the_target_within_a_rounding_step(sparsity):
+    geom = geometry(tiny(hidden=64, inter=512))
+    w = allocate_widths(geom, sparsity, ("heads", "neurons"), 16)
+    step = geom.layers * geom.mlp_params(16, geom.hidden) / geom.block_params(geom.dense())
+    achieved = 1 - geom.block_params(w) / geom.block_params(geom.dense())
+    assert abs(achieved - sparsity) <= step / 2 + 1e-9
+    assert w.neurons % 16 == 0 and 1 <= w.kv <= geom.kv_heads
+
+
+def test_smollm2_compute_ratio_counts_the_tied_lm_head():
+    from prunetune.methods.structured_prune import Geometry
+
+    g = Geometry(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, inter=1536, vocab=49152)
+    assert g.vocab * g.hidden / (g.block_params(g.dense()) + g.vocab * g.hidden) == pytest.approx(0.21, abs=0.01)
+    w = allocate_widths(g, 0.5, ("heads", "neurons"), 64)
+    removed = 1 - g.flops_per_token(w) / g.flops_per_token(g.dense())
+    assert removed == pytest.approx(0.395, abs=0.02)  # 50% of block params is only ~40% of per-token FLOPs
+    wh = allocate_widths(g, 0.5, ("heads", "neurons", "hidden"), 64)
+    assert wh.hidden % (wh.kv * g.groups) == 0 and wh.hidden % 64 == 0
+
+
+def test_selection_keeps_the_top_scores_per_layer():
+    geom = geometry(tiny())
+    scores = {"neurons": torch.arange(2 * 256, dtype=torch.float).view(2, 256).flip(-1)}
+    sel = select(scores, Widths(4, 64, 32), geom)
+    assert torch.equal(sel.neurons[0], torch.arange(64)) and sel.kv.shape == (2, 4) and sel.hidden.numel() == 32
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_sparsity_that_would_remove_every_head_is_one_line_error():
+    with pytest.raises(PrunetuneError) as exc:
+        prune_structured(tiny(), "l2", 0.5, structures="heads", shrink=False)
+    assert "every KV group" in _one_line(exc)
+
+
+def test_rounding_larger_than_a_dimension_is_one_line_error():
+    with pytest.raises(PrunetuneError) as exc:
+        prune_structured(tiny(), "l2", 0.3, structures="heads,neurons", round_to=512, shrink=False)
+    assert "larger than the neurons dimension" in _one_line(exc)
+
+
+def test_family_without_hidden_coupling_is_one_line_error():
+    from prunetune.models.loading import load_model
+
+    bert = load_model("tiny-bert", "masked-lm").model
+    with pytest.raises(PrunetuneError) as exc:
+        prune_structured(bert, "l2", 0.3, structures="heads,neurons,hidden", shrink=False)
+    assert "Llama" in _one_line(exc)
+
+
+@pytest.mark.parametrize("bad", [dict(target_sparsity=1.0), dict(vib_lr=0), dict(lagrangian_warmup=2.0),
+                                 dict(structures="heads,layers"), dict(steps=0)])
+def test_bad_vib_options_are_one_line_errors(bad):
+    with pytest.raises(PrunetuneError) as exc:
+        VibConfig(**bad)
+    _one_line(exc)
+
+
+def test_unknown_structure_and_method():
+    with pytest.raises(PrunetuneError):
+        parse_structures("heads,rows")
+    with pytest.raises(PrunetuneError) as exc:
+        prune_structured(tiny(), "taylor", 0.3, shrink=False)
+    assert "vib" in _one_line(exc)
+    with pytest.raises(PrunetuneError):
+        prune_structured(tiny(), "wanda", 0.3, shrink=False)  # needs calibration text
