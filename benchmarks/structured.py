@@ -107,9 +107,8 @@ def save(path: Path, data: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--rows", default="dense,vib@0.3,flap@0.3,wanda@0.3,l2@0.3,l1@0.3,"
-                    "flap@0.5,wanda@0.5,l2@0.5,l1@0.5,vib@0.5,flap@0.2,wanda@0.2,l2@0.2,l1@0.2,vib@0.2,"
-                    "flap@flops0.5,vib@flops0.5",
+    ap.add_argument("--rows", default="dense,flap@0.3,vib@0.3,wanda@0.3,l2@0.3,l1@0.3,flap@flops0.5,flap@0.5,"
+                    "flap@0.2,vib@0.5,wanda@0.5,l2@0.5,l1@0.5,vib@0.2,wanda@0.2,l2@0.2,l1@0.2,vib@flops0.5",
                     help="method@sparsity of block parameters; method@flops0.5 = 50%% of per-token FLOPs (needs hidden)")
     ap.add_argument("--structures", default="heads,neurons")
     ap.add_argument("--round-to", type=int, default=64)
@@ -118,7 +117,7 @@ def main() -> None:
     ap.add_argument("--vib-batch", type=int, default=1)
     ap.add_argument("--vib-lr", type=float, default=0.5)
     ap.add_argument("--vib-init", type=float, default=-4.0, help="initial log sigma^2 of the gates")
-    ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--recover", default="", help="rows to LoRA-recover, e.g. vib@0.3,flap@0.3")

@@ -229,146 +229,34 @@ def _layers(adapter: ArchAdapter) -> list[dict[str, nn.Linear]]:
     return [b.linears for b in adapter.blocks()]
 
 
-@torch.no_grad()
-def apply_masks(model: nn.Module, sel: Selection) -> None:
-    """Zero every removed structure in place (the masked model `shrink` must reproduce)."""
-    adapter = get_adapter(model)
+def keep_plan(model: nn.Module, sel: Selection) -> dict[str, torch.Tensor]:
+    """The selection as the surgery's plan {kind: bool keep-tensor} (`pruning.structured.shrink`)."""
     geom = geometry(model)
-    qchunk = geom.groups * geom.head_dim
-    for l, lin in enumerate(_layers(adapter)):
-        gone_kv = _removed(sel.kv[l], geom.kv_heads)
-        q_rows = gone_kv.repeat_interleave(qchunk)
-        kv_rows = gone_kv.repeat_interleave(geom.head_dim)
-        lin["q"].weight[q_rows] = 0
-        lin["k"].weight[kv_rows] = 0
-        lin["v"].weight[kv_rows] = 0
-        lin["o"].weight[:, q_rows] = 0
-        for r, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-            if lin[r].bias is not None:
-                lin[r].bias[rows] = 0
-        gone_n = _removed(sel.neurons[l], geom.inter)
-        lin["gate"].weight[gone_n] = 0
-        lin["up"].weight[gone_n] = 0
-        lin["down"].weight[:, gone_n] = 0
-        for r in ("gate", "up"):
-            if lin[r].bias is not None:
-                lin[r].bias[gone_n] = 0
-    gone_h = _removed(sel.hidden, geom.hidden)
-    if bool(gone_h.any()):
-        root = unwrap(model)
-        root.get_input_embeddings().weight[:, gone_h] = 0
-        for lin in _layers(adapter):
-            for r in ("o", "down"):
-                lin[r].weight[gone_h] = 0
-                if lin[r].bias is not None:
-                    lin[r].bias[gone_h] = 0
 
+    def keep(idx: torch.Tensor, n: int) -> torch.Tensor:
+        out = torch.zeros(*idx.shape[:-1], n, dtype=torch.bool)
+        return out.scatter_(-1, idx, True)
 
-def keep_masks(model: nn.Module, sel: Selection) -> dict[str, torch.Tensor]:
-    """Weight-shaped keep-masks (module name -> bool) of a selection, the form `shrink` takes."""
-    adapter = get_adapter(model)
-    geom = geometry(model)
-    qchunk = geom.groups * geom.head_dim
-    out: dict[str, torch.Tensor] = {}
-    keep_h = ~_removed(sel.hidden, geom.hidden)
-    for l, lin in enumerate(_layers(adapter)):
-        names = {r: adapter.name_of(m).removesuffix(".base_layer") for r, m in lin.items()}
-        keep_kv = ~_removed(sel.kv[l], geom.kv_heads)
-        keep_n = ~_removed(sel.neurons[l], geom.inter)
-        q_rows, kv_rows = keep_kv.repeat_interleave(qchunk), keep_kv.repeat_interleave(geom.head_dim)
-        out[names["q"]] = q_rows[:, None] & keep_h[None, :]
-        out[names["k"]] = kv_rows[:, None] & keep_h[None, :]
-        out[names["v"]] = kv_rows[:, None] & keep_h[None, :]
-        out[names["o"]] = keep_h[:, None] & q_rows[None, :]
-        out[names["gate"]] = keep_n[:, None] & keep_h[None, :]
-        out[names["up"]] = keep_n[:, None] & keep_h[None, :]
-        out[names["down"]] = keep_h[:, None] & keep_n[None, :]
-    return out
-
-
-def shrink_selection(model: nn.Module, sel: Selection, structures: tuple[str, ...]) -> nn.Module:
-    """Physically remove what `sel` drops and update the config (stock `from_pretrained` loads the result).
-
-    Uses the architecture adapter's surgery (`pruning.structured.shrink`) when this build has it, else the
-    Llama index-select below.
-    """
-    from prunetune.pruning import structured
-
-    shrink = getattr(structured, "shrink", None)
-    if shrink is not None:
-        return shrink(model, keep_masks(model, sel), structures=structures)
-    return _shrink_llama(model, sel)
-
-
-def _take(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-    w = lin.weight.data
-    if rows is not None:
-        w = w.index_select(0, rows.to(w.device))
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(lin.bias.data.index_select(0, rows.to(w.device)), lin.bias.requires_grad)
-        lin.out_features = w.shape[0]
-    if cols is not None:
-        w = w.index_select(1, cols.to(w.device))
-        lin.in_features = w.shape[1]
-    lin.weight = nn.Parameter(w.contiguous(), lin.weight.requires_grad)
+    return {"heads": keep(sel.kv, geom.kv_heads), "neurons": keep(sel.neurons, geom.inter),
+            "hidden": keep(sel.hidden, geom.hidden)}
 
 
 @torch.no_grad()
-def _shrink_llama(model: nn.Module, sel: Selection) -> nn.Module:
-    """Index-select the kept KV groups, neurons and hidden channels of a Llama-family model; config updated.
+def apply_masks(model: nn.Module, sel: Selection) -> None:
+    """Zero every removed structure in place: the masked model whose logits `shrink` reproduces."""
+    from prunetune.pruning.structured import mask_structures
 
-    RMSNorm over h kept channels differs from RMSNorm over all D channels with the rest zero by sqrt(D/h):
-    the gains are multiplied by it so outputs match up to the norm's epsilon.
-    """
-    root = unwrap(model)
-    adapter = get_adapter(root)
-    geom = geometry(root)
-    cfg = root.config
-    qchunk = geom.groups * geom.head_dim
-    w = sel.widths()
-    h_idx = sel.hidden
-    hid_changed = w.hidden != geom.hidden
-    gain = math.sqrt(geom.hidden / w.hidden)
-    for l, block in enumerate(adapter.blocks()):
-        lin = block.linears
-        kv = sel.kv[l]
-        q_rows = (kv[:, None] * qchunk + torch.arange(qchunk)[None, :]).flatten()
-        kv_rows = (kv[:, None] * geom.head_dim + torch.arange(geom.head_dim)[None, :]).flatten()
-        neur = sel.neurons[l]
-        hcols = h_idx if hid_changed else None
-        _take(lin["q"], q_rows, hcols)
-        _take(lin["k"], kv_rows, hcols)
-        _take(lin["v"], kv_rows, hcols)
-        _take(lin["o"], hcols, q_rows)
-        _take(lin["gate"], neur, hcols)
-        _take(lin["up"], neur, hcols)
-        _take(lin["down"], hcols, neur)
-        attn = block.module.self_attn
-        for attr, val in (("num_heads", w.kv * geom.groups), ("num_key_value_heads", w.kv)):
-            if hasattr(attn, attr):
-                setattr(attn, attr, val)
-        if hid_changed:
-            for norm in (block.module.input_layernorm, block.module.post_attention_layernorm):
-                norm.weight = nn.Parameter(norm.weight.data.index_select(0, h_idx) * gain)
-    if hid_changed:
-        emb = root.get_input_embeddings()
-        head = root.get_output_embeddings()
-        tied = head is not None and head.weight is emb.weight
-        emb.weight = nn.Parameter(emb.weight.data.index_select(1, h_idx).contiguous())
-        emb.embedding_dim = w.hidden
-        norm = root.base_model.norm
-        norm.weight = nn.Parameter(norm.weight.data.index_select(0, h_idx) * gain)
-        if head is not None:
-            if tied:
-                head.weight = emb.weight
-            else:
-                head.weight = nn.Parameter(head.weight.data.index_select(1, h_idx).contiguous())
-            head.in_features = w.hidden
-    cfg.num_attention_heads = w.kv * geom.groups
-    cfg.num_key_value_heads = w.kv
-    cfg.head_dim = geom.head_dim
-    cfg.intermediate_size = w.neurons
-    cfg.hidden_size = w.hidden
+    plan = keep_plan(model, sel)
+    mask_structures(model, {k: v for k, v in plan.items() if not bool(v.all())})
+
+
+def shrink_selection(model: nn.Module, sel: Selection, structures: tuple[str, ...] = STRUCTURES) -> nn.Module:
+    """Physically remove what `sel` drops with the adapter's surgery; the config is rewritten for stock
+    `from_pretrained` (RMSNorm gains and eps corrected for hidden channels)."""
+    from prunetune.pruning.structured import shrink
+
+    plan = keep_plan(model, sel)
+    shrink(model, {k: v for k, v in plan.items() if not bool(v.all())})
     return model
 
 

@@ -388,7 +388,7 @@ def train_gates(model: nn.Module, method: VibMethod, ids: torch.Tensor, *, log_e
             loss = out.loss + extra
             loss.backward()
             method.after_step(model)
-            logs.update({"step": step + 1, "lm_loss": float(out.loss), "seconds": time.perf_counter() - t0})
+            logs.update({"step": step + 1, "lm_loss": float(out.loss.detach()), "seconds": time.perf_counter() - t0})
             method.history.append(logs)
             if log is not None and log_every and (step + 1) % log_every == 0:
                 log(logs)
