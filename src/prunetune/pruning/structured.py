@@ -41,7 +41,9 @@ ms = mean(x²) over all d channels, an RMSNorm over the kept channels sees mean(
     g'·x / sqrt((d/k)·ms + eps') = g'·sqrt(k/d)·x / sqrt(ms + eps'·k/d),
 
 which equals the original g·x / sqrt(ms + eps) for every x exactly when g' = g·sqrt(d/k) and
-eps' = eps·d/k. (Rescaling the gains alone leaves an error where ms is comparable to eps.) `shrink` applies both
+eps' = eps·d/k. Measured on the tiny random Llama (max |logit| 0.6) at 25% / 50% of 64 channels removed: no
+correction moves the logits by 0.11 / 0.21, gains alone by 3.7e-4 / 7.6e-4, gains and eps by 2e-7 / 1.5e-7
+(the residual stream of a random init is small, so eps is not negligible there). `shrink` applies both
 (eps through `rms_norm_eps`, shared by every RMSNorm of the model; Qwen3's per-head q/k norms see that
 changed eps too: an error of order eps, 2.4e-5 on the tiny Qwen3).
 """
@@ -148,8 +150,8 @@ def remove_pruned(model: torch.nn.Module, kind: str) -> dict[str, int]:
     """Physically drop fully-zero KV groups / neurons from the in-memory model (faster, smaller forward).
 
     A removed structure is one whose weights are all zero in every member; layers shrink with their
-    biases. Per-layer widths then differ from the config, so this is for in-memory inference: the saved
-    plain HF directory keeps the dense shapes (with zeros), which every tool can load.
+    biases. Per-layer widths then differ from the config, so this is for in-memory inference only; for a
+    model that saves and loads in stock transformers (uniform widths, config rewritten) use `shrink`.
     Returns {coupling's first member name: groups removed}.
     """
     from torch import nn
