@@ -648,6 +648,106 @@ def compare(
     _console().print(f"written: {path}")
 
 
+# ------------------------------------------------------------------------------------------------ compose
+#: options that take several values after one flag (`--attention 0.25 0.5`), as in the seed
+MULTI_VALUE_OPTIONS = ("--attention", "--linear")
+
+
+def _expand_multi_value(argv: list[str]) -> list[str]:
+    """`--attention 0.25 0.5` -> `--attention 0.25 --attention 0.5` (click options take one value each)."""
+    out: list[str] = []
+    current = None
+    for tok in argv:
+        if tok in MULTI_VALUE_OPTIONS:
+            current = tok
+            out.append(tok)
+            continue
+        if current is not None and not tok.startswith("-") and out[-1] != current:
+            out += [current, tok]
+            continue
+        if tok.startswith("-") and not _is_number(tok):
+            current = None
+        out.append(tok)
+    return out
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+        return True
+    except ValueError:
+        return False
+
+
+@app.command()
+def compose(
+    model: str = typer.Argument(..., help="the model to prune: alias, local HF dir (e.g. a fine-tuned classifier) or hub id"),
+    task: str = typer.Option("bbc-news", "--task", help="labelled task data: bbc-news | .csv/.jsonl (text,label)"),
+    attention: Optional[list[str]] = typer.Option(None, "--attention", help="fraction of heads removed, one per configuration (--attention 0.25 0.5); '0.1,0.2,...' = one per block"),
+    linear: Optional[list[str]] = typer.Option(None, "--linear", help="fraction of linear weights removed (o, FFN), one per configuration"),
+    n: Optional[int] = typer.Option(None, "-n", help="number of configurations (must equal the length of the lists)"),
+    grid: bool = typer.Option(False, "--grid", help="every (attention, linear) combination instead of pairing"),
+    attention_units: Optional[list[str]] = typer.Option(None, "--attention-unit", help="attention | cross-attention (repeatable)"),
+    linear_units: Optional[list[str]] = typer.Option(None, "--linear-unit", help="o | co | gate | up | down (repeatable)"),
+    attention_criterion: Optional[str] = typer.Option(None, "--attention-criterion", help="head score: l1 | l2"),
+    linear_criterion: Optional[str] = typer.Option(None, "--linear-criterion", help="linear score: l1 | wanda"),
+    linear_steps: Optional[int] = typer.Option(None, "--linear-steps", help="module-level steps per pruned linear"),
+    attention_steps: Optional[int] = typer.Option(None, "--attention-steps", help="module-level steps per attention module"),
+    module_texts: Optional[int] = typer.Option(None, "--module-texts", help="training texts captured for module-level FT"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="module cache (default: inside --out)"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also fine-tune without module-level FT (the control)"),
+    full: bool = typer.Option(True, "--full/--lora", help="model-level fine-tuning: full (default) or LoRA"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="model-level optimizer steps per configuration"),
+    epochs: float = typer.Option(1.0, "--epochs", help="model-level epochs when --steps is not given"),
+    n_samples: Optional[int] = typer.Option(256, "--n-samples", help="training examples"),
+    eval_samples: Optional[int] = typer.Option(64, "--eval-samples", help="validation examples for the curves"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(64, "--max-length", help="tokens per example"),
+    lr: float = typer.Option(1e-4, "--lr", help="model-level learning rate"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/compose-<timestamp>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue OUT: complete stages are skipped"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUT"),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe YAML this command runs, and exit"),
+) -> None:
+    """Composable pruning: fine-tune each pruned module once, compose every configuration, fine-tune it briefly."""
+    _quiet_libraries()
+    import datetime as _dt
+
+    import yaml
+
+    from prunetune.config import validate_recipe
+    from prunetune.pipelines.runner import run_recipe
+
+    comp: dict = {"attention": attention or [0.25, 0.5], "linear": linear or [0.3, 0.5], "n": n, "grid": grid,
+                  "baseline": baseline}
+    for key, val in (("attention_units", attention_units), ("linear_units", linear_units),
+                     ("attention_criterion", attention_criterion), ("linear_criterion", linear_criterion),
+                     ("linear_steps", linear_steps), ("attention_steps", attention_steps),
+                     ("module_texts", module_texts), ("cache_dir", cache_dir)):
+        if val is not None:
+            comp[key] = val
+    data = {"name": "compose", "seed": seed, "model": {"name": model, "task": "seq-cls"},
+            "data": {"train": task, "ppl": []},
+            "tune": {"mode": "full" if full else "lora", "steps": steps, "epochs": epochs, "n_samples": n_samples,
+                     "eval_samples": eval_samples, "batch_size": batch_size, "seqlen": max_length, "lr": lr},
+            "compose": comp, "stages": ["compose"]}
+    rec = validate_recipe(data, "command line")
+    if print_recipe:
+        from prunetune.config import recipe_to_dict
+
+        print(yaml.safe_dump(recipe_to_dict(rec), sort_keys=False), end="")
+        return
+    if out is None:
+        out = Path("runs") / f"compose-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    con = _console()
+    con.print(f"[bold]prunetune compose[/bold] {model} -> {out}")
+    run_recipe(rec, out, resume=resume, overwrite=overwrite, log=lambda msg: con.print(msg, highlight=False))
+    stage = sorted((out / "stages").glob("*-compose"))
+    if stage:
+        con.print((stage[-1] / "report.md").read_text(), markup=False, highlight=False)
+
+
 # ------------------------------------------------------------------------------------------------ entry
 def _click_modules() -> list:
     """click's exception modules: the real click and typer's vendored copy (typer >= 0.20) when present."""
@@ -672,7 +772,8 @@ def main(argv: list[str] | None = None) -> None:
     abort_types = tuple({getattr(m, "Abort", typer.Abort) for m in _click_modules()} | {typer.Abort})
     _NEW_OUTPUTS.clear()
     try:
-        app(args=argv, prog_name="prunetune", standalone_mode=False)
+        args = _expand_multi_value(list(sys.argv[1:] if argv is None else argv))
+        app(args=args, prog_name="prunetune", standalone_mode=False)
     except PrunetuneError as exc:
         _remove_empty_outputs()
         print(f"prunetune: error: {exc}", file=sys.stderr)

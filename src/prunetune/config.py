@@ -29,7 +29,7 @@ from prunetune.errors import PrunetuneError
 
 RECIPES_DIR = Path(__file__).resolve().parent / "pipelines" / "recipes"
 
-StageType = Literal["evaluate", "prune", "finetune", "payt", "export", "order_study"]
+StageType = Literal["evaluate", "prune", "finetune", "payt", "export", "order_study", "compose"]
 STAGE_TYPES: tuple[str, ...] = get_args(StageType)
 
 
@@ -159,6 +159,57 @@ class OrderSpec(_Spec):
     steps: int = Field(12, ge=1, description="total fine-tuning steps per ordering (split over rounds)")
 
 
+class ComposeSpec(_Spec):
+    """Composable pruning (`prunetune.methods.composable`): configurations of (attention rate, linear rate),
+    each unique pruned module fine-tuned once at module level, composed, then a short model-level fine-tuning
+    per configuration (`tune` settings; full fine-tuning when tune.mode is full)."""
+
+    attention: list[float | str] = Field(default_factory=lambda: [0.25, 0.5], description=(
+        "fraction of attention heads removed (q/k/v, head-wise), one per configuration; '0.1,0.2,...' = per block"))
+    linear: list[float | str] = Field(default_factory=lambda: [0.3, 0.5], description=(
+        "fraction of linear weights removed (o, FFN; unstructured), one per configuration or per block"))
+    n: int | None = Field(None, ge=1, description="number of configurations (must match the lists; the seed's -n)")
+    grid: bool = Field(False, description="every (attention, linear) combination instead of pairing the lists")
+    attention_units: list[str] = Field(default_factory=lambda: ["attention", "cross-attention"],
+                                       description="attention modules the attention rate applies to")
+    linear_units: list[str] = Field(default_factory=lambda: ["o", "co", "gate", "up", "down"],
+                                    description="linear roles the linear rate applies to")
+    attention_criterion: Literal["l1", "l2"] = "l1"
+    linear_criterion: Literal["l1", "wanda"] = "l1"
+    linear_steps: int = Field(150, ge=1, description="module-level Adam steps per pruned linear (full batch)")
+    linear_lr: float = Field(1e-3, gt=0)
+    attention_steps: int = Field(60, ge=1, description="module-level steps per attention module (one batch each)")
+    attention_lr: float = Field(5e-4, gt=0)
+    module_texts: int | None = Field(128, ge=1, description="training texts captured for module-level FT")
+    module_batch: int = Field(8, ge=1, description="texts per captured batch")
+    baseline: bool = Field(True, description="also fine-tune each configuration from its pruned modules without "
+                           "module-level FT (the control)")
+    cache_dir: str | None = Field(None, description="module cache (default: under the stage's output directory)")
+
+    @field_validator("attention", "linear", mode="after")
+    @classmethod
+    def _numbers(cls, v: list) -> list:
+        out = []
+        for x in v:
+            try:
+                out.append(float(x))
+            except (TypeError, ValueError):
+                out.append(x)  # per-block '0.1,0.2,...' stays text
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> ComposeSpec:
+        from prunetune.methods.composable import ATTENTION_UNITS, LINEAR_ROLES, check_units, parse_configurations
+
+        try:
+            parse_configurations(self.attention, self.linear, self.n, self.grid)
+            check_units(self.attention_units, "attention_units", tuple(ATTENTION_UNITS))
+            check_units(self.linear_units, "linear_units", LINEAR_ROLES)
+        except PrunetuneError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 class Stage(_Spec):
     """One step of the pipeline; `options` override the recipe's section for that stage type."""
 
@@ -182,7 +233,7 @@ class Stage(_Spec):
 
 SECTION_OF: dict[str, str | None] = {
     "evaluate": "eval", "prune": "prune", "finetune": "tune", "payt": "payt", "export": None,
-    "order_study": "order",
+    "order_study": "order", "compose": "compose",
 }
 
 
@@ -199,6 +250,7 @@ class Recipe(_Spec):
     payt: PaytSpec = Field(default_factory=PaytSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     order: OrderSpec = Field(default_factory=OrderSpec)
+    compose: ComposeSpec = Field(default_factory=ComposeSpec)
     stages: list[Stage] = Field(min_length=1)
     notes: str = Field("", description="free text copied into the report (e.g. how the run was sized)")
 

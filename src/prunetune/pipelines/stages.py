@@ -416,3 +416,12 @@ STAGES: dict[str, Callable] = {
     "evaluate": run_evaluate, "prune": run_prune, "finetune": run_finetune, "payt": run_payt,
     "export": run_export, "order_study": run_order_study,
 }
+
+
+def _run_compose(state, out_dir: Path) -> dict:
+    from prunetune.pipelines.compose import run_compose
+
+    return run_compose(state, out_dir)
+
+
+STAGES["compose"] = _run_compose
