@@ -437,6 +437,59 @@ def prune_cmd(
     _console().print(_table(f"prune {model}", rows))
 
 
+# ------------------------------------------------------------------------------------------------ shrink (owner: vib)
+@app.command("shrink")
+def shrink_cmd(
+    model: str = typer.Argument(..., help="alias, HF dir, .gguf or hub id (Llama family)"),
+    method: str = typer.Option("vib", "--method", help="vib | l1 | l2 | wanda | flap"),
+    sparsity: float = typer.Option(0.3, "--sparsity", help="fraction of block parameters removed, in [0, 1)"),
+    structures: str = typer.Option("heads,neurons", "--structures", help="comma list of heads, neurons, hidden"),
+    round_to: int = typer.Option(64, "--round-to", help="kept neuron / hidden widths are multiples of this"),
+    calib: str = typer.Option("wikitext2", "--calib", help="calibration / gate-training text source"),
+    calib_split: Optional[str] = typer.Option(None, "--calib-split", help="default: valid for wikitext2, else train"),
+    nsamples: int = typer.Option(16, "--nsamples", help="calibration windows"),
+    seqlen: int = typer.Option(256, "--seqlen", help="tokens per window"),
+    vib_steps: int = typer.Option(16, "--vib-steps", help="VIB gate-training steps"),
+    vib_batch: int = typer.Option(1, "--vib-batch", help="windows per VIB step"),
+    vib_lr: float = typer.Option(0.5, "--vib-lr", help="VIB_LR: learning rate of the gates"),
+    lagrangian_warmup: float = typer.Option(0.5, "--lagrangian-warmup", help="fraction of steps the target ramps over"),
+    att_mul: float = typer.Option(1.0, "--att-mul", help="weight of attention parameters in the sparsity count"),
+    eval_ppl: bool = typer.Option(False, "--eval-ppl", help="perplexity (WikiText-2 test) before and after"),
+    max_windows: int = typer.Option(16, "--max-windows", help="--eval-ppl: first N windows of 512 tokens"),
+    out: Path = typer.Option(..., "--out", help="run directory; the shrunk plain HF model lands in OUT/model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
+    resume: bool = typer.Option(False, "--resume", help="continue OUT: complete stages are skipped"),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe this command runs and exit"),
+) -> None:
+    """Structured pruning that shrinks the model (VIB or L1/L2/Wanda/FLAP): fewer heads, neurons, hidden channels."""
+    _quiet_libraries()
+    import yaml
+
+    from prunetune.config import recipe_to_dict, validate_recipe
+    from prunetune.pipelines.runner import run_recipe
+    from prunetune.pruning.api import default_calib_split
+
+    stages = ["structured", "export"]
+    if eval_ppl:
+        stages = ["evaluate", "structured", "evaluate", "export"]
+    data = {"name": "shrink", "seed": 0, "model": {"name": model},
+            "data": {"calib": calib, "calib_split": calib_split or default_calib_split(calib), "ppl": ["wikitext2"]},
+            "structured": {"method": method, "sparsity": sparsity,
+                           "structures": [s.strip() for s in structures.split(",") if s.strip()],
+                           "round_to": round_to, "nsamples": nsamples, "seqlen": seqlen, "vib_steps": vib_steps,
+                           "vib_batch": vib_batch, "vib_lr": vib_lr, "lagrangian_warmup": lagrangian_warmup,
+                           "att_mul": att_mul},
+            "eval": {"ppl_seqlen": 512, "max_windows": max_windows}, "stages": stages}
+    rec = validate_recipe(data, "prunetune shrink")
+    if print_recipe:
+        typer.echo(yaml.safe_dump(recipe_to_dict(rec), sort_keys=False))
+        return
+    out = _claim_out(out)
+    con = _console()
+    run_recipe(rec, out, resume=resume, overwrite=overwrite, log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
+    con.print(f"shrunk model: {out / 'model'}   report: {out / 'report.md'}")
+
+
 # ------------------------------------------------------------------------------------------------ finetune / payt
 def _tune_config(task_type: str, task: str, lora: bool, lora_rank: int, lora_alpha: float, lora_dropout: float,
                  rslora: bool, kd: bool, kd_alpha: float, kd_temp: float, teacher: str, epochs: float,

@@ -29,7 +29,7 @@ from prunetune.errors import PrunetuneError
 
 RECIPES_DIR = Path(__file__).resolve().parent / "pipelines" / "recipes"
 
-StageType = Literal["evaluate", "prune", "finetune", "payt", "export", "order_study", "compose"]
+StageType = Literal["evaluate", "prune", "finetune", "payt", "export", "order_study", "compose", "structured"]
 STAGE_TYPES: tuple[str, ...] = get_args(StageType)
 
 
@@ -210,6 +210,32 @@ class ComposeSpec(_Spec):
         return self
 
 
+# ---- structured pruning (VIB and its baselines; owner: vib) -------------------------------------------
+class StructuredSpec(_Spec):
+    """Structured pruning that shrinks the model (`prunetune.methods.structured_prune`, `methods.vib`).
+
+    The VIB options keep TVA-Prune's names: TARGET_SPARSITY is `sparsity`, VIB_LR `vib_lr`,
+    LAGRANGIAN_WARMUP `lagrangian_warmup`, ATT_MUL `att_mul`. The gate-training budget is
+    `vib_steps` x `vib_batch` x `seqlen` tokens, recorded with every result.
+    """
+
+    method: Literal["vib", "l1", "l2", "wanda", "flap"] = "vib"
+    sparsity: float = Field(0.3, ge=0.0, lt=1.0, description="fraction of block parameters removed")
+    structures: list[Literal["heads", "neurons", "hidden"]] = Field(
+        default_factory=lambda: ["heads", "neurons"], description="KV groups, MLP neurons, hidden channels")
+    round_to: int = Field(64, ge=1, description="kept neuron / hidden widths are multiples of this")
+    nsamples: int = Field(16, ge=1, description="calibration windows (Wanda/FLAP statistics, VIB training text)")
+    seqlen: int = Field(256, ge=2)
+    vib_steps: int = Field(16, ge=1, description="gate-training steps")
+    vib_batch: int = Field(1, ge=1, description="windows per gate-training step")
+    vib_lr: float = Field(0.5, gt=0, description="VIB_LR: Adam learning rate of the gates")
+    lagrangian_lr: float = Field(0.5, gt=0, description="learning rate of the Lagrange multipliers (ascent)")
+    lagrangian_warmup: float = Field(0.5, ge=0.0, le=1.0, description="LAGRANGIAN_WARMUP: fraction of steps the target ramps over")
+    att_mul: float = Field(1.0, gt=0, description="ATT_MUL: weight of attention parameters in the sparsity count")
+    kl_factor: float = Field(1e-6, ge=0, description="weight of the summed VIBNet KL term")
+    init_log_sigma2: float = Field(-4.0, description="initial log sigma^2 of the gates (short budgets start nearer 0)")
+
+
 class Stage(_Spec):
     """One step of the pipeline; `options` override the recipe's section for that stage type."""
 
@@ -233,7 +259,7 @@ class Stage(_Spec):
 
 SECTION_OF: dict[str, str | None] = {
     "evaluate": "eval", "prune": "prune", "finetune": "tune", "payt": "payt", "export": None,
-    "order_study": "order", "compose": "compose",
+    "order_study": "order", "compose": "compose", "structured": "structured",
 }
 
 
@@ -251,6 +277,7 @@ class Recipe(_Spec):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     order: OrderSpec = Field(default_factory=OrderSpec)
     compose: ComposeSpec = Field(default_factory=ComposeSpec)
+    structured: StructuredSpec = Field(default_factory=StructuredSpec)
     stages: list[Stage] = Field(min_length=1)
     notes: str = Field("", description="free text copied into the report (e.g. how the run was sized)")
 

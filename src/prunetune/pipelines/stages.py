@@ -16,7 +16,7 @@ import torch
 
 from prunetune.errors import PrunetuneError
 
-MODEL_STAGES = ("prune", "finetune", "payt")
+MODEL_STAGES = ("prune", "finetune", "payt", "structured")
 
 
 def produces_model(stage_type: str) -> bool:
@@ -412,9 +412,49 @@ def run_order_study(state, out_dir: Path) -> dict:
     return {"metrics": metrics, "artifacts": {"rows": "ordering.json"}}
 
 
+# --------------------------------------------------------------------------------------------- structured (owner: vib)
+def run_structured(state, out_dir: Path) -> dict:
+    """VIB or a baseline to a fraction of block parameters, then physical shrink; saves the smaller model."""
+    from prunetune.data.calibration import calibration_samples
+    from prunetune.data.sources import load_text
+    from prunetune.methods.structured_prune import prune_structured
+
+    spec = state.spec
+    loaded = state.load()
+    rec = state.recipe
+    needs = spec.method in ("vib", "wanda", "flap")
+    ids = None
+    if needs:
+        src = load_text(rec.data.calib, rec.data.calib_split, data_dir=rec.data.data_dir)
+        n = max(spec.nsamples, spec.vib_steps * spec.vib_batch) if spec.method == "vib" else spec.nsamples
+        ids = calibration_samples(loaded.tokenizer, src.text, n, spec.seqlen, state.seed, src.name)
+    vib = {"steps": spec.vib_steps, "batch_size": spec.vib_batch, "vib_lr": spec.vib_lr,
+           "lagrangian_lr": spec.lagrangian_lr, "lagrangian_warmup": spec.lagrangian_warmup, "att_mul": spec.att_mul,
+           "kl_factor": spec.kl_factor, "init_log_sigma2": spec.init_log_sigma2, "seed": state.seed}
+    t0 = time.perf_counter()
+    model, facts = prune_structured(loaded.model, spec.method, spec.sparsity, structures=tuple(spec.structures),
+                                    round_to=spec.round_to, ids=ids, vib=vib)
+    seconds = time.perf_counter() - t0
+    calib = (f"{ids.shape[0]} x {ids.shape[1]} tokens of {rec.data.calib}/{rec.data.calib_split}, seed {state.seed}"
+             if ids is not None else "none")
+    if spec.method == "vib":
+        facts["vib"]["budget"] = f"{spec.vib_steps} steps x {spec.vib_batch} x {spec.seqlen} tokens"
+    _dump(out_dir / "structured.json", facts)
+    save_model(state, out_dir, model, loaded.tokenizer, None, extra={"structured": facts})
+    proto = {"method": spec.method, "structures": spec.structures, "round_to": spec.round_to, "calibration": calib,
+             "what": "weights of the seven block projections; compute ratio = per-token weight FLOPs dense / pruned "
+                     "(blocks + LM head)"}
+    return {"metrics": {
+        "block_sparsity": {"value": facts["block_sparsity"], "protocol": proto},
+        "compute_ratio": {"value": facts["compute_ratio"], "protocol": proto},
+        "widths": {"value": facts["widths"], "protocol": {"dense": facts["dense_widths"]}},
+        "prune_seconds": {"value": seconds, "protocol": {"threads": torch.get_num_threads()}},
+    }}
+
+
 STAGES: dict[str, Callable] = {
     "evaluate": run_evaluate, "prune": run_prune, "finetune": run_finetune, "payt": run_payt,
-    "export": run_export, "order_study": run_order_study,
+    "export": run_export, "order_study": run_order_study, "structured": run_structured,
 }
 
 
