@@ -272,6 +272,42 @@ def test_cli_compose_end_to_end_report(capsys, tmp_path):
         for arm in ("composed", "baseline"):
             assert 0.0 <= row[arm]["accuracy"] <= 1.0
             assert len(row[arm]["points"]) >= 2
-    assert (stage / "curves.png").stat().st_size > 1000
+    curves = json.loads((stage / "curves.json").read_text())
+    assert "a0.5_l0.5 module FT val accuracy" in curves and "a0.5_l0.5 no module FT loss" in curves
+    assert (out / "plots" / "curves.png").stat().st_size > 1000  # the run report draws them
     report = (stage / "report.md").read_text()
     assert "| a0.5_l0.5 |" in report and "Total compute: with composability" in report
+
+
+def test_activation_criterion_uses_the_capture_and_unknown_criterion_errors(bert, batches):
+    model, _ = bert
+    l1, wanda = C.Unit(0, "up", "l1", 0.5), C.Unit(0, "up", "wanda", 0.5)
+    res = C.train_units(model, batches, [l1, wanda], SETTINGS)
+    m1, m2 = res.tensors[l1.id]["up.mask"], res.tensors[wanda.id]["up.mask"]
+    assert float(m1.float().mean()) == float(m2.float().mean()) == 0.5
+    assert not torch.equal(m1, m2)  # column norms of the captured inputs change which weights go
+    assert res.stats[wanda.id]["mse_after"] < res.stats[wanda.id]["mse_before"]
+    with pytest.raises(PrunetuneError, match="unknown or unsupported linear criterion 'nope'"):
+        C.plan(C.parse_configurations([0.5], [0.5]), C.get_adapter(model), linear_criterion="nope")
+    with pytest.raises(PrunetuneError, match="needs activations"):
+        C.train_units(model, [], [wanda], SETTINGS, finetune=False)
+
+
+def test_composed_start_method_prepares_the_model_and_its_masks(bert, batches):
+    import copy
+
+    from prunetune.methods.base import Method, MethodContext
+
+    model, _ = bert
+    configs = C.parse_configurations([0.5], [0.5])
+    pl = C.plan(configs, C.get_adapter(model))
+    res = C.train_units(model, batches, pl.units, SETTINGS)
+    method = C.ComposedStart(pl.members[configs[0].name], res, configs[0])
+    assert isinstance(method, Method)
+    ctx = MethodContext()
+    prepared = method.prepare(copy.deepcopy(model), ctx)
+    ref, masks = C.compose(model, pl.members[configs[0].name], res)
+    assert sorted(ctx.masks.names()) == sorted(masks.names())
+    for (n, p), (_, q) in zip(prepared.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+    assert method.summary()["sparsity_of_units"] == pytest.approx(masks.sparsity())

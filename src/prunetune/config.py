@@ -175,7 +175,7 @@ class ComposeSpec(_Spec):
     linear_units: list[str] = Field(default_factory=lambda: ["o", "co", "gate", "up", "down"],
                                     description="linear roles the linear rate applies to")
     attention_criterion: Literal["l1", "l2"] = "l1"
-    linear_criterion: Literal["l1", "wanda"] = "l1"
+    linear_criterion: str = Field("l1", description="l1 | wanda | a score criterion of the registry")
     linear_steps: int = Field(150, ge=1, description="module-level Adam steps per pruned linear (full batch)")
     linear_lr: float = Field(1e-3, gt=0)
     attention_steps: int = Field(60, ge=1, description="module-level steps per attention module (one batch each)")
@@ -199,12 +199,14 @@ class ComposeSpec(_Spec):
 
     @model_validator(mode="after")
     def _check(self) -> ComposeSpec:
-        from prunetune.methods.composable import ATTENTION_UNITS, LINEAR_ROLES, check_units, parse_configurations
+        from prunetune.methods.composable import (ATTENTION_UNITS, LINEAR_ROLES, check_linear_criterion, check_units,
+                                                  parse_configurations)
 
         try:
             parse_configurations(self.attention, self.linear, self.n, self.grid)
             check_units(self.attention_units, "attention_units", tuple(ATTENTION_UNITS))
             check_units(self.linear_units, "linear_units", LINEAR_ROLES)
+            check_linear_criterion(self.linear_criterion)
         except PrunetuneError as exc:
             raise ValueError(str(exc)) from None
         return self

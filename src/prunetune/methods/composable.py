@@ -60,7 +60,8 @@ LINEAR_ROLES = ("o", "co", "gate", "up", "down")
 ALL_UNITS = tuple(ATTENTION_UNITS) + LINEAR_ROLES
 DEFAULT_ATTENTION_UNITS = ("attention", "cross-attention")
 DEFAULT_LINEAR_UNITS = LINEAR_ROLES
-#: criteria for the unstructured linear units and for head scores (element scores summed per head)
+#: criteria for the unstructured linear units (plus, where present, every score criterion of the registry in
+#: `pruning.criteria` that needs no more than input column norms) and for head scores (summed per head)
 LINEAR_CRITERIA = ("l1", "wanda")
 HEAD_CRITERIA = ("l1", "l2")
 CACHE_FORMAT = 1
@@ -192,8 +193,7 @@ def plan(configs: Sequence[Configuration], adapter: ArchAdapter, *,
     linear_units = check_units(linear_units, "the linear modules", LINEAR_ROLES)
     if attention_criterion not in HEAD_CRITERIA:
         raise PrunetuneError(f"unknown head criterion '{attention_criterion}'; choose one of: {', '.join(HEAD_CRITERIA)}")
-    if linear_criterion not in LINEAR_CRITERIA:
-        raise PrunetuneError(f"unknown linear criterion '{linear_criterion}'; choose one of: {', '.join(LINEAR_CRITERIA)}")
+    check_linear_criterion(linear_criterion)
     blocks = adapter.blocks()
     for c in configs:
         for what, r in (("attention", c.attention), ("linear", c.linear)):
@@ -452,14 +452,62 @@ def _capture_hooks(adapter: ArchAdapter, block: Block, cap: BlockCapture, roles:
 
 
 # ------------------------------------------------------------------------------------------ unit training
+def _registry_criterion(name: str):
+    """The criterion registry's entry (`pruning.criteria.get_criterion`) when this version has the registry."""
+    try:
+        from prunetune.pruning.criteria import get_criterion
+    except ImportError:
+        return None
+    try:
+        return get_criterion("magnitude" if name == "l1" else name)
+    except PrunetuneError:
+        return None
+
+
+def check_linear_criterion(name: str) -> str:
+    """Local l1/wanda, or any registry criterion that scores weights from the weights alone or from input column
+    norms (the module capture has both; a weight-updating criterion such as SparseGPT is not a score)."""
+    if name in LINEAR_CRITERIA:
+        return name
+    crit = _registry_criterion(name)
+    if crit is None or crit.updates_weights or crit.statistics not in ("none", "column_norms"):
+        allowed = list(LINEAR_CRITERIA)
+        try:
+            from prunetune.pruning.criteria import CRITERIA
+
+            allowed += [n for n, c in CRITERIA.items() if n not in allowed and not c.updates_weights
+                        and c.statistics in ("none", "column_norms")]
+        except ImportError:
+            pass
+        raise PrunetuneError(f"unknown or unsupported linear criterion '{name}'; choose one of: {', '.join(allowed)}")
+    return name
+
+
+class _GramColumnNorms:
+    """Column-norm statistics read off the capture's Gram diagonal (what `column_norms` criteria consume)."""
+
+    def __init__(self, gram: torch.Tensor) -> None:
+        self.sq_sum = gram.diagonal()[:-1].clamp_min(0).double()
+        self.tokens = int(gram[-1, -1])
+
+    def norms(self) -> torch.Tensor:
+        return self.sq_sum.sqrt().float()
+
+
 def _linear_scores(criterion: str, w: torch.Tensor, gram: torch.Tensor | None, n: int) -> torch.Tensor:
+    crit = _registry_criterion(criterion)
+    if crit is not None and not crit.updates_weights and crit.statistics in ("none", "column_norms"):
+        if crit.statistics == "column_norms" and gram is None:
+            raise PrunetuneError(f"criterion '{criterion}' needs activations: it has no prune-only baseline here")
+        return crit.score(w.detach(), _GramColumnNorms(gram) if crit.statistics == "column_norms" else None).float()
     if criterion == "l1":
         from prunetune.pruning.criteria.magnitude import magnitude_scores
 
         return magnitude_scores(w)
     if criterion == "wanda":  # |W| · ‖X_j‖₂, the column norms read off the Gram diagonal
-        norms = gram.diagonal()[:-1].clamp_min(0).sqrt()
-        return w.detach().abs().float() * norms[None, :]
+        if gram is None:
+            raise PrunetuneError("criterion 'wanda' needs activations: it has no prune-only baseline here")
+        return w.detach().abs().float() * _GramColumnNorms(gram).norms()[None, :]
     raise PrunetuneError(f"unknown linear criterion '{criterion}'")
 
 
@@ -698,8 +746,6 @@ def _prune_only(adapter: ArchAdapter, block: Block, unit: Unit) -> dict[str, tor
             if lin.bias is not None:
                 out[f"{r}.bias"] = lin.bias.detach() * m[:, 0]
         return out
-    if unit.criterion == "wanda":
-        raise PrunetuneError("the wanda criterion needs activations: it has no prune-only baseline here")
     lin = block.linears[unit.kind]
     mask = unstructured_mask(_linear_scores(unit.criterion, lin.weight, None, 0), unit.rate, "layer")
     out = {f"{unit.kind}.weight": lin.weight.detach() * mask, f"{unit.kind}.mask": mask}
@@ -728,6 +774,61 @@ def compose(model: nn.Module, units: Sequence[Unit], results: UnitResults, *, in
             masks[adapter.name_of(lin)] = t[f"{r}.mask"]
     masks.apply(out)
     return out, masks
+
+
+class ComposedStart:
+    """The `Method` lifecycle face of composition: `prepare` swaps one configuration's (fine-tuned or merely
+    pruned) units into the model it is given and hands their masks to the run, which then keeps pruned
+    weights at zero through model-level fine-tuning; `summary` says what was composed.
+
+    For `tuning.finetune(model, ..., method=ComposedStart(...))` (a model passed in memory, no round trip
+    through disk); `run_composable` saves the composed start instead while `finetune` takes paths only.
+    """
+
+    name = "composable"
+    changes_base_weights = False
+
+    def __init__(self, units: Sequence[Unit], results: UnitResults, configuration: Configuration | None = None):
+        self.units, self.results, self.configuration = list(units), results, configuration
+        self._masks: MaskSet | None = None
+
+    def prepare(self, model: nn.Module, ctx: Any) -> nn.Module:
+        model, masks = compose(model, self.units, self.results, inplace=True)
+        self._masks = masks
+        if getattr(ctx, "masks", None) is not None:
+            ctx.masks.update(masks)
+        return model
+
+    def callbacks(self, ctx: Any) -> list:
+        return []
+
+    def extra_loss(self, model: nn.Module, inputs: dict, outputs: Any, ctx: Any):
+        return None, {}
+
+    def after_step(self, model: nn.Module, ctx: Any) -> None:
+        return None
+
+    def finalize(self, model: nn.Module, ctx: Any) -> nn.Module:
+        return model
+
+    def summary(self) -> dict:
+        return {"units": [u.id for u in self.units], "module_finetuned": not all(
+                    self.results.stats.get(u.id, {}).get("finetuned", True) is False for u in self.units),
+                "sparsity_of_units": self._masks.sparsity() if self._masks is not None else None,
+                "configuration": self.configuration.to_dict() if self.configuration else None}
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "units": len(self.units)}
+
+
+def _as_method(cls: type) -> type:
+    """Make `ComposedStart` a `methods.base.Method` subclass (kept lazy so importing this module stays light)."""
+    from prunetune.methods.base import Method
+
+    return type(cls.__name__, (cls, Method), {"__doc__": cls.__doc__})
+
+
+ComposedStart = _as_method(ComposedStart)
 
 
 # ------------------------------------------------------------------------------------------ data

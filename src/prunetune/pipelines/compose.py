@@ -1,8 +1,10 @@
 """The `compose` stage: composable pruning through `prunetune.methods.composable`, with its report.
 
-Writes `out_dir/composable.json` (everything measured), `out_dir/report.md` (per configuration the metric
-with and without module-level fine-tuning, the compute time of both routes) and `out_dir/curves.png`
-(training loss and validation accuracy of every configuration, with and without module-level FT).
+Writes `out_dir/runs/composable.json` (everything measured), `out_dir/report.md` (per configuration the metric
+with and without module-level fine-tuning, the compute time of both routes) and `out_dir/curves.json`
+(training loss and validation accuracy of every configuration, with and without module-level FT), which the
+run report draws as `plots/curves.png` (reporting is not imported here: pipelines and reporting are
+independent layers).
 """
 
 from __future__ import annotations
@@ -42,13 +44,13 @@ def run_compose(state, out_dir: Path) -> dict:
         if v is not None:
             metrics[f"compute_s/{k}"] = {"value": v, "protocol": {"what": "wall seconds: module-level FT (once) "
                                                                    "+ composing + model-level optimizer steps"}}
-    return {"metrics": metrics, "artifacts": {"report": "report.md", "curves": "curves.png",
+    return {"metrics": metrics, "artifacts": {"report": "report.md", "curves": "curves.json",
                                               "results": "runs/composable.json"}}
 
 
 def write_report(res: dict, out_dir: Path) -> Path:
-    """report.md and curves.png from `run_composable`'s result."""
-    from prunetune.reporting.plots import curves
+    """report.md and curves.json from `run_composable`'s result."""
+    import json
 
     lines = ["# Composable pruning", "",
              f"{len(res['rows'])} configurations, {res['plan']['unique_units']} unique pruned modules "
@@ -75,8 +77,9 @@ def write_report(res: dict, out_dir: Path) -> Path:
     lines += ["", f"Total compute: with composability {cs['with_composability']:.1f} s (module-level FT "
               f"{cs['module_ft']:.1f} s, once), without "
               + (f"{cs['without_composability']:.1f} s." if cs["without_composability"] is not None else "not run."),
-              "", "![curves](curves.png)", ""]
-    curves(series, out_dir / "curves.png", title="model-level fine-tuning: loss and validation accuracy")
+              "", "Loss and validation-accuracy curves: `plots/curves.png` of the run report "
+              "(from this stage's curves.json).", ""]
+    (out_dir / "curves.json").write_text(json.dumps(series, indent=2))
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
