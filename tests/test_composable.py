@@ -263,7 +263,7 @@ def test_cli_compose_end_to_end_report(capsys, tmp_path):
     out = tmp_path / "run"
     cli_ok(["compose", "tiny-bert", "--task", "bbc-news", "--attention", "0.25", "0.5", "--linear", "0.3", "0.5",
             "--n-samples", "16", "--eval-samples", "8", "--steps", "2", "--max-length", "32", "--linear-steps", "5",
-            "--attention-steps", "2", "--module-texts", "8", "--out", str(out)], capsys)
+            "--attention-steps", "2", "--module-texts", "8", "--test-samples", "20", "--out", str(out)], capsys)
     stage = out / "stages" / "01-compose"
     res = json.loads((stage / "runs" / "composable.json").read_text())
     assert [r["config"]["name"] for r in res["rows"]] == ["a0.25_l0.3", "a0.5_l0.5"]

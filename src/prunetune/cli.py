@@ -754,6 +754,7 @@ def compose(
     epochs: float = typer.Option(1.0, "--epochs", help="model-level epochs when --steps is not given"),
     n_samples: Optional[int] = typer.Option(256, "--n-samples", help="training examples"),
     eval_samples: Optional[int] = typer.Option(64, "--eval-samples", help="validation examples for the curves"),
+    test_samples: Optional[int] = typer.Option(None, "--test-samples", help="test examples scored (default: the whole test split)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_length: int = typer.Option(64, "--max-length", help="tokens per example"),
     lr: float = typer.Option(1e-4, "--lr", help="model-level learning rate"),
@@ -783,7 +784,8 @@ def compose(
     data = {"name": "compose", "seed": seed, "model": {"name": model, "task": "seq-cls"},
             "data": {"train": task, "ppl": []},
             "tune": {"mode": "full" if full else "lora", "steps": steps, "epochs": epochs, "n_samples": n_samples,
-                     "eval_samples": eval_samples, "batch_size": batch_size, "seqlen": max_length, "lr": lr},
+                     "eval_samples": eval_samples, "test_samples": test_samples, "batch_size": batch_size,
+                     "seqlen": max_length, "lr": lr},
             "compose": comp, "stages": ["compose"]}
     rec = validate_recipe(data, "command line")
     if print_recipe:
