@@ -311,3 +311,32 @@ def test_composed_start_method_prepares_the_model_and_its_masks(bert, batches):
     for (n, p), (_, q) in zip(prepared.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q), n
     assert method.summary()["sparsity_of_units"] == pytest.approx(masks.sparsity())
+
+
+# ------------------------------------------------------------------------------------------ architecture table
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "bert", "roberta", "distilbert", "t5", "mt5"])
+def test_every_family_plans_trains_and_composes(model_type):
+    """One table, shared assertions: units found through the adapter, module FT never raises the MSE, the
+    composed model runs and holds exactly its units' weights (GQA heads removed by whole KV groups)."""
+    from prunetune.models.loading import tiny_model
+
+    seq2seq = model_type in ("t5", "mt5")
+    ld = tiny_model(model_type, "seq2seq" if seq2seq else "seq-cls", num_labels=None if seq2seq else 3)
+    model, tok = ld.model, ld.tokenizer
+    targets = [t[::-1] for t in TEXTS[:8]] if seq2seq else None
+    batches = C.text_batches(tok, TEXTS[:8], 24, 4, targets=targets)
+    configs = C.parse_configurations([0.5], [0.5])
+    ad = C.get_adapter(model)
+    pl = C.plan(configs, ad)
+    kinds = {u.kind for u in pl.units}
+    assert "attention" in kinds and "down" in kinds and "o" in kinds
+    res = C.train_units(model, batches, pl.units, C.ModuleFTSettings(linear_steps=6, attention_steps=3))
+    for uid, st in res.stats.items():
+        assert st["mse_after"] <= st["mse_before"] * 1.001, uid
+    composed, masks = C.compose(model, pl.members[configs[0].name], res)
+    g = ad.attention()
+    for b in C.get_adapter(composed).blocks():
+        rows = masks[C.get_adapter(composed).name_of(b.linears["k"])][:, 0]
+        assert int((~rows).sum()) == (g.num_kv_heads // 2) * g.head_dim  # half the KV groups
+    out = composed(**batches[0])
+    assert torch.isfinite(out.logits).all()
