@@ -79,7 +79,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--work", default="bench-work/composability")
     ap.add_argument("--out", default="benchmarks/results/composability.json")
+    ap.add_argument("--render", default=None, help="print the markdown table of this results JSON and exit")
     a = ap.parse_args()
+    if a.render:
+        print(render(json.loads(Path(a.render).read_text())))
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     os.environ.setdefault("PRUNETUNE_PROGRESS", "0")
@@ -254,9 +258,39 @@ def main() -> int:
     _write_json(Path(a.out), out)
     log(f"baseline {base_total:.0f}s, composability {comp_total:.0f}s (module FT {mod['wall_s']:.0f}s): "
         f"ratio {out['totals']['ratio']:.2f}x")
-    for r in rows:
-        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+    print(render(out))
     return 0
+
+
+def render(data: dict) -> str:
+    """The BENCHMARKS.md table from the raw JSON this script writes (`--render FILE` prints it)."""
+    t, o, m = data["totals"], data["original"], data["module_ft"]
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    lines = [
+        f"- machine: {data['machine']['cores']} cores, {data['machine']['cpu']}; load average at the end "
+        f"{' / '.join(f'{x:.1f}' for x in data['machine']['loadavg_end'])} (1 / 5 / 15 min)",
+        f"- protocol: {data['protocol']}",
+        f"- original (dense MiniLM fine-tuned on the task, shared, outside both clocks): validation "
+        f"{pct(o['val_accuracy'])}, test {pct(o['test']['accuracy'])}",
+        f"- module-level FT: {data['plan']['unique_units']} unique modules ({data['plan']['units_without_dedup']} "
+        f"without deduplication), {m['texts']} articles / {m['tokens']} tokens captured once, "
+        f"{m['wall_s']:.0f} s",
+        "",
+        "| configuration (heads / linear removed) | sparsity of the pruned layers | baseline: start → final val acc "
+        "| baseline test acc | baseline clock | composed: start val acc | reached at step | composed test acc "
+        "| composed clock (excl. module FT) | holds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['attention']:g} / {r['linear']:g} | {pct(r['sparsity'])} | {pct(r['baseline_start_val'])} → "
+            f"{pct(r['baseline_val'])} | {pct(r['baseline_test'])} | {r['baseline_clock_s']:.0f} s | "
+            f"{pct(r['composed_start_val'])} | {r['composed_reached_at_step'] if r['holds'] else 'not reached'} | "
+            f"{pct(r['composed_test'])} | {r['composed_clock_s']:.0f} s | {'yes' if r['holds'] else 'no'} |")
+    lines += ["", f"**Total wall time: baseline {t['baseline_s']:.0f} s, with composability {t['composability_s']:.0f} s "
+              f"(module-level FT {t['module_ft_s']:.0f} s once + {t['composability_s'] - t['module_ft_s']:.0f} s "
+              f"model-level) → {t['ratio']:.2f}× lower; target ≥ 2×: {'met' if t['target_2x_holds'] else 'missed'}.**"]
+    return "\n".join(lines)
 
 
 def _read_log(path: Path) -> list[dict]:

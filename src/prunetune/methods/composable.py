@@ -1007,3 +1007,47 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
                "wall_s": time.perf_counter() - t_all}
     (out / "composable.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def run_composable_seq2seq(model_spec: str, out: Path | str, configs: Sequence[Configuration], tune: Any, *,
+                           settings: ModuleFTSettings = ModuleFTSettings(), module_texts: int | None = 128,
+                           module_batch: int = 8, baseline: bool = True, cache_dir: Path | str | None = None,
+                           **plan_kw: Any) -> dict:
+    """The same method for an encoder-decoder (T5 translation): module-level FT captures the encoder and the
+    decoder on (source, target) pairs, and model-level fine-tuning is `tuning.seq2seq.finetune_seq2seq`
+    (`tune`: a `Seq2SeqConfig`) with BLEU on the test pairs, per configuration, with and without module FT."""
+    from prunetune.models.loading import load_model
+    from prunetune.tuning.seq2seq import finetune_seq2seq, load_pairs, split_pairs
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model_spec, "seq2seq")
+    original, tok = loaded.model, loaded.tokenizer
+    pl = plan(configs, get_adapter(original), **plan_kw)
+    pairs = split_pairs(load_pairs(tune.data, tune.seed, n=max(50, int((tune.n_samples or 400) / 0.8) + 2)))["train"]
+    pairs = pairs[: module_texts or None]
+    batches = text_batches(tok, [tune.prefix + p["source"] for p in pairs], tune.max_source_length, module_batch,
+                           targets=[p["target"] for p in pairs])
+    cache = ModuleCache(cache_dir if cache_dir is not None else out / "module-cache")
+    t0 = time.perf_counter()
+    results = train_units(original, batches, pl.units, settings, cache)
+    module_s = time.perf_counter() - t0
+    rows = []
+    for c in pl.configs:
+        row: dict = {"config": c.to_dict()}
+        for arm, module_ft in [("composed", True)] + ([("baseline", False)] if baseline else []):
+            t0 = time.perf_counter()
+            res = results if module_ft else train_units(original, [], pl.members[c.name], settings, None,
+                                                        finetune=False)
+            model, masks = compose(original, pl.members[c.name], res)
+            build_s = time.perf_counter() - t0
+            r = finetune_seq2seq(model, tok, copy.deepcopy(tune), out / c.name / arm, masks=masks)
+            row[arm] = {"build_s": build_s, "train_s": r["timings"]["train_s"], "bleu": r["bleu"],
+                        "loss": r["loss"], "start": r["before"], "train_loss": r["train_loss"],
+                        "log": str(out / c.name / arm / "train_log.csv")}
+            row[arm]["start"] = {k: v for k, v in r["before"].items() if k != "examples"}
+        rows.append(row)
+    summary = {"plan": pl.to_dict(), "modules": {**results.summary(), "wall_s": module_s}, "rows": rows,
+               "settings": settings.to_dict(), "tune": asdict(tune)}
+    (out / "composable.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
