@@ -128,10 +128,10 @@ def test_cli_accepts_original_payt_option_names(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--sparsity", "1.0"], "target sparsity"),
-    (["--start", "1"], "start"),
-    (["--schedule", "cosine"], "unknown pruning schedule"),
-    (["--criterion", "random"], "unknown pruning criterion"),
+    (["--sparsity", "1.0"], "--sparsity (payt.sparsity): Input should be less than 1"),
+    (["--start", "1"], "--start (payt.start)"),
+    (["--schedule", "cosine"], "--schedule (payt.schedule): 'cosine' is not allowed; choose one of"),
+    (["--criterion", "random"], "--criterion (payt.criterion): 'random' is not allowed; choose one of"),
     (["--kd-alpha", "2"], "--kd-alpha"),
     (["--resume"], "no checkpoint"),
 ])

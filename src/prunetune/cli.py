@@ -491,22 +491,66 @@ def shrink_cmd(
 
 
 # ------------------------------------------------------------------------------------------------ finetune / payt
-def _tune_config(task_type: str, task: str, lora: bool, lora_rank: int, lora_alpha: float, lora_dropout: float,
-                 rslora: bool, kd: bool, kd_alpha: float, kd_temp: float, teacher: str, epochs: float,
-                 lr: Optional[float], batch_size: int, max_length: int, n_samples: int, eval_samples: int, seed: int,
-                 test_samples: int, split_seed: int,
-                 mix: float, mix_source: str, mix_strategy: str, mix_sampling: str, data_dir: Optional[Path],
-                 retention: bool, retention_windows: int):
-    from prunetune.data.mixing import MixSpec
-    from prunetune.tuning.trainer import TuneConfig
+# A command is a one-stage recipe: its starting point is a recipe file (pipelines/recipes/commands/NAME.yaml),
+# every flag given overrides one key of it, and the pydantic specs validate the result. No option has a
+# default in this file: a flag left out keeps the recipe's value (`--print-recipe` shows them all).
+TUNE_FLAGS = {  # flag parameter -> recipe key
+    "task": "data.train", "task_type": "model.task", "lora_rank": "tune.lora_rank", "lora_alpha": "tune.lora_alpha",
+    "lora_dropout": "tune.lora_dropout", "rslora": "tune.rslora", "kd": "tune.kd", "kd_alpha": "tune.kd_alpha",
+    "kd_temp": "tune.kd_temp", "teacher": "tune.teacher", "epochs": "tune.epochs", "lr": "tune.lr",
+    "batch_size": "tune.batch_size", "max_length": "tune.seqlen", "n_samples": "tune.n_samples",
+    "eval_samples": "tune.eval_samples", "test_samples": "tune.test_samples", "seed": "seed",
+    "split_seed": "data.split_seed", "mix": "tune.mix.fraction", "mix_source": "tune.mix.source",
+    "mix_strategy": "tune.mix.strategy", "mix_sampling": "tune.mix.sampling", "data_dir": "data.data_dir",
+    "retention": "tune.retention", "retention_windows": "tune.retention_windows",
+}
+PAYT_FLAGS = {"sparsity": "payt.sparsity", "schedule": "payt.schedule", "start": "payt.start", "end": "payt.end",
+              "every": "payt.every", "criterion": "payt.criterion"}
+ALL_SAMPLES = ("n_samples", "eval_samples", "test_samples")  # 0 on the command line = all of them
 
-    return TuneConfig(
-        task=task_type, data=task, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        rslora=rslora, kd=kd, kd_alpha=kd_alpha, kd_temp=kd_temp, teacher=teacher, epochs=epochs, lr=lr,
-        batch_size=batch_size, max_length=max_length, n_samples=n_samples or None, eval_samples=eval_samples or None,
-        test_samples=test_samples or None, seed=seed, split_seed=split_seed, mix=MixSpec(fraction=mix, source=mix_source, strategy=mix_strategy, sampling=mix_sampling, seed=seed),
-        data_dir=str(data_dir) if data_dir else None, retention=retention, retention_windows=retention_windows,
-    ).validate()
+
+def command_recipe(command: str, model: str, flags: dict, extra: dict | None = None):
+    """The validated one-stage recipe a command runs: its recipe file + the flags that were given."""
+    from prunetune.config import COMMANDS_DIR, read_recipe_file, validate_recipe
+
+    data, _ = read_recipe_file(str(COMMANDS_DIR / f"{command}.yaml"))
+    data["model"] = {**data.get("model", {}), "name": model}
+    mapping = {**TUNE_FLAGS, **PAYT_FLAGS}
+    for name, value in flags.items():
+        if value is None or name not in mapping:
+            continue
+        if name in ALL_SAMPLES and value == 0:
+            value = None
+        if name == "data_dir":
+            value = str(value)
+        cur = data
+        *parents, last = mapping[name].split(".")
+        for part in parents:
+            cur = cur.setdefault(part, {})
+        cur[last] = value
+    lora = flags.get("lora")
+    if lora is not None:
+        data["tune"]["mode"] = "lora" if lora else "full"
+    for key, value in (extra or {}).items():
+        section, field = key.split(".")
+        data.setdefault(section, {})[field] = value
+    try:
+        return validate_recipe(data, command)
+    except PrunetuneError as exc:  # name the flag the user typed, not only the recipe key it sets
+        msg = str(exc)
+        for name, key in sorted(mapping.items(), key=lambda kv: -len(kv[1])):
+            if flags.get(name) is not None and f" {key}:" in msg:
+                msg = msg.replace(f" {key}:", f" --{name.replace('_', '-')} ({key}):", 1)
+                break
+        raise PrunetuneError(msg) from None
+
+
+def _print_recipe(recipe) -> None:
+    import yaml
+
+    from prunetune.config import recipe_to_dict
+
+    sys.stdout.write(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
 def _print_run(title: str, r: dict) -> None:
@@ -528,118 +572,134 @@ def _print_run(title: str, r: dict) -> None:
 
 
 _TT = dict(help="seq-cls (labelled data) or causal-lm (plain text)")
+_RECIPE_NOTE = "Flags left out keep the values of the command's recipe; --print-recipe shows every value."
 
 
-@app.command()
+@app.command(epilog=_RECIPE_NOTE)
 def finetune(
     model: str = typer.Argument(..., help="alias, HF dir (a pruned one keeps its masks), .gguf or hub id"),
-    task: str = typer.Option("bbc-news", "--task", help="task data: bbc-news | .csv/.jsonl (text,label) | text source"),
-    task_type: str = typer.Option("seq-cls", "--task-type", **_TT),
-    lora: bool = typer.Option(True, "--lora/--full", "--use-lora/--no-use-lora", help="LoRA adapters or full FT"),
-    lora_rank: int = typer.Option(8, "--lora-rank"),
-    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
-    rslora: bool = typer.Option(False, "--rslora", "--use-rs-lora", help="rank-stabilised scaling alpha/sqrt(r)"),
-    kd: bool = typer.Option(True, "--kd/--no-kd", "--use-kd/--no-use-kd", help="distil from a teacher"),
-    kd_alpha: float = typer.Option(0.5, "--kd-alpha", help="weight of CE; 1-alpha weighs the KL term"),
-    kd_temp: float = typer.Option(4.0, "--kd-temp", help="softmax temperature T"),
-    teacher: str = typer.Option("initial", "--teacher", help="initial | dense | PATH"),
-    epochs: float = typer.Option(2.0, "--epochs", "--num-epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="default 1e-3 (LoRA) / 1e-4 (full)"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    max_length: int = typer.Option(128, "--max-length"),
-    n_samples: int = typer.Option(200, "--n-samples", help="training examples (0 = all)"),
-    eval_samples: int = typer.Option(100, "--eval-samples", help="validation examples per epoch (0 = all)"),
-    test_samples: int = typer.Option(0, "--test-samples", help="test examples scored (0 = the whole test split)"),
-    seed: int = typer.Option(0, "--seed", help="training seed (adapter init, data order); not the split"),
-    split_seed: int = typer.Option(0, "--split-seed", help="seed of the fixed train/validation/test split"),
-    mix: float = typer.Option(0.0, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
-    mix_source: str = typer.Option("wikitext2", "--mix-source"),
-    mix_strategy: str = typer.Option("random", "--mix-strategy", "--dataset-mix-strategy"),
-    mix_sampling: str = typer.Option("first", "--mix-sampling", "--dataset-sampling-strategy"),
+    task: Optional[str] = typer.Option(None, "--task", help="task data: bbc-news | .csv/.jsonl (text,label) | text source"),
+    task_type: Optional[str] = typer.Option(None, "--task-type", **_TT),
+    lora: Optional[bool] = typer.Option(None, "--lora/--full", "--use-lora/--no-use-lora", help="LoRA adapters or full FT"),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank"),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scale numerator (recipe default: 2 x rank)"),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout"),
+    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", "--use-rs-lora/--no-use-rs-lora", help="rank-stabilised scaling alpha/sqrt(r)"),
+    kd: Optional[bool] = typer.Option(None, "--kd/--no-kd", "--use-kd/--no-use-kd", help="distil from a teacher"),
+    kd_alpha: Optional[float] = typer.Option(None, "--kd-alpha", help="weight of CE; 1-alpha weighs the KL term"),
+    kd_temp: Optional[float] = typer.Option(None, "--kd-temp", help="softmax temperature T"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="initial | dense | PATH"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", "--num-epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="recipe default: 1e-3 (LoRA) / 1e-4 (full)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    max_length: Optional[int] = typer.Option(None, "--max-length"),
+    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="training examples (0 = all)"),
+    eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="validation examples per epoch (0 = all)"),
+    test_samples: Optional[int] = typer.Option(None, "--test-samples", help="test examples scored (0 = the whole test split)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="training seed (adapter init, data order); not the split"),
+    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="seed of the fixed train/validation/test split"),
+    mix: Optional[float] = typer.Option(None, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
+    mix_source: Optional[str] = typer.Option(None, "--mix-source"),
+    mix_strategy: Optional[str] = typer.Option(None, "--mix-strategy", "--dataset-mix-strategy", help="random | old_first"),
+    mix_sampling: Optional[str] = typer.Option(None, "--mix-sampling", "--dataset-sampling-strategy", help="first | random"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local WikiText-2 dir"),
-    retention: bool = typer.Option(True, "--retention/--no-retention", help="measure knowledge retention"),
-    retention_windows: int = typer.Option(8, "--retention-windows", min=1),
+    retention: Optional[bool] = typer.Option(None, "--retention/--no-retention", help="measure knowledge retention"),
+    retention_windows: Optional[int] = typer.Option(None, "--retention-windows", min=1),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe this command runs (YAML) and exit"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in OUT"),
     overwrite: bool = typer.Option(False, "--overwrite"),
-    out: Path = typer.Option(..., "--out", help="run directory"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory"),
 ) -> None:
     """Fine-tune (LoRA/rsLoRA or full) with knowledge distillation; pruned weights stay zero."""
     _quiet_libraries()
+    flags = {k: v for k, v in locals().items() if k not in ("model", "print_recipe", "resume", "overwrite", "out")}
+    recipe = command_recipe("finetune", model, flags)
+    if print_recipe:
+        _print_recipe(recipe)
+        return
+    if out is None:
+        raise PrunetuneError("finetune needs --out (or --print-recipe)")
+    from prunetune.pipelines.stages import tune_config
     from prunetune.tuning.trainer import finetune as run
 
-    cfg = _tune_config(task_type, task, lora, lora_rank, lora_alpha, lora_dropout, rslora, kd, kd_alpha, kd_temp,
-                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, test_samples, split_seed,
-                       mix, mix_source,
-                       mix_strategy, mix_sampling, data_dir, retention, retention_windows)
-    r = run(model, cfg, _claim_out(out), resume=resume, overwrite=overwrite)
+    cfg = tune_config(recipe, recipe.stage_spec(0), recipe.seed, export=True)
+    r = run(recipe.model.name, cfg, _claim_out(out), resume=resume, overwrite=overwrite)
     if "timings" in r:
         _print_run(f"finetune {model} -> {out}", r)
 
 
-@app.command()
+@app.command(epilog=_RECIPE_NOTE)
 def payt(
     model: str = typer.Argument(..., help="alias, HF dir, .gguf or hub id"),
-    task: str = typer.Option("bbc-news", "--task"),
-    task_type: str = typer.Option("seq-cls", "--task-type", **_TT),
-    sparsity: float = typer.Option(0.5, "--sparsity", "--sparsity-target", help="target sparsity in [0, 1)"),
-    schedule: str = typer.Option("agp", "--schedule", "--pruning-schedule", help="oneshot | linear | agp"),
-    start: float = typer.Option(0.2, "--start", "--start-pruning-epoch-ptg", help="fraction of training before pruning"),
-    end: float = typer.Option(1.0, "--end", help="fraction of training by which the target is reached (1: the last event that fits)"),
-    every: int = typer.Option(1, "--every", "--prune-every-epoch", help="prune every N epochs"),
+    task: Optional[str] = typer.Option(None, "--task"),
+    task_type: Optional[str] = typer.Option(None, "--task-type", **_TT),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", "--sparsity-target", help="target sparsity in [0, 1)"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", "--pruning-schedule", help="oneshot | linear | agp"),
+    start: Optional[float] = typer.Option(None, "--start", "--start-pruning-epoch-ptg", help="fraction of training before pruning"),
+    end: Optional[float] = typer.Option(None, "--end", help="fraction of training by which the target is reached (1: the last event that fits)"),
+    every: Optional[int] = typer.Option(None, "--every", "--prune-every-epoch", help="prune every N epochs"),
     every_steps: Optional[int] = typer.Option(None, "--every-steps", help="prune every N optimizer steps instead"),
-    criterion: str = typer.Option("l1-global", "--criterion", "--pruning-method", help="l1-global | l2-cols | wanda"),
-    lora: bool = typer.Option(True, "--lora/--full", "--use-lora/--no-use-lora"),
-    lora_rank: int = typer.Option(8, "--lora-rank"),
-    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
-    rslora: bool = typer.Option(False, "--rslora", "--use-rs-lora"),
-    kd: bool = typer.Option(True, "--kd/--no-kd", "--use-kd/--no-use-kd"),
-    kd_alpha: float = typer.Option(0.5, "--kd-alpha"),
-    kd_temp: float = typer.Option(4.0, "--kd-temp"),
-    teacher: str = typer.Option("initial", "--teacher", help="initial | dense | PATH"),
-    epochs: float = typer.Option(2.0, "--epochs", "--num-epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="default 1e-3 (LoRA) / 1e-4 (full)"),
+    criterion: Optional[str] = typer.Option(None, "--criterion", "--pruning-method", help="l1-global | l2-cols | wanda"),
+    lora: Optional[bool] = typer.Option(None, "--lora/--full", "--use-lora/--no-use-lora"),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank"),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="recipe default: 2 x rank"),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout"),
+    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", "--use-rs-lora/--no-use-rs-lora"),
+    kd: Optional[bool] = typer.Option(None, "--kd/--no-kd", "--use-kd/--no-use-kd"),
+    kd_alpha: Optional[float] = typer.Option(None, "--kd-alpha"),
+    kd_temp: Optional[float] = typer.Option(None, "--kd-temp"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="initial | dense | PATH"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", "--num-epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="recipe default: 1e-3 (LoRA) / 1e-4 (full)"),
     full_lr: Optional[float] = typer.Option(None, "--full-lr", help="--full-evaluate: learning rate of the dense full-FT baseline (default 1e-4; --lr is for the LoRA runs)"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    max_length: int = typer.Option(128, "--max-length"),
-    n_samples: int = typer.Option(200, "--n-samples", help="training examples (0 = all)"),
-    eval_samples: int = typer.Option(100, "--eval-samples"),
-    test_samples: int = typer.Option(0, "--test-samples", help="test examples scored (0 = the whole test split)"),
-    seed: int = typer.Option(0, "--seed", help="training seed (adapter init, data order); not the split"),
-    split_seed: int = typer.Option(0, "--split-seed", help="seed of the fixed train/validation/test split"),
-    mix: float = typer.Option(0.05, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
-    mix_source: str = typer.Option("wikitext2", "--mix-source"),
-    mix_strategy: str = typer.Option("random", "--mix-strategy", "--dataset-mix-strategy", help="random | old_first"),
-    mix_sampling: str = typer.Option("first", "--mix-sampling", "--dataset-sampling-strategy", help="first | random"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    max_length: Optional[int] = typer.Option(None, "--max-length"),
+    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="training examples (0 = all)"),
+    eval_samples: Optional[int] = typer.Option(None, "--eval-samples"),
+    test_samples: Optional[int] = typer.Option(None, "--test-samples", help="test examples scored (0 = the whole test split)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="training seed (adapter init, data order); not the split"),
+    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="seed of the fixed train/validation/test split"),
+    mix: Optional[float] = typer.Option(None, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
+    mix_source: Optional[str] = typer.Option(None, "--mix-source"),
+    mix_strategy: Optional[str] = typer.Option(None, "--mix-strategy", "--dataset-mix-strategy", help="random | old_first"),
+    mix_sampling: Optional[str] = typer.Option(None, "--mix-sampling", "--dataset-sampling-strategy", help="first | random"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    retention: bool = typer.Option(True, "--retention/--no-retention"),
-    retention_windows: int = typer.Option(8, "--retention-windows", min=1),
-    full_evaluate: bool = typer.Option(False, "--full-evaluate", help="also run dense full FT, dense LoRA, prune->LoRA"),
+    retention: Optional[bool] = typer.Option(None, "--retention/--no-retention"),
+    retention_windows: Optional[int] = typer.Option(None, "--retention-windows", min=1),
+    full_evaluate: bool = typer.Option(False, "--full-evaluate/--no-full-evaluate", help="also run the comparison baselines (dense full FT, dense LoRA, prune->LoRA)"),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe this command runs (YAML) and exit"),
     resume: bool = typer.Option(False, "--resume"),
     overwrite: bool = typer.Option(False, "--overwrite"),
-    out: Path = typer.Option(..., "--out"),
+    out: Optional[Path] = typer.Option(None, "--out"),
 ) -> None:
     """Prune-As-You-Tune: prune the base weights on a schedule during (LoRA) fine-tuning with KD."""
     _quiet_libraries()
-    from prunetune.methods.payt import PaytSpec, full_evaluate as run_all, run_payt
-
-    cfg = _tune_config(task_type, task, lora, lora_rank, lora_alpha, lora_dropout, rslora, kd, kd_alpha, kd_temp,
-                       teacher, epochs, lr, batch_size, max_length, n_samples, eval_samples, seed, test_samples, split_seed,
-                       mix, mix_source,
-                       mix_strategy, mix_sampling, data_dir, retention, retention_windows)
     if every_steps is not None and every_steps < 1:
         raise PrunetuneError(f"--every-steps must be >= 1, got {every_steps}")
-    spec = PaytSpec(sparsity=sparsity, schedule=schedule, start=start, every=every_steps or every,
-                    unit="step" if every_steps else "epoch", criterion=criterion, end=end)
+    flags = {k: v for k, v in locals().items()
+             if k not in ("model", "print_recipe", "resume", "overwrite", "out", "full_lr", "full_evaluate")}
+    extra = {"payt.every": every_steps, "payt.unit": "step"} if every_steps else {}
+    recipe = command_recipe("payt", model, flags, extra)
+    if print_recipe:
+        if full_evaluate:
+            raise PrunetuneError("--print-recipe shows one run; --full-evaluate is a comparison of several")
+        _print_recipe(recipe)
+        return
+    if out is None:
+        raise PrunetuneError("payt needs --out (or --print-recipe)")
+    from prunetune.methods.payt import full_evaluate as run_all, run_payt
+    from prunetune.pipelines.stages import payt_spec, tune_config
+
+    cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
+    spec = payt_spec(recipe.stage_spec(0))
     if full_evaluate:
         if resume:
             raise PrunetuneError("--resume is not supported with --full-evaluate; rerun it or resume one run dir")
-        res = run_all(model, cfg, spec, _claim_out(out), overwrite=overwrite, full_lr=full_lr)
+        res = run_all(recipe.model.name, cfg, spec, _claim_out(out), overwrite=overwrite, full_lr=full_lr)
         _console().print(res["table"]["markdown"])
         _console().print(f"written: {out / 'full_evaluate.md'} and {out / 'full_evaluate.json'}")
         return
-    r = run_payt(model, cfg, spec, _claim_out(out), resume=resume, overwrite=overwrite)
+    r = run_payt(recipe.model.name, cfg, spec, _claim_out(out), resume=resume, overwrite=overwrite)
     if "timings" in r:
         _print_run(f"payt {model} -> {out}", r)
 

@@ -198,8 +198,15 @@ def run_prune(state, out_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- finetune
-def tune_config(recipe, spec, seed: int, task: str | None = None):
-    """The tuning module's `TuneConfig` for a recipe's `tune` settings (steps -> samples x 1 epoch)."""
+def tune_config(recipe, spec, seed: int, task: str | None = None, *, retention: bool | None = None,
+                export: bool = False):
+    """The tuning module's `TuneConfig` built from a recipe's pydantic `tune` settings: the ONE conversion.
+
+    Every field is passed explicitly, so the dataclass's own defaults never decide anything: the recipe specs
+    (config.py) are the single definition of each option and its default. `steps` means steps x batch_size
+    examples in one epoch. Stages save the model themselves (`export=False`); commands let the tuning module
+    export.
+    """
     from prunetune.data.mixing import MixSpec
     from prunetune.tuning.trainer import TuneConfig
 
@@ -208,16 +215,25 @@ def tune_config(recipe, spec, seed: int, task: str | None = None):
         n_samples, epochs = spec.steps * spec.batch_size, 1.0
     mix = MixSpec(fraction=spec.mix.fraction, source=spec.mix.source, split=spec.mix.split,
                   strategy=spec.mix.strategy, sampling=spec.mix.sampling, seed=seed)
-    return TuneConfig(
+    cfg = TuneConfig(
         task=task or recipe.model.task, data=recipe.data.train, lora=spec.mode == "lora", lora_rank=spec.lora_rank,
-        lora_alpha=spec.lora_alpha if spec.lora_alpha is not None else 2.0 * spec.lora_rank, rslora=spec.rslora,
-        kd=spec.kd_alpha is not None, kd_alpha=spec.kd_alpha if spec.kd_alpha is not None else 0.5,
-        kd_temp=spec.kd_temp, epochs=epochs, lr=spec.lr, batch_size=spec.batch_size, max_length=spec.seqlen,
-        n_samples=n_samples, eval_samples=spec.eval_samples, seed=seed, split_seed=recipe.data.split_seed,
-        data_dir=recipe.data.data_dir,
-        lora_dropout=spec.lora_dropout, teacher=spec.teacher, test_samples=spec.test_samples, mix=mix,
-        retention=False, export=False, **_roles_kw(TuneConfig, spec),
+        lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout, rslora=spec.rslora, kd=spec.kd,
+        kd_alpha=spec.kd_alpha, kd_temp=spec.kd_temp, teacher=spec.teacher, epochs=epochs, lr=spec.learning_rate,
+        batch_size=spec.batch_size, max_length=spec.seqlen, n_samples=n_samples, eval_samples=spec.eval_samples,
+        test_samples=spec.test_samples, seed=seed, split_seed=recipe.data.split_seed, mix=mix,
+        data_dir=recipe.data.data_dir, retention=spec.retention if retention is None else retention,
+        retention_windows=spec.retention_windows, export=export, **_roles_kw(TuneConfig, spec),
     )
+    return cfg.validate()
+
+
+def payt_spec(spec):
+    """The PAYT method's spec from the recipe's pydantic `payt` settings (every field passed explicitly)."""
+    from prunetune.methods.payt import PaytSpec
+
+    return PaytSpec(sparsity=spec.sparsity, schedule=spec.schedule, start=spec.start, every=spec.every,
+                    unit=spec.unit, criterion=spec.criterion, end=spec.end, nsamples=spec.nsamples,
+                    seqlen=spec.seqlen)
 
 
 def _roles_kw(tune_config_cls, spec) -> dict:
@@ -304,7 +320,7 @@ def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, 
         "lora_rank": spec.lora_rank if spec.mode == "lora" else None,
         "lora_roles": (spec.lora_roles or "all prunable linears") if spec.mode == "lora" else None,
         "batch_size": spec.batch_size,
-        "seqlen": spec.seqlen, "lr": spec.lr, "data": res["data"], "teacher": res["teacher"]}}}
+        "seqlen": spec.seqlen, "lr": spec.learning_rate, "data": res["data"], "teacher": res["teacher"]}}}
     for key in ("loss", "accuracy", "macro_f1"):
         if key in test:
             metrics[f"heldout_{key}"] = {"value": test[key], "protocol": _test_protocol(test, res, recipe)}
@@ -334,7 +350,7 @@ def run_payt(state, out_dir: Path) -> dict:
     """Prune-As-You-Tune through `prunetune.methods.payt`; saves the merged sparse model and its masks."""
     import shutil
 
-    from prunetune.methods.payt import PaytSpec, run_payt as payt_run
+    from prunetune.methods.payt import run_payt as payt_run
     from prunetune.pruning.masks import MaskSet
 
     recipe, spec = state.recipe, state.spec
@@ -345,8 +361,7 @@ def run_payt(state, out_dir: Path) -> dict:
         cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
                                            out_dir / "tune-train.txt"))
     masks = state.masks() or MaskSet()
-    pspec = PaytSpec(sparsity=spec.sparsity, schedule=spec.schedule, start=spec.start, every=spec.every,
-                     unit=spec.unit, criterion=spec.criterion, end=spec.end)
+    pspec = payt_spec(spec)
     res = payt_run(state.model_spec(), cfg, pspec, work, masks=masks)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     model, tok = res["_model"], res["_tokenizer"]
