@@ -4,13 +4,18 @@ Runs the CLI (so the measured command is exactly what a user types), then checks
 PAYT accuracy >= dense full FT - 1 point and >= prune->LoRA; PAYT retention better than both pruned/dense
 baselines. Sizes default to what a shared 2-core CPU finishes in well under an hour; pass bigger ones on a GPU.
 
-    python benchmarks/payt.py --models minilm-l6 --out /tmp/bench_payt
+    python benchmarks/payt.py --models minilm-l6 --seeds 0,1,2 --out runs/bench_payt \
+        --results benchmarks/results/payt_minilm_3seeds.json
+
+`--results` writes the compact raw JSON BENCHMARKS.md's PAYT block is rendered from (`run_all.py --check`);
+with `--reuse` it is rebuilt from the runs' full_evaluate.json without training again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -83,16 +88,63 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     return {"markdown": "\n".join(lines), "means": means, "targets": check_targets(means)}
 
 
+def compact_run(r: dict) -> dict:
+    """What BENCHMARKS.md shows of one run: scores of the exported model, sparsity, retention, KD, mixing."""
+    me = r.get("mask_enforcement") or {}
+    mix = r.get("mixing") or {}
+    return {"accuracy": r.get("accuracy"), "macro_f1": r.get("macro_f1"), "sparsity": r.get("sparsity"),
+            "retention": (r.get("retention") or {}).get("value"),
+            "kd": None if r.get("teacher") is None else ("no" if r["teacher"] == "none" else "yes"),
+            "mixing": None if not mix else (f"{mix['mixed']} ({mix['fraction']:.0%})" if mix.get("mixed") else "no"),
+            "train_s": (r.get("timings") or {}).get("train_s"),
+            "test_n": (r.get("test_after_merge") or {}).get("n"),
+            "mask_enforcement": {k: me[k] for k in ("enforce_ms_per_step", "step_ms", "overhead_fraction")
+                                 if k in me} or None}
+
+
+def write_results(a, seeds: list[int], summary: dict) -> None:
+    import subprocess as sp
+
+    for model in a.models.split(","):
+        per_seed = {}
+        for seed in seeds:
+            f = Path(a.out) / model / (f"seed{seed}" if len(seeds) > 1 else "") / "full_evaluate.json"
+            if f.is_file():
+                res = json.loads(f.read_text())
+                per_seed[str(seed)] = {"runs": {k: compact_run(v) for k, v in res["runs"].items()},
+                                       "tune": {k: res["tune"].get(k) for k in ("split_seed", "seed", "lr", "kd_alpha",
+                                                                                 "n_samples", "epochs")}}
+        ns = {r["test_n"] for s in per_seed.values() for r in s["runs"].values() if r.get("test_n")}
+        commit = os.environ.get("PRUNETUNE_BENCH_COMMIT") or sp.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        payload = {"model": model, "command": f"python benchmarks/payt.py --models {model} --seeds {a.seeds} "
+                   f"--out {a.out} --results {a.results}", "commit": commit, "machine": a.machine,
+                   "test_set": f"BBC News test split, split seed 0, the same {sorted(ns)} articles for every seed "
+                               "and row", "seeds": per_seed,
+                   "note": "one row per configuration of `prunetune payt --full-evaluate`; seeds = --seed"}
+        out = a.results if len(a.models.split(",")) == 1 else a.results.with_name(f"{a.results.stem}_{model}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2))
+        print(f"raw results: {out}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="minilm-l6,smollm2-135m")
-    ap.add_argument("--out", default="/tmp/bench_payt")
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds (split, head and adapter init); "
-                                                  "several: one table per seed plus mean ± sd")
+    ap.add_argument("--out", default="runs/bench_payt")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds (adapter init, data order, "
+                                                  "training subsample; never the test set); several: one table "
+                                                  "per seed plus mean ± sd")
+    ap.add_argument("--results", type=Path, default=None, help="write the compact raw JSON of all seeds here")
     ap.add_argument("--reuse", action="store_true", help="keep a seed's finished table instead of rerunning it")
     ap.add_argument("--extra", default="", help="extra flags for every run, e.g. '--epochs 3'")
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_all import machine
+
+    # with --reuse the runs were measured earlier: PRUNETUNE_BENCH_MACHINE records the machine they ran on
+    a.machine = os.environ.get("PRUNETUNE_BENCH_MACHINE") or machine() + " at the start"
     summary = {}
     for model in a.models.split(","):
         per_seed: dict[int, dict] = {}
@@ -129,6 +181,8 @@ def main() -> None:
                   flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    if a.results is not None:
+        write_results(a, seeds, summary)
     sys.exit(0 if all(s.get("rc", 0) == 0 for s in summary.values()) else 1)
 
 

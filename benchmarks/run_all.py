@@ -5,6 +5,16 @@ Each script prints markdown; this runner wraps it with the command, machine, dat
 the `<!-- BENCH:NAME -->` marker. Hand-written notes outside the generated block are kept.
 
     PRUNETUNE_DATA_DIR=../shared/data/wikitext-2 python benchmarks/run_all.py [--only pruning,payt,pipelines] [--dry-run]
+    python benchmarks/run_all.py --check        # rebuild every JSON-backed block; fail on any difference
+    python benchmarks/run_all.py --render       # rewrite those blocks from their JSON
+
+A JSON-backed block is written from a committed raw result, never by hand::
+
+    <!-- generated:NAME render=RENDERER json=benchmarks/results/FILE.json -->
+    ... (what RENDERER makes of FILE.json) ...
+    <!-- /generated:NAME -->
+
+`--check` is cheap (no model, no benchmark run), so CI runs it (tests/test_benchmarks_check.py).
 """
 
 from __future__ import annotations
@@ -32,8 +42,7 @@ def scripts() -> list[str]:
 
 
 def machine() -> str:
-    import psutil
-
+    """The machine as BENCHMARKS.md describes it: CPU model, cores and load average, nothing else."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -42,16 +51,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-        tv = torch.__version__
-    except ImportError:  # pragma: no cover
-        gpu, tv = "?", "?"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{os.cpu_count()} x {cpu}, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {gpu}; "
-            f"Python {platform.python_version()}, torch {tv}; load average at start {load:.1f}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return f"{os.cpu_count()} cores, {cpu}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)"
 
 
 def protocol(script: Path) -> str:
@@ -72,12 +73,103 @@ def replace_block(text: str, name: str, body: str) -> str:
     return text.rstrip() + f"\n\n{marker}\n{block}\n"
 
 
+# --------------------------------------------------------------------------------------------- JSON-backed blocks
+def _pct(mu: float, sd: float | None = None) -> str:
+    return f"{mu:.2%}" if sd is None else f"{mu:.2%} ± {sd:.2%}"
+
+
+def render_payt_seeds(data: dict) -> str:
+    """Per-seed rows and mean ± sample sd per configuration, from `benchmarks/payt.py --results` JSON."""
+    import statistics
+
+    seeds = data["seeds"]
+    labels: list[str] = []
+    for res in seeds.values():
+        labels += [k for k in res["runs"] if k not in labels]
+    lines = [f"- command: `{data['command']}`", f"- code: commit {data['commit']}",
+             f"- machine: {data['machine']}", f"- test set: {data['test_set']}", "",
+             "| run | KD | mixing | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd (accuracy) "
+             "| mean ± sd (retention) |", "|---|---|---|" + "---|" * len(seeds) + "---|---|"]
+    for label in labels:
+        rows = [res["runs"].get(label) for res in seeds.values()]
+        acc = [r["accuracy"] for r in rows if r and r.get("accuracy") is not None]
+        ret = [r["retention"] for r in rows if r and r.get("retention") is not None]
+        first = next(r for r in rows if r)
+        cells = []
+        for r in rows:
+            if not r:
+                cells.append("-")
+            elif r.get("accuracy") is None:
+                cells.append(f"- / {r['retention']:.4f}" if r.get("retention") is not None else "-")
+            else:
+                cells.append(_pct(r["accuracy"]) + (f" / {r['retention']:.4f}" if r.get("retention") is not None
+                                                   else ""))
+        m_acc = _pct(statistics.mean(acc), statistics.stdev(acc) if len(acc) > 1 else 0.0) if acc else "-"
+        m_ret = (f"{statistics.mean(ret):.4f} ± {statistics.stdev(ret) if len(ret) > 1 else 0.0:.4f}"
+                 if ret else "-")
+        lines.append(f"| {label} | {first.get('kd', '-')} | {first.get('mixing', '-')} | " + " | ".join(cells)
+                     + f" | {m_acc} | {m_ret} |")
+    lines += ["", "(cells: accuracy of the exported model / retention; "
+              f"{data.get('note', '')})".replace("; )", ")")]
+    return "\n".join(lines)
+
+
+RENDERERS = {"payt_seeds": render_payt_seeds}
+BLOCK = re.compile(r"<!-- generated:(?P<name>[\w.-]+) render=(?P<render>\w+) json=(?P<json>\S+) -->\n"
+                   r"(?P<body>.*?)\n?<!-- /generated:(?P=name) -->", re.S)
+
+
+def rebuilt(text: str) -> tuple[str, list[str]]:
+    """`text` with every JSON-backed block re-rendered, and the names of the blocks that differed."""
+    import json
+
+    changed: list[str] = []
+
+    def one(m: re.Match) -> str:
+        fn = RENDERERS.get(m["render"])
+        if fn is None:
+            raise SystemExit(f"block {m['name']}: unknown renderer '{m['render']}' (known: {', '.join(RENDERERS)})")
+        path = ROOT / m["json"]
+        if not path.is_file():
+            raise SystemExit(f"block {m['name']}: {m['json']} is not in the repository")
+        body = fn(json.loads(path.read_text())).strip()
+        if body != m["body"].strip():
+            changed.append(m["name"])
+        return f"<!-- generated:{m['name']} render={m['render']} json={m['json']} -->\n{body}\n" \
+               f"<!-- /generated:{m['name']} -->"
+
+    return BLOCK.sub(one, text), changed
+
+
+def check_or_render(file: Path, write: bool) -> int:
+    text = file.read_text()
+    new, changed = rebuilt(text)
+    n = len(BLOCK.findall(text))
+    if write:
+        file.write_text(new)
+        print(f"{file.name}: {n} JSON-backed blocks rendered ({len(changed)} changed)")
+        return 0
+    if changed:
+        import difflib
+
+        sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(file),
+                                                   "rebuilt from JSON"))
+        print(f"{file.name}: {len(changed)} of {n} JSON-backed blocks differ from their JSON: {', '.join(changed)}")
+        return 1
+    print(f"{file.name}: all {n} JSON-backed blocks match their JSON")
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(scripts())}")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--check", action="store_true", help="rebuild the JSON-backed blocks; exit 1 on any difference")
+    ap.add_argument("--render", action="store_true", help="rewrite the JSON-backed blocks from their JSON")
     ap.add_argument("--file", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
+    if args.check or args.render:
+        sys.exit(check_or_render(args.file, write=args.render))
     names = scripts() if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in scripts()]
     if unknown:

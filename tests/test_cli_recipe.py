@@ -89,3 +89,16 @@ def test_negation_flags_and_bad_flags(tmp_path, capfd):
     cli_error(["finetune", "tiny-bert", "--lora-dropout", "1.5", "--print-recipe"], capfd,
               needle="--lora-dropout (tune.lora_dropout)")
     cli_error(["finetune", "tiny-bert"], capfd, needle="--out")
+
+
+def test_paper_defaults_are_the_seeds(capfd):
+    r = yaml.safe_load(cli_ok(["payt", "minilm-l6", "--paper-defaults", "--print-recipe"], capfd))
+    t, p = r["tune"], r["payt"]
+    assert (t["lora_rank"], t["lora_alpha"], t["lora_dropout"], t["rslora"]) == (32, 32, 0.1, True)
+    assert (p["schedule"], p["start"], t["epochs"], t["seqlen"], t["n_samples"]) == ("linear", 0.0, 5, 512, 1000)
+    assert t["mix"]["sampling"] == "random" and r["stages"] == ["payt", "export"]
+    # flags still override, and the CPU-sized defaults are unchanged without --paper-defaults
+    r2 = yaml.safe_load(cli_ok(["payt", "minilm-l6", "--paper-defaults", "--epochs", "1", "--print-recipe"], capfd))
+    assert r2["tune"]["epochs"] == 1 and r2["tune"]["lora_rank"] == 32
+    cpu = yaml.safe_load(cli_ok(["payt", "minilm-l6", "--print-recipe"], capfd))
+    assert (cpu["tune"]["lora_rank"], cpu["tune"]["epochs"], cpu["payt"]["schedule"]) == (8, 2, "agp")

@@ -95,18 +95,28 @@ def test_merged_export_reloads_with_plain_transformers_same_predictions(tmp_path
     assert predict_classes(peft, tok, r["_test"], 32) == preds
 
 
-def test_full_evaluate_table_has_four_rows(tmp_path):
+def test_full_evaluate_table_has_the_seeds_eight_rows(tmp_path):
+    from prunetune.data.mixing import MixSpec
     from prunetune.methods.payt import full_evaluate
 
-    res = full_evaluate("tiny-llama", _cfg(epochs=1, n_samples=8, retention=True, retention_windows=1),
+    res = full_evaluate("tiny-llama", _cfg(epochs=1, n_samples=8, retention=True, retention_windows=1,
+                                           mix=MixSpec(fraction=0.25)),
                         PaytSpec(sparsity=0.5, start=0.0), tmp_path / "fe")
     labels = [row[0] for row in res["table"]["rows"]]
-    assert labels == ["original (no tuning)", "dense full FT", "dense LoRA FT", "prune -> LoRA FT", "PAYT"]
+    assert labels == ["original (no tuning)", "dense full FT", "dense LoRA FT", "prune (no FT)", "prune -> full FT",
+                      "prune -> LoRA FT", "PAYT", "PAYT without KD", "PAYT rsLoRA"]
     assert all(row[4] is not None and row[4] > 1 for row in res["table"]["rows"])  # perplexities, all measured
     sp = {row[0]: row[3] for row in res["table"]["rows"]}
-    assert sp["dense full FT"] == 0.0 and sp["PAYT"] == pytest.approx(0.5) and sp["prune -> LoRA FT"] == pytest.approx(0.5)
+    assert sp["dense full FT"] == 0.0 and sp["dense LoRA FT"] == 0.0
+    assert all(sp[k] == pytest.approx(0.5) for k in labels if k.startswith(("prune", "PAYT")))
+    kd = {row[0]: row[6] for row in res["table"]["rows"]}
+    mixing = {row[0]: row[7] for row in res["table"]["rows"]}
+    assert kd["PAYT"] == "yes" and kd["PAYT without KD"] == "no" and kd["prune (no FT)"] == "no"
+    assert mixing["PAYT"] == "2 (25%)" and mixing["prune (no FT)"] == "no"
+    assert res["runs"]["PAYT rsLoRA"]["train_loss"] != res["runs"]["PAYT"]["train_loss"]
+    assert res["runs"]["prune (no FT)"]["timings"]["train_s"] == 0.0
     md = (tmp_path / "fe" / "full_evaluate.md").read_text()
-    assert md.count("\n") == 7 and "macro-F1" in md
+    assert md.count("\n") == 11 and "macro-F1" in md and "| KD | mixing |" in md
     assert json.loads((tmp_path / "fe" / "full_evaluate.json").read_text())["runs"]["PAYT"]["sparsity"] == pytest.approx(0.5)
 
 

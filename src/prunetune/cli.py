@@ -509,11 +509,16 @@ PAYT_FLAGS = {"sparsity": "payt.sparsity", "schedule": "payt.schedule", "start":
 ALL_SAMPLES = ("n_samples", "eval_samples", "test_samples")  # 0 on the command line = all of them
 
 
-def command_recipe(command: str, model: str, flags: dict, extra: dict | None = None):
-    """The validated one-stage recipe a command runs: its recipe file + the flags that were given."""
+def command_recipe(command: str, model: str, flags: dict, extra: dict | None = None, base: str | None = None):
+    """The validated one-stage recipe a command runs: its recipe file (or the preset `base`, run as this
+    command's stages) + the flags that were given."""
     from prunetune.config import COMMANDS_DIR, read_recipe_file, validate_recipe
 
     data, _ = read_recipe_file(str(COMMANDS_DIR / f"{command}.yaml"))
+    if base is not None:
+        stages = data["stages"]
+        data, _ = read_recipe_file(base)
+        data["stages"] = stages
     data["model"] = {**data.get("model", {}), "name": model}
     mapping = {**TUNE_FLAGS, **PAYT_FLAGS}
     for name, value in flags.items():
@@ -666,7 +671,8 @@ def payt(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     retention: Optional[bool] = typer.Option(None, "--retention/--no-retention"),
     retention_windows: Optional[int] = typer.Option(None, "--retention-windows", min=1),
-    full_evaluate: bool = typer.Option(False, "--full-evaluate/--no-full-evaluate", help="also run the comparison baselines (dense full FT, dense LoRA, prune->LoRA)"),
+    full_evaluate: bool = typer.Option(False, "--full-evaluate/--no-full-evaluate", help="run the seed's eight configurations (dense full/LoRA FT, prune without FT, prune -> full/LoRA FT, PAYT, PAYT without KD, other LoRA scaling) into one table"),
+    paper_defaults: bool = typer.Option(False, "--paper-defaults", help="start from the payt-paper preset (the seed's defaults: rank 32, alpha 32, dropout 0.1, rsLoRA, linear from 0, 5 epochs, 512 tokens, 1,000 samples)"),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe this command runs (YAML) and exit"),
     resume: bool = typer.Option(False, "--resume"),
     overwrite: bool = typer.Option(False, "--overwrite"),
@@ -677,9 +683,10 @@ def payt(
     if every_steps is not None and every_steps < 1:
         raise PrunetuneError(f"--every-steps must be >= 1, got {every_steps}")
     flags = {k: v for k, v in locals().items()
-             if k not in ("model", "print_recipe", "resume", "overwrite", "out", "full_lr", "full_evaluate")}
+             if k not in ("model", "print_recipe", "resume", "overwrite", "out", "full_lr", "full_evaluate",
+                          "paper_defaults")}
     extra = {"payt.every": every_steps, "payt.unit": "step"} if every_steps else {}
-    recipe = command_recipe("payt", model, flags, extra)
+    recipe = command_recipe("payt", model, flags, extra, base="payt-paper" if paper_defaults else None)
     if print_recipe:
         if full_evaluate:
             raise PrunetuneError("--print-recipe shows one run; --full-evaluate is a comparison of several")

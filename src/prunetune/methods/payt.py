@@ -202,17 +202,61 @@ def run_payt(model_spec: str, cfg, spec: PaytSpec, out: Path | str, **kw) -> dic
     return finetune(model_spec, cfg, out, payt=spec, kind="payt", **kw)
 
 
-ROWS = ("dense full FT", "dense LoRA FT", "prune -> LoRA FT", "PAYT")
+ROWS = ("dense full FT", "dense LoRA FT", "prune (no FT)", "prune -> full FT", "prune -> LoRA FT", "PAYT",
+        "PAYT without KD", "PAYT with the other LoRA scaling")
+
+
+def _other_scaling(cfg) -> str:
+    return "PAYT plain LoRA" if cfg.rslora else "PAYT rsLoRA"
+
+
+def prune_only(model_spec: str, cfg, spec: PaytSpec) -> dict:
+    """The pruned model without any fine-tuning: the PAYT criterion at the target sparsity, scored as is.
+
+    For a classifier whose head is new this is chance level by construction; the row shows what pruning
+    alone leaves, as the seed's comparison does.
+    """
+    from prunetune.models.loading import load_model
+    from prunetune.pruning.masks import sparsity_report
+    from prunetune.tuning.trainer import _task_eval, load_task_data
+
+    t0 = time.perf_counter()
+    if cfg.task == "causal-lm":
+        loaded = load_model(model_spec, "causal-lm")
+        data = load_task_data(cfg, loaded.tokenizer)
+    else:
+        data = load_task_data(cfg)
+        loaded = load_model(model_spec, "seq-cls", label_names=data["label_names"])
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    masks = compute_masks(model, spec.criterion, spec.sparsity, None, tok,
+                          "\n\n".join(e["text"] for e in data["train"]), spec.nsamples, spec.seqlen)
+    masks.apply(model)
+    test = _task_eval(model, tok, data, cfg)
+    out = {"kind": "prune-only", "test_after_merge": {k: v for k, v in test.items() if k != "predictions"},
+           "sparsity": sparsity_report(model)["sparsity"], "teacher": "none", "mixing": {"mixed": 0},
+           "timings": {"train_s": 0.0, "total_s": time.perf_counter() - t0}}
+    if "accuracy" in test:
+        out["accuracy"], out["macro_f1"] = test["accuracy"], test["macro_f1"]
+    if cfg.retention:
+        from prunetune.evaluation.retention import retention
+
+        out["retention"] = retention(model, model_spec, tok, data_dir=cfg.data_dir,
+                                     max_windows=cfg.retention_windows, max_length=cfg.max_length)
+    return out
 
 
 def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwrite: bool = False,
                   only: tuple[str, ...] | None = None, full_lr: float | None = None) -> dict:
-    """The four runs of the comparison on the same data, split and budget; one table as markdown + JSON.
+    """The seed's eight runs on the same data, split and budget; one table as markdown + JSON.
 
-    `cfg.lr` is the LoRA runs' learning rate; the dense full-FT baseline gets `full_lr` (None: the full-FT
-    default), since a rate that suits a rank-8 adapter would wreck every weight of the model at once.
+    dense full FT, dense LoRA FT, prune (no FT), prune -> full FT, prune -> LoRA FT, PAYT, PAYT without KD,
+    and PAYT with the other LoRA scaling (plain LoRA when `cfg.rslora`, else rsLoRA). Every run uses `cfg`'s
+    KD and data mixing unless its name says otherwise; the table says which rows used them.
 
-    prune -> LoRA FT is PAYT with a one-shot schedule at step 0 (same criterion, same teacher: the dense
+    `cfg.lr` is the LoRA runs' learning rate; the full-FT runs get `full_lr` (None: the full-FT default),
+    since a rate that suits a rank-8 adapter would wreck every weight of the model at once.
+
+    prune -> X FT is PAYT with a one-shot schedule at step 0 (same criterion, same teacher: the dense
     initial model), so the only difference to PAYT is *when* the pruning happens.
     """
     import copy
@@ -229,13 +273,23 @@ def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwri
     full_cfg.lr = full_lr
     lora_cfg = copy.deepcopy(cfg)
     lora_cfg.lora = True
+    nokd_cfg = copy.deepcopy(cfg)
+    nokd_cfg.kd = False
+    other_cfg = copy.deepcopy(cfg)
+    other_cfg.rslora = not cfg.rslora
     oneshot = PaytSpec(sparsity=spec.sparsity, schedule="oneshot", start=0.0, every=1, unit="step",
                        criterion=spec.criterion, nsamples=spec.nsamples, seqlen=spec.seqlen)
     plan = [
         ("dense full FT", "dense-full", lambda d: finetune(model_spec, full_cfg, d, kind="dense-full")),
         ("dense LoRA FT", "dense-lora", lambda d: finetune(model_spec, lora_cfg, d, kind="dense-lora")),
+        ("prune (no FT)", "prune-only", lambda d: prune_only(model_spec, cfg, spec)),
+        ("prune -> full FT", "prune-full",
+         lambda d: finetune(model_spec, full_cfg, d, payt=oneshot, kind="prune-full")),
         ("prune -> LoRA FT", "prune-lora", lambda d: finetune(model_spec, cfg, d, payt=oneshot, kind="prune-lora")),
         ("PAYT", "payt", lambda d: finetune(model_spec, cfg, d, payt=spec, kind="payt")),
+        ("PAYT without KD", "payt-nokd", lambda d: finetune(model_spec, nokd_cfg, d, payt=spec, kind="payt-nokd")),
+        (_other_scaling(cfg), "payt-other-scaling",
+         lambda d: finetune(model_spec, other_cfg, d, payt=spec, kind="payt-other-scaling")),
     ]
     if cfg.retention:  # the untuned model's value, so the retention column has its reference point
         from prunetune.evaluation.retention import retention
@@ -261,15 +315,32 @@ def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwri
     return payload
 
 
+def _kd_cell(r: dict) -> str | None:
+    teacher = r.get("teacher")
+    if teacher is None:
+        return None
+    return "no" if teacher == "none" else "yes"
+
+
+def _mix_cell(r: dict) -> str | None:
+    mix = r.get("mixing")
+    if mix is None:
+        return None
+    n = mix.get("mixed", 0)
+    return f"{n} ({mix['fraction']:.0%})" if n else "no"
+
+
 def comparison_table(runs: dict[str, dict]) -> dict:
-    """Rows per run: accuracy, macro-F1, real-zero sparsity, retention (metric named), train time."""
+    """Rows per run: accuracy and macro-F1 of the exported model, real-zero sparsity, retention (metric named),
+    train time, and whether the run distilled from a teacher (KD) and mixed general text in."""
     ret_name = next((r["retention"]["metric"] for r in runs.values() if r.get("retention")), "retention")
-    head = ["run", "accuracy", "macro-F1", "sparsity (real zeros)", f"retention: {ret_name}", "train s"]
+    head = ["run", "accuracy", "macro-F1", "sparsity (real zeros)", f"retention: {ret_name}", "train s", "KD",
+            "mixing"]
     rows = []
     for label, r in runs.items():
         ret = r.get("retention", {}).get("value")
         rows.append([label, r.get("accuracy"), r.get("macro_f1"), r.get("sparsity"), ret,
-                     r.get("timings", {}).get("train_s")])
+                     r.get("timings", {}).get("train_s"), _kd_cell(r), _mix_cell(r)])
 
     def fmt(v, i):
         if v is None:
