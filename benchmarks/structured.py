@@ -104,6 +104,35 @@ def save(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def table(data: dict) -> str:
+    """Markdown table of the rows (for BENCHMARKS.md)."""
+    rows = data["rows"]
+    dense = rows.get("dense", {})
+    head = ("| row | widths kv/neurons/hidden | block params removed | params (M) | disk (MB) | compute ratio | "
+            "b1x256 | b8x256 | generate | gen ÷ ratio | ppl | ppl after LoRA |")
+    out = [head, "|" + "---|" * 12]
+    dw = next((r["dense_widths"] for r in rows.values() if "dense_widths" in r), None)
+    dws = f"{dw['kv']}/{dw['neurons']}/{dw['hidden']}" if dw else "-"
+    if dense:
+        out.append(f"| dense | {dws} | 0 | {dense['params'] / 1e6:.1f} | {dense['disk_bytes'] / 2**20:.0f} | 1.00 | "
+                   f"1.00 | 1.00 | 1.00 | 1.00 | {dense['ppl']:.2f} | |")
+    for name, r in rows.items():
+        if name == "dense":
+            continue
+        w = r["widths"]
+        sp = r.get("speed", {})
+        f = lambda k: f"{sp[k]:.2f}x" if k in sp else "n/m"  # noqa: E731
+        rec = r.get("recovered", {}).get("ppl")
+        out.append(f"| {name} | {w['kv']}/{w['neurons']}/{w['hidden']} | {r['block_sparsity']:.3f} | "
+                   f"{r['params'] / 1e6:.1f} | {r['disk_bytes'] / 2**20:.0f} | {r['compute_ratio']:.2f} | {f('b1x256')} | "
+                   f"{f('b8x256')} | {f('generate')} | "
+                   f"{r['gen_speedup_over_ratio']:.2f}" if "gen_speedup_over_ratio" in r else
+                   f"| {name} | {w['kv']}/{w['neurons']}/{w['hidden']} | {r['block_sparsity']:.3f} | "
+                   f"{r['params'] / 1e6:.1f} | {r['disk_bytes'] / 2**20:.0f} | {r['compute_ratio']:.2f} | n/m | n/m | n/m | n/m")
+        out[-1] += f" | {r['ppl']:.2f} | {'' if rec is None else f'{rec:.2f}'} |"
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -123,7 +152,11 @@ def main() -> None:
     ap.add_argument("--recover", default="", help="rows to LoRA-recover, e.g. vib@0.3,flap@0.3")
     ap.add_argument("--recover-samples", type=int, default=32, help="LoRA steps = samples / batch 2, 256 tokens")
     ap.add_argument("--out", default="benchmarks/results/structured.json")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
 
     from prunetune.methods.structured_prune import (allocate_widths, calibration_windows, geometry,
                                                     prune_structured)
@@ -135,7 +168,8 @@ def main() -> None:
     data["settings"] = vars(args)
     dense, tok = load(args.model)
     geom = geometry(dense)
-    calib = calibration_windows(tok, "wikitext2", max(args.calib, args.vib_steps * args.vib_batch), 256, seed=0)
+    longest = max([args.vib_steps] + [int(r.split("@")[0].split(":")[1]) for r in args.rows.split(",") if ":" in r.split("@")[0]])
+    calib = calibration_windows(tok, "wikitext2", max(args.calib, longest * args.vib_batch), 256, seed=0)
     work = Path(os.environ.get("STRUCTURED_BENCH_WORK", Path(tempfile.gettempdir()) / "prunetune-structured-bench"))
     work.mkdir(parents=True, exist_ok=True)
     todo = [r for r in args.rows.split(",") if r]
@@ -164,6 +198,8 @@ def main() -> None:
             save(path, data)
             continue
         method, _, target = row.partition("@")
+        method, _, steps = method.partition(":")  # vib:64@0.3 = VIB with a 64-step gate budget
+        vib_steps = int(steps) if steps else args.vib_steps
         structs = args.structures
         if target.startswith("flops"):
             structs = ",".join(dict.fromkeys(args.structures.split(",") + ["hidden"]))
@@ -174,15 +210,15 @@ def main() -> None:
         d = work / row.replace("@", "_")
         if res is None:
             model, _ = load(args.model)
-            vib = {"steps": args.vib_steps, "batch_size": args.vib_batch, "vib_lr": args.vib_lr,
+            vib = {"steps": vib_steps, "batch_size": args.vib_batch, "vib_lr": args.vib_lr,
                    "init_log_sigma2": args.vib_init, "lagrangian_warmup": 0.5, "lagrangian_lr": 0.5}
             t_p = time.perf_counter()
             model, facts = prune_structured(model, method, sparsity, structures=structs, round_to=args.round_to,
                                             ids=calib[: args.calib] if method != "vib" else calib, vib=vib)
             facts["prune_seconds"] = time.perf_counter() - t_p
             if method == "vib":
-                facts["vib"]["budget"] = (f"{args.vib_steps} steps x {args.vib_batch} x 256 tokens = "
-                                          f"{args.vib_steps * args.vib_batch * 256} tokens")
+                facts["vib"]["budget"] = (f"{vib_steps} steps x {args.vib_batch} x 256 tokens = "
+                                          f"{vib_steps * args.vib_batch * 256} tokens")
             model.save_pretrained(d)
             tok.save_pretrained(d)
             from transformers import AutoModelForCausalLM
