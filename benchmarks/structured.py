@@ -62,7 +62,7 @@ def ppl(model, tok, windows: int) -> dict:
 
 
 @torch.no_grad()
-def speed_pair(dense, pruned, reps: int, gen_tokens: int = 32) -> dict:
+def speed_pair(dense, pruned, reps: int, gen_tokens: int = 32, b8_reps: int | None = None) -> dict:
     """Alternating timings (dense, pruned) x reps; medians and ratios (dense time / pruned time)."""
     from prunetune.evaluation.speed import _dummy_inputs
 
@@ -78,18 +78,21 @@ def speed_pair(dense, pruned, reps: int, gen_tokens: int = 32) -> dict:
 
     out = {}
     for name, make in (("b1x256", lambda m: fwd(m, 1)), ("b8x256", lambda m: fwd(m, 8)), ("generate", gen)):
+        n = reps if name != "b8x256" or b8_reps is None else b8_reps
+        if n < 1:
+            continue
         fns = {"dense": make(dense), "pruned": make(pruned)}
         times: dict[str, list[float]] = {"dense": [], "pruned": []}
         for f in fns.values():  # warm-up
             f()
-        for _ in range(reps):
+        for _ in range(n):
             for k, f in fns.items():
                 t0 = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         out[name] = {"dense_s": med["dense"], "pruned_s": med["pruned"], "speedup": med["dense"] / med["pruned"],
-                     "dense_all": times["dense"], "pruned_all": times["pruned"]}
+                     "dense_all": times["dense"], "pruned_all": times["pruned"], "reps": n}
         if name == "generate":
             out[name]["dense_tokens_per_s"] = gen_tokens / med["dense"]
             out[name]["pruned_tokens_per_s"] = gen_tokens / med["pruned"]
@@ -117,7 +120,7 @@ def table(data: dict) -> str:
         out.append(f"| dense | {dws} | 0 | {dense['params'] / 1e6:.1f} | {dense['disk_bytes'] / 2**20:.0f} | 1.00 | "
                    f"1.00 | 1.00 | 1.00 | 1.00 | {dense['ppl']:.2f} | |")
     for name, r in rows.items():
-        if name == "dense":
+        if name == "dense" or "widths" not in r:
             continue
         w = r["widths"]
         sp = r.get("speed", {})
@@ -148,7 +151,9 @@ def main() -> None:
     ap.add_argument("--vib-init", type=float, default=-4.0, help="initial log sigma^2 of the gates")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
+                    help="time every row as it is made (else only speed:ROW rows time, once per distinct widths)")
+    ap.add_argument("--b8-reps", type=int, default=None, help="repetitions of the 8 x 256 latency (default --reps; 0 = skip)")
     ap.add_argument("--recover", default="", help="rows to LoRA-recover, e.g. vib@0.3,flap@0.3")
     ap.add_argument("--recover-samples", type=int, default=32, help="LoRA steps = samples / batch 2, 256 tokens")
     ap.add_argument("--out", default="benchmarks/results/structured.json")
@@ -168,7 +173,8 @@ def main() -> None:
     data["settings"] = vars(args)
     dense, tok = load(args.model)
     geom = geometry(dense)
-    longest = max([args.vib_steps] + [int(r.split("@")[0].split(":")[1]) for r in args.rows.split(",") if ":" in r.split("@")[0]])
+    budgets = [r.split("@")[0].partition(":")[2] for r in args.rows.split(",") if r.startswith("vib:")]
+    longest = max([args.vib_steps] + [int(b) for b in budgets])
     calib = calibration_windows(tok, "wikitext2", max(args.calib, longest * args.vib_batch), 256, seed=0)
     work = Path(os.environ.get("STRUCTURED_BENCH_WORK", Path(tempfile.gettempdir()) / "prunetune-structured-bench"))
     work.mkdir(parents=True, exist_ok=True)
@@ -188,6 +194,28 @@ def main() -> None:
             print("skip", row, flush=True)
             continue
         t0 = time.perf_counter()
+        if row.startswith("speed:"):  # speed:ROW = time ROW's export against dense (once per distinct widths)
+            ref = data["rows"].get(row[6:])
+            src = work / row[6:].replace("@", "_")
+            if ref is None or not src.exists():
+                print("cannot time", row, "(row missing or its export is gone)", flush=True)
+                continue
+            if ref["speed_key"] not in data["speed"]:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(src).eval()
+                data["speed"][ref["speed_key"]] = speed_pair(dense, model, args.reps, b8_reps=args.b8_reps)
+                del model
+            for r in data["rows"].values():  # every row with these widths shares the timing
+                if r.get("speed_key") in data["speed"]:
+                    sp = data["speed"][r["speed_key"]]
+                    r["speed"] = {k: sp[k]["speedup"] for k in ("b1x256", "b8x256", "generate") if k in sp}
+                    r["gen_speedup_over_ratio"] = sp["generate"]["speedup"] / r["compute_ratio"]
+            data["rows"][row] = {"done": True, "seconds": time.perf_counter() - t0}
+            save(path, data)
+            print(row, {k: v["speedup"] for k, v in data["speed"][ref["speed_key"]].items() if isinstance(v, dict)},
+                  flush=True)
+            continue
         if row == "dense":
             res = {"params": sum(p.numel() for p in dense.parameters()), **ppl(dense, tok, args.ppl_windows)}
             d = work / "dense"
@@ -231,10 +259,10 @@ def main() -> None:
             key = json.dumps(res["widths"], sort_keys=True) + f" bias={bool(model.config.mlp_bias)}"
             res["speed_key"] = key
             if args.speed and key not in data["speed"]:
-                data["speed"][key] = speed_pair(dense, model, args.reps)
+                data["speed"][key] = speed_pair(dense, model, args.reps, b8_reps=args.b8_reps)
             if key in data["speed"]:
                 sp = data["speed"][key]
-                res["speed"] = {k: sp[k]["speedup"] for k in ("b1x256", "b8x256", "generate")}
+                res["speed"] = {k: sp[k]["speedup"] for k in ("b1x256", "b8x256", "generate") if k in sp}
                 res["gen_speedup_over_ratio"] = sp["generate"]["speedup"] / res["compute_ratio"]
             res["seconds"] = time.perf_counter() - t0
             data["rows"][row] = res
