@@ -17,7 +17,8 @@ from prunetune.models.arch import get_adapter
 from prunetune.models.loading import tiny_model
 from prunetune.pruning.api import prune
 from prunetune.pruning.masks import MaskSet
-from prunetune.pruning.structured import keep_from_masks, keep_from_scores, mask_structures, shrink
+from prunetune.pruning.structured import (keep_from_masks, keep_from_scores, mask_structures, shrink,
+                                            structure_scores)
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 IDS = torch.randint(5, 250, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -183,6 +184,15 @@ def test_keep_from_scores_uniform_topk_and_rounding():
     # heads round in whole KV groups; an explicit keep count wins over sparsity
     heads = keep_from_scores(model, {"heads": torch.tensor([[0.1, 0.9], [0.8, 0.2]])}, keep=1)["heads"]
     assert heads.tolist() == [[False, True], [True, False]]
+
+
+@pytest.mark.parametrize("kind,sparsity", [("heads", 0.5), ("neurons", 0.25)])
+def test_plan_from_structure_scores_matches_structured_pruning(kind, sparsity):
+    """The shrink plan from |W| structure scores removes exactly what prune(granularity=kind) masks."""
+    model = tiny_model("qwen2", "causal-lm").model
+    plan = keep_from_scores(model, {kind: structure_scores(model, kind)}, sparsity=sparsity, round_to=1)
+    prune(model, "magnitude", sparsity, granularity=kind)
+    assert torch.equal(plan[kind], keep_from_masks(model, None, (kind,))[kind])
 
 
 def test_bad_inputs_are_one_line_errors():

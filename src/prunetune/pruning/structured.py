@@ -248,6 +248,25 @@ def _units(adapter: ArchAdapter, kind: str) -> tuple[int, int]:
     return len(block_couplings(adapter, kind)), n
 
 
+def structure_scores(model: torch.nn.Module, kind: str, scores: dict[str, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+    """[n_blocks, n_groups] importance of each KV group or MLP neuron, from element scores of its members.
+
+    `scores` maps module name -> weight-shaped element scores (|W| when omitted; Wanda's |W|·‖X‖ or any
+    criterion's output otherwise), combined per coupling as `group_scores` does for masks, so a plan from
+    `keep_from_scores(model, {kind: structure_scores(...)}, ...)` removes what `prune(granularity=kind)` would.
+    """
+    adapter = _adapter(model)
+    _check_kind(adapter, kind)
+    if kind == "hidden":
+        raise PrunetuneError("hidden-channel scores are model-wide: pass a [hidden_size] tensor to keep_from_scores")
+    cs = block_couplings(adapter, kind)
+    if scores is None:
+        scores = {m.name: base_linear(adapter.root.get_submodule(m.name)).weight.detach().abs()
+                  for c in cs for m in c.members}
+    return torch.stack([group_scores(c, scores) for c in cs])
+
+
 def rounded_keep(kind: str, n: int, kept: int, round_to: int) -> int:
     """`kept` moved to the nearest multiple of `round_to` (never 0 nor more than n)."""
     what = {"heads": "KV groups per layer", "neurons": "MLP neurons per layer", "hidden": "hidden channels"}[kind]
