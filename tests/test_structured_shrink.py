@@ -219,6 +219,12 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(PrunetuneError, match="removes every attention head of a layer"):
         shrink(model, masks)
 
+    # LlamaConfig wants hidden_size % num_attention_heads == 0: 42 channels with 4 heads is refused up front
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PrunetuneError, match="LlamaConfig refuses: .*The hidden size \\(42\\) is not a multiple"):
+        shrink(model, keep_from_scores(model, {"hidden": torch.rand(64)}, keep=42, round_to=1))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
     bert = tiny_model("bert", "seq-cls", num_labels=2).model
     with pytest.raises(PrunetuneError, match="^hidden-dimension pruning needs an RMSNorm family; bert") as e:
         shrink(bert, {"hidden": torch.ones(64, dtype=torch.bool)})

@@ -439,6 +439,7 @@ def shrink(model: torch.nn.Module, keep) -> dict[str, dict[str, int]]:
         present = [k for k in ("heads", "neurons") if k in adapter.shrinkable]
         keep = keep_from_masks(model, keep, tuple(present))
     plan = _check_plan(adapter, keep)
+    _check_loadable_config(adapter, plan)
     root = adapter.root
     summary: dict[str, dict[str, int]] = {}
     for kind in ("neurons", "heads", "hidden"):  # hidden last: its members include every projection
@@ -467,6 +468,26 @@ def shrink(model: torch.nn.Module, keep) -> dict[str, dict[str, int]]:
     if done:
         root.config.prunetune_shrink = done
     return summary
+
+
+def _check_loadable_config(adapter: ArchAdapter, plan: dict[str, torch.Tensor]) -> None:
+    """Refuse, before any tensor changes, widths whose config stock transformers would not load.
+
+    (LlamaConfig, for one, requires hidden_size to be a multiple of num_attention_heads even with head_dim set.)
+    """
+    import copy
+
+    trial = copy.copy(adapter)
+    trial.config = copy.deepcopy(adapter.config)
+    for kind in ("neurons", "heads", "hidden"):
+        if kind in plan:
+            rows = plan[kind].reshape(1, -1) if kind == "hidden" else plan[kind]
+            trial.set_width(kind, int(rows[0].sum()))
+    try:
+        type(trial.config).from_dict(trial.config.to_dict())
+    except Exception as exc:  # the config class's own validation: its message says what is wrong
+        msg = " ".join(str(exc).split())
+        raise PrunetuneError(f"these widths give a config {type(trial.config).__name__} refuses: {msg}") from None
 
 
 def _shrink_hidden(adapter: ArchAdapter, keep: torch.Tensor) -> None:
