@@ -114,7 +114,21 @@ def render_payt_seeds(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"payt_seeds": render_payt_seeds}
+def render_payt_summary(data: dict) -> str:
+    """The mean ± sd tables and target checks stored by `benchmarks/payt.py --seeds ...` in its summary.json."""
+    import json
+
+    parts = []
+    for key, val in data.items():
+        if key.endswith(" mean"):
+            parts += [f"**{key[:-5]}, mean ± sd over the seeds**", "", val["markdown"], "",
+                      f"targets on the means: `{json.dumps(val['targets'])}`"]
+    n = sum(1 for v in data.values() if "command" in v)
+    parts += ["", f"({n} per-seed runs; their exact commands are in the JSON)"]
+    return "\n".join(parts)
+
+
+RENDERERS = {"payt_seeds": render_payt_seeds, "payt_summary": render_payt_summary}
 BLOCK = re.compile(r"<!-- generated:(?P<name>[\w.-]+) render=(?P<render>\w+) json=(?P<json>\S+) -->\n"
                    r"(?P<body>.*?)\n?<!-- /generated:(?P=name) -->", re.S)
 

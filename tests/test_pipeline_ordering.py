@@ -42,6 +42,8 @@ def test_orderings_reach_target_with_eval_after_every_step(tmp_path, wikitext_di
     assert man["metrics"]["01-fp"]["iter_fp/sparsity"]["value"] == pytest.approx(0.5)
     assert man["metrics"]["02-pf"]["prune_ft/sparsity"]["value"] == pytest.approx(0.5)
     assert not (out / "stages" / "01-fp" / "work").exists()  # intermediate models removed
-    report = (out / "report.md").read_text()
+    from prunetune.reporting.report import write_run_report
+
+    report = write_run_report(out).read_text()
     assert "## Ordering study" in report and "plots/ordering_ppl_text_txt.png" in report
     assert (out / "plots" / "ordering_ppl_text_txt.png").stat().st_size > 5000

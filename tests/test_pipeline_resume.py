@@ -51,6 +51,9 @@ def recipe_file(tmp_path_factory, wikitext_dir) -> Path:
 def reference(recipe_file, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("ref") / "run"
     man = run_recipe(load_recipe(str(recipe_file)), out, log=lambda *_: None)
+    from prunetune.reporting.report import write_run_report
+
+    write_run_report(out)
     return out, man
 
 
@@ -113,7 +116,7 @@ def test_sigkill_in_stage_then_resume_gives_same_metrics(recipe_file, reference,
 def test_resume_of_complete_run_skips_everything_and_rejects_other_recipe(reference, recipe_file, tmp_path):
     out, man = reference
     logs: list[str] = []
-    again = run_recipe(load_recipe(str(recipe_file)), out, resume=True, log=logs.append, report=False)
+    again = run_recipe(load_recipe(str(recipe_file)), out, resume=True, log=logs.append)
     assert sum("skipped" in m for m in logs) == 6 and values(again) == values(man)
     with pytest.raises(PrunetuneError, match="recipe differs"):
         run_recipe(load_recipe(str(recipe_file), ["prune.sparsity=0.6"]), out, resume=True, log=lambda *_: None)

@@ -64,7 +64,7 @@ def runs(task_csv, tmp_path_factory) -> dict:
         transformers.Trainer.train = spy
         try:
             man = run_recipe(recipe(task_csv, seed), tmp_path_factory.mktemp(f"seed{seed}") / "run",
-                             report=False, log=lambda *_: None)
+                             log=lambda *_: None)
         finally:
             transformers.Trainer.train = orig
         out[seed] = {"manifest": man, "train_ids": seen}

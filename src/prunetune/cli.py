@@ -466,7 +466,6 @@ def shrink_cmd(
     import yaml
 
     from prunetune.config import recipe_to_dict, validate_recipe
-    from prunetune.pipelines.runner import run_recipe
     from prunetune.pruning.api import default_calib_split
 
     stages = ["structured", "export"]
@@ -486,7 +485,7 @@ def shrink_cmd(
         return
     out = _claim_out(out)
     con = _console()
-    run_recipe(rec, out, resume=resume, overwrite=overwrite, log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
+    run_and_report(rec, out, resume=resume, overwrite=overwrite, con=con)
     con.print(f"shrunk model: {out / 'model'}   report: {out / 'report.md'}")
 
 
@@ -507,6 +506,17 @@ TUNE_FLAGS = {  # flag parameter -> recipe key
 PAYT_FLAGS = {"sparsity": "payt.sparsity", "schedule": "payt.schedule", "start": "payt.start", "end": "payt.end",
               "every": "payt.every", "criterion": "payt.criterion"}
 ALL_SAMPLES = ("n_samples", "eval_samples", "test_samples")  # 0 on the command line = all of them
+
+
+def run_and_report(rec, out: Path, *, resume: bool, overwrite: bool, con) -> dict:
+    """Run a recipe through the runner, then write its report (the runner does not import reporting)."""
+    from prunetune.pipelines.runner import run_recipe
+    from prunetune.reporting.report import write_run_report
+
+    man = run_recipe(rec, out, resume=resume, overwrite=overwrite,
+                     log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
+    write_run_report(out)
+    return man
 
 
 def command_recipe(command: str, model: str, flags: dict, extra: dict | None = None, base: str | None = None):
@@ -725,7 +735,6 @@ def run(
     import datetime as _dt
 
     from prunetune.config import load_recipe
-    from prunetune.pipelines.runner import run_recipe
 
     rec = load_recipe(recipe, set_ or [])
     if out is None:
@@ -735,7 +744,7 @@ def run(
     out = _claim_out(out)
     con = _console()
     con.print(f"[bold]prunetune run[/bold] {rec.name} -> {out}")
-    man = run_recipe(rec, out, resume=resume, overwrite=overwrite, log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
+    man = run_and_report(rec, out, resume=resume, overwrite=overwrite, con=con)
     con.print(f"report: {out / 'report.md'}  (stage time {sum(man['timings'].get(s, 0) for s in man['stages']):.0f} s)")
 
 
@@ -838,7 +847,6 @@ def compose(
     import yaml
 
     from prunetune.config import validate_recipe
-    from prunetune.pipelines.runner import run_recipe
 
     comp: dict = {"attention": attention or [0.25, 0.5], "linear": linear or [0.3, 0.5], "n": n, "grid": grid,
                   "baseline": baseline}
@@ -864,7 +872,7 @@ def compose(
         out = Path("runs") / f"compose-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     con = _console()
     con.print(f"[bold]prunetune compose[/bold] {model} -> {out}")
-    run_recipe(rec, out, resume=resume, overwrite=overwrite, log=lambda msg: con.print(msg, highlight=False))
+    run_and_report(rec, out, resume=resume, overwrite=overwrite, con=con)
     stage = sorted((out / "stages").glob("*-compose"))
     if stage:
         con.print((stage[-1] / "report.md").read_text(), markup=False, highlight=False)

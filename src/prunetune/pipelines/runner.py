@@ -28,7 +28,7 @@ import yaml
 
 from prunetune.config import Recipe, recipe_to_dict, validate_recipe
 from prunetune.errors import PrunetuneError
-from prunetune.rundir import atomic_write_json, atomic_write_text, fsync_tree, umask_modes
+from prunetune.rundir import atomic_write_json, atomic_write_text, fsync_tree, load_run, umask_modes  # noqa: F401 (load_run re-exported)
 
 PAUSE_ENV = "PRUNETUNE_PAUSE_IN_STAGE"  # test hook: stop inside this stage (before it completes) and wait
 
@@ -147,8 +147,12 @@ def _pause_if_asked(name: str, tmp: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- run
 def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwrite: bool = False,
-               report: bool = True, log=print) -> dict:
-    """Run (or resume) `recipe` into `out`; returns the run manifest."""
+               log=print) -> dict:
+    """Run (or resume) `recipe` into `out`; returns the run manifest.
+
+    The human report (report.md, plots) is not written here: `reporting` reads run directories and the
+    runner does not import it (layers point down); `prunetune run` writes it after this returns.
+    """
     from prunetune.pipelines.stages import STAGES, produces_model
 
     out = Path(out)
@@ -190,12 +194,7 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
         if produces_model(st.type):
             model_dir = sdir / "model"
         write_run_manifest(out, recipe, history, complete=(i == len(names) - 1))
-    manifest = write_run_manifest(out, recipe, history, complete=True, wall=time.perf_counter() - t_run)
-    if report:
-        from prunetune.reporting.report import write_run_report
-
-        write_run_report(out)
-    return manifest
+    return write_run_manifest(out, recipe, history, complete=True, wall=time.perf_counter() - t_run)
 
 
 def _stage_config(recipe: Recipe, i: int) -> dict:
@@ -229,20 +228,6 @@ def write_run_manifest(out: Path, recipe: Recipe, history: list[dict], complete:
     )
     atomic_write_json(out / "manifest.json", man)
     return man
-
-
-def load_run(run_dir: Path | str) -> dict:
-    """A finished (or partial) run as data: recipe, run manifest and stage manifests in order."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "manifest.json").is_file():
-        raise PrunetuneError(f"{run_dir} is not a prunetune run directory (no manifest.json)")
-    stages = []
-    for d in sorted((run_dir / "stages").glob("[0-9]*")):
-        if d.is_dir() and is_complete(d):
-            stages.append({**_read_json(d / "manifest.json"), "dir": str(d)})
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
-    return {"dir": str(run_dir), "manifest": _read_json(run_dir / "manifest.json"), "recipe": recipe,
-            "stages": stages, "name": run_dir.name}
 
 
 def recipe_from_run(run_dir: Path) -> Recipe:

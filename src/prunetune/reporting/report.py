@@ -73,7 +73,7 @@ def _ordering_rows(run: dict) -> list[dict]:
 # --------------------------------------------------------------------------------------------- run report
 def write_run_report(run_dir: Path | str) -> Path:
     """`run_dir/report.md` and `run_dir/plots/*.png` for one run."""
-    from prunetune.pipelines.runner import load_run
+    from prunetune.rundir import load_run
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
@@ -220,7 +220,7 @@ def _ordering_section(rows: list[dict], plot_dir: Path, rel: str) -> list[str]:
 # --------------------------------------------------------------------------------------------- compare
 def compare_runs(run_dirs: list[Path | str], out: Path | str) -> Path:
     """`out/report.md` + plots comparing runs: final metrics table, metric vs sparsity, layers, weights, curves."""
-    from prunetune.pipelines.runner import load_run
+    from prunetune.rundir import load_run
 
     if not run_dirs:
         raise PrunetuneError("compare needs at least one run directory")
