@@ -2,7 +2,8 @@
 
 One table of tiny random models × granularities, one set of shared assertions (peft's test layout). Each
 row goes load → prune (Wanda, so the calibration engine runs through the family's blocks) → 2 fine-tuning
-steps (LoRA, masks enforced, merged with the masks) → export as a plain HF directory → reload with plain
+steps (LoRA merged with the masks; full fine-tuning for seq2seq; masks enforced after every step) → export
+as a plain HF directory → reload with plain
 `transformers` Auto classes, and asserts
 
 * the reloaded model's logits equal the in-memory exported model's (bit-exact: same fp32 weights);
@@ -10,7 +11,7 @@ steps (LoRA, masks enforced, merged with the masks) → export as a plain HF dir
 * the masks have exactly the count the granularity defines (per row, per layer, global, N:M groups, whole
   rows / columns, whole GQA groups, whole MLP neurons), computed here independently of the pruning code.
 
-T5 and mT5 rows are load → prune → export → reload: the fine-tuning steps join when seq2seq training lands.
+T5 and mT5 fine-tune with the seq2seq driver (`tuning.seq2seq`, full fine-tuning on the synthetic pairs).
 A type that cannot pass is removed from the adapter's claims, not skipped: `test_table_covers_every_claim`
 fails when a claimed type has no row.
 """
@@ -38,7 +39,7 @@ SEQ2SEQ = ("t5", "mt5")
 TYPES: dict[str, tuple[str, bool]] = {
     **{t: ("causal-lm", True) for t in DECODERS},
     **{t: ("seq-cls", True) for t in ENCODERS},
-    **{t: ("seq2seq", False) for t in SEQ2SEQ},
+    **{t: ("seq2seq", True) for t in SEQ2SEQ},
 }
 # granularity name -> prune() keyword arguments
 GRANULARITIES: dict[str, dict] = {
@@ -175,22 +176,32 @@ def test_arch_table(model_type, gran, tmp_path, data_files):
     assert_granularity_counts(model, masks, gran)
     assert_zeros_are_the_masks(model, masks)
 
-    if tunes:
+    before = {n: lin.weight.detach().clone() for n, (_, lin) in get_adapter(model).linears().items()}
+    if tunes and task == "seq2seq":
+        from prunetune.tuning.seq2seq import Seq2SeqConfig, finetune_seq2seq
+
+        cfg = Seq2SeqConfig(max_steps=2, batch_size=2, n_samples=4, eval_samples=2, lr=5e-2,
+                            max_source_length=24, max_target_length=24, generation_max_length=4)
+        r = finetune_seq2seq(model, tok, cfg, tmp_path / "ft", masks=masks)
+        assert r["global_step"] == 2
+        model, out = r["_model"], tmp_path / "export"
+        save_hf_dir(model, tok, out, extra=masks.save)
+    elif tunes:
         src = tmp_path / "pruned"
         save_hf_dir(model, tok, src, extra=masks.save)
         data = data_files / ("text.txt" if task == "causal-lm" else "labelled.jsonl")
         cfg = TuneConfig(task=task, data=str(data), n_samples=4, eval_samples=2, test_samples=2, epochs=1,
                          batch_size=2, max_length=24, lr=5e-2, kd=False, retention=False)
-        before = {n: lin.weight.detach().clone() for n, (_, lin) in get_adapter(model).linears().items()}
         r = finetune(str(src), cfg, tmp_path / "ft", masks=masks)
         assert r["global_step"] == 2
         model, out = r["_model"], tmp_path / "ft" / "model"
-        changed = [n for n, (_, lin) in get_adapter(model).linears().items() if not torch.equal(lin.weight, before[n])]
-        assert changed, "the fine-tuning steps changed no weight"
-        assert MaskSet.load(out).masks.keys() == masks.masks.keys()
     else:
         out = tmp_path / "export"
         save_hf_dir(model, tok, out, extra=masks.save)
+    if tunes:
+        changed = [n for n, (_, lin) in get_adapter(model).linears().items() if not torch.equal(lin.weight, before[n])]
+        assert changed, "the fine-tuning steps changed no weight"
+        assert MaskSet.load(out).masks.keys() == masks.masks.keys()
 
     assert_zeros_are_the_masks(model, masks)
     assert_plain_reload_identical(model, out, task, model_type)
