@@ -354,3 +354,42 @@ def test_prune_leaves_process_state_alone(tiny_llama, method, monkeypatch):
     prune(tiny_llama.model, method, 0.5, calib=text, tokenizer=tiny_llama.tokenizer, nsamples=4, seqlen=32, seed=7)
     assert torch.equal(torch.get_rng_state(), state)
     assert "mallopt" not in calls
+
+
+def test_maskset_enforce_copies_no_mask(tiny_llama, monkeypatch):
+    """Bug 9: enforcing after every step must not copy masks (host->device on a GPU): a mask is moved to its
+    weight's device at most once, then used in place. Counted on any device through Tensor.to."""
+    model = tiny_llama.model
+    masks = MaskSet({n: torch.rand(lin.weight.shape, generator=torch.Generator().manual_seed(6)) > 0.5
+                     for n, lin in _linears(model).items()})
+    masks.apply(model)  # first application may move masks to the weights' device
+    held = {n: m for n, m in masks.items()}
+    calls = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *a, **kw):
+        if self.dtype == torch.bool:
+            calls.append(tuple(self.shape))
+        return real_to(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    for _ in range(3):
+        with torch.no_grad():
+            for lin in _linears(model).values():
+                lin.weight.add_(1.0)  # an "optimizer step" that revives everything
+        masks.enforce(model)
+    monkeypatch.undo()
+    assert calls == []
+    for name, lin in _linears(model).items():
+        assert masks[name] is held[name] and masks[name].device == lin.weight.device
+        assert torch.equal(lin.weight != 0, masks[name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_maskset_moves_masks_to_the_weights_device_once(tiny_llama):
+    model = tiny_llama.model.cuda()
+    masks = MaskSet({n: torch.ones(lin.weight.shape, dtype=torch.bool) for n, lin in _linears(model).items()})
+    masks.apply(model)
+    first = {n: m for n, m in masks.items()}
+    masks.apply(model)
+    assert all(masks[n] is first[n] and masks[n].is_cuda for n in masks.names())

@@ -166,7 +166,7 @@ def prune_model(loaded, recipe, spec, seed: int, previous=None) -> tuple:
     seconds = time.perf_counter() - t0
     if previous is not None:  # prune() kept what was pruned before; layers it skipped keep their masks too
         for k, m in previous.items():
-            masks[k] = masks[k] & m if k in masks else m
+            masks[k] = masks[k] & m.to(masks[k].device) if k in masks else m
         masks.apply(loaded.model)
     desc = (f"{spec.nsamples} x {spec.seqlen} tokens of {recipe.data.calib}/{recipe.data.calib_split}, seed {seed}"
             if calib is not None else "none (magnitude)")

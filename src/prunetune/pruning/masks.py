@@ -2,7 +2,8 @@
 
 A mask is a bool tensor shaped like a linear layer's weight, **True = keep**. Masks are keyed by the module
 name in the plain (un-wrapped) transformers model, so the same MaskSet applies to the model, to its peft
-wrapper (the frozen `base_layer` behind LoRA) and to a reloaded checkpoint. Pruned weights are real zeros:
+wrapper (the frozen `base_layer` behind LoRA) and to a reloaded checkpoint. Masks live on their weight's
+device once applied (saved to disk from the CPU). Pruned weights are real zeros:
 `sparsity_report` counts zeros in the weights, never mask bookkeeping, so it cannot lie.
 """
 
@@ -62,12 +63,18 @@ class MaskSet:
     # -- model side -----------------------------------------------------------------------------------
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
-        """Zero every weight outside its mask (idempotent; cheap enough to call after each optimizer step)."""
+        """Zero every weight outside its mask (idempotent; cheap enough to call after each optimizer step).
+
+        A mask found on another device than its weight is moved there once and kept there, so enforcing after
+        every step copies nothing host->device; the bool mask multiplies in place without a float copy.
+        """
         for name, mask in self.masks.items():
             w = _module(model, name).weight
             if w.shape != mask.shape:
                 raise PrunetuneError(f"mask for '{name}' has shape {tuple(mask.shape)}, weight {tuple(w.shape)}")
-            w.mul_(mask.to(device=w.device, dtype=w.dtype))
+            if mask.device != w.device:
+                mask = self.masks[name] = mask.to(w.device)
+            w.mul_(mask)
 
     enforce = apply
 
