@@ -24,7 +24,7 @@ def test_presets_all_validate():
 
 @pytest.mark.parametrize("data, expected", [
     ({"stages": ["evaluate"], "prune": {"method": "foo"}},
-     "prune.method: 'foo' is not allowed; choose one of: 'wanda', 'magnitude', 'sparsegpt'"),
+     "prune.method: 'foo' is not allowed; choose one of: 'wanda', 'magnitude', 'l1-global', 'l2-cols', 'sparsegpt'"),
     ({"stages": ["evaluate"], "prune": {"metod": "wanda"}}, "unknown key 'prune.metod'; allowed keys: method, sparsity"),
     ({"stages": ["evalx"]}, "stages.0.type: 'evalx' is not allowed; choose one of: 'evaluate', 'prune'"),
     ({"stages": [{"type": "prune", "sparsty": 0.3}]}, "unknown key 'stages.0.sparsty'; allowed keys: method"),

@@ -59,10 +59,22 @@ class DataSpec(_Spec):
                             "in every stage, command and training seed, so every run is scored on the same test set")
 
 
+def _registered_criterion(name: str) -> str:
+    """A criterion name or alias -> its registered name; choices come from the one criterion registry."""
+    from prunetune.pruning.criteria import criterion_names, get_criterion
+
+    try:
+        return get_criterion(name).name
+    except PrunetuneError:
+        choices = ", ".join(repr(n) for n in criterion_names())
+        raise ValueError(f"{name!r} is not allowed; choose one of: {choices}") from None
+
+
 class PruneSpec(_Spec):
     """One-shot pruning with the engine (`prunetune.pruning.api.prune`)."""
 
-    method: Literal["wanda", "magnitude", "sparsegpt"] = "wanda"
+    method: str = Field("wanda", description="a registered pruning criterion (prunetune.pruning.criteria): "
+                        "wanda | magnitude | sparsegpt | l1-global | l2-cols")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     pattern: str | None = Field(None, description="N:M pattern such as '2:4' (overrides sparsity)")
     granularity: Literal["row", "layer", "global"] | None = Field(
@@ -71,6 +83,11 @@ class PruneSpec(_Spec):
     nsamples: int = Field(16, ge=1)
     seqlen: int = Field(256, ge=2)
     skip: list[str] | None = Field(None, description="regexes of module names left dense")
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, v: str) -> str:
+        return _registered_criterion(v)
 
     @field_validator("pattern")
     @classmethod
@@ -163,19 +180,18 @@ class PaytSpec(_Spec):
     end: float = Field(1.0, gt=0.0, le=1.0)
     every: int = Field(1, ge=1)
     unit: Literal["epoch", "step"] = "epoch"
-    criterion: Literal["l1-global", "l2-cols", "wanda"] = "l1-global"
+    criterion: str = Field("l1-global", description="a registered pruning criterion: l1-global | l2-cols | wanda "
+                           "| magnitude (= l1-global here) | sparsegpt; the seed's L1Unstructured / LnStructured too")
     nsamples: int = Field(16, ge=1, description="calibration windows of the training text (wanda criterion)")
     seqlen: int = Field(128, ge=2, description="tokens per calibration window (wanda criterion)")
 
     @field_validator("criterion", mode="before")
     @classmethod
-    def _criterion_alias(cls, v: Any) -> Any:
-        """The seed's names (L1Unstructured, LnStructured) are accepted and stored canonically."""
-        if isinstance(v, str):
-            from prunetune.methods.payt import CRITERION_ALIASES
-
-            return CRITERION_ALIASES.get(v.strip().lower(), v)
-        return v
+    def _registered_criterion(cls, v: Any) -> Any:
+        """Aliases (the seed's L1Unstructured, LnStructured) are accepted and stored canonically."""
+        if not isinstance(v, str):
+            return v
+        return _registered_criterion({"magnitude": "l1-global"}.get(v.strip().lower(), v))
 
     @model_validator(mode="after")
     def _end_after_start(self) -> PaytSpec:

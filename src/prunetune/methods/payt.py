@@ -27,22 +27,20 @@ from prunetune.errors import PrunetuneError
 from prunetune.pruning.masks import MaskSet
 from prunetune.pruning.schedules import Schedule
 
-CRITERIA = ("l1-global", "l2-cols", "wanda")
-CRITERION_ALIASES = {
-    "l1": "l1-global", "l1-global": "l1-global", "l1unstructured": "l1-global", "l1_unstructured": "l1-global",
-    "global-l1": "l1-global", "magnitude": "l1-global",
-    "l2": "l2-cols", "l2-cols": "l2-cols", "lnstructured": "l2-cols", "ln_structured": "l2-cols",
-    "l2-structured": "l2-cols", "l2structured": "l2-cols",
-    "wanda": "wanda",
-}
+# PAYT's criteria are entries of the pruning criterion registry (`prunetune.pruning.criteria`); here only
+# "magnitude" keeps its PAYT meaning (one global L1 threshold, the seed's L1Unstructured).
+PAYT_ALIASES = {"magnitude": "l1-global"}
 
 
 def canonical_criterion(name: str) -> str:
+    from prunetune.pruning.criteria import criterion_names, get_criterion
+
     key = name.strip().lower()
-    if key not in CRITERION_ALIASES:
-        raise PrunetuneError(f"unknown pruning criterion '{name}'; choose one of: {', '.join(CRITERIA)} "
-                             "(aliases: L1Unstructured, LnStructured)")
-    return CRITERION_ALIASES[key]
+    try:
+        return get_criterion(PAYT_ALIASES.get(key, key)).name
+    except PrunetuneError:
+        raise PrunetuneError(f"unknown pruning criterion '{name}'; choose one of: {', '.join(criterion_names())} "
+                             "(aliases: L1Unstructured, LnStructured)") from None
 
 
 @dataclass
@@ -83,10 +81,11 @@ def compute_masks(model: nn.Module, criterion: str, sparsity: float, previous: M
                   tokenizer: Any = None, calib_text: str | None = None, nsamples: int = 16,
                   seqlen: int = 128) -> MaskSet:
     """Masks of exactly `sparsity` over the base weights; weights pruned before stay pruned."""
-    from prunetune.pruning.criteria.magnitude import l2_column_scores, magnitude_scores
+    from prunetune.pruning.criteria import get_criterion
     from prunetune.pruning.granularity import global_masks, structured_mask
 
     criterion = canonical_criterion(criterion)
+    crit = get_criterion(criterion)
     layers = _prunable(model)
     prev = previous if previous is not None else MaskSet()
 
@@ -95,13 +94,13 @@ def compute_masks(model: nn.Module, criterion: str, sparsity: float, previous: M
             s = s.masked_fill(~prev[name].to(s.device), float("-inf"))
         return s
 
-    if criterion == "l1-global":
-        scores = {n: scored(n, magnitude_scores(lin.weight)) for n, lin in layers.items()}
+    if not crit.needs_calibration and crit.default_granularity == "global":
+        scores = {n: scored(n, crit.score(lin.weight)) for n, lin in layers.items()}
         return MaskSet(global_masks(scores, sparsity))
-    if criterion == "l2-cols":
+    if not crit.needs_calibration and crit.default_granularity == "cols":
         out = {}
         for n, lin in layers.items():
-            s = l2_column_scores(lin.weight)
+            s = crit.score(lin.weight)
             if n in prev:  # a column counts as pruned when its mask is all-false
                 dead = ~prev[n].any(dim=0, keepdim=True).expand_as(s)
                 s = s.masked_fill(dead.to(s.device), float("-inf"))
@@ -120,13 +119,17 @@ def _engine_masks(model, criterion, sparsity, prev, tokenizer, calib_text, nsamp
     from prunetune.data.sources import TextSource
     from prunetune.models.arch import unwrap
 
-    if not calib_text:
+    from prunetune.pruning.criteria import get_criterion
+
+    needs_calib = get_criterion(criterion).needs_calibration
+    if needs_calib and not calib_text:
         raise PrunetuneError(f"criterion '{criterion}' needs calibration text")
     target = unwrap(model)
     disable = getattr(model, "disable_adapter", None)
     ctx = disable() if callable(disable) else _null()
     with ctx:  # score the base model the masks act on
-        masks = prune(target, criterion, sparsity, calib=TextSource(calib_text, "train-text", "task"),
+        masks = prune(target, criterion, sparsity,
+                      calib=TextSource(calib_text, "train-text", "task") if needs_calib else None,
                       tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, previous=prev)
     masks = MaskSet({n.replace(".base_layer", ""): m for n, m in masks.items()})  # plain-model names
     if len(prev):

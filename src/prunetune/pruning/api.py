@@ -1,8 +1,9 @@
 """`prune(model, ...)`: one call from any script or the CLI, pruning an in-memory model in place.
 
 It validates everything before touching the model (a bad option never leaves a half-pruned model), turns
-the calibration argument into token ids, and composes the parts: a criterion (magnitude, Wanda, SparseGPT)
-gives scores or updated weights per layer, a granularity turns scores into a keep-mask of exactly the asked
+the calibration argument into token ids, and composes the parts: a criterion from the registry
+(`pruning/criteria`: magnitude, Wanda, SparseGPT, PAYT's l1-global and l2-cols) gives scores or updated
+weights per layer, a granularity turns scores into a keep-mask of exactly the asked
 sparsity, the calibration engine decides when statistics are collected. The returned `MaskSet` is keyed by
 module name; the zeros are already in the weights.
 
@@ -31,41 +32,36 @@ from torch import nn
 from prunetune.errors import PrunetuneError
 from prunetune.models.arch import get_adapter, unwrap
 from prunetune.pruning import calibrate
-from prunetune.pruning.criteria.magnitude import magnitude_scores
-from prunetune.pruning.criteria.sparsegpt import HessianStats, sparsegpt_prune
-from prunetune.pruning.criteria.wanda import ColumnNormStats, wanda_scores
+from prunetune.pruning.criteria import ALL_GRANULARITIES, Criterion, criterion_names, get_criterion
 from prunetune.pruning.granularity import check_sparsity, global_masks, mask_from_scores, parse_nm
 from prunetune.pruning.masks import MaskSet
 from prunetune.pruning.structured import STRUCTURES, structured_masks
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-ALL_GRANULARITIES = ("row", "layer", "global", "rows", "cols", "heads", "neurons")
-CALIBRATED = ("wanda", "sparsegpt")
 
-
-# The method's own selection when the caller names none: SparseGPT's paper chooses adaptively over each
-# 128-column block (`layer`); Wanda compares the weights of each output row (`row`).
-DEFAULT_GRANULARITY = {"magnitude": "row", "wanda": "row", "sparsegpt": "layer"}
-
-
-def resolve_granularity(method: str, granularity: str | None) -> str:
-    """`granularity`, or the method's default when it is None."""
-    return granularity if granularity is not None else DEFAULT_GRANULARITY.get(method, "row")
+def resolve_granularity(method: str, granularity: str | None, pattern: str | None = None) -> str:
+    """`granularity`, or the criterion's own default when it is None (SparseGPT: `layer`, the paper's
+    adaptive selection over each 128-column block; Wanda and magnitude: `row`; an N:M pattern is per row)."""
+    if granularity is not None:
+        return granularity
+    default = get_criterion(method).default_granularity
+    return "row" if parse_nm(pattern) is not None and default not in ("row", "layer") else default
 
 
 def validate(method: str, sparsity: float, pattern: str | None, granularity: str | None) -> tuple[int, int] | None:
     """Check options without a model (the CLI calls this before loading anything); returns the N:M pair."""
-    if method not in METHODS:
-        raise PrunetuneError(f"unknown pruning method '{method}'; choose one of: {', '.join(METHODS)}")
-    granularity = resolve_granularity(method, granularity)
+    crit = get_criterion(method)
     check_sparsity(sparsity)
     nm = parse_nm(pattern)
+    granularity = resolve_granularity(method, granularity, pattern)
     if granularity not in ALL_GRANULARITIES:
         raise PrunetuneError(f"unknown granularity '{granularity}'; choose one of: {', '.join(ALL_GRANULARITIES)}")
     if nm is not None and granularity not in ("row", "layer"):
         raise PrunetuneError(f"an N:M pattern is per row; it cannot be combined with granularity '{granularity}'")
-    if method == "sparsegpt" and granularity not in ("row", "layer"):
-        raise PrunetuneError(f"sparsegpt prunes unstructured or N:M (granularity row or layer), not '{granularity}'")
+    if granularity not in crit.granularities:
+        raise PrunetuneError(f"{crit.name} prunes with granularity {' | '.join(crit.granularities)}, "
+                             f"not '{granularity}'")
+    if crit.statistics == "gradients":
+        raise PrunetuneError(f"{crit.name} scores from gradients during training; one-shot pruning cannot use it")
     return nm
 
 
@@ -136,7 +132,9 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     `calib`: LongTensor [n, seqlen] of token ids, a `TextSource`, or a source name (`wikitext2`, `bbc-news`,
     a file) tokenised with `tokenizer` into `nsamples` × `seqlen` windows chosen with `seed`. Needed by
     wanda and sparsegpt; magnitude ignores it. `skip`: regexes of module names to leave dense.
-    `granularity`: None = the method's default (`DEFAULT_GRANULARITY`: SparseGPT `layer`, the others `row`).
+    `method`: any registered criterion (`prunetune.pruning.criteria.CRITERIA`) or alias.
+    `granularity`: None = the criterion's default (SparseGPT `layer`, Wanda and magnitude `row`, l1-global
+    `global`, l2-cols `cols`).
     `device`: where calibration runs (one block at a time); the model stays where it is.
     Process state is left alone: calibration windows are drawn with a local generator seeded by `seed` (the
     global RNG is neither read nor reseeded, so dropout in a training loop around it keeps its stream), and
@@ -147,8 +145,9 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     and weights that are already exactly zero, stay pruned and count towards `sparsity` (SparseGPT treats
     them as pruned in its OBS updates, so its compensation accounts for them).
     """
-    granularity = resolve_granularity(method, granularity)
     nm = validate(method, sparsity, pattern, granularity)
+    crit = get_criterion(method)
+    granularity = resolve_granularity(method, granularity, pattern)
     if nm is not None:
         sparsity = 1.0 - nm[0] / nm[1]
     root = unwrap(model)
@@ -162,9 +161,10 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
         raise PrunetuneError("--device cuda asked but no CUDA device is available")
     ids = None
-    if method in CALIBRATED:
+    if crit.needs_calibration:
         if calib is None:
-            raise PrunetuneError(f"{method} needs calibration data: pass calib (token ids, a TextSource or a source name)")
+            raise PrunetuneError(f"{crit.name} needs calibration data: pass calib (token ids, a TextSource or a "
+                                 "source name)")
         ids = calibration_ids(calib, tokenizer, nsamples, seqlen, seed)
         vocab = root.get_input_embeddings().num_embeddings
         if int(ids.max()) >= vocab or int(ids.min()) < 0:
@@ -174,54 +174,41 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     masks = MaskSet()
     blocks = adapter.blocks()
 
-    if method == "magnitude" and granularity == "global":
-        scores = {n: _floor(magnitude_scores(lin.weight), lin.weight, prior, n, granularity) for n, lin in targets.items()}
-        _apply(targets, global_masks(scores, sparsity), masks, prior)
-    elif method == "magnitude":
-        # block by block, so only one block's scores exist at a time
-        for b in blocks:
-            names = [k for k in (calibrate.layer_key(adapter, x) for x in b.linears.values()) if k in targets]
-            scores = {n: _floor(magnitude_scores(targets[n].weight), targets[n].weight, prior, n, granularity) for n in names}
-            _apply(targets, _masks_from_scores(adapter, [b], scores, sparsity, granularity, nm), masks, prior)
-    elif method == "wanda" and (granularity == "global" or getattr(root.config, "is_encoder_decoder", False)):
-        stats = calibrate.collect_all(model, ids, lambda n, lin, dev: ColumnNormStats(lin.in_features, dev),
-                                      set(targets), batch_size=batch_size, progress=progress)
+    def prune_layers(names_stats: dict[str, object], blocks_of: list) -> None:
+        """Prune these layers from their statistics (None for weight-only criteria)."""
         if stats_hook:
-            for n, st in stats.items():
-                stats_hook(n, st)
-        scores = {n: _floor(wanda_scores(targets[n].weight, st.norms()), targets[n].weight, prior, n,
-                                granularity)
-                  for n, st in stats.items()}
-        new = global_masks(scores, sparsity) if granularity == "global" else \
-            _masks_from_scores(adapter, blocks, scores, sparsity, granularity, nm)
-        _apply(targets, new, masks, prior)
-    elif method == "sparsegpt" and getattr(root.config, "is_encoder_decoder", False):
-        stats = calibrate.collect_all(model, ids, lambda n, lin, dev: HessianStats(lin.in_features, dev),
-                                      set(targets), batch_size=batch_size, progress=progress)
-        for n, st in stats.items():
-            if stats_hook:
-                stats_hook(n, st)
-            _sparsegpt_layer(n, targets[n], st, sparsity, nm, granularity, masks, prior)
-    else:
-        factory = (lambda n, lin, dev: ColumnNormStats(lin.in_features, dev)) if method == "wanda" else \
-            (lambda n, lin, dev: HessianStats(lin.in_features, dev))
-
-        def on_block(block, stats) -> None:
-            if stats_hook:
-                for n, st in stats.items():
+            for n, st in names_stats.items():
+                if st is not None:
                     stats_hook(n, st)
-            if method == "wanda":
-                scores = {n: _floor(wanda_scores(targets[n].weight, st.norms()), targets[n].weight, prior, n,
-                                granularity)
-                          for n, st in stats.items()}
-                _apply(targets, _masks_from_scores(adapter, [block], scores, sparsity, granularity, nm), masks,
-                       prior)
-            else:
-                for n, st in stats.items():
-                    _sparsegpt_layer(n, targets[n], st, sparsity, nm, granularity, masks, prior)
+        if crit.updates_weights:
+            for n, st in names_stats.items():
+                _update_layer(crit, n, targets[n], st, sparsity, nm, granularity, masks, prior)
+            return
+        scores = {n: _floor(crit.score(targets[n].weight, st), targets[n].weight, prior, n, granularity)
+                  for n, st in names_stats.items()}
+        new = global_masks(scores, sparsity) if granularity == "global" else \
+            _masks_from_scores(adapter, blocks_of, scores, sparsity, granularity, nm)
+        _apply(targets, new, masks, prior)
 
-        calibrate.sequential(model, ids, factory, on_block, targets=set(targets), device=device,
-                             batch_size=batch_size, progress=progress)
+    if not crit.needs_calibration:
+        if granularity == "global":
+            prune_layers(dict.fromkeys(targets), blocks)
+        else:  # block by block, so only one block's scores exist at a time
+            for b in blocks:
+                names = [k for k in (calibrate.layer_key(adapter, x) for x in b.linears.values()) if k in targets]
+                prune_layers(dict.fromkeys(names), [b])
+        return masks
+
+    def factory(_name: str, lin: nn.Linear, dev: torch.device):
+        return crit.make_stats(lin.in_features, dev)
+
+    if granularity == "global" or getattr(root.config, "is_encoder_decoder", False):
+        # every layer's statistics before any pruning: one pass over the dense model
+        stats = calibrate.collect_all(model, ids, factory, set(targets), batch_size=batch_size, progress=progress)
+        prune_layers(stats, blocks)
+    else:
+        calibrate.sequential(model, ids, factory, lambda block, stats: prune_layers(stats, [block]),
+                             targets=set(targets), device=device, batch_size=batch_size, progress=progress)
     return masks
 
 
@@ -271,11 +258,10 @@ def _apply(targets: dict[str, nn.Linear], new: dict[str, torch.Tensor], masks: M
         masks[name] = mask.cpu()
 
 
-def _sparsegpt_layer(name: str, lin: nn.Linear, st: HessianStats, sparsity: float, nm, granularity: str,
-                     masks: MaskSet, prior: dict[str, torch.Tensor]) -> None:
+def _update_layer(crit: Criterion, name: str, lin: nn.Linear, stats, sparsity: float, nm, granularity: str,
+                  masks: MaskSet, prior: dict[str, torch.Tensor]) -> None:
+    """A weight-updating criterion (SparseGPT) rewrites the layer; zeros already in it are forced by it."""
     w = lin.weight
-    prev = prior.get(name)  # zeros in the weight are forced by sparsegpt_prune itself
-    new_w, keep = sparsegpt_prune(w.to(st.H.device), st.H, sparsity, pattern=nm, per=granularity,
-                                  keep=None if prev is None else prev.to(st.H.device))
+    new_w, keep = crit.update(w, stats, sparsity, pattern=nm, granularity=granularity, keep=prior.get(name))
     w.copy_(new_w.to(device=w.device, dtype=w.dtype))
     masks[name] = keep.cpu()

@@ -28,6 +28,7 @@ import math
 import torch
 
 from prunetune.errors import PrunetuneError
+from prunetune.pruning.criteria import Criterion, register
 
 
 class HessianStats:
@@ -183,3 +184,20 @@ def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, prune_mask: torch.Tensor, 
         prune_mask[:, i1:i2] = mask1
         if i2 < cols:
             W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+
+
+@register
+class SparseGPT(Criterion):
+    name = "sparsegpt"
+    description = "OBS weight updates from the Hessian XᵀX (calibrated); adaptive selection per 128-column block"
+    statistics = "hessian"
+    stats_class = HessianStats
+    updates_weights = True
+    default_granularity = "layer"  # the paper's adaptive selection over each whole block
+    granularities = ("layer", "row")
+
+    def update(self, weight: torch.Tensor, stats: HessianStats, sparsity: float, *,
+               pattern: tuple[int, int] | None, granularity: str,
+               keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return sparsegpt_prune(weight.to(stats.H.device), stats.H, sparsity, pattern=pattern, per=granularity,
+                               keep=None if keep is None else keep.to(stats.H.device))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from prunetune.pruning.criteria import Criterion, register
+
 
 class ColumnNormStats:
     """Running sum of squares of each input feature over all calibration tokens.
@@ -43,3 +45,14 @@ def wanda_scores(weight: torch.Tensor, column_norms: torch.Tensor) -> torch.Tens
     """|W| scaled column-wise by the L2 norm of that input feature over the calibration tokens."""
     w = weight.detach().float()
     return w.abs() * column_norms.to(device=w.device, dtype=w.dtype).reshape(1, -1)
+
+
+@register
+class Wanda(Criterion):
+    name = "wanda"
+    description = "|W| x ||X_j||_2 (calibrated), compared per output row"
+    statistics = "column_norms"
+    stats_class = ColumnNormStats
+
+    def score(self, weight: torch.Tensor, stats: ColumnNormStats) -> torch.Tensor:
+        return wanda_scores(weight, stats.norms())
