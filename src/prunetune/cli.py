@@ -366,7 +366,7 @@ def prune_cmd(
     t_start = time.perf_counter()
     # everything that can be checked without the model is checked first: a typo fails in a second
     validate(method, sparsity, pattern, granularity)
-    granularity = resolve_granularity(method, granularity)
+    granularity = resolve_granularity(method, granularity, pattern)
     if device not in (None, "cpu") and not str(device).startswith("cuda"):
         raise PrunetuneError(f"unknown --device '{device}'; choose cpu or cuda")
     if device and device.startswith("cuda"):

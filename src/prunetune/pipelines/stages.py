@@ -191,7 +191,7 @@ def run_prune(state, out_dir: Path) -> dict:
     return {"metrics": {
         "sparsity": metric,
         "prune_seconds": {"value": seconds, "protocol": {"method": spec.method, "pattern": spec.pattern,
-                                                         "granularity": resolve_granularity(spec.method, spec.granularity),
+                                                         "granularity": resolve_granularity(spec.method, spec.granularity, spec.pattern),
                                                          "calibration": calib_desc,
                                                          "threads": torch.get_num_threads()}},
     }}
