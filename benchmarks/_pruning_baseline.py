@@ -14,7 +14,7 @@ engine is compared against a fixed reference. What it does per decoder block, as
 Llama-family decoders only (`model.model.layers`, rotary embeddings passed as the model passes them). The
 peak RSS is sampled every 20 ms while pruning; perplexity uses the same windows as benchmarks/pruning.py.
 
-    PRUNETUNE_DATA_DIR=../shared/data/wikitext-2 python benchmarks/pruning_baseline.py --method wanda --json OUT
+    PRUNETUNE_DATA_DIR=../shared/data/wikitext-2 python benchmarks/_pruning_baseline.py --method wanda --json OUT
 """
 
 from __future__ import annotations
