@@ -80,9 +80,13 @@ def main() -> int:
     ap.add_argument("--work", default="bench-work/composability")
     ap.add_argument("--out", default="benchmarks/results/composability.json")
     ap.add_argument("--render", default=None, help="print the markdown table of this results JSON and exit")
+    ap.add_argument("--plot", default=None, help="with --render: also draw loss / validation curves to this PNG")
     a = ap.parse_args()
     if a.render:
-        print(render(json.loads(Path(a.render).read_text())))
+        data = json.loads(Path(a.render).read_text())
+        print(render(data))
+        if a.plot:
+            plot(data, Path(a.plot))
         return 0
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -291,6 +295,20 @@ def render(data: dict) -> str:
               f"(module-level FT {t['module_ft_s']:.0f} s once + {t['composability_s'] - t['module_ft_s']:.0f} s "
               f"model-level) → {t['ratio']:.2f}× lower; target ≥ 2×: {'met' if t['target_2x_holds'] else 'missed'}.**"]
     return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> Path:
+    """Training loss and validation accuracy against optimizer step, both arms of every configuration."""
+    from prunetune.reporting.plots import curves
+
+    series: dict[str, list[list[float]]] = {}
+    for name in data["baseline"]:
+        for arm, r in (("baseline", data["baseline"][name]), ("composed", data["composed"][name])):
+            series[f"{name} {arm} loss"] = [[row["step"], row["loss"]] for row in r.get("train_log", [])
+                                            if "loss" in row]
+            pts = r["points"] if arm == "composed" else [{"step": 0, "accuracy": r["start_val_accuracy"]}] + r["points"]
+            series[f"{name} {arm} val accuracy"] = [[p["step"], p["accuracy"]] for p in pts]
+    return curves(series, path, title="MiniLM / BBC News: model-level FT with and without module-level FT")
 
 
 def _read_log(path: Path) -> list[dict]:
