@@ -358,3 +358,18 @@ def test_t5_composability_end_to_end_with_bleu(tmp_path):
     # module-level FT brings the composed start closer to the original than plain pruning does
     row = res["rows"][1]
     assert row["composed"]["start"]["loss"] < row["baseline"]["start"]["loss"]
+
+
+def test_seq2seq_task_from_the_driver_options(tmp_path):
+    """The driver's options (a TuneConfig-like object with task seq2seq) map onto the seq2seq run."""
+    from types import SimpleNamespace
+
+    from prunetune.tuning.seq2seq import finetune_task
+
+    cfg = SimpleNamespace(task="seq2seq", data="synthetic", epochs=1.0, lr=3e-3, learning_rate=3e-3, batch_size=16,
+                          max_length=24, n_samples=48, eval_samples=8, seed=0, lora=False)
+    r = finetune_task("tiny-t5", cfg, tmp_path / "drv")
+    assert r["global_step"] == 3 and r["train_examples"] == 48
+    assert r["after"]["loss"] < r["before"]["loss"]
+    with pytest.raises(PrunetuneError, match="use --full"):
+        finetune_task("tiny-t5", SimpleNamespace(**{**vars(cfg), "lora": True}), tmp_path / "x")

@@ -243,3 +243,27 @@ def finetune_seq2seq(model: nn.Module, tokenizer, cfg: Seq2SeqConfig, out: Path 
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     result["_model"] = model
     return result
+
+
+def from_tune_config(cfg: Any) -> Seq2SeqConfig:
+    """The seq2seq settings a `TuneConfig` (task "seq2seq") carries: the driver's options mean the same here."""
+    n = getattr(cfg, "n_samples", None)
+    return Seq2SeqConfig(data=cfg.data, epochs=cfg.epochs, lr=cfg.learning_rate if hasattr(cfg, "learning_rate")
+                         else cfg.lr, batch_size=cfg.batch_size, max_source_length=cfg.max_length,
+                         max_target_length=cfg.max_length, n_samples=n, eval_samples=getattr(cfg, "eval_samples", None),
+                         generation_max_length=cfg.max_length, seed=cfg.seed)
+
+
+def finetune_task(model: str | nn.Module, cfg: Any, out: Path | str, *, tokenizer: Any = None,
+                  masks: MaskSet | None = None, callbacks: tuple = ()) -> dict:
+    """The `finetune` driver's seq2seq branch: a spec or an in-memory model, a `TuneConfig` with task seq2seq."""
+    if isinstance(model, str):
+        from prunetune.models.loading import load_model
+
+        loaded = load_model(model, "seq2seq")
+        model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise PrunetuneError("seq2seq fine-tuning of an in-memory model needs its tokenizer")
+    if getattr(cfg, "lora", False):
+        raise PrunetuneError("seq2seq fine-tuning is full fine-tuning here; use --full")
+    return finetune_seq2seq(model, tokenizer, from_tune_config(cfg), out, masks=masks, callbacks=callbacks)
