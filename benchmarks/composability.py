@@ -73,7 +73,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4, help="model-level FT learning rate (both arms)")
     ap.add_argument("--dense-lr", type=float, default=2e-4, help="learning rate of the dense original's FT")
     ap.add_argument("--linear-steps", type=int, default=40)
+    ap.add_argument("--linear-lr", type=float, default=1e-3)
     ap.add_argument("--attention-steps", type=int, default=16)
+    ap.add_argument("--attention-lr", type=float, default=5e-4)
     ap.add_argument("--attention-batch", type=int, default=4)
     ap.add_argument("--module-texts", type=int, default=128, help="training articles captured for module FT")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -137,12 +139,16 @@ def main() -> int:
                      callbacks=(NoCheckpoints(),))
         t = test_eval(r["_model"], r["_tokenizer"])
         clock = C.ValidationClock(r["_tokenizer"], val, a.max_length, [])
-        dense = {"val_accuracy": clock.accuracy(r["_model"]), "test": t, "train_s": r["timings"]["train_s"],
-                 "steps": r["global_step"]}
+        dense = {"val_accuracy": clock.accuracy(r["_model"]), "val_n": len(val), "test": t,
+                 "train_s": r["timings"]["train_s"], "steps": r["global_step"], "lr": a.dense_lr,
+                 "epochs": a.dense_epochs}
         _write_json(work / "original.json", dense)
-    log(f"original: val {dense['val_accuracy']:.3f} test {dense['test']['accuracy']:.3f}")
     loaded = load_model(str(orig_dir), "seq-cls", label_names=data["label_names"])
     original, tok = loaded.model, loaded.tokenizer
+    if dense.get("val_n") != len(val):  # an original reused with another validation size: score it on this one
+        dense.update(val_accuracy=C.ValidationClock(tok, val, a.max_length, []).accuracy(original), val_n=len(val))
+        _write_json(work / "original.json", dense)
+    log(f"original: val {dense['val_accuracy']:.3f} test {dense['test']['accuracy']:.3f}")
 
     configs = C.parse_configurations(a.attention, a.linear, grid=a.grid)
     adapter = C.get_adapter(original)
@@ -198,7 +204,8 @@ def main() -> int:
 
     # -- 2. composability -----------------------------------------------------------------------------
     mod = _load_json(work / "modules.json")
-    settings = C.ModuleFTSettings(linear_steps=a.linear_steps, attention_steps=a.attention_steps,
+    settings = C.ModuleFTSettings(linear_steps=a.linear_steps, linear_lr=a.linear_lr,
+                                  attention_steps=a.attention_steps, attention_lr=a.attention_lr,
                                   attention_batch=a.attention_batch)
     texts = [e["text"] for e in data["train"][: a.module_texts]]
     batches = C.text_batches(tok, texts, a.max_length, a.attention_batch)
