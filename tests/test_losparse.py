@@ -23,10 +23,8 @@ from prunetune.methods.losparse import (
     LowRankSparseLinear,
     PlatonScores,
     losparse_layers,
-    materialize,
     parameter_counts,
     rank_for,
-    save_factorized,
     select_keep,
 )
 from prunetune.models.loading import load_model
@@ -100,6 +98,15 @@ def test_svd_init_is_the_truncated_svd(shape, ratio):
     x = torch.randn(5, n)
     assert torch.allclose(mod(x), lin(x), atol=1e-5)
     assert torch.allclose(mod.to_linear()(x), lin(x), atol=1e-5)
+
+
+def test_lora_model_is_refused():
+    from prunetune.tuning.lora import apply_lora
+
+    model, _ = _tiny_cls()
+    peft = apply_lora(model, "seq-cls", rank=2, alpha=4)
+    with pytest.raises(PrunetuneError, match="without LoRA"):
+        Losparse(LosparseSpec(initial_warmup_steps=1, final_warmup_steps=1)).prepare(peft, MethodContext(max_steps=6))
 
 
 def test_targets_and_parameter_counts():
@@ -193,34 +200,43 @@ def test_training_prunes_s_and_mask_is_fixed_through_exports(tmp_path, structure
         seen.append({n: (m.weight != 0).clone() for n, m in method.layers.items()})
 
     method.after_step = spy
-    model = _train(model, method, ctx, _batches(tok, 12))
-    assert method.fixed is not None and len(ctx.masks) == len(method.layers)
+    ctx.out = tmp_path / "run"
+    plain = _train(model, method, ctx, _batches(tok, 12))  # finalize: factorised export, then materialised
+    assert method.fixed is not None and set(method.fixed.names()) == set(method.layers)
+    assert not any(n in ctx.masks for n in method.layers), "S-masks must not be applied to the dense W'"
     total = sum(m.weight.numel() for m in method.layers.values())
     nz = sum(int(torch.count_nonzero(m.weight)) for m in method.layers.values())
     if structured is None:
         assert nz == round(0.25 * total)  # exactly final_threshold of S
     else:
         assert 0.2 * total < nz <= 0.25 * total
-    # from the fixing step (t = 9) on, the non-zero pattern never changes and equals the mask
+    # from the fixing step (t = 9) on, the non-zero pattern of S never changes and equals the fixed mask
     for snap in seen[8:]:
-        assert all(torch.equal(snap[n], ctx.masks[n]) for n in snap)
+        assert all(torch.equal(snap[n], method.fixed[n]) for n in snap)
     assert [e["step"] for e in method.events] == [4, 6, 8, 9] and method.events[-1]["fixed"]
+    assert not losparse_layers(plain) and all(isinstance(m, nn.Linear) for m in
+                                              [plain.get_submodule(n) for n in method.layers])
 
-    ref = _logits(model, tok)
-    fac = save_factorized(model, tok, tmp_path / "fac", spec, task="seq-cls")
-    re_fac = load_model(str(fac)).model  # the documented loader: the recorded task head comes back
+    ref = _logits(plain, tok)
+    fac_dir = tmp_path / "run" / "factorized"
+    re_fac = load_model(str(fac_dir)).model  # the documented loader: the recorded task head comes back
     assert torch.allclose(_logits(re_fac, tok), ref, atol=1e-5)
-    assert parameter_counts(re_fac)["linear_kept"] == parameter_counts(model)["linear_kept"]
+    assert parameter_counts(re_fac)["linear_kept"] == method.counts["linear_kept"]
+    assert parameter_counts(re_fac)["sparse_kept"] == nz
+    from prunetune.models.factorized import FactorizedLinear
+
+    for n, lay in re_fac.named_modules():
+        if isinstance(lay, FactorizedLinear):  # the stored S has exactly the fixed mask's support
+            s_part = lay.dense_weight() - lay.U @ lay.V
+            assert not bool(((s_part.abs() > 1e-6) & ~method.fixed[n]).any())
     from prunetune.models.export import save_hf_dir
 
-    plain = materialize(model, ctx.masks)
-    assert not losparse_layers(plain)
     save_hf_dir(plain, tok, tmp_path / "plain")
     from transformers import AutoModelForSequenceClassification
 
     re_plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain")
     assert torch.allclose(_logits(re_plain, tok), ref, atol=1e-5)
-    assert _logits(re_plain, tok).argmax(-1).tolist() == ref.argmax(-1).tolist()
+    assert _logits(re_fac, tok).argmax(-1).tolist() == ref.argmax(-1).tolist()
 
 
 def test_revival_possible_before_final_warmup():

@@ -448,10 +448,16 @@ class Losparse(Method):
         self._hooks: list = []
         self._student_acts: list[torch.Tensor] = []
         self._teacher_acts: list[torch.Tensor] = []
+        self.counts: dict = {}
+        self.factorized_dir: Path | None = None
+        self.task = "seq-cls"
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        if model.__class__.__name__.startswith("Peft"):
+            raise PrunetuneError("LoSparse trains U, V and S itself: run it without LoRA (full fine-tuning, --full)")
         self.schedule = self.spec.schedule(ctx.max_steps)  # raises on a warm-up longer than training
+        self.task = ctx.task
         self.layer_info = factorize(model, self.spec.rank_ratio, self.spec.roles)
         self.layers = losparse_layers(model)
         self.directions = {n: unit_direction(self.spec.structured_direction, self.layer_info[n]["role"])
@@ -467,6 +473,8 @@ class Losparse(Method):
     def after_step(self, model: nn.Module, ctx: MethodContext) -> None:
         self.t += 1
         params = {n: m.weight for n, m in self.layers.items()}
+        if self.fixed is None and self.t > self.schedule.fix_step and all(n in ctx.masks for n in params):
+            self.fixed = MaskSet({n: ctx.masks[n] for n in params})  # resumed after the mask was fixed
         if self.fixed is not None:
             self._apply(self.fixed)
             return
@@ -509,17 +517,30 @@ class Losparse(Method):
         return loss, logs
 
     def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        """Write the factorised export to `ctx.out/factorized` (when the run has an output dir), then return the
+        materialised model W' = U·V + S⊙M that the driver evaluates and exports as a plain HF dir.
+
+        W' is dense (U·V fills every entry), so the S-masks are removed from the run's MaskSet: applied to W'
+        they would zero entries that are not zero. S's zeros live on in the factorised export."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         if self.fixed is not None:
             self._apply(self.fixed)
-        return model
+        self.counts = parameter_counts(model)
+        if ctx.out is not None:
+            self.factorized_dir = save_factorized(model, ctx.tokenizer, Path(ctx.out) / "factorized", self.spec,
+                                                  task=ctx.task)
+        plain = materialize(model)
+        for n in list(self.layers):
+            ctx.masks.masks.pop(n, None)
+        return plain
 
     def summary(self) -> dict:
-        return {"method": "losparse", "spec": self.spec.to_dict(), "steps_seen": self.t,
-                "schedule": asdict(self.schedule) if self.schedule else None, "events": self.events,
-                "mask_fixed": self.fixed is not None, "layers": self.layer_info}
+        return {"losparse": {"spec": self.spec.to_dict(), "steps_seen": self.t, "parameters": self.counts,
+                             "factorized_dir": str(self.factorized_dir) if self.factorized_dir else None},
+                "losparse_schedule": asdict(self.schedule) if self.schedule else None, "losparse_events": self.events,
+                "losparse_mask_fixed": self.fixed is not None, "losparse_layers": self.layer_info}
 
     def to_dict(self) -> dict:
         return {"name": self.name, **self.spec.to_dict()}
