@@ -15,7 +15,8 @@ A directory holds:
                                         csr:  `crow`, `col`, `values` (unstructured)
     losparse.json                     marker: format, version, task, per-layer kind/rank/shape, counts
 
-Loading:  `model = prunetune.load_model("DIR").model` (the task head recorded in the marker is used).
+Loading:  `model = prunetune.load_model("DIR").model` (the class in config.json's `architectures`, so the
+trained task head comes back whatever task is asked for).
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def write_factorized(root: nn.Module, tokenizer: Any, out: Path | str, layers: d
     rest = _untie({k: v.detach().contiguous() for k, v in root.state_dict().items() if not k.startswith(prefixes)})
     with atomic_dir(out, manifest) as tmp:
         strip_quantization_config(root)
+        root.config.architectures = [type(root).__name__]  # what save_pretrained records; the loader reads it
         root.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -156,26 +158,30 @@ def read_marker(path: Path) -> dict:
 
 @torch.no_grad()
 def load_factorized(path: Path | str, task: str | None = None, dtype: torch.dtype = torch.float32):
-    """Rebuild a factorised directory: the HF model class from its config and recorded task, each factorised
-    layer as a `FactorizedLinear`. Returns (model, tokenizer)."""
+    """Rebuild a factorised directory: the HF model class its config names (so the trained task head comes
+    back whatever `task` the caller asked for), each factorised layer as a `FactorizedLinear`.
+    Returns (model, tokenizer)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from prunetune.models.loading import _auto_class
+    import transformers
 
     path = Path(os.path.expanduser(str(path)))
     marker = read_marker(path)
-    task = marker.get("task") or task or "causal-lm"
     try:
         config = AutoConfig.from_pretrained(path)
         fac = load_file(str(path / FACTORIZED_FILE))
         rest = load_file(str(path / "model.safetensors"))
     except Exception as exc:
         raise PrunetuneError(f"cannot read the LoSparse export in {path}: {type(exc).__name__}: {exc}") from None
-    cls = _auto_class(task, bool(getattr(config, "is_encoder_decoder", False)))
+    # the class the model was saved from (config.json's architectures): its task head comes back as trained
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise PrunetuneError(f"{path}/config.json names no transformers model class (architectures: {archs})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = cls.from_config(config, dtype=dtype)
+        model = cls(config).to(dtype)
     for name, d in marker["layers"].items():
         def g(k: str, name: str = name) -> torch.Tensor | None:
             return fac.get(f"{name}.{k}")
