@@ -12,7 +12,8 @@ Which granularity does what:
 * `row` / `layer`: unstructured, pruning floor(s × in_features) per output row (Wanda's comparison group,
   the default for magnitude and Wanda) or floor(s × numel) per layer. SparseGPT selects adaptively inside
   each 128-column block with the same exact counts: `layer` (its default, the paper's selection over the
-  whole block) or `row` (the same count in every row of the block; at 70% it is ~4% worse in perplexity).
+  whole block) or `row` (the same count in every row of the block; on SmolLM2 at 70% it is 2.8% worse in
+  perplexity, BENCHMARKS.md).
 * `global`: one threshold over all pruned layers (magnitude, Wanda); Wanda statistics then come from one
   pass over the dense model, since every layer's scores are needed before any layer is pruned.
 * `rows` / `cols`: whole output rows / input columns of each layer.
