@@ -33,8 +33,6 @@ from pathlib import Path
 # Before torch loads OpenMP (as the CLI does): spinning worker threads stall on a shared CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-
 
 def _cpu() -> str:
     try:
@@ -90,6 +88,8 @@ def main() -> int:
         if a.plot:
             plot(data, Path(a.plot))
         return 0
+    import torch
+
     if a.threads:
         torch.set_num_threads(a.threads)
     os.environ.setdefault("PRUNETUNE_PROGRESS", "0")
@@ -283,13 +283,14 @@ def render(data: dict) -> str:
         f"- protocol: {data['protocol']}",
         f"- original (dense MiniLM fine-tuned on the task, shared, outside both clocks): validation "
         f"{pct(o['val_accuracy'])}, test {pct(o['test']['accuracy'])}",
+        f"- module-level FT settings: {', '.join(f'{k} {v}' for k, v in m['settings'].items())}",
         f"- module-level FT: {data['plan']['unique_units']} unique modules ({data['plan']['units_without_dedup']} "
         f"without deduplication), {m['texts']} articles / {m['tokens']} tokens captured once, "
         f"{m['wall_s']:.0f} s",
         "",
         "| configuration (heads / linear removed) | sparsity of the pruned layers | baseline: start → final val acc "
         "| baseline test acc | baseline clock | composed: start val acc | reached at step | composed test acc "
-        "| composed clock (excl. module FT) | holds |",
+        "| composed clock (excl. module FT) | target reached |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:

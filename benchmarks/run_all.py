@@ -128,7 +128,18 @@ def render_payt_summary(data: dict) -> str:
     return "\n".join(parts)
 
 
-RENDERERS = {"payt_seeds": render_payt_seeds, "payt_summary": render_payt_summary}
+def render_composability(data: dict) -> str:
+    """benchmarks/composability.py's table: one definition, that script's `render` (no torch import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_composability", BENCH_DIR / "composability.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.render(data)
+
+
+RENDERERS = {"payt_seeds": render_payt_seeds, "payt_summary": render_payt_summary,
+             "composability": render_composability}
 BLOCK = re.compile(r"<!-- generated:(?P<name>[\w.-]+) render=(?P<render>\w+) json=(?P<json>\S+) -->\n"
                    r"(?P<body>.*?)\n?<!-- /generated:(?P=name) -->", re.S)
 
