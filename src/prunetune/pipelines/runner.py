@@ -175,13 +175,17 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
             tmp.mkdir(parents=True)
             seed_everything(recipe.seed + i)
             state = RunState(recipe, out, i, name, recipe.stage_spec(i), model_dir, list(history))
+            _reset_peak_rss()
             t0 = time.perf_counter()
             result = STAGES[st.type](state, tmp) or {}
             seconds = time.perf_counter() - t0
+            peak = _peak_rss_mb()
+            del state
+            _release_memory()
             _pause_if_asked(name, tmp)
             man = {
                 "stage": name, "type": st.type, "index": i, "stage_config": _stage_config(recipe, i),
-                "seed": recipe.seed + i, "seconds": seconds, "metrics": result.get("metrics", {}),
+                "seed": recipe.seed + i, "seconds": seconds, "peak_rss_mb": peak, "metrics": result.get("metrics", {}),
                 "artifacts": result.get("artifacts", {}), "model_in": str(model_dir) if model_dir else
                 recipe.model.name, "produces_model": produces_model(st.type),
             }
@@ -189,12 +193,45 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
             umask_modes(tmp)
             fsync_tree(tmp)  # durable before it is published: a crash never leaves a complete-looking stage
             tmp.rename(sdir)  # the stage is complete exactly when this rename has happened
-            log(f"[{i + 1}/{len(names)}] {name}: done in {seconds:.1f}s {_summary(man['metrics'])}")
+            rss = f" (peak RSS {peak:,.0f} MiB)" if peak else ""
+            log(f"[{i + 1}/{len(names)}] {name}: done in {seconds:.1f}s{rss} {_summary(man['metrics'])}")
         history.append(man)
         if produces_model(st.type):
             model_dir = sdir / "model"
         write_run_manifest(out, recipe, history, complete=(i == len(names) - 1))
     return write_run_manifest(out, recipe, history, complete=True, wall=time.perf_counter() - t_run)
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS window for the next stage (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory since the last reset, in MiB (None where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _release_memory() -> None:
+    """Hand the finished stage's freed memory back to the OS, so later stages do not stack on its peak.
+
+    Every stage reloads the model from disk; without this, glibc keeps the freed arenas of the stage before.
+    """
+    import gc
+
+    from prunetune.pruning.calibrate import release_freed_memory
+
+    gc.collect()
+    release_freed_memory()
 
 
 def _stage_config(recipe: Recipe, i: int) -> dict:
