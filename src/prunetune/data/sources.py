@@ -15,9 +15,10 @@ import csv
 import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from prunetune.data.tasks import Labelled, split_labelled  # noqa: F401  (Labelled re-exported)
 from prunetune.errors import PrunetuneError
 
 NAMED_SOURCES = ("wikitext2", "bbc-news")
@@ -31,12 +32,6 @@ class TextSource:
     path: str | None = None
 
 
-@dataclass
-class Labelled:
-    examples: list[dict]  # {"text": str, "label": int}
-    label_names: list[str]
-    name: str
-    meta: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- bbc news
@@ -128,8 +123,6 @@ def load_text(source: str, split: str = "test", *, data_dir: str | None = None, 
     if source == "wikitext2":
         return load_wikitext2(split, data_dir)
     if source == "bbc-news":
-        from prunetune.data.tasks import split_labelled
-
         parts = split_labelled(load_bbc_news())
         key = {"valid": "validation"}.get(split, split)
         if key not in parts:

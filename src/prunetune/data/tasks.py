@@ -7,9 +7,19 @@ sees exactly the same test set; the split is a pure function of the examples and
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 
-from prunetune.data.sources import Labelled
 from prunetune.errors import PrunetuneError
+
+
+@dataclass
+class Labelled:
+    """Labelled task data as loaded by `data.sources` (defined here so that splitting needs no loader)."""
+
+    examples: list[dict]  # {"text": str, "label": int}
+    label_names: list[str]
+    name: str
+    meta: dict = field(default_factory=dict)
 
 
 def split_labelled(data: Labelled, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
