@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from cli_helpers import cli_ok
 from prunetune.pruning.masks import MaskSet
-from prunetune.tuning.trainer import masks_digest
+from prunetune.tuning.callbacks import masks_digest
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # 16 examples / (2 ranks x batch 4) = 2 steps per epoch, 2 epochs

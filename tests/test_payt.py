@@ -13,7 +13,7 @@ import torch
 from cli_helpers import cli_error, cli_ok
 from prunetune.methods.payt import PaytSpec, compute_masks, run_payt
 from prunetune.pruning.masks import MaskSet, sparsity_report
-from prunetune.tuning.trainer import TuneConfig
+from prunetune.tuning.config import TuneConfig
 
 
 def _cfg(**kw) -> TuneConfig:
@@ -75,7 +75,7 @@ def test_merged_export_reloads_with_plain_transformers_same_predictions(tmp_path
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from prunetune.tuning.lora import mask_lora_updates
-    from prunetune.tuning.trainer import predict_classes
+    from prunetune.evaluation.task import predict_classes
 
     spec = PaytSpec(sparsity=0.5, schedule="linear", start=0.0, every=1, unit="epoch")
     r = run_payt("tiny-llama", _cfg(lora=True), spec, tmp_path / "run")
@@ -84,7 +84,7 @@ def test_merged_export_reloads_with_plain_transformers_same_predictions(tmp_path
     d = tmp_path / "run" / "model"
     plain = AutoModelForSequenceClassification.from_pretrained(d).eval()
     tok = AutoTokenizer.from_pretrained(d)
-    preds = predict_classes(plain, tok, r["_test"], 32)
+    preds = predict_classes(plain, tok, [e["text"] for e in r["_test"]], 32)
     assert preds == r["predictions"]
     assert sparsity_report(plain)["sparsity"] == pytest.approx(0.5, abs=1e-12)
     # adapter export: sparse base + adapter; with the masked update it is the same model again
@@ -92,7 +92,7 @@ def test_merged_export_reloads_with_plain_transformers_same_predictions(tmp_path
     assert sparsity_report(base)["sparsity"] == pytest.approx(0.5, abs=1e-12)
     peft = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter" / "adapter").eval()
     mask_lora_updates(peft, MaskSet.load(tmp_path / "run" / "adapter" / "base"))
-    assert predict_classes(peft, tok, r["_test"], 32) == preds
+    assert predict_classes(peft, tok, [e["text"] for e in r["_test"]], 32) == preds
 
 
 def test_full_evaluate_table_has_the_seeds_eight_rows(tmp_path):

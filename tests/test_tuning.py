@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from prunetune.errors import PrunetuneError
+from prunetune.methods.base import Method
 from prunetune.pruning.schedules import Schedule
 from prunetune.tuning.distill import kd_loss
-from prunetune.tuning.trainer import TuneConfig, finetune
+from prunetune.tuning.config import TuneConfig
+from prunetune.tuning.finetune import finetune
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -363,3 +365,115 @@ def test_lora_run_does_not_depend_on_what_ran_before(tmp_path):
     a, b = (r["_model"].state_dict() for r in results)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert results[0]["predictions"] == results[1]["predictions"]
+
+
+# ------------------------------------------------------------------------------------------------ method lifecycle
+class _Recorder(Method):
+    """A Method that records when each hook runs and what it sees; writes into one pruned weight per step."""
+
+    name = "recorder"
+
+    def __init__(self, masks_name: str) -> None:
+        self.masks_name = masks_name
+        self.calls: list[str] = []
+        self.grad_seen: list[bool] = []
+        self.is_peft = False
+
+    def prepare(self, model, ctx):
+        self.calls.append("prepare")
+        self.is_peft = hasattr(model, "peft_config")
+        return model
+
+    def callbacks(self, ctx):
+        self.calls.append("callbacks")
+        return []
+
+    def extra_loss(self, model, inputs, outputs, ctx):
+        self.calls.append("extra_loss")
+        pen = sum((p.float() ** 2).sum() for n, p in model.named_parameters() if "lora_A" in n)
+        return 1e-3 * pen, {"l2": float(pen.detach())}
+
+    def after_step(self, model, ctx):
+        from prunetune.pruning.masks import _module
+
+        self.calls.append("after_step")
+        self.grad_seen.append(all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n))
+        w = _module(model, self.masks_name).weight  # the enforcer, which runs next, must zero this again
+        with torch.no_grad():
+            w[~ctx.masks[self.masks_name]] = 1.0
+
+    def finalize(self, model, ctx):
+        self.calls.append("finalize")
+        return model
+
+    def summary(self):
+        return {"recorder_steps": self.calls.count("after_step")}
+
+
+def test_method_hooks_run_in_order_with_grads_and_extra_loss_logged(tmp_path):
+    from prunetune.methods.payt import compute_masks
+    from prunetune.models.loading import load_model
+    from prunetune.pruning.masks import sparsity_report
+
+    loaded = load_model("tiny-llama", "seq-cls", num_labels=5)  # bbc-news has five classes
+    masks = compute_masks(loaded.model, "l1-global", 0.5)
+    name = sorted(masks.names())[0]
+    method = _Recorder(name)
+    r = finetune(loaded.model, _cfg(lora=True), tmp_path / "m", tokenizer=loaded.tokenizer, model_name="tiny-llama",
+                 method=method, masks=masks)
+    calls = method.calls
+    assert calls[:2] == ["prepare", "callbacks"] and calls[-1] == "finalize" and method.is_peft
+    steps = r["global_step"]
+    assert calls.count("after_step") == steps and calls.count("extra_loss") == steps  # training only, not eval
+    assert all(method.grad_seen)  # after optimizer.step, before zero_grad: gradients still there
+    # what after_step wrote into pruned weights was enforced away in the same step
+    assert sparsity_report(r["_model"])["zeros"] == sparsity_report(r["_model"])["numel"] // 2
+    m = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert m["method"] == "recorder" and m["recorder_steps"] == steps
+    man = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert man["config"]["method"] == "recorder" and man["config"]["model"] == "tiny-llama"
+    logs = [json.loads(x) for x in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    assert any(x.get("method/l2", 0) > 0 for x in logs)  # the extra loss term's scalar is logged
+
+
+def test_in_memory_model_needs_tokenizer_and_matching_labels(tmp_path):
+    from prunetune.models.loading import load_model
+
+    loaded = load_model("tiny-llama", "seq-cls", num_labels=3)
+    with pytest.raises(PrunetuneError, match="tokenizer"):
+        finetune(loaded.model, _cfg(), tmp_path / "a")
+    with pytest.raises(PrunetuneError, match="3 classes"):
+        finetune(loaded.model, _cfg(), tmp_path / "b", tokenizer=loaded.tokenizer)
+    with pytest.raises(PrunetuneError, match="model_name"):
+        finetune(loaded.model, _cfg(retention=True), tmp_path / "c", tokenizer=loaded.tokenizer)
+
+
+def test_in_memory_model_trains_like_the_same_spec(tmp_path):
+    from prunetune.models.loading import load_model
+
+    by_spec = finetune("tiny-llama", _cfg(lora=True), tmp_path / "spec")
+    from prunetune.data.sources import load_labelled
+
+    loaded = load_model("tiny-llama", "seq-cls", label_names=load_labelled("bbc-news").label_names)
+    in_mem = finetune(loaded.model, _cfg(lora=True), tmp_path / "mem", tokenizer=loaded.tokenizer)
+    assert in_mem["train_loss"] == by_spec["train_loss"] and in_mem["predictions"] == by_spec["predictions"]
+
+
+def test_csv_logger_appends_fixed_columns_and_keeps_every_key_in_jsonl(tmp_path):
+    import csv
+    from types import SimpleNamespace
+
+    from prunetune.tuning.callbacks import CSV_COLUMNS, CsvLogger
+
+    log = CsvLogger(tmp_path / "train_log.csv")
+    st = SimpleNamespace(global_step=1, epoch=0.5, is_world_process_zero=True)
+    log.on_log(None, st, None, logs={"loss": 2.0, "learning_rate": 1e-3})
+    first = (tmp_path / "train_log.csv").read_text()
+    st.global_step = 2
+    log.on_log(None, st, None, logs={"eval_loss": 1.5, "method/kl": 0.25, "note": "text is skipped"})
+    text = (tmp_path / "train_log.csv").read_text()
+    assert text.startswith(first)  # appended, the earlier bytes untouched
+    rows = list(csv.DictReader(text.splitlines()))
+    assert list(rows[0]) == list(CSV_COLUMNS) and rows[0]["loss"] == "2.0" and rows[1]["eval_loss"] == "1.5"
+    js = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert js[1] == {"step": 2, "epoch": 0.5, "eval_loss": 1.5, "method/kl": 0.25}

@@ -635,7 +635,7 @@ def finetune(
     if out is None:
         raise PrunetuneError("finetune needs --out (or --print-recipe)")
     from prunetune.pipelines.stages import tune_config
-    from prunetune.tuning.trainer import finetune as run
+    from prunetune.tuning.finetune import finetune as run
 
     cfg = tune_config(recipe, recipe.stage_spec(0), recipe.seed, export=True)
     r = run(recipe.model.name, cfg, _claim_out(out), resume=resume, overwrite=overwrite)

@@ -47,10 +47,11 @@ def _transplant(tuned: nn.Module, target: nn.Module) -> None:
 
 @torch.no_grad()
 def mean_pooled(encoder: nn.Module, tokenizer, texts: list[str], max_length: int, batch_size: int = 16) -> torch.Tensor:
+    device = next(encoder.parameters()).device
     out = []
     for s in range(0, len(texts), batch_size):
         enc = tokenizer(texts[s : s + batch_size], truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt")
+                        return_tensors="pt").to(device)
         hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         out.append((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
@@ -104,7 +105,7 @@ def retention(tuned: nn.Module, original_spec: str, tokenizer, *, data_dir: str 
             else:
                 base = load_model(original_spec, "base").model.eval()
                 a = mean_pooled(get_adapter(tuned).backbone(), tokenizer, texts, max_length)
-                b = mean_pooled(base, tokenizer, texts, max_length)
+                b = mean_pooled(base.to(a.device), tokenizer, texts, max_length)
                 cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
                 result = {"metric": "mean cosine similarity of mean-pooled embeddings to the original encoder",
                           "value": float(cos.mean()), "higher_is_better": True,

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from prunetune.errors import PrunetuneError
 
@@ -68,11 +70,31 @@ def _tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(spec) if Path(spec).is_dir() else load_model(spec, "causal-lm").tokenizer
 
 
-def run_orderings(state, out_dir: Path) -> list[dict]:
+@dataclass(frozen=True)
+class OrderingSteps:
+    """The four operations an ordering strings together, as the pipeline performs them for its own stages.
+
+    The pipeline hands them in (`pipelines.stages.run_order_study`), so the study prunes, fine-tunes,
+    evaluates and saves exactly as the `prune`, `finetune` and `evaluate` stages do, without this module
+    importing the pipeline above it. Signatures are those of `pipelines.stages`:
+
+        prune(loaded, recipe, prune_spec, seed, previous_masks) -> (masks, seconds, calibration)
+        finetune(model_spec, recipe, tune_spec, masks, seed, work_dir, tokenizer=...) -> {model, tokenizer, curves}
+        evaluate(loaded, recipe, eval_spec, seed) -> (metrics, layers)
+        save(state_like, out_dir, model, tokenizer, masks) -> saved model dir
+    """
+
+    prune: Callable[..., Any]
+    finetune: Callable[..., Any]
+    evaluate: Callable[..., Any]
+    save: Callable[..., Any]
+
+
+def run_orderings(state, out_dir: Path, ops: OrderingSteps) -> list[dict]:
     """Run every ordering of the stage's `order` settings from the run's current model; rows of metrics."""
     from prunetune.models.loading import load_model
-    from prunetune.pipelines.stages import evaluate_model, finetune_model, prune_model, save_model
 
+    prune_model, finetune_model, evaluate_model, save_model = ops.prune, ops.finetune, ops.evaluate, ops.save
     spec, recipe = state.spec, state.recipe
     if recipe.model.task != "causal-lm":
         raise PrunetuneError("the ordering study measures perplexity: it needs model.task causal-lm")

@@ -22,10 +22,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from prunetune.errors import PrunetuneError
 from prunetune.pruning.masks import MaskSet
 from prunetune.pruning.schedules import Schedule
+from prunetune.tuning.callbacks import broadcast_masks
+from prunetune.tuning.finetune import finetune
+from prunetune.tuning.lifecycle import Method, MethodContext
 
 # PAYT's criteria are entries of the pruning criterion registry (`prunetune.pruning.criteria`); here only
 # "magnitude" keeps its PAYT meaning (one global L1 threshold, the seed's L1Unstructured).
@@ -148,13 +152,7 @@ class _null:
 
 
 # ------------------------------------------------------------------------------------------------ callback
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class PaytCallback(_callback_base()):
+class PaytCallback(TrainerCallback):
     """Prune on the schedule's events (before the optimizer step that follows), update the shared masks."""
 
     def __init__(self, spec: PaytSpec, masks: MaskSet, model_ref: dict, tokenizer: Any = None,
@@ -182,7 +180,6 @@ class PaytCallback(_callback_base()):
 
     def _prune(self, ev, state) -> None:
         from prunetune.pruning.masks import sparsity_report
-        from prunetune.tuning.trainer import broadcast_masks
 
         t = time.perf_counter()
         model = self.model_ref["model"]
@@ -197,12 +194,43 @@ class PaytCallback(_callback_base()):
                             "seconds": time.perf_counter() - t})
 
 
-# ------------------------------------------------------------------------------------------------ runs
-def run_payt(model_spec: str, cfg, spec: PaytSpec, out: Path | str, **kw) -> dict:
-    """Fine-tune with PAYT; see `tuning.trainer.finetune` for what is written."""
-    from prunetune.tuning.trainer import finetune
+# ------------------------------------------------------------------------------------------------ method
+class PaytMethod(Method):
+    """PAYT on the method lifecycle: its schedule acts at step begin (a `PaytCallback`), so the weights pruned
+    at an event never take part in that step's forward pass; the driver enforces the masks after each step.
 
-    return finetune(model_spec, cfg, out, payt=spec, kind="payt", **kw)
+    It prunes the base weights during training, so KD's teacher is a frozen copy of the initial model.
+    """
+
+    name = "payt"
+    changes_base_weights = True
+
+    def __init__(self, spec: PaytSpec) -> None:
+        self.spec = spec
+        self.model_ref: dict = {}
+        self.callback: PaytCallback | None = None
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        self.model_ref["model"] = model
+        return model
+
+    def callbacks(self, ctx: MethodContext) -> list:
+        self.callback = PaytCallback(self.spec, ctx.masks, self.model_ref, tokenizer=ctx.tokenizer,
+                                     calib_text="\n\n".join(ctx.train_texts))
+        self.callback.resumed_from = ctx.resumed_from
+        return [self.callback]
+
+    def summary(self) -> dict:
+        return {"pruning_events": self.callback.events if self.callback is not None else []}
+
+    def to_dict(self) -> dict:
+        return self.spec.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_payt(model: str | nn.Module, cfg, spec: PaytSpec, out: Path | str, **kw) -> dict:
+    """Fine-tune with PAYT; see `tuning.finetune.finetune` for what is written."""
+    return finetune(model, cfg, out, method=PaytMethod(spec), kind="payt", **kw)
 
 
 ROWS = ("dense full FT", "dense LoRA FT", "prune (no FT)", "prune -> full FT", "prune -> LoRA FT", "PAYT",
@@ -221,7 +249,8 @@ def prune_only(model_spec: str, cfg, spec: PaytSpec) -> dict:
     """
     from prunetune.models.loading import load_model
     from prunetune.pruning.masks import sparsity_report
-    from prunetune.tuning.trainer import _task_eval, load_task_data
+    from prunetune.tuning.data import load_task_data
+    from prunetune.tuning.evaluate import task_eval
 
     t0 = time.perf_counter()
     if cfg.task == "causal-lm":
@@ -234,7 +263,7 @@ def prune_only(model_spec: str, cfg, spec: PaytSpec) -> dict:
     masks = compute_masks(model, spec.criterion, spec.sparsity, None, tok,
                           "\n\n".join(e["text"] for e in data["train"]), spec.nsamples, spec.seqlen)
     masks.apply(model)
-    test = _task_eval(model, tok, data, cfg)
+    test = task_eval(model, tok, data, cfg)
     out = {"kind": "prune-only", "test_after_merge": {k: v for k, v in test.items() if k != "predictions"},
            "sparsity": sparsity_report(model)["sparsity"], "teacher": "none", "mixing": {"mixed": 0},
            "timings": {"train_s": 0.0, "total_s": time.perf_counter() - t0}}
@@ -263,10 +292,9 @@ def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwri
     initial model), so the only difference to PAYT is *when* the pruning happens.
     """
     import copy
-    import json
 
     from prunetune.models.export import prepare_out_dir
-    from prunetune.tuning.trainer import finetune
+    from prunetune.rundir import atomic_write_json, atomic_write_text
 
     out = prepare_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,12 +315,12 @@ def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwri
         ("dense LoRA FT", "dense-lora", lambda d: finetune(model_spec, lora_cfg, d, kind="dense-lora")),
         ("prune (no FT)", "prune-only", lambda d: prune_only(model_spec, cfg, spec)),
         ("prune -> full FT", "prune-full",
-         lambda d: finetune(model_spec, full_cfg, d, payt=oneshot, kind="prune-full")),
-        ("prune -> LoRA FT", "prune-lora", lambda d: finetune(model_spec, cfg, d, payt=oneshot, kind="prune-lora")),
-        ("PAYT", "payt", lambda d: finetune(model_spec, cfg, d, payt=spec, kind="payt")),
-        ("PAYT without KD", "payt-nokd", lambda d: finetune(model_spec, nokd_cfg, d, payt=spec, kind="payt-nokd")),
+         lambda d: finetune(model_spec, full_cfg, d, method=PaytMethod(oneshot), kind="prune-full")),
+        ("prune -> LoRA FT", "prune-lora", lambda d: finetune(model_spec, cfg, d, method=PaytMethod(oneshot), kind="prune-lora")),
+        ("PAYT", "payt", lambda d: finetune(model_spec, cfg, d, method=PaytMethod(spec), kind="payt")),
+        ("PAYT without KD", "payt-nokd", lambda d: finetune(model_spec, nokd_cfg, d, method=PaytMethod(spec), kind="payt-nokd")),
         (_other_scaling(cfg), "payt-other-scaling",
-         lambda d: finetune(model_spec, other_cfg, d, payt=spec, kind="payt-other-scaling")),
+         lambda d: finetune(model_spec, other_cfg, d, method=PaytMethod(spec), kind="payt-other-scaling")),
     ]
     if cfg.retention:  # the untuned model's value, so the retention column has its reference point
         from prunetune.evaluation.retention import retention
@@ -313,8 +341,8 @@ def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwri
     table = comparison_table(runs)
     payload = {"model": model_spec, "tune": cfg.to_dict(), "full_ft_learning_rate": full_cfg.learning_rate,
                "payt": spec.to_dict(), "runs": runs, "table": table}
-    (out / "full_evaluate.json").write_text(json.dumps(payload, indent=2, default=str))
-    (out / "full_evaluate.md").write_text(table["markdown"])
+    atomic_write_json(out / "full_evaluate.json", payload)
+    atomic_write_text(out / "full_evaluate.md", table["markdown"])
     return payload
 
 

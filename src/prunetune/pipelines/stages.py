@@ -208,7 +208,7 @@ def tune_config(recipe, spec, seed: int, task: str | None = None, *, retention: 
     export.
     """
     from prunetune.data.mixing import MixSpec
-    from prunetune.tuning.trainer import TuneConfig
+    from prunetune.tuning.config import TuneConfig
 
     n_samples, epochs = spec.n_samples, spec.epochs
     if spec.steps is not None:
@@ -307,7 +307,7 @@ def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, 
                    tokenizer=None) -> dict:
     """Fine-tune `model_spec` with the tuning module; returns {model, tokenizer, curves, metrics}."""
     from prunetune.pruning.masks import MaskSet
-    from prunetune.tuning.trainer import finetune
+    from prunetune.tuning.finetune import finetune
 
     cfg = tune_config(recipe, spec, seed, task)
     if cfg.task == "causal-lm":
@@ -415,9 +415,10 @@ def run_export(state, out_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------------- order study
 def run_order_study(state, out_dir: Path) -> dict:
     """Prune/fine-tune orderings from the current model; rows of metrics after every step."""
-    from prunetune.methods.ordering import run_orderings
+    from prunetune.methods.ordering import OrderingSteps, run_orderings
 
-    rows = run_orderings(state, out_dir)
+    rows = run_orderings(state, out_dir, OrderingSteps(prune=prune_model, finetune=finetune_model,
+                                                       evaluate=evaluate_model, save=save_model))
     _dump(out_dir / "ordering.json", rows)
     metrics = {}
     for r in rows:

@@ -7,6 +7,7 @@ layers that pruning masks, for every family, and no regex per model has to be ma
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
@@ -68,12 +69,19 @@ def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
 
 
 def mask_lora_updates(peft_model: nn.Module, masks) -> int:
-    """Make LoRA layers compute W⊙M·x + ((s·BA)⊙M)·x, i.e. train exactly the weight that will be exported.
+    """Make LoRA layers train exactly the weight that will be exported: (W + s·BA) ⊙ M.
 
     Plain LoRA adds the dense update s·BA, so the merged-and-masked export (W + s·BA) ⊙ M would differ from
     the model that was trained and evaluated. Masking the update in the forward pass closes that gap: the
     predictions before and after the merge are the same. Layers without a mask (yet: PAYT adds masks as it
     goes, the lookup is live) keep peft's own low-rank forward, so dense runs pay nothing.
+
+    Two paths, both exact at evaluation (dropout is off there):
+    - LoRA dropout 0 (the default): one product with the merged weight, y = x·((W + s·BA) ⊙ M)ᵀ + b. It costs
+      one extra full-size product in backward (the gradient of the merged weight, from which those of A and
+      B follow) instead of peft's low-rank path; the merged weight is rebuilt in backward, not stored.
+    - LoRA dropout > 0: the update sees a dropped-out copy of x, so it is a second product,
+      y = W·x + ((s·BA) ⊙ M)·dropout(x), with the same recompute-in-backward economy.
     """
     import types
 
@@ -89,18 +97,66 @@ def mask_lora_updates(peft_model: nn.Module, masks) -> int:
     return n
 
 
-def _masked_lora_forward(self, x, *args, **kwargs):
-    import torch.nn.functional as F
+class MaskedLoraLinear(torch.autograd.Function):
+    """y = x·((W + s·B·A) ⊙ M)ᵀ + bias, or with `weight` None only the masked update y = x·((s·B·A) ⊙ M)ᵀ.
 
+    Autograd through the plain expression would keep the full-size merged weight of every layer alive until
+    backward (as much memory as the model's linears again); this keeps x, A, B and the bool mask only and
+    rebuilds the merged weight in backward, so the step's peak memory stays at plain LoRA's.
+    """
+
+    @staticmethod
+    def _merged(weight, a, b, mask, scale):
+        ba = b @ a
+        w = ba.mul_(scale) if weight is None else torch.add(weight, ba.to(weight.dtype), alpha=scale)
+        return w.masked_fill_(~mask, 0.0)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, mask, scale):
+        w = MaskedLoraLinear._merged(weight, a, b, mask, scale)
+        ctx.save_for_backward(x, weight, a, b, mask)
+        ctx.scale = scale
+        return torch.nn.functional.linear(x.to(w.dtype), w, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, a, b, mask = ctx.saved_tensors
+        s = ctx.scale
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = g_weight = g_bias = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            w = MaskedLoraLinear._merged(weight, a, b, mask, s)
+            gx = (gy2 @ w).view(*gy.shape[:-1], w.shape[1]).to(x.dtype)
+            del w
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            gw = (gy2.t() @ x.reshape(-1, x.shape[-1]).to(gy2.dtype)).masked_fill_(~mask, 0.0)
+            if ctx.needs_input_grad[1]:
+                g_weight = gw.to(weight.dtype)
+            g = gw.to(a.dtype).mul_(s)  # gradient of s·BA, masked
+            gb = g @ a.t() if ctx.needs_input_grad[4] else None
+            ga = b.t() @ g if ctx.needs_input_grad[3] else None
+        if ctx.needs_input_grad[2]:
+            g_bias = gy2.sum(0)
+        return gx, g_weight, g_bias, ga, gb, None, None
+
+
+def _masked_lora_forward(self, x, *args, **kwargs):
     mask = self._pt_masks.masks.get(self._pt_mask_name)
-    if mask is None or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+    if (mask is None or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+            or any(ad in self.lora_variant for ad in self.active_adapters)):
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
-    for ad in self.active_adapters:
-        if ad not in self.lora_A:
-            continue
+    active = [ad for ad in self.active_adapters if ad in self.lora_A]
+    base = self.base_layer
+    if mask.device != base.weight.device:
+        mask = mask.to(base.weight.device)
+    if len(active) == 1 and isinstance(self.lora_dropout[active[0]], nn.Identity) and not args and not kwargs:
+        ad = active[0]  # the exact one-weight path
+        y = MaskedLoraLinear.apply(x, base.weight, base.bias, self.lora_A[ad].weight, self.lora_B[ad].weight,
+                                   mask, float(self.scaling[ad]))
+        return y.to(x.dtype)
+    result = base(x, *args, **kwargs)
+    for ad in active:
         a, b = self.lora_A[ad].weight, self.lora_B[ad].weight
-        delta = (b @ a) * self.scaling[ad]
-        delta = delta * mask.to(device=delta.device, dtype=delta.dtype)
-        result = result + F.linear(self.lora_dropout[ad](x).to(a.dtype), delta).to(result.dtype)
+        dx = self.lora_dropout[ad](x).to(a.dtype)
+        result = result + MaskedLoraLinear.apply(dx, None, None, a, b, mask, float(self.scaling[ad])).to(result.dtype)
     return result

@@ -1,0 +1,54 @@
+"""Held-out scores of a fine-tuning run, measured the same way before and after the LoRA merge.
+
+Classification goes through `evaluation.task` (the package's one `predict_classes` and macro-F1), so a run's
+accuracy is the figure the `evaluate` stage would report for the same model and test set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from prunetune.evaluation.task import classification_metrics, predict_classes
+from prunetune.tuning.config import TuneConfig
+
+
+def compute_metrics(eval_pred) -> dict:
+    """Trainer's per-epoch validation metrics (accuracy, macro-F1) from its logits."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return classification_metrics(logits.argmax(-1).tolist(), labels.tolist())
+
+
+@torch.no_grad()
+def lm_loss(model: nn.Module, tokenizer, examples: list[dict], max_length: int) -> dict:
+    """Mean next-token NLL over held-out pieces (each scored alone, no padding), and its exp."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    for e in examples:
+        ids = tokenizer(e["text"], truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+        if ids.shape[1] < 2:
+            continue
+        ids = ids.to(device)
+        out = model(input_ids=ids, labels=ids)
+        nll += float(out.loss) * (ids.shape[1] - 1)
+        n += ids.shape[1] - 1
+    model.train(was)
+    return {"loss": nll / max(n, 1), "perplexity": math.exp(nll / max(n, 1)), "tokens": n}
+
+
+def task_eval(model: nn.Module, tokenizer, data: dict, cfg: TuneConfig) -> dict:
+    """The run's test score: accuracy + macro-F1 (seq-cls) or held-out LM loss (causal-lm)."""
+    if cfg.task == "seq-cls":
+        preds = predict_classes(model, tokenizer, [e["text"] for e in data["test"]], cfg.max_length, progress=False)
+        labels = [e["label"] for e in data["test"]]
+        return {**classification_metrics(preds, labels), "predictions": preds, "n": len(labels),
+                "protocol": f"{data['name']} test split (seeded stratified 80/10/10, split seed {cfg.split_seed}), "
+                            f"max_length {cfg.max_length}"}
+    r = lm_loss(model, tokenizer, data["test"], cfg.max_length)
+    return {**r, "protocol": f"{data['name']} held-out pieces of ~{cfg.max_length} tokens, mean token NLL"}

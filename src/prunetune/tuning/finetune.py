@@ -1,0 +1,371 @@
+"""`finetune`: one fine-tuning run, from a model (spec or in memory) to an evaluated, exported result.
+
+It serves plain fine-tuning (full or LoRA/rsLoRA), recovery after pruning (the input's masks are kept) and
+every training-time method (`methods.base.Method`: PAYT, LoSparse, VIB, ...), whose hooks it drives:
+
+    prepare(model, ctx)       after the model, masks and LoRA are built; its result is what trains
+    callbacks(ctx)            appended to the Trainer's callbacks (before mask enforcement)
+    extra_loss(...)           added to the training loss in `KDTrainer.compute_loss`, scalars logged
+    after_step(model, ctx)    Trainer's on_optimizer_step: after optimizer.step(), before zero_grad(),
+                              and before masks are enforced
+    finalize(model, ctx)      after training, before evaluation and export
+    summary()                 merged into metrics.json
+
+It writes
+
+    out/checkpoints/checkpoint-N/   Trainer checkpoints (+ masks.safetensors, so a resumed run re-applies them)
+    out/train_log.csv, .jsonl, tb/  logs (fixed-column CSV, every key in JSONL, TensorBoard)
+    out/model/                      plain HF dir (LoRA merged as W' = (W + s*BA) ⊙ M) + masks.safetensors
+    out/adapter/                    (LoRA) sparse base + peft adapter
+    out/metrics.json, out/manifest.json
+
+Masks are enforced after every optimizer step (`MaskEnforcer`), so pruned weights are exactly zero at any
+step in full fine-tuning too (AdamW momentum and weight decay would otherwise revive them); its cost is
+measured and reported as a fraction of the step time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, TrainingArguments
+
+from prunetune.data.mixing import MixSpec, build_mixed
+from prunetune.errors import PrunetuneError
+from prunetune.manifest import build_manifest, write_manifest
+from prunetune.models.export import merge_lora_keep_masks, prepare_out_dir, save_adapter_export, save_hf_dir
+from prunetune.models.loading import load_model
+from prunetune.progress import enabled as progress_enabled
+from prunetune.pruning.masks import MASKS_FILE, MaskSet, sparsity_report
+from prunetune.rundir import atomic_write_json
+from prunetune.tuning.callbacks import (CsvLogger, MaskEnforcer, MaskSaver, MethodStepHook, broadcast_masks,
+                                        masks_digest)
+from prunetune.tuning.config import TuneConfig
+from prunetune.tuning.data import encode_cls, encode_lm, load_task_data
+from prunetune.tuning.evaluate import compute_metrics, task_eval
+from prunetune.tuning.kd_trainer import KDTrainer
+from prunetune.tuning.lifecycle import Method, MethodContext
+from prunetune.tuning.lora import apply_lora, mask_lora_updates
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def find_resume_checkpoint(ckpt_dir: Path) -> Path:
+    """The last checkpoint, verified readable; missing or corrupt -> one-line error."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last is None:
+        raise PrunetuneError(f"--resume: no checkpoint in {ckpt_dir} (run without --resume first)")
+    last = Path(last)
+    try:
+        state = json.loads((last / "trainer_state.json").read_text())
+        int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PrunetuneError(f"--resume: checkpoint {last} is corrupt (unreadable trainer_state.json)") from None
+    weights = list(last.glob("*.safetensors")) + list(last.glob("*.bin"))
+    if not any(p.name != MASKS_FILE for p in weights):
+        raise PrunetuneError(f"--resume: checkpoint {last} is corrupt (no model or adapter weights)")
+    if (last / MASKS_FILE).exists():
+        MaskSet.load(last / MASKS_FILE)  # raises a one-line error when unreadable
+    for p in weights:
+        if p.suffix == ".safetensors":
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(p), "pt") as fh:
+                    list(fh.keys())
+            except Exception:
+                raise PrunetuneError(f"--resume: checkpoint file {p} is corrupt") from None
+    return last
+
+
+def existing_masks(model_spec: str | None, model: nn.Module) -> MaskSet:
+    """Masks a pruned input model carries: its masks.safetensors, else its zeros when it is clearly sparse."""
+    if model_spec is not None:
+        p = Path(os.path.expanduser(model_spec))
+        if p.is_dir() and (p / MASKS_FILE).is_file():
+            return MaskSet.load(p / MASKS_FILE)
+    if sparsity_report(model)["sparsity"] > 0.01:
+        return MaskSet.from_model(model)
+    return MaskSet()
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def training_args(out: Path, cfg: TuneConfig, steps_per_epoch: int, task: str, show: bool,
+                  world: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=max(cfg.batch_size, 16),
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        metric_for_best_model="accuracy" if task == "seq-cls" else "loss",
+        greater_is_better=task == "seq-cls",
+        logging_strategy="steps",
+        logging_steps=max(1, steps_per_epoch // 4),
+        logging_first_step=True,
+        report_to=["tensorboard"],
+        disable_tqdm=not show,
+        remove_unused_columns=False,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+        ddp_backend=None if torch.cuda.is_available() or world == 1 else "gloo",
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _load(model: str | nn.Module, tokenizer: Any, cfg: TuneConfig) -> tuple[nn.Module, Any, dict]:
+    """The model, its tokenizer and the task data; an in-memory model must fit the task's labels."""
+    if isinstance(model, str):
+        if cfg.task == "causal-lm":
+            loaded = load_model(model, "causal-lm")
+            return loaded.model, loaded.tokenizer, load_task_data(cfg, loaded.tokenizer)
+        data = load_task_data(cfg)
+        loaded = load_model(model, "seq-cls", label_names=data["label_names"])
+        return loaded.model, loaded.tokenizer, data
+    if tokenizer is None:
+        raise PrunetuneError("finetune: an in-memory model needs its tokenizer (tokenizer=...)")
+    data = load_task_data(cfg, tokenizer)
+    if cfg.task == "seq-cls":
+        n = int(getattr(model.config, "num_labels", 0) or 0)
+        if n != len(data["label_names"]):
+            raise PrunetuneError(f"finetune: the model has {n} classes but task data '{cfg.data}' has "
+                                 f"{len(data['label_names'])}")
+    return model, tokenizer, data
+
+
+def _teacher(cfg: TuneConfig, model: nn.Module, original: dict, data: dict, out: Path, resume: bool,
+             teacher_model: nn.Module | None, changes_base: bool) -> tuple[Any, str]:
+    """KD's teacher: a given model, the initial model (shared frozen base when LoRA leaves it intact), a dense
+    fine-tuned copy, or a model directory."""
+    if not cfg.kd:
+        return None, "none"
+    if teacher_model is not None:
+        return _freeze(teacher_model), "given"
+    if cfg.teacher == "initial":
+        if cfg.lora and not changes_base:
+            return "shared", "initial (frozen base shared, adapters disabled)"
+        return _freeze(copy.deepcopy(model)), "initial (frozen copy)"
+    if cfg.teacher == "dense":
+        dense_cfg = copy.deepcopy(cfg)
+        dense_cfg.kd, dense_cfg.retention, dense_cfg.mix = False, False, MixSpec(fraction=0.0)
+        t_dir = out / "teacher-dense"
+        if not (resume and (t_dir / "model" / "config.json").is_file()):
+            finetune(original["model"], dense_cfg, t_dir, tokenizer=original["tokenizer"], overwrite=True,
+                     kind="teacher-dense")
+        teacher = _freeze(load_model(str(t_dir / "model"), cfg.task, label_names=data["label_names"]).model)
+        return teacher, f"dense (fine-tuned without pruning: {t_dir / 'model'})"
+    p = Path(os.path.expanduser(cfg.teacher))
+    if not p.exists():
+        raise PrunetuneError(f"--teacher must be 'initial', 'dense' or a model directory; '{cfg.teacher}' is none")
+    return _freeze(load_model(str(p), cfg.task, label_names=data["label_names"]).model), f"path {p.resolve()}"
+
+
+# ------------------------------------------------------------------------------------------------ main
+def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokenizer: Any = None,
+             model_name: str | None = None, method: Method | None = None, resume: bool = False, overwrite: bool = False,
+             callbacks: tuple = (), masks: MaskSet | None = None, kind: str = "finetune",
+             teacher_model: nn.Module | None = None) -> dict:
+    """Fine-tune `model` (a spec such as "tiny-llama" or a directory, or an nn.Module with its `tokenizer`)
+    on `cfg.data`, driving `method` (a `methods.base.Method`) through its hooks.
+
+    An in-memory model is trained in place (LoRA is injected into it, the merge folds into its weights): pass
+    a copy to keep the original. `model_name` names it in the manifest and is the original model that
+    retention compares against (needed for an in-memory model when `cfg.retention`). `masks`, when given, is
+    filled in place, so the caller sees the run's final masks (a method's pruning included).
+
+    Returns the metrics dict that is also written to `out/metrics.json`, plus `_model` (the plain, merged,
+    finalized model), `_tokenizer` and `_test`.
+    """
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    cfg.validate()
+    in_memory = not isinstance(model, str)
+    spec = model if not in_memory else model_name
+    if in_memory and cfg.retention and model_name is None:
+        raise PrunetuneError("finetune: retention compares with the original model: pass model_name= for an "
+                             "in-memory model, or set retention off")
+    label = spec if spec is not None else f"{type(model).__name__} (in memory)"
+    out = Path(out)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if resume:
+        ckpt = find_resume_checkpoint(out / "checkpoints")
+    else:
+        ckpt = None
+        if rank0:
+            prepare_out_dir(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    # -- model and data ---------------------------------------------------------------------------
+    task = cfg.task
+    original = ({"model": copy.deepcopy(model), "tokenizer": tokenizer}  # what a dense teacher starts from
+                if in_memory and cfg.kd and cfg.teacher == "dense" else {"model": model, "tokenizer": None})
+    model, tok, data = _load(model, tokenizer, cfg)
+    if masks is None:
+        masks = MaskSet()
+    if not len(masks):  # filled in place: callers holding this MaskSet see a method's final masks
+        masks.update(existing_masks(spec if not in_memory else None, model))
+    if len(masks):
+        masks.apply(model)
+
+    # -- teacher and data mixing (pseudo-labelled by the teacher) -----------------------------------
+    changes_base = bool(method is not None and method.changes_base_weights)
+    teacher, teacher_desc = _teacher(cfg, model, original, data, out, resume, teacher_model, changes_base)
+    train_examples, mix_summary = data["train"], {"mixed": 0}
+    if cfg.mix.fraction > 0:
+        labeller = model if teacher == "shared" or teacher is None else teacher
+        train_examples, mix_summary = build_mixed(data["train"], cfg.mix, labeller, tok, task, cfg.max_length,
+                                                  cfg.data_dir)
+
+    # -- LoRA, then the method's prepare ---------------------------------------------------------------
+    # Adapter init draws from the global RNG: seed it here, or a run's result would depend on what ran
+    # before it in the same process (the --full-evaluate rows differed from the same runs made alone).
+    torch.manual_seed(cfg.seed)
+    if cfg.lora:
+        model = apply_lora(model, task, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           rslora=cfg.rslora, **({"roles": tuple(cfg.lora_roles)} if cfg.lora_roles else {}))
+        if cfg.mask_lora:
+            mask_lora_updates(model, masks)
+
+    if task == "seq-cls":
+        train_ds = encode_cls(tok, train_examples, cfg.max_length)
+        val_ds = encode_cls(tok, data["validation"], cfg.max_length)
+        collator = DataCollatorWithPadding(tok)
+    else:
+        train_ds = encode_lm(tok, [e["text"] for e in train_examples], cfg.max_length)
+        val_ds = encode_lm(tok, [e["text"] for e in data["validation"]], cfg.max_length)
+        collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / (cfg.batch_size * world)) // cfg.grad_accum)
+    ctx = MethodContext(task=task, tokenizer=tok, masks=masks, train_texts=[e["text"] for e in data["train"]],
+                        max_steps=math.ceil(cfg.epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
+                        out=out, seed=cfg.seed)
+    if ckpt is not None:
+        ctx.resumed_from = int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
+    if method is not None:
+        model = method.prepare(model, ctx)
+    model.train()
+    model_ref = {"model": model}
+
+    # -- trainer ----------------------------------------------------------------------------------
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
+    args = training_args(out, cfg, steps_per_epoch, task, progress_enabled(), world)
+    enforcer = MaskEnforcer(masks, model_ref)
+    cbs: list = []
+    if method is not None:  # the method's own callbacks, then its step hook: both act before masks are enforced
+        cbs += list(method.callbacks(ctx)) + [MethodStepHook(method, ctx, model_ref)]
+    cbs += [enforcer, MaskSaver(masks), CsvLogger(out / "train_log.csv"), *callbacks]
+    trainer = KDTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
+                        processing_class=tok, compute_metrics=compute_metrics if task == "seq-cls" else None,
+                        callbacks=cbs, teacher=teacher, kd_alpha=cfg.kd_alpha, kd_temp=cfg.kd_temp,
+                        causal=task == "causal-lm", method=method, method_ctx=ctx,
+                        sequential_train=cfg.mix.strategy == "old_first" and mix_summary.get("mixed", 0) > 0)
+    if not progress_enabled():  # the CSV and TensorBoard logs hold what PrinterCallback would print
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    if ckpt is not None and (ckpt / MASKS_FILE).is_file():
+        masks.update(MaskSet.load(ckpt / MASKS_FILE))
+        masks.apply(model)
+    t0 = time.perf_counter()
+    train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    timings["train_s"] = time.perf_counter() - t0
+    model = trainer.model
+    if len(masks):
+        broadcast_masks(masks)
+        masks.apply(model)
+
+    result: dict = {"kind": kind, "model": label, "task": task, "data": data["name"],
+                    "train_examples": len(train_ds), "mixing": mix_summary, "teacher": teacher_desc,
+                    "global_step": trainer.state.global_step, "steps_per_epoch": steps_per_epoch,
+                    "train_loss": float(train_out.training_loss), "mask_enforcement": enforcer.summary(),
+                    "resumed_from": str(ckpt) if ckpt else None,
+                    "best_checkpoint": trainer.state.best_model_checkpoint}
+    if method is not None:
+        model = method.finalize(model, ctx)
+        if len(masks):
+            masks.apply(model)
+        summary = method.summary()
+        clash = sorted(set(summary) & set(result))
+        if clash:
+            raise PrunetuneError(f"method '{method.name}' summary reuses the run's keys: {', '.join(clash)}")
+        result["method"] = method.name
+        result.update(summary)
+    result["masks_digest"] = masks_digest(masks) if len(masks) else None
+    atomic_write_json(out / f"rank{int(os.environ.get('RANK', '0'))}.json",
+                      {"global_step": trainer.state.global_step, "masks_digest": result["masks_digest"]}, indent=None)
+    if not trainer.is_world_process_zero():
+        return result
+
+    # -- evaluate, export, retention ---------------------------------------------------------------
+    t0 = time.perf_counter()
+    before = task_eval(model, tok, data, cfg)
+    timings["eval_s"] = time.perf_counter() - t0
+    result["test_before_merge"] = {k: v for k, v in before.items() if k != "predictions"}
+    manifest_cfg = {"model": label, "tune": cfg.to_dict(), "method": method.name if method is not None else None}
+    if method is not None:
+        manifest_cfg[method.name] = method.to_dict()
+    if cfg.lora:
+        if cfg.export:
+            save_adapter_export(model, tok, out / "adapter", masks,
+                                build_manifest(f"{kind}-adapter", manifest_cfg, seed=cfg.seed))
+        plain = merge_lora_keep_masks(model, masks)
+    else:
+        plain = model
+        if len(masks):
+            masks.apply(plain)
+    plain.eval()
+    after = task_eval(plain, tok, data, cfg)
+    result["test_after_merge"] = {k: v for k, v in after.items() if k != "predictions"}
+    if task == "seq-cls":  # the headline is the exported (merged) model's score: that is what a user ships
+        result["accuracy"], result["macro_f1"] = after["accuracy"], after["macro_f1"]
+        result["predictions"] = after["predictions"]
+        result["merge_changed_predictions"] = sum(a != b for a, b in zip(before["predictions"], after["predictions"]))
+    rep = sparsity_report(plain)
+    result["sparsity"] = rep["sparsity"]
+    result["layer_sparsity"] = {k: v["sparsity"] for k, v in rep["layers"].items()}
+    if cfg.retention:
+        from prunetune.evaluation.retention import retention
+
+        t0 = time.perf_counter()
+        result["retention"] = retention(plain, spec, tok, data_dir=cfg.data_dir, max_windows=cfg.retention_windows,
+                                        max_length=cfg.max_length)
+        timings["retention_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    result["timings"] = timings
+    man = build_manifest(kind, manifest_cfg, seed=cfg.seed, metrics={k: v for k, v in result.items()
+                                                                        if k not in ("predictions", "layer_sparsity")},
+                         timings=timings)
+    if cfg.export:
+        save_hf_dir(plain, tok, out / "model", man)
+        if len(masks):
+            masks.save(out / "model" / MASKS_FILE)
+    atomic_write_json(out / "metrics.json", result)
+    write_manifest(out / "manifest.json", man)
+    result["_model"] = plain
+    result["_tokenizer"] = tok
+    result["_test"] = data["test"]
+    return result

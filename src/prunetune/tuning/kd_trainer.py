@@ -1,0 +1,75 @@
+"""The Trainer subclass: task loss with knowledge distillation, plus the method's extra loss terms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from prunetune.tuning.distill import kd_loss
+
+
+class KDTrainer(Trainer):
+    """Trainer whose training loss is alpha*CE + (1-alpha)*T^2*KL against a frozen teacher, + method terms.
+
+    The method's `extra_loss` is added in training only (evaluation losses stay comparable across methods);
+    its scalars are averaged between two log lines and logged as `method/<name>`.
+    """
+
+    loss_is_scaled_for_ga = False  # our loss is a per-batch mean
+
+    def __init__(self, *a, teacher: Any = None, kd_alpha: float = 0.5, kd_temp: float = 4.0,
+                 causal: bool = False, method: Any = None, method_ctx: Any = None,
+                 sequential_train: bool = False, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.teacher = teacher  # nn.Module, "shared" (LoRA base with adapters disabled) or None
+        self.kd_alpha, self.kd_temp, self.causal = kd_alpha, kd_temp, causal
+        self.method, self.method_ctx = method, method_ctx
+        self.sequential_train = sequential_train
+        self.kd_parts: dict[str, float] = {}
+        self._method_sums: dict[str, float] = {}
+        self._method_n = 0
+
+    @torch.no_grad()
+    def _teacher_logits(self, inputs: dict) -> torch.Tensor:
+        if self.teacher == "shared":
+            peft = self.model
+            was = peft.training
+            peft.eval()
+            try:
+                with peft.disable_adapter():
+                    return peft(**inputs).logits
+            finally:
+                peft.train(was)
+        return self.teacher(**inputs).logits
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        feats = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**feats)
+        use_kd = self.teacher is not None and model.training and self.kd_alpha < 1.0
+        t_logits = self._teacher_logits(feats) if use_kd else None
+        loss, parts = kd_loss(outputs.logits, t_logits, labels, self.kd_alpha if use_kd else 1.0,
+                              self.kd_temp, causal=self.causal)
+        if model.training:
+            self.kd_parts = parts
+            if self.method is not None:
+                extra, scalars = self.method.extra_loss(model, inputs, outputs, self.method_ctx)
+                if extra is not None:
+                    loss = loss + extra
+                for k, v in scalars.items():
+                    self._method_sums[k] = self._method_sums.get(k, 0.0) + float(v)
+                self._method_n += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kw) -> None:
+        if "loss" in logs and self._method_n:  # a training log line: add the method's terms since the last one
+            logs.update({f"method/{k}": v / self._method_n for k, v in self._method_sums.items()})
+            self._method_sums, self._method_n = {}, 0
+        super().log(logs, *args, **kw)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sequential_train:
+            return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
