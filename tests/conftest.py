@@ -41,3 +41,15 @@ def tiny_llama():
     from prunetune.models.loading import load_model
 
     return load_model("tiny-llama", "causal-lm")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped (with the reason) on machines without it, run as usual where it exists."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (gpu tier)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
