@@ -84,14 +84,10 @@ class RunState:
 
 
 def seed_everything(seed: int) -> None:
-    import random
+    """Python, NumPy and torch (all devices) RNGs, as transformers seeds them."""
+    from transformers import set_seed
 
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    set_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------- run dir
