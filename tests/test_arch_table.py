@@ -166,7 +166,8 @@ def assert_plain_reload_identical(model, out, task: str, model_type: str) -> flo
 # ------------------------------------------------------------------------------------------------ table
 @pytest.mark.parametrize("model_type,gran", TABLE, ids=[f"{t}-{g}" for t, g in TABLE])
 def test_arch_table(model_type, gran, tmp_path, data_files):
-    from prunetune.tuning.trainer import TuneConfig, finetune
+    from prunetune.tuning.config import TuneConfig
+    from prunetune.tuning.finetune import finetune
 
     task, tunes = TYPES[model_type]
     loaded = tiny_model(model_type, task, num_labels=2)

@@ -29,7 +29,9 @@ def test_headline_accuracy_is_the_exported_models(task_csv, tmp_path, monkeypatc
     import torch
 
     import prunetune.models.export as export
-    from prunetune.tuning.trainer import TuneConfig, finetune
+    import prunetune.tuning.finetune as driver
+    from prunetune.tuning.config import TuneConfig
+    from prunetune.tuning.finetune import finetune
 
     real_merge = export.merge_lora_keep_masks
 
@@ -40,7 +42,7 @@ def test_headline_accuracy_is_the_exported_models(task_csv, tmp_path, monkeypatc
             plain.classifier.bias.neg_()
         return plain
 
-    monkeypatch.setattr(export, "merge_lora_keep_masks", flipping_merge)
+    monkeypatch.setattr(driver, "merge_lora_keep_masks", flipping_merge)  # where the driver looks it up
     cfg = TuneConfig(data=str(task_csv), n_samples=32, eval_samples=4, epochs=2, batch_size=8, max_length=32, lr=1e-2,
                      kd=False, retention=False)
     r = finetune("tiny-bert", cfg, tmp_path / "ft")

@@ -120,7 +120,8 @@ def test_split_seed_is_a_data_option(task_csv):
 
 def test_training_seed_does_not_move_the_test_set(task_csv):
     """What `finetune --seed N` / `payt --seed N` use: the training seed picks train examples, never the test set."""
-    from prunetune.tuning.trainer import TuneConfig, load_task_data
+    from prunetune.tuning.config import TuneConfig
+    from prunetune.tuning.data import load_task_data
 
     parts = {s: load_task_data(TuneConfig(data=str(task_csv), seed=s, n_samples=32)) for s in (0, 1, 2)}
     digests = {examples_digest(p["test"]) for p in parts.values()}
