@@ -98,8 +98,8 @@ def row_dense(args, seed, out):
 
 def _payt_like(args, seed, out, budget, schedule):
     from prunetune.data.mixing import MixSpec
-    from prunetune.methods.payt import PaytSpec
-    from prunetune.tuning.trainer import finetune
+    from prunetune.methods.payt import PaytMethod, PaytSpec
+    from prunetune.tuning.finetune import finetune
 
     cfg = tune_config(args, seed, lora=True, kd=True, kd_alpha=0.3, lr=args.lora_lr,
                       mix=MixSpec(fraction=args.payt_mix))
@@ -109,7 +109,7 @@ def _payt_like(args, seed, out, budget, schedule):
     else:
         spec = PaytSpec(sparsity=round(1 - budget, 6), schedule="agp", start=0.2, every=args.payt_every, unit="step",
                         criterion="wanda")
-    r = finetune(args.model, cfg, out, overwrite=True, payt=spec, kind="payt" if schedule != "oneshot" else "prune-lora")
+    r = finetune(args.model, cfg, out, overwrite=True, method=PaytMethod(spec), kind="payt" if schedule != "oneshot" else "prune-lora")
     return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "predictions": r["predictions"],
             "sparsity": r["sparsity"], "linear_kept_fraction": 1 - r["sparsity"], "global_step": r["global_step"],
             "train_s": r["timings"]["train_s"], "merge_changed_predictions": r.get("merge_changed_predictions")}
