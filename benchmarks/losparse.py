@@ -181,7 +181,7 @@ def train_with_method(model_spec: str, cfg, method, out: Path, label_names=None)
     return model, tok, data, ctx, {"global_step": trainer.state.global_step, "train_s": train_s}
 
 
-def row_losparse(args, seed, out, budget, distill_from: str | None = None):
+def row_losparse(args, seed, out, budget, distill_from: str | None = None, structured: str | None = "default"):
     from prunetune.evaluation.task import classification_metrics
     from prunetune.methods.losparse import Losparse, LosparseSpec, losparse_layers, parameter_counts
     from prunetune.tuning.trainer import predict_classes
@@ -192,7 +192,8 @@ def row_losparse(args, seed, out, budget, distill_from: str | None = None):
     probe = _lowrank_fraction(args.model, rank_ratio)
     keep = round(budget - probe, 6)
     spec = LosparseSpec(rank_ratio=rank_ratio, keep=keep, warmup_steps=args.warmup_unit, initial_warmup=1,
-                        final_warmup=args.final_warmup, deltaT=args.delta_t, structured_method=args.structured,
+                        final_warmup=args.final_warmup, deltaT=args.delta_t,
+                        structured_method=args.structured if structured == "default" else structured,
                         structured_direction=args.direction)
     if distill_from:
         spec.teacher, spec.kd_weight, spec.layer_weight, spec.kd_temp = distill_from, 1.0, 1.0, 2.0
@@ -305,52 +306,71 @@ def paired(a: list[float], b: list[float]) -> dict:
     return {"mean_diff": mean, "sd_diff": sd, "win": mean > sd and mean > 0, "loss": -mean > sd and mean < 0}
 
 
-def summarise(rows: dict[str, dict], args) -> dict:
-    def acc(method, budget):
-        return [rows[k]["accuracy"] for k in sorted(rows) if rows[k]["method"] == method and rows[k]["budget"] == budget]
+LOSPARSE_VARIANTS = ("LoSparse", "LoSparse-unstructured", "LoSparse+KD")
+BASELINES = ("PAYT", "Wanda->LoRA")
 
-    lines = [f"| kept of linear params | method | rank / kept-S split | accuracy (mean ± sd, {len(args.seeds)} seeds) | "
-             "macro-F1 | LoSparse − method (paired mean ± sd) | verdict |", "|---|---|---|---|---|---|---|"]
+
+def summarise(rows: dict[str, dict], args) -> dict:
+    """Mean ± sd per (method, budget); each LoSparse variant against each baseline by paired seeds."""
+    def runs(method, budget):
+        return sorted((r for r in rows.values() if r["method"] == method and r["budget"] == budget),
+                      key=lambda r: r["seed"])
+
+    lines = ["| kept of linear params | method | how the budget is spent | accuracy (mean ± sd) | macro-F1 | seeds |",
+             "|---|---|---|---|---|---|"]
+    pairs = ["| kept | LoSparse variant | baseline | paired diff (mean ± sd) | verdict |", "|---|---|---|---|---|"]
     agg: dict = {}
-    dense = acc("dense full FT", 1.0)
     budgets = sorted({r["budget"] for r in rows.values() if r["budget"] < 1.0}, reverse=True)
     for b in [1.0] + budgets:
-        for method in ("LoSparse", "LoSparse+KD", "PAYT", "Wanda->LoRA", "dense full FT"):
-            rs = [rows[k] for k in sorted(rows) if rows[k]["method"] == method and rows[k]["budget"] == b]
+        for method in (*LOSPARSE_VARIANTS, *BASELINES, "dense full FT"):
+            rs = runs(method, b)
             if not rs:
                 continue
             a = [r["accuracy"] for r in rs]
             f = [r["macro_f1"] for r in rs]
             key = f"{method} @ {b:.0%}"
             agg[key] = {"accuracy_mean": statistics.mean(a), "accuracy_sd": statistics.stdev(a) if len(a) > 1 else 0.0,
-                        "macro_f1_mean": statistics.mean(f), "n": len(a),
+                        "macro_f1_mean": statistics.mean(f), "seeds": [r["seed"] for r in rs], "accuracy": a,
                         "linear_kept_fraction": statistics.mean(r["linear_kept_fraction"] for r in rs)}
-            split = "-"
             if method.startswith("LoSparse"):
                 r0 = rs[0]
-                split = f"rank {r0['lowrank_fraction']:.1%} + S {r0['sparse_fraction']:.1%} = {r0['linear_kept_fraction']:.1%}"
-            elif method != "dense full FT":
-                split = f"sparsity {1 - rs[0]['linear_kept_fraction']:.1%}"
-            cmp, verdict = "-", "-"
-            los = acc("LoSparse", b)
-            if method in ("PAYT", "Wanda->LoRA") and len(los) == len(a) and los:
-                p = paired(los, a)
-                agg[key]["paired_vs_losparse"] = p
-                cmp = f"{p['mean_diff']:+.2%} ± {p['sd_diff']:.2%}"
-                verdict = "LoSparse wins" if p["win"] else ("LoSparse loses" if p["loss"] else "tie")
-            lines.append(f"| {b:.0%} | {method} | {split} | {agg[key]['accuracy_mean']:.2%} ± {agg[key]['accuracy_sd']:.2%} | "
-                         f"{agg[key]['macro_f1_mean']:.2%} | {cmp} | {verdict} |")
+                how = (f"rank {r0['lowrank_fraction']:.1%} + S {r0['sparse_fraction']:.1%} "
+                       f"({r0['spec']['structured_method'] or 'unstructured'}"
+                       f"{' ' + r0['spec']['structured_direction'] + 's' if r0['spec']['structured_method'] else ''})")
+            elif method == "dense full FT":
+                how = "all weights"
+            else:
+                how = f"{1 - rs[0]['linear_kept_fraction']:.1%} zeros (Wanda), LoRA merged under the mask"
+            lines.append(f"| {b:.0%} | {method} | {how} | {agg[key]['accuracy_mean']:.2%} ± {agg[key]['accuracy_sd']:.2%} | "
+                         f"{agg[key]['macro_f1_mean']:.2%} | {len(a)} |")
+        for var in LOSPARSE_VARIANTS:
+            lv = {r["seed"]: r["accuracy"] for r in runs(var, b)}
+            for base in BASELINES:
+                bv = {r["seed"]: r["accuracy"] for r in runs(base, b)}
+                common = sorted(set(lv) & set(bv))
+                if len(common) < 2:
+                    continue
+                p = paired([lv[s] for s in common], [bv[s] for s in common])
+                p["seeds"] = common
+                agg.setdefault("paired", {})[f"{var} - {base} @ {b:.0%}"] = p
+                verdict = f"{var} wins" if p["win"] else (f"{base} wins" if p["loss"] else "no win (|mean| <= sd)")
+                pairs.append(f"| {b:.0%} | {var} | {base} | {p['mean_diff']:+.2%} ± {p['sd_diff']:.2%} | {verdict} |")
     targets = {}
     for b in (0.15, 0.10):
-        los = acc("LoSparse", b)
-        base = {m: acc(m, b) for m in ("PAYT", "Wanda->LoRA")}
-        if los and all(len(v) == len(los) for v in base.values()):
-            best = max(base, key=lambda m: statistics.mean(base[m]))
-            p = paired(los, base[best])
-            targets[f"losparse_ge_best_baseline_at_{b:.0%}"] = {
-                "best_baseline": best, "met_on_means": statistics.mean(los) >= statistics.mean(base[best]),
-                "not_worse_by_paired_rule": not p["loss"], **p}
-    return {"table": "\n".join(lines), "aggregates": agg, "targets": targets, "dense_ceiling": dense}
+        for var in LOSPARSE_VARIANTS:
+            lv = {r["seed"]: r["accuracy"] for r in runs(var, b)}
+            base = {m: {r["seed"]: r["accuracy"] for r in runs(m, b)} for m in BASELINES}
+            if not lv or not all(base.values()):
+                continue
+            best = max(base, key=lambda m: statistics.mean(base[m].values()))
+            common = sorted(set(lv) & set(base[best]))
+            entry = {"best_baseline": best, "seeds": common,
+                     "met_on_means": statistics.mean(lv.values()) >= statistics.mean(base[best].values())}
+            if len(common) >= 2:
+                p = paired([lv[s] for s in common], [base[best][s] for s in common])
+                entry.update(p, not_worse_by_paired_rule=not p["loss"])
+            targets[f"{var} >= best baseline at {b:.0%}"] = entry
+    return {"table": "\n".join(lines), "paired_table": "\n".join(pairs), "aggregates": agg, "targets": targets}
 
 
 def run_minilm(args) -> dict:
@@ -371,6 +391,8 @@ def run_minilm(args) -> dict:
         if path.is_file():
             rows[key] = json.loads(path.read_text())
             continue
+        if args.summarise_only:
+            continue
         t0 = time.perf_counter()
         out = Path(args.out) / "runs" / key
         print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
@@ -382,6 +404,8 @@ def run_minilm(args) -> dict:
             r = row_wanda_lora(args, seed, out, b)
         elif method == "LoSparse":
             r = row_losparse(args, seed, out, b)
+        elif method == "LoSparse-unstructured":
+            r = row_losparse(args, seed, out, b, structured=None)
         elif method == "LoSparse+KD":
             teacher = rows_dir / f"dense_full_FT_100_s{seed}.json"
             r = row_losparse(args, seed, out, b, distill_from=json.loads(teacher.read_text())["teacher_dir"])
@@ -487,7 +511,8 @@ def main(argv=None) -> None:
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/losparse_minilm.json"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.20, 0.15, 0.10])
-    p.add_argument("--methods", nargs="+", default=["LoSparse", "PAYT", "Wanda->LoRA"])
+    p.add_argument("--methods", nargs="+", default=["LoSparse", "PAYT", "Wanda->LoRA"],
+                   help="LoSparse | LoSparse-unstructured | LoSparse+KD | PAYT | Wanda->LoRA")
     p.add_argument("--n-samples", type=int, default=400)
     p.add_argument("--eval-samples", type=int, default=100)
     p.add_argument("--epochs", type=float, default=2.0)
@@ -504,6 +529,7 @@ def main(argv=None) -> None:
     p.add_argument("--structured", default="mean", help="mean|sum|max|min|none")
     p.add_argument("--direction", default="row")
     p.add_argument("--exports", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--summarise-only", action="store_true", help="aggregate the rows that exist; run none")
     p.add_argument("--threads", type=int, default=None, help="torch threads (several seeds in parallel: 1)")
     p.add_argument("--smollm", action="store_true", help="run the SmolLM2 50%% perplexity part instead")
     p.add_argument("--sm-steps", type=int, default=40)
@@ -531,6 +557,7 @@ def main(argv=None) -> None:
         payload["rows"] = {k: {kk: vv for kk, vv in r.items() if kk != "predictions"} for k, r in rows.items()}
         payload["summary"] = summarise(rows, args)
         print(payload["summary"]["table"])
+        print(payload["summary"]["paired_table"])
         print(json.dumps(payload["summary"]["targets"], indent=2))
     payload["wall_s"] = time.perf_counter() - t0
     payload["machine"]["loadavg_end"] = os.getloadavg()
