@@ -284,7 +284,7 @@ class LosparseSpec:
     deltaT: int = 10  # recompute the mask every deltaT steps while the schedule runs
     beta1: float = 0.85
     beta2: float = 0.95
-    structured_method: str | None = "mean"  # mean|sum|max|min; None = unstructured
+    structured_method: str | None = None  # mean|sum|max|min (rows/cols of S); None = unstructured
     structured_direction: str = "row"  # row|col|row_col
     roles: tuple[str, ...] = DEFAULT_ROLES
     teacher: str | None = None  # dense fine-tuned teacher dir for distillation (None: no distillation)
