@@ -27,14 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 SPLIT_SEED = 0
 # budget -> rank ratio (the rest of the budget is kept S)
 RANK_SPLIT = {0.20: 0.10, 0.15: 0.075, 0.10: 0.05}
 
 
 def machine() -> dict:
+    import torch
+
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -127,6 +127,8 @@ def train_with_method(model_spec: str, cfg, method, out: Path, label_names=None)
     """Drive a `Method` through transformers' Trainer in the documented order: extra_loss inside compute_loss,
     after_step on `on_optimizer_step` (after optimizer.step, before zero_grad), masks enforced right after it,
     finalize after training. Used until `tuning.finetune(..., method=)` is on main."""
+    import torch
+
     from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
     from prunetune.methods.base import MethodContext
@@ -229,6 +231,8 @@ def _lowrank_fraction(model_spec: str, rank_ratio: float) -> float:
 def export_and_time(model, tok, data, cfg, spec, out: Path, ctx, preds) -> dict:
     """Both exports, reloaded: same predictions, parameter counts, size on disk and CPU latency against the
     dense original (alternating, median of `repeats`)."""
+    import torch
+
     from prunetune.evaluation.speed import size_on_disk
     from prunetune.methods.losparse import materialize, parameter_counts, save_factorized
     from prunetune.models.arch import parameter_count
@@ -275,21 +279,23 @@ def model_layers_dense(model) -> dict:
     return {n: lin for n, (_, lin) in targets(model).items()}
 
 
-@torch.no_grad()
 def linears_only(dense_layers: dict, fac_model, seqlen: int, repeats: int = 7) -> dict:
     """The targeted layers alone (the part LoSparse changes), dense vs factorised, alternating, median ms of
     one pass over all of them on a batch 8 x seqlen input."""
+    import torch
+
     from prunetune.models.factorized import FactorizedLinear
 
     fac_layers = {n: m for n, m in fac_model.named_modules() if isinstance(m, FactorizedLinear)}
     xs = {n: torch.randn(8, seqlen, lin.in_features) for n, lin in dense_layers.items()}
     t = {"dense": [], "factorized": []}
-    for _ in range(repeats):
-        for kind, layers in (("dense", dense_layers), ("factorized", fac_layers)):
-            t0 = time.perf_counter()
-            for n, x in xs.items():
-                layers[n](x)
-            t[kind].append((time.perf_counter() - t0) * 1000)
+    with torch.no_grad():
+        for _ in range(repeats):
+            for kind, layers in (("dense", dense_layers), ("factorized", fac_layers)):
+                t0 = time.perf_counter()
+                for n, x in xs.items():
+                    layers[n](x)
+                t[kind].append((time.perf_counter() - t0) * 1000)
     med = {k: statistics.median(v) for k, v in t.items()}
     return {"median_ms": med, "ratio_factorized_vs_dense": med["factorized"] / med["dense"], "all_ms": t}
 
@@ -310,7 +316,7 @@ LOSPARSE_VARIANTS = ("LoSparse", "LoSparse-unstructured", "LoSparse+KD")
 BASELINES = ("PAYT", "Wanda->LoRA")
 
 
-def summarise(rows: dict[str, dict], args) -> dict:
+def summarise(rows: dict[str, dict], args=None) -> dict:
     """Mean ± sd per (method, budget); each LoSparse variant against each baseline by paired seeds."""
     def runs(method, budget):
         return sorted((r for r in rows.values() if r["method"] == method and r["budget"] == budget),
@@ -373,6 +379,57 @@ def summarise(rows: dict[str, dict], args) -> dict:
     return {"table": "\n".join(lines), "paired_table": "\n".join(pairs), "aggregates": agg, "targets": targets}
 
 
+def render(data: dict) -> str:
+    """BENCHMARKS.md block from the committed JSON (run_all.py --check rebuilds it from the raw rows)."""
+    rows = data["rows"]
+    summ = summarise(rows, None)
+    sz = data["sizes"]
+    lines = [f"- command (one process per seed, run in parallel): `{data['command']}`",
+             f"- code: {data.get('code', '-')}",
+             f"- machine: {data['machine_line']}",
+             f"- sizes: {sz['n_samples']} training articles, {sz['epochs']:g} epoch(s), batch {sz['batch_size']}, "
+             f"{sz['max_length']} tokens, test = the whole fixed test split (split seed {data['split_seed']}); "
+             f"seeds {', '.join(str(s) for s in data['seeds'])}; LoSparse lr {sz['losparse_lr']}, warm-ups "
+             f"{sz['warmup_unit']} + {sz['final_warmup'] * sz['warmup_unit']:g} steps, deltaT {sz['delta_t']}; "
+             f"PAYT / Wanda->LoRA: LoRA r8, lr {sz['lora_lr']}, KD alpha 0.3 from the initial model, Wanda "
+             f"criterion, PAYT every {sz['payt_every']} steps from 20% of training; dense full FT lr {sz['full_lr']}",
+             "", summ["table"], "", "Paired differences (same seeds; a win needs mean > sd):", "", summ["paired_table"],
+             "", "Targets (LoSparse >= the best baseline at 15% and 10% kept):", ""]
+    for k, v in summ["targets"].items():
+        verdict = "met" if v["met_on_means"] and v.get("not_worse_by_paired_rule", True) else "missed"
+        extra = (f", paired {v['mean_diff']:+.2%} ± {v['sd_diff']:.2%} on seeds {v['seeds']}"
+                 if "mean_diff" in v else "")
+        lines.append(f"- {k}: {verdict} (best baseline {v['best_baseline']}{extra})")
+    ex = next((r["exports"] for r in rows.values() if r.get("exports")), None)
+    if ex:
+        fac = ex["params"]["factorized"]
+        lat = ex["latency_ms"]
+        lin = ex["linears_only"]["median_ms"]
+        lines += ["", f"Exports of the LoSparse row with exports (seed 0, 10% kept, {ex['latency_input']}, medians of "
+                  f"{ex['repeats']} alternating repeats, load average {ex['loadavg'][0]:.1f}):", "",
+                  "| export | parameters stored | size on disk | forward latency | targeted linears only | "
+                  "reloaded predictions = trained |", "|---|---|---|---|---|---|",
+                  f"| dense original | {ex['params']['dense original']:,} | - | {lat['dense original']:.0f} ms | "
+                  f"{lin['dense']:.0f} ms | - |",
+                  f"| materialised (plain HF, W' = U·V + S⊙M) | {ex['params']['materialized']:,} | "
+                  f"{ex['disk']['materialized']['bytes'] / 1e6:.1f} MB | {lat['materialized']:.0f} ms | "
+                  f"{lin['dense']:.0f} ms (dense shapes) | {ex['predictions_equal']['materialized']} |",
+                  f"| factorised (U, V, kept S) | {fac['model_params']:,} (linears {fac['linear_kept']:,} of "
+                  f"{fac['linear_dense']:,}) | {ex['disk']['factorized']['bytes'] / 1e6:.1f} MB | "
+                  f"{lat['factorized']:.0f} ms | {lin['factorized']:.0f} ms | {ex['predictions_equal']['factorized']} |"]
+    sm = data.get("smollm2")
+    if sm:
+        c = sm["counts"]
+        lines += ["", f"SmolLM2-135M at {c['linear_kept_fraction']:.1%} of its linear parameters (rank "
+                  f"{c['lowrank_fraction']:.1%} + S {c['sparse_fraction']:.1%}, unstructured), {sm['steps']} recovery "
+                  f"steps of {sm['batch']} x {sm['seqlen']} tokens (lr {sm['lr']}): perplexity {sm['protocol']}", "",
+                  "| model | perplexity |", "|---|---|",
+                  f"| dense | {sm['dense']['perplexity']:.2f} |",
+                  f"| LoSparse at init (U·V + S = W) | {sm['losparse_init']['perplexity']:.2f} |",
+                  f"| LoSparse after recovery | {sm['losparse_after']['perplexity']:.2f} |"]
+    return "\n".join(lines)
+
+
 def run_minilm(args) -> dict:
     fixed_split_data()
     rows_dir = Path(args.out) / "rows"
@@ -424,6 +481,8 @@ def run_minilm(args) -> dict:
 def run_smollm(args) -> dict:
     """SmolLM2 at 50 % of its linear parameters (rank 25 % + S 25 %) after a short causal-LM recovery on
     WikiText-2 valid; perplexity on WikiText-2 test before (dense), at init (U·V + S = W, so dense), after."""
+    import torch
+
     from prunetune.data.sources import load_text
     from prunetune.evaluation.perplexity import perplexity
     from prunetune.methods.base import MethodContext
@@ -505,6 +564,8 @@ def _lowrank_fraction_causal(model, rank_ratio: float) -> float:
 
 
 def main(argv=None) -> None:
+    import torch
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--out", default="/tmp/bench_losparse")

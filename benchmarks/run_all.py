@@ -138,8 +138,18 @@ def render_composability(data: dict) -> str:
     return mod.render(data)
 
 
+def render_losparse(data: dict) -> str:
+    """The LoSparse tables, rebuilt from the raw rows by benchmarks/losparse.py's own `render` (no torch import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_losparse", BENCH_DIR / "losparse.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.render(data)
+
+
 RENDERERS = {"payt_seeds": render_payt_seeds, "payt_summary": render_payt_summary,
-             "composability": render_composability}
+             "composability": render_composability, "losparse": render_losparse}
 BLOCK = re.compile(r"<!-- generated:(?P<name>[\w.-]+) render=(?P<render>\w+) json=(?P<json>\S+) -->\n"
                    r"(?P<body>.*?)\n?<!-- /generated:(?P=name) -->", re.S)
 
