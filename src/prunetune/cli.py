@@ -505,6 +505,16 @@ TUNE_FLAGS = {  # flag parameter -> recipe key
 }
 PAYT_FLAGS = {"sparsity": "payt.sparsity", "schedule": "payt.schedule", "start": "payt.start", "end": "payt.end",
               "every": "payt.every", "criterion": "payt.criterion"}
+LOSPARSE_FLAGS = {"rank_ratio": "losparse.rank_ratio", "keep": "losparse.keep",
+                  "initial_threshold": "losparse.initial_threshold", "warmup_steps": "losparse.warmup_steps",
+                  "initial_warmup": "losparse.initial_warmup", "final_warmup": "losparse.final_warmup",
+                  "initial_warmup_steps": "losparse.initial_warmup_steps",
+                  "final_warmup_steps": "losparse.final_warmup_steps", "delta_t": "losparse.deltaT",
+                  "beta1": "losparse.beta1", "beta2": "losparse.beta2",
+                  "structured_method": "losparse.structured_method",
+                  "structured_direction": "losparse.structured_direction", "distill_from": "losparse.teacher",
+                  "kd_weight": "losparse.kd_weight", "layer_weight": "losparse.layer_weight",
+                  "distill_temp": "losparse.kd_temp"}
 ALL_SAMPLES = ("n_samples", "eval_samples", "test_samples")  # 0 on the command line = all of them
 
 
@@ -530,7 +540,7 @@ def command_recipe(command: str, model: str, flags: dict, extra: dict | None = N
         data, _ = read_recipe_file(base)
         data["stages"] = stages
     data["model"] = {**data.get("model", {}), "name": model}
-    mapping = {**TUNE_FLAGS, **PAYT_FLAGS}
+    mapping = {**TUNE_FLAGS, **PAYT_FLAGS, **LOSPARSE_FLAGS}
     for name, value in flags.items():
         if value is None or name not in mapping:
             continue
@@ -719,6 +729,59 @@ def payt(
     r = run_payt(recipe.model.name, cfg, spec, _claim_out(out), resume=resume, overwrite=overwrite)
     if "timings" in r:
         _print_run(f"payt {model} -> {out}", r)
+
+
+# ------------------------------------------------------------------------------------------------ losparse
+@app.command(epilog=_RECIPE_NOTE)
+def losparse(
+    model: str = typer.Argument(..., help="alias, HF dir or hub id"),
+    task: Optional[str] = typer.Option(None, "--task", help="task data: bbc-news | .csv/.jsonl (text,label) | text source"),
+    task_type: Optional[str] = typer.Option(None, "--task-type", **_TT),
+    rank_ratio: Optional[float] = typer.Option(None, "--rank-ratio", "--low-rank-parameter-ratio", help="share of each matrix in U and V, in (0, 1): rank = ceil(p*m*n/(m+n))"),
+    keep: Optional[float] = typer.Option(None, "--keep", "--final-threshold", help="fraction of S's entries kept at the end, in (0, 1)"),
+    initial_threshold: Optional[float] = typer.Option(None, "--initial-threshold", help="kept fraction of S before pruning"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="the unit of --initial-warmup / --final-warmup"),
+    initial_warmup: Optional[float] = typer.Option(None, "--initial-warmup", help="plain fine-tuning before pruning, in warmup steps"),
+    final_warmup: Optional[float] = typer.Option(None, "--final-warmup", help="steps with the mask fixed at the end, in warmup steps"),
+    initial_warmup_steps: Optional[int] = typer.Option(None, "--initial-warmup-steps", help="the same as a plain step count"),
+    final_warmup_steps: Optional[int] = typer.Option(None, "--final-warmup-steps", help="the same as a plain step count"),
+    delta_t: Optional[int] = typer.Option(None, "--delta-t", "--deltaT", help="recompute the mask every N steps"),
+    beta1: Optional[float] = typer.Option(None, "--beta1", help="EMA of the sensitivity |θ·∇θ|"),
+    beta2: Optional[float] = typer.Option(None, "--beta2", help="EMA of its uncertainty"),
+    structured_method: Optional[str] = typer.Option(None, "--structured-method", "--structured_method", help="mean | sum | max | min (rows/columns of S) | none (unstructured)"),
+    structured_direction: Optional[str] = typer.Option(None, "--structured-direction", "--structured_direction", help="row | col | row_col"),
+    distill_from: Optional[str] = typer.Option(None, "--distill-from", "--teacher-path", help="dense fine-tuned model dir to distil from"),
+    kd_weight: Optional[float] = typer.Option(None, "--kd-weight", help="weight of T^2*KL on the logits (needs --distill-from)"),
+    layer_weight: Optional[float] = typer.Option(None, "--layer-weight", help="weight of the layer-output MSE (needs --distill-from)"),
+    distill_temp: Optional[float] = typer.Option(None, "--distill-temp", help="temperature of the logit KD"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", "--num-epochs", "--num_train_epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr", "--learning-rate", "--learning_rate"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--per-device-train-batch-size"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", "--max-seq-length"),
+    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="training examples (0 = all)"),
+    eval_samples: Optional[int] = typer.Option(None, "--eval-samples"),
+    test_samples: Optional[int] = typer.Option(None, "--test-samples", help="test examples scored (0 = the whole test split)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="training seed; not the split"),
+    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="seed of the fixed train/validation/test split"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe this command runs (YAML) and exit"),
+    resume: bool = typer.Option(False, "--resume"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory"),
+) -> None:
+    """LoSparse: every projection becomes U·V + S (SVD init), S pruned by PLATON while fine-tuning; exports a
+    plain HF dir and the factorised form (prunetune.load_model rebuilds it). Seed option names are aliases."""
+    _quiet_libraries()
+    flags = {k: v for k, v in locals().items() if k not in ("model", "print_recipe", "resume", "overwrite", "out")}
+    recipe = command_recipe("losparse", model, flags)
+    if print_recipe:
+        _print_recipe(recipe)
+        return
+    if out is None:
+        raise PrunetuneError("losparse needs --out (or --print-recipe)")
+    con = _console()
+    con.print(f"[bold]prunetune losparse[/bold] {model} -> {out}")
+    run_and_report(recipe, _claim_out(out), resume=resume, overwrite=overwrite, con=con)
 
 
 # ------------------------------------------------------------------------------------------------ run / recipes / compare

@@ -16,7 +16,7 @@ import torch
 
 from prunetune.errors import PrunetuneError
 
-MODEL_STAGES = ("prune", "finetune", "payt", "structured")
+MODEL_STAGES = ("prune", "finetune", "payt", "structured", "losparse")
 
 
 def produces_model(stage_type: str) -> bool:
@@ -468,9 +468,65 @@ def run_structured(state, out_dir: Path) -> dict:
     }}
 
 
+# --------------------------------------------------------------------------------------------- losparse
+def losparse_spec(spec):
+    """The LoSparse method's spec from the recipe's pydantic `losparse` settings (every field passed explicitly)."""
+    from prunetune.methods.losparse import LosparseSpec
+
+    return LosparseSpec(
+        rank_ratio=spec.rank_ratio, keep=spec.keep, initial_threshold=spec.initial_threshold,
+        warmup_steps=spec.warmup_steps, initial_warmup=spec.initial_warmup, final_warmup=spec.final_warmup,
+        initial_warmup_steps=spec.initial_warmup_steps, final_warmup_steps=spec.final_warmup_steps,
+        deltaT=spec.deltaT, beta1=spec.beta1, beta2=spec.beta2,
+        structured_method=None if spec.structured_method == "none" else spec.structured_method,
+        structured_direction=spec.structured_direction, roles=tuple(spec.roles), teacher=spec.teacher,
+        kd_weight=spec.kd_weight, kd_temp=spec.kd_temp, layer_weight=spec.layer_weight).validate()
+
+
+def run_losparse(state, out_dir: Path) -> dict:
+    """LoSparse fine-tuning (full FT of U, V, S and the rest); saves the materialised model as the stage's
+    model and the factorised export beside it (`factorized/`, loaded by `prunetune.load_model`)."""
+    import shutil
+
+    from prunetune.methods.losparse import Losparse
+    from prunetune.tuning.trainer import finetune
+
+    recipe, spec = state.recipe, state.spec
+    if recipe.tune.mode != "full":
+        raise PrunetuneError("losparse trains U, V and S itself: set tune.mode: full (the command's --full)")
+    cfg = tune_config(recipe, recipe.tune, state.seed + state.index)
+    work = out_dir / "tune"
+    if cfg.task == "causal-lm":
+        cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
+                                           out_dir / "tune-train.txt"))
+    lspec = losparse_spec(spec)
+    res = finetune(state.model_spec(), cfg, work, method=Losparse(lspec), kind="losparse")
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    if (work / "factorized").is_dir():
+        shutil.move(str(work / "factorized"), str(out_dir / "factorized"))
+    model, tok = res["_model"], res["_tokenizer"]
+    _dump(out_dir / "curves.json", read_curves(work / "train_log.csv"))
+    facts = res.get("losparse", {})
+    _dump(out_dir / "losparse.json", {k: v for k, v in res.items() if k.startswith("losparse")})
+    save_model(state, out_dir, model, tok, None, extra={"losparse": facts.get("parameters")})
+    counts = facts.get("parameters", {})
+    proto = {"losparse": lspec.to_dict(), "tune": cfg.to_dict(), "steps": res["global_step"],
+             "what": "targeted linears: U·V + kept entries of S, against the dense linears they replace"}
+    test = res.get("test_after_merge", {})
+    metrics: dict = {"linear_kept_fraction": {"value": counts.get("linear_kept_fraction"), "protocol": proto},
+                     "lowrank_fraction": {"value": counts.get("lowrank_fraction"), "protocol": proto},
+                     "sparse_fraction": {"value": counts.get("sparse_fraction"), "protocol": proto},
+                     "train_loss": {"value": res["train_loss"], "protocol": {"steps": res["global_step"]}}}
+    for key in ("accuracy", "macro_f1", "loss"):
+        if key in test:
+            metrics[f"losparse_test_{key}"] = {"value": test[key], "protocol": _test_protocol(test, res, recipe)}
+    metrics["train_seconds"] = {"value": res["timings"].get("train_s"), "protocol": {"what": "Trainer.train wall time"}}
+    return {"metrics": metrics}
+
+
 STAGES: dict[str, Callable] = {
     "evaluate": run_evaluate, "prune": run_prune, "finetune": run_finetune, "payt": run_payt,
-    "export": run_export, "order_study": run_order_study, "structured": run_structured,
+    "export": run_export, "order_study": run_order_study, "structured": run_structured, "losparse": run_losparse,
 }
 
 
