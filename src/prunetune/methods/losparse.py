@@ -36,9 +36,8 @@ faster than dense; the materialised form is a plain HF directory any transformer
 
 from __future__ import annotations
 
-import json
 import math
-import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -620,7 +619,9 @@ def save_factorized(model: nn.Module, tokenizer: Any, out: Path | str, spec: Los
             t["values"] = S[t["index"]]
         else:
             kind = "csr"
-            csr = S.to_sparse_csr()
+            with warnings.catch_warnings():  # "CSR support is in beta": the format is only stored here
+                warnings.simplefilter("ignore", UserWarning)
+                csr = S.to_sparse_csr()
             t.update(crow=csr.crow_indices(), col=csr.col_indices(), values=csr.values())
         tensors[name] = t
         desc[name] = {"kind": kind, "rank": mod.rank, "shape": [mod.out_features, mod.in_features],

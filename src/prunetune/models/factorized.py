@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,9 @@ class FactorizedLinear(nn.Module):
         self.csr = None
         if kind == "csr" and csr is not None:
             crow, col, val = csr
-            self.csr = torch.sparse_csr_tensor(crow, col, val, (self.out_features, self.in_features))
+            with warnings.catch_warnings():  # torch's "invariant checks disabled" notice, once per layer
+                warnings.simplefilter("ignore", UserWarning)
+                self.csr = torch.sparse_csr_tensor(crow, col, val, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(F.linear(x, self.V), self.U, self.bias)
