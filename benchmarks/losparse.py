@@ -184,9 +184,7 @@ def train_with_method(model_spec: str, cfg, method, out: Path, label_names=None)
 
 
 def row_losparse(args, seed, out, budget, distill_from: str | None = None, structured: str | None = "default"):
-    from prunetune.evaluation.task import classification_metrics
-    from prunetune.methods.losparse import Losparse, LosparseSpec, losparse_layers, parameter_counts
-    from prunetune.tuning.trainer import predict_classes
+    from prunetune.methods.losparse import Losparse, LosparseSpec
 
     cfg = tune_config(args, seed, lora=False, kd=False, lr=args.losparse_lr)
     rank_ratio = RANK_SPLIT[budget]
@@ -200,19 +198,37 @@ def row_losparse(args, seed, out, budget, distill_from: str | None = None, struc
     if distill_from:
         spec.teacher, spec.kd_weight, spec.layer_weight, spec.kd_temp = distill_from, 1.0, 1.0, 2.0
     method = Losparse(spec)
-    model, tok, data, ctx, info = train_with_method(args.model, cfg, method, Path(out))
-    counts = parameter_counts(model)
-    preds = predict_classes(model, tok, data["test"], cfg.max_length)
-    labels = [e["label"] for e in data["test"]]
-    m = classification_metrics(preds, labels)
-    res = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "predictions": preds, "rank_ratio": rank_ratio,
-           "keep_of_S": keep, "counts": counts, "linear_kept_fraction": counts["linear_kept_fraction"],
-           "lowrank_fraction": counts["lowrank_fraction"], "sparse_fraction": counts["sparse_fraction"],
-           "ranks": {n: lay.rank for n, lay in losparse_layers(model).items()}, "events": method.events,
-           "schedule": method.summary()["schedule"], "spec": spec.to_dict(), **info}
+    plain, tok, test, label_names, info = run_method(args.model, cfg, method, Path(out))
+    counts = method.counts  # measured on the factorised model, before finalize materialised it
+    res = {**info, "rank_ratio": rank_ratio, "keep_of_S": keep, "counts": counts,
+           "linear_kept_fraction": counts["linear_kept_fraction"], "lowrank_fraction": counts["lowrank_fraction"],
+           "sparse_fraction": counts["sparse_fraction"],
+           "ranks": {n: d["rank"] for n, d in method.layer_info.items()}, "events": method.events,
+           "schedule": method.summary()["losparse_schedule"], "spec": spec.to_dict()}
     if args.exports and seed == 0 and budget == min(args.budgets):
-        res["exports"] = export_and_time(model, tok, data, cfg, spec, Path(out), ctx, preds)
+        res["exports"] = export_and_time(plain, tok, test, label_names, cfg, Path(out), res["predictions"])
     return res
+
+
+def run_method(model_spec: str, cfg, method, out: Path):
+    """The method through `tuning.finetune(..., method=)` when this build has it, else `train_with_method`.
+    Returns (materialised model, tokenizer, test examples, label names, row facts incl. predictions)."""
+    import inspect
+
+    from prunetune.evaluation.task import classification_metrics
+    from prunetune.tuning import trainer as tr
+
+    if "method" in inspect.signature(tr.finetune).parameters:
+        r = tr.finetune(model_spec, cfg, out, method=method, overwrite=True, kind="losparse")
+        info = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "predictions": r["predictions"],
+                "global_step": r["global_step"], "train_s": r["timings"]["train_s"]}
+        test = r["_test"]
+        return r["_model"], r["_tokenizer"], test, None, info
+    plain, tok, data, ctx, info = train_with_method(model_spec, cfg, method, out)
+    preds = tr.predict_classes(plain, tok, data["test"], cfg.max_length)
+    m = classification_metrics(preds, [e["label"] for e in data["test"]])
+    info.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"], predictions=preds)
+    return plain, tok, data["test"], data["label_names"], info
 
 
 def _lowrank_fraction(model_spec: str, rank_ratio: float) -> float:
@@ -228,30 +244,28 @@ def _lowrank_fraction(model_spec: str, rank_ratio: float) -> float:
     return lowrank / dense
 
 
-def export_and_time(model, tok, data, cfg, spec, out: Path, ctx, preds) -> dict:
+def export_and_time(plain, tok, test, label_names, cfg, out: Path, preds) -> dict:
     """Both exports, reloaded: same predictions, parameter counts, size on disk and CPU latency against the
-    dense original (alternating, median of `repeats`)."""
+    dense original (alternating, median of `repeats`). The factorised export is the one finalize wrote."""
     import torch
+    from transformers import AutoModelForSequenceClassification
 
     from prunetune.evaluation.speed import size_on_disk
-    from prunetune.methods.losparse import materialize, parameter_counts, save_factorized
+    from prunetune.methods.losparse import parameter_counts
     from prunetune.models.arch import parameter_count
     from prunetune.models.export import save_hf_dir
     from prunetune.models.loading import load_model
     from prunetune.tuning.trainer import predict_classes
 
-    fac_dir, plain_dir = out / "export-factorized", out / "export-materialized"
-    save_factorized(model, tok, fac_dir, spec, task="seq-cls")
-    plain = materialize(copy.deepcopy(model), ctx.masks)
+    fac_dir, plain_dir = out / "factorized", out / "export-materialized"
     save_hf_dir(plain, tok, plain_dir)
     fac = load_model(str(fac_dir)).model
-    from transformers import AutoModelForSequenceClassification
-
     mat = AutoModelForSequenceClassification.from_pretrained(plain_dir).eval()
-    dense = load_model(cfg_model(model), "seq-cls", label_names=data["label_names"]).model.eval()
-    p_fac = predict_classes(fac, tok, data["test"], cfg.max_length)
-    p_mat = predict_classes(mat, tok, data["test"], cfg.max_length)
-    enc = tok([e["text"] for e in data["test"][:8]], truncation=True, max_length=cfg.max_length,
+    n_labels = mat.config.num_labels
+    dense = load_model(cfg_model(None), "seq-cls", num_labels=n_labels).model.eval()
+    p_fac = predict_classes(fac, tok, test, cfg.max_length)
+    p_mat = predict_classes(mat, tok, test, cfg.max_length)
+    enc = tok([e["text"] for e in test[:8]], truncation=True, max_length=cfg.max_length,
               padding="max_length", return_tensors="pt")
     times: dict[str, list[float]] = {"dense original": [], "materialized": [], "factorized": []}
     models = {"dense original": dense, "materialized": mat, "factorized": fac}
@@ -268,7 +282,9 @@ def export_and_time(model, tok, data, cfg, spec, out: Path, ctx, preds) -> dict:
             "params": {"dense original": parameter_count(dense), "materialized": parameter_count(mat),
                        "factorized": parameter_counts(fac)},
             "disk": {"materialized": size_on_disk(plain_dir), "factorized": size_on_disk(fac_dir)},
-            "latency_ms": med, "latency_input": f"batch 8 x {cfg.max_length} tokens (padded)", "linears_only": linears_only(model_layers_dense(dense), fac, cfg.max_length), "latency_ratio_vs_dense": {k: v / med["dense original"] for k, v in med.items()},
+            "latency_ms": med, "latency_input": f"batch 8 x {cfg.max_length} tokens (padded)",
+            "linears_only": linears_only(model_layers_dense(dense), fac, cfg.max_length),
+            "latency_ratio_vs_dense": {k: v / med["dense original"] for k, v in med.items()},
             "latency_all_ms": {k: [x * 1000 for x in v] for k, v in times.items()}, "repeats": 7,
             "loadavg": os.getloadavg()}
 
@@ -541,7 +557,7 @@ def run_smollm(args) -> dict:
     model = method.finalize(model, ctx)
     model.eval()
     after_ppl = ppl(model)
-    counts = parameter_counts(model)
+    counts = method.counts  # of the factorised model, measured by finalize before it materialised
     res = {"model": "smollm2-135m", "dense": dense_ppl, "losparse_init": init_ppl, "losparse_after": after_ppl,
            "counts": counts, "spec": spec.to_dict(), "steps": steps, "batch": cfg.batch_size, "seqlen": cfg.max_length,
            "lr": cfg.learning_rate, "train_losses": losses, "train_s": train_s, "events": method.events,
