@@ -436,13 +436,15 @@ def render(data: dict) -> str:
     sm = data.get("smollm2")
     if sm:
         c = sm["counts"]
+        st = sm["spec"].get("structured_method") or "unstructured"
+        st = st if st == "unstructured" else f"structured {sm['spec']['structured_direction']}s, {st}"
         lines += ["", f"SmolLM2-135M at {c['linear_kept_fraction']:.1%} of its linear parameters (rank "
-                  f"{c['lowrank_fraction']:.1%} + S {c['sparse_fraction']:.1%}, unstructured), {sm['steps']} recovery "
+                  f"{c['lowrank_fraction']:.1%} + S {c['sparse_fraction']:.1%}, S {st}), {sm['steps']} recovery "
                   f"steps of {sm['batch']} x {sm['seqlen']} tokens (lr {sm['lr']}): perplexity {sm['protocol']}", "",
                   "| model | perplexity |", "|---|---|",
-                  f"| dense | {sm['dense']['perplexity']:.2f} |",
-                  f"| LoSparse at init (U·V + S = W) | {sm['losparse_init']['perplexity']:.2f} |",
-                  f"| LoSparse after recovery | {sm['losparse_after']['perplexity']:.2f} |"]
+                  f"| dense | {sm['dense']['value']:.2f} |",
+                  f"| LoSparse at init (U·V + S = W) | {sm['losparse_init']['value']:.2f} |",
+                  f"| LoSparse after recovery | {sm['losparse_after']['value']:.2f} |"]
     return "\n".join(lines)
 
 
