@@ -123,66 +123,6 @@ def row_wanda_lora(args, seed, out, budget):
     return _payt_like(args, seed, out, budget, "oneshot")
 
 
-def train_with_method(model_spec: str, cfg, method, out: Path, label_names=None):
-    """Drive a `Method` through transformers' Trainer in the documented order: extra_loss inside compute_loss,
-    after_step on `on_optimizer_step` (after optimizer.step, before zero_grad), masks enforced right after it,
-    finalize after training. Used until `tuning.finetune(..., method=)` is on main."""
-    import torch
-
-    from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
-
-    from prunetune.methods.base import MethodContext
-    from prunetune.models.loading import load_model
-    from prunetune.tuning import trainer as tr
-
-    data = tr.load_task_data(cfg)
-    loaded = load_model(model_spec, "seq-cls", label_names=data["label_names"])
-    model, tok = loaded.model, loaded.tokenizer
-    train_ds = tr._encode_cls(tok, data["train"], cfg.max_length)
-    val_ds = tr._encode_cls(tok, data["validation"], cfg.max_length)
-    steps_per_epoch = max(1, math.ceil(len(train_ds) / cfg.batch_size))
-    total = int(math.ceil(steps_per_epoch * cfg.epochs))
-    ctx = MethodContext(task="seq-cls", tokenizer=tok, max_steps=total, steps_per_epoch=steps_per_epoch, out=out,
-                        seed=cfg.seed, extra={"label_names": data["label_names"]})
-    torch.manual_seed(cfg.seed)
-    model = method.prepare(model, ctx)
-    model.train()
-    args = tr._training_args(TrainingArguments, out, cfg, steps_per_epoch, "seq-cls", False, 1)
-    args.save_strategy = "no"
-    args.eval_strategy = "no"
-    args.report_to = []
-
-    class Hooks(TrainerCallback):
-        def on_optimizer_step(self, a, state, control, model=None, **kw):
-            ctx.step = state.global_step + 1
-            method.after_step(model, ctx)
-            if len(ctx.masks):
-                ctx.masks.apply(model)
-
-    base = tr._trainer_class()
-
-    class MethodTrainer(base):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
-            if model.training:
-                extra, _ = method.extra_loss(model, inputs, outputs, ctx)
-                if extra is not None:
-                    loss = loss + extra
-            return (loss, outputs) if return_outputs else loss
-
-    trainer = MethodTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                            data_collator=DataCollatorWithPadding(tok), processing_class=tok, callbacks=[Hooks()],
-                            teacher=None)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    t0 = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - t0
-    model = method.finalize(trainer.model, ctx)
-    return model, tok, data, ctx, {"global_step": trainer.state.global_step, "train_s": train_s}
-
-
 def row_losparse(args, seed, out, budget, distill_from: str | None = None, structured: str | None = "default"):
     from prunetune.methods.losparse import Losparse, LosparseSpec
 
@@ -211,24 +151,15 @@ def row_losparse(args, seed, out, budget, distill_from: str | None = None, struc
 
 
 def run_method(model_spec: str, cfg, method, out: Path):
-    """The method through `tuning.finetune(..., method=)` when this build has it, else `train_with_method`.
-    Returns (materialised model, tokenizer, test examples, label names, row facts incl. predictions)."""
-    import inspect
+    """The method through `tuning.finetune(..., method=)` (prepare, extra_loss, after_step after each optimizer
+    step, finalize: the factorised export goes to OUT/factorized). Returns (materialised model, tokenizer, test
+    examples, label names, row facts incl. predictions)."""
+    from prunetune.tuning.finetune import finetune
 
-    from prunetune.evaluation.task import classification_metrics
-    from prunetune.tuning import trainer as tr
-
-    if "method" in inspect.signature(tr.finetune).parameters:
-        r = tr.finetune(model_spec, cfg, out, method=method, overwrite=True, kind="losparse")
-        info = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "predictions": r["predictions"],
-                "global_step": r["global_step"], "train_s": r["timings"]["train_s"]}
-        test = r["_test"]
-        return r["_model"], r["_tokenizer"], test, None, info
-    plain, tok, data, ctx, info = train_with_method(model_spec, cfg, method, out)
-    preds = tr.predict_classes(plain, tok, data["test"], cfg.max_length)
-    m = classification_metrics(preds, [e["label"] for e in data["test"]])
-    info.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"], predictions=preds)
-    return plain, tok, data["test"], data["label_names"], info
+    r = finetune(model_spec, cfg, out, method=method, overwrite=True, kind="losparse")
+    info = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "predictions": r["predictions"],
+            "global_step": r["global_step"], "train_s": r["timings"]["train_s"]}
+    return r["_model"], r["_tokenizer"], r["_test"], None, info
 
 
 def _lowrank_fraction(model_spec: str, rank_ratio: float) -> float:
@@ -523,7 +454,9 @@ def run_smollm(args) -> dict:
                         batch_size=4, max_length=args.sm_seqlen, n_samples=args.sm_steps * 4, eval_samples=4, seed=0,
                         retention=False, export=False, data_dir=os.environ.get("PRUNETUNE_DATA_DIR"))
     data = tr.load_task_data(cfg, tok)
-    train = tr._encode_lm(tok, [e["text"] for e in data["train"]], cfg.max_length)
+    from prunetune.tuning.data import encode_lm
+
+    train = encode_lm(tok, [e["text"] for e in data["train"]], cfg.max_length)
     steps = math.ceil(len(train) / cfg.batch_size)
     spec = LosparseSpec(rank_ratio=0.25, keep=round(0.5 - _lowrank_fraction_causal(model, 0.25), 6),
                         initial_warmup_steps=args.sm_iw, final_warmup_steps=args.sm_fw, deltaT=args.sm_delta_t,

@@ -489,7 +489,7 @@ def run_losparse(state, out_dir: Path) -> dict:
     import shutil
 
     from prunetune.methods.losparse import Losparse
-    from prunetune.tuning.trainer import finetune
+    from prunetune.tuning.finetune import finetune
 
     recipe, spec = state.recipe, state.spec
     if recipe.tune.mode != "full":
@@ -500,11 +500,6 @@ def run_losparse(state, out_dir: Path) -> dict:
         cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
                                            out_dir / "tune-train.txt"))
     lspec = losparse_spec(spec)
-    import inspect
-
-    if "method" not in inspect.signature(finetune).parameters:  # the Method driver of issue 17
-        raise PrunetuneError("losparse needs tuning.finetune(..., method=), the method lifecycle driver, "
-                             "which this build does not have yet")
     res = finetune(state.model_spec(), cfg, work, method=Losparse(lspec), kind="losparse")
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     if (work / "factorized").is_dir():
