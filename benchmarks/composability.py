@@ -97,7 +97,9 @@ def main() -> int:
     from prunetune.evaluation.task import evaluate_classification
     from prunetune.methods import composable as C
     from prunetune.models.loading import load_model
-    from prunetune.tuning.trainer import TuneConfig, finetune, load_task_data
+    from prunetune.tuning.config import TuneConfig
+    from prunetune.tuning.data import load_task_data
+    from prunetune.tuning.finetune import finetune
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ run resumes. The summary (all rows, aggregates, the markdown table, machine, siz
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -50,7 +49,7 @@ def machine() -> dict:
 def tune_config(args, seed: int, **kw):
     """The shared budget of every row (one place, so the methods differ only in what they are)."""
     from prunetune.data.mixing import MixSpec
-    from prunetune.tuning.trainer import TuneConfig
+    from prunetune.tuning.config import TuneConfig
 
     base = dict(task="seq-cls", data="bbc-news", n_samples=args.n_samples, eval_samples=args.eval_samples,
                 epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=seed,
@@ -62,32 +61,13 @@ def tune_config(args, seed: int, **kw):
     return cfg
 
 
-def fixed_split_data():
-    """Task data on the fixed split. Until `TuneConfig.split_seed` exists, `load_task_data` seeds the split with
-    the training seed; this wrapper pins the data (split and training subsample) to SPLIT_SEED instead, for
-    every method alike."""
-    import prunetune.tuning.trainer as tr
-
-    if "split_seed" in tr.TuneConfig.__dataclass_fields__ or getattr(tr, "_losparse_bench_patched", False):
-        return
-    orig = tr.load_task_data
-
-    def pinned(cfg, tokenizer=None):
-        c = copy.copy(cfg)
-        c.seed = SPLIT_SEED
-        return orig(c, tokenizer)
-
-    tr.load_task_data = pinned
-    tr._losparse_bench_patched = True
-
-
 def _clean(r: dict) -> dict:
     return {k: v for k, v in r.items() if not k.startswith("_") and k not in ("layer_sparsity",)}
 
 
 # ------------------------------------------------------------------------------------------------ rows
 def row_dense(args, seed, out):
-    from prunetune.tuning.trainer import finetune
+    from prunetune.tuning.finetune import finetune
 
     cfg = tune_config(args, seed, lora=False, kd=False, lr=args.full_lr, export=True)
     r = finetune(args.model, cfg, out, overwrite=True, kind="dense-full")
@@ -186,7 +166,7 @@ def export_and_time(plain, tok, test, label_names, cfg, out: Path, preds) -> dic
     from prunetune.models.arch import parameter_count
     from prunetune.models.export import save_hf_dir
     from prunetune.models.loading import load_model
-    from prunetune.tuning.trainer import predict_classes
+    from prunetune.evaluation.task import predict_classes
 
     fac_dir, plain_dir = out / "factorized", out / "export-materialized"
     save_hf_dir(plain, tok, plain_dir)
@@ -194,8 +174,9 @@ def export_and_time(plain, tok, test, label_names, cfg, out: Path, preds) -> dic
     mat = AutoModelForSequenceClassification.from_pretrained(plain_dir).eval()
     n_labels = mat.config.num_labels
     dense = load_model(cfg_model(None), "seq-cls", num_labels=n_labels).model.eval()
-    p_fac = predict_classes(fac, tok, test, cfg.max_length)
-    p_mat = predict_classes(mat, tok, test, cfg.max_length)
+    texts = [e["text"] for e in test]
+    p_fac = predict_classes(fac, tok, texts, cfg.max_length, progress=False)
+    p_mat = predict_classes(mat, tok, texts, cfg.max_length, progress=False)
     enc = tok([e["text"] for e in test[:8]], truncation=True, max_length=cfg.max_length,
               padding="max_length", return_tensors="pt")
     times: dict[str, list[float]] = {"dense original": [], "materialized": [], "factorized": []}
@@ -380,7 +361,6 @@ def render(data: dict) -> str:
 
 
 def run_minilm(args) -> dict:
-    fixed_split_data()
     rows_dir = Path(args.out) / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     plan = []
@@ -437,7 +417,8 @@ def run_smollm(args) -> dict:
     from prunetune.methods.base import MethodContext
     from prunetune.methods.losparse import Losparse, LosparseSpec, parameter_counts
     from prunetune.models.loading import load_model
-    from prunetune.tuning import trainer as tr
+    from prunetune.tuning.config import TuneConfig
+    from prunetune.tuning.data import load_task_data
 
     out = Path(args.out) / "smollm2"
     res_path = out / "result.json"
@@ -450,10 +431,10 @@ def run_smollm(args) -> dict:
     ppl = lambda m: perplexity(m, tok, test, seqlen=args.sm_seqlen, max_windows=args.sm_windows)  # noqa: E731
     t0 = time.perf_counter()
     dense_ppl = ppl(model)
-    cfg = tr.TuneConfig(task="causal-lm", data="wikitext2", lora=False, kd=False, epochs=1, lr=args.sm_lr,
+    cfg = TuneConfig(task="causal-lm", data="wikitext2", lora=False, kd=False, epochs=1, lr=args.sm_lr,
                         batch_size=4, max_length=args.sm_seqlen, n_samples=args.sm_steps * 4, eval_samples=4, seed=0,
                         retention=False, export=False, data_dir=os.environ.get("PRUNETUNE_DATA_DIR"))
-    data = tr.load_task_data(cfg, tok)
+    data = load_task_data(cfg, tok)
     from prunetune.tuning.data import encode_lm
 
     train = encode_lm(tok, [e["text"] for e in data["train"]], cfg.max_length)

@@ -163,8 +163,8 @@ def main() -> None:
         print(table(json.loads(Path(args.out).read_text())))
         return
 
-    from prunetune.methods.structured_prune import (allocate_widths, calibration_windows, geometry,
-                                                    prune_structured)
+    from prunetune.methods.structured import prune_structured
+    from prunetune.methods.structured_prune import allocate_widths, calibration_windows, geometry
 
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +274,8 @@ def main() -> None:
             if not d.exists():
                 print("cannot recover", row, "(its export is gone: re-run the row)", flush=True)
                 continue
-            from prunetune.tuning.trainer import TuneConfig, finetune
+            from prunetune.tuning.config import TuneConfig
+            from prunetune.tuning.finetune import finetune
 
             t_r = time.perf_counter()
             cfg = TuneConfig(task="causal-lm", data="wikitext2", kd=False, epochs=1, n_samples=args.recover_samples,

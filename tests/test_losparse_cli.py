@@ -50,7 +50,6 @@ def test_end_to_end_tiny_run_both_exports_reload(tmp_path, capsys):
     import torch
 
     import prunetune
-    from prunetune.tuning.trainer import predict_classes  # noqa: F401  (same helper the stage scores with)
 
     out = tmp_path / "run"
     cli_ok(["losparse", "tiny-bert", "--task", "bbc-news", "--n-samples", "24", "--epochs", "1", "--batch-size", "4",

@@ -477,3 +477,23 @@ def test_csv_logger_appends_fixed_columns_and_keeps_every_key_in_jsonl(tmp_path)
     assert list(rows[0]) == list(CSV_COLUMNS) and rows[0]["loss"] == "2.0" and rows[1]["eval_loss"] == "1.5"
     js = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert js[1] == {"step": 2, "epoch": 0.5, "eval_loss": 1.5, "method/kl": 0.25}
+
+
+def test_finetune_driver_runs_seq2seq_pairs(tmp_path):
+    """`finetune` with task seq2seq delegates to the seq2seq trainer: the loss falls, BLEU is reported, and
+    options it cannot honour (KD, a training-time method) are one-line errors, not silently ignored."""
+    from prunetune.errors import PrunetuneError
+    from prunetune.methods.base import Method
+    from prunetune.tuning.config import TuneConfig
+    from prunetune.tuning.finetune import finetune
+
+    cfg = TuneConfig(task="seq2seq", data="synthetic", lora=False, kd=False, epochs=1.0, lr=3e-3, batch_size=16,
+                     max_length=24, n_samples=48, eval_samples=8, retention=False)
+    r = finetune("tiny-t5", cfg, tmp_path / "s2s")
+    assert r["global_step"] == 3 and r["train_examples"] == 48
+    assert r["after"]["loss"] < r["before"]["loss"]
+    assert "bleu" in r["after"]
+    with pytest.raises(PrunetuneError, match="--no-kd"):
+        finetune("tiny-t5", TuneConfig(**{**cfg.__dict__, "kd": True}), tmp_path / "kd")
+    with pytest.raises(PrunetuneError, match="seq2seq"):
+        finetune("tiny-t5", cfg, tmp_path / "m", method=Method())

@@ -15,9 +15,9 @@ from prunetune.methods.structured_prune import (
     apply_masks,
     geometry,
     parse_structures,
-    prune_structured,
     select,
 )
+from prunetune.methods.structured import prune_structured
 from prunetune.methods.vib import GateBank, VibConfig, VibMethod, train_gates
 
 

@@ -938,11 +938,12 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
                    baseline: bool = True, cache_dir: Path | str | None = None,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Plan, fine-tune the unique modules once (cached), compose every configuration and fine-tune it at
-    model level (`tune`: a `tuning.trainer.TuneConfig`); with `baseline`, the same model-level fine-tuning from
+    model level (`tune`: a `tuning.config.TuneConfig`); with `baseline`, the same model-level fine-tuning from
     the pruned modules without module-level fine-tuning. Writes `out/<config>/{composed,baseline}/` and returns
     per-configuration metrics, validation curves and the compute time of both routes."""
     from prunetune.models.loading import load_model
-    from prunetune.tuning.trainer import finetune, load_task_data
+    from prunetune.tuning.data import load_task_data
+    from prunetune.tuning.finetune import finetune
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ chosen by score within the layer. Widths of neurons and hidden channels are mult
 a sparsity refers to is *block parameters*: the weights of the seven projections of every block (norms,
 embeddings and the LM head excluded), as in the issue and the TVA-Prune paper.
 
-The math of the baselines' scores is in pure functions (`group_*`); `prune_structured` is the lifecycle.
+The math of the baselines' scores is in pure functions (`group_*`); `methods.structured.prune_structured` is the lifecycle.
 """
 
 from __future__ import annotations
@@ -391,58 +391,3 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     from prunetune.pruning.api import calibration_ids
 
     return calibration_ids(source, tokenizer, nsamples, seqlen, seed)
-
-
-def prune_structured(model: nn.Module, method: str, sparsity: float, *, structures: str | tuple[str, ...] =
-                     ("heads", "neurons"), round_to: int = 64, ids: torch.Tensor | None = None,
-                     shrink: bool = True, vib: dict | None = None, batch_size: int = 4) -> tuple[nn.Module, dict]:
-    """One-shot structured pruning to `sparsity` of block parameters; returns (model, facts).
-
-    `method` is `vib` (gates trained on `ids`, see `methods.vib`) or a baseline (`l1`, `l2`, `wanda`, `flap`;
-    Wanda and FLAP need `ids`). With `shrink=False` the removed structures are zeroed instead (same outputs
-    for heads and neurons), which needs no surgery.
-    """
-    structs = parse_structures(structures)
-    geom = geometry(model)
-    check_inputs(geom, sparsity, structs, round_to)
-    facts: dict = {"method": method, "sparsity_target": sparsity, "structures": list(structs), "round_to": round_to}
-    if method == "vib":
-        from prunetune.methods.vib import VibConfig, VibMethod, train_gates
-
-        if ids is None:
-            raise PrunetuneError("vib needs calibration text (token windows) to train its gates")
-        cfg = VibConfig(**{**(vib or {}), "target_sparsity": sparsity, "structures": structs, "round_to": round_to})
-        meth = VibMethod(cfg)
-        train_gates(model, meth, ids)
-        widths, scores = meth.widths(geom), meth.scores()
-        sel = select(scores, widths, geom)
-        meth.fold(model, sel)
-        facts["vib"] = meth.summary()
-    elif method in BASELINES:
-        stats = None
-        if method in ("wanda", "flap"):
-            if ids is None:
-                raise PrunetuneError(f"{method} needs calibration text to score structures")
-            stats = collect_moments(model, ids, batch_size)
-            facts["calibration"] = {"windows": int(ids.shape[0]), "seqlen": int(ids.shape[1])}
-        scores = baseline_scores(model, method, stats)
-        widths = allocate_widths(geom, sparsity, structs, round_to)
-        sel = select({k: v for k, v in scores.items() if k in structs}, widths, geom)
-        if method == "flap":
-            assert stats is not None
-            flap_compensate(model, sel, stats)
-    else:
-        raise PrunetuneError(f"unknown structured method '{method}'; choose vib or one of {', '.join(BASELINES)}")
-    dense = geom.dense()
-    facts.update({
-        "widths": widths.to_dict(), "dense_widths": dense.to_dict(),
-        "block_params": geom.block_params(widths), "dense_block_params": geom.block_params(dense),
-        "block_sparsity": 1 - geom.block_params(widths) / geom.block_params(dense),
-        "compute_ratio": geom.flops_per_token(dense) / geom.flops_per_token(widths),
-    })
-    if shrink:
-        model = shrink_selection(model, sel, structs)
-    else:
-        apply_masks(model, sel)
-    facts["shrunk"] = shrink
-    return model, facts

@@ -149,7 +149,10 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
     The human report (report.md, plots) is not written here: `reporting` reads run directories and the
     runner does not import it (layers point down); `prunetune run` writes it after this returns.
     """
+    from prunetune.pipelines.compose import run_compose
     from prunetune.pipelines.stages import STAGES, produces_model
+
+    stages = {**STAGES, "compose": run_compose}  # compose builds on stages' helpers, so it is joined here
 
     out = Path(out)
     prepare_run_dir(out, recipe, resume, overwrite, log)
@@ -173,7 +176,7 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
             state = RunState(recipe, out, i, name, recipe.stage_spec(i), model_dir, list(history))
             _reset_peak_rss()
             t0 = time.perf_counter()
-            result = STAGES[st.type](state, tmp) or {}
+            result = stages[st.type](state, tmp) or {}
             seconds = time.perf_counter() - t0
             peak = _peak_rss_mb()
             del state

@@ -433,7 +433,7 @@ def run_structured(state, out_dir: Path) -> dict:
     """VIB or a baseline to a fraction of block parameters, then physical shrink; saves the smaller model."""
     from prunetune.data.calibration import calibration_samples
     from prunetune.data.sources import load_text
-    from prunetune.methods.structured_prune import prune_structured
+    from prunetune.methods.structured import prune_structured
 
     spec = state.spec
     loaded = state.load()
@@ -528,12 +528,3 @@ STAGES: dict[str, Callable] = {
     "evaluate": run_evaluate, "prune": run_prune, "finetune": run_finetune, "payt": run_payt,
     "export": run_export, "order_study": run_order_study, "structured": run_structured, "losparse": run_losparse,
 }
-
-
-def _run_compose(state, out_dir: Path) -> dict:
-    from prunetune.pipelines.compose import run_compose
-
-    return run_compose(state, out_dir)
-
-
-STAGES["compose"] = _run_compose

@@ -9,7 +9,7 @@ from prunetune.errors import PrunetuneError
 from prunetune.tuning.distill import check_kd
 from prunetune.tuning.lora import check_lora
 
-TASKS = ("seq-cls", "causal-lm")
+TASKS = ("seq-cls", "causal-lm", "seq2seq")
 
 
 @dataclass

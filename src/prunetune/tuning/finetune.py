@@ -201,6 +201,14 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     """
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     cfg.validate()
+    if cfg.task == "seq2seq":  # (source, target) pairs: Seq2SeqTrainer, generation and BLEU live in tuning.seq2seq
+        if method is not None:
+            raise PrunetuneError(f"method '{method.name}' does not support seq2seq fine-tuning yet")
+        if cfg.kd:
+            raise PrunetuneError("seq2seq fine-tuning trains on the label cross-entropy only: turn KD off (--no-kd)")
+        from prunetune.tuning.seq2seq import finetune_task
+
+        return finetune_task(model, cfg, out, tokenizer=tokenizer, masks=masks, callbacks=callbacks)
     in_memory = not isinstance(model, str)
     spec = model if not in_memory else model_name
     if in_memory and cfg.retention and model_name is None:

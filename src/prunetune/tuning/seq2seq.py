@@ -197,7 +197,7 @@ def finetune_seq2seq(model: nn.Module, tokenizer, cfg: Seq2SeqConfig, out: Path 
     """
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-    from prunetune.tuning.trainer import CsvLogger, MaskEnforcer
+    from prunetune.tuning.callbacks import CsvLogger, MaskEnforcer
 
     cfg.validate()
     out = Path(out)
