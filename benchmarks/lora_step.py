@@ -1,6 +1,6 @@
 """Mask-aware LoRA step against a plain peft LoRA step (issue 17), on the same 50%-pruned SmolLM2-135M.
 
-The baseline (`lora_step_baseline.py`, committed first and unchanged since) is peft's own LoRA: it trains
+The baseline (`_lora_step_baseline.py`, committed first and unchanged since) is peft's own LoRA: it trains
 W + s·BA, so its merge (W + s·BA) ⊙ M is not the model it trained. prunetune trains (W + s·BA) ⊙ M exactly
 (`tuning.lora.mask_lora_updates`). Same model, batch (4 x 256 tokens), rank 8, alpha 16, seven projections,
 LoRA dropout `--dropout` on both sides, same loss (the model's causal-LM loss with full logits).
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lora_step_baseline as base  # noqa: E402
+import _lora_step_baseline as base  # noqa: E402
 
 VARIANTS = ("peft", "prunetune")
 
