@@ -34,15 +34,9 @@ RANK_SPLIT = {0.20: 0.10, 0.15: 0.075, 0.10: 0.05}
 def machine() -> dict:
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg": os.getloadavg(), "torch_threads": torch.get_num_threads(),
+    from _machine import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": os.getloadavg(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__}
 
 

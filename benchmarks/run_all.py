@@ -23,7 +23,6 @@ import argparse
 import ast
 import datetime as _dt
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -43,15 +42,9 @@ def scripts() -> list[str]:
 
 def machine() -> str:
     """The machine as BENCHMARKS.md describes it: CPU model, cores and load average, nothing else."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    from _machine import cpu_model, load_average
+
+    cpu, load = cpu_model(), load_average()
     return f"{os.cpu_count()} cores, {cpu}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)"
 
 
