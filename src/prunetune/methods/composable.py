@@ -453,11 +453,9 @@ def _capture_hooks(adapter: ArchAdapter, block: Block, cap: BlockCapture, roles:
 
 # ------------------------------------------------------------------------------------------ unit training
 def _registry_criterion(name: str):
-    """The criterion registry's entry (`pruning.criteria.get_criterion`) when this version has the registry."""
-    try:
-        from prunetune.pruning.criteria import get_criterion
-    except ImportError:
-        return None
+    """The criterion registry's entry (`pruning.criteria.get_criterion`), or None for a name it does not know."""
+    from prunetune.pruning.criteria import get_criterion
+
     try:
         return get_criterion("magnitude" if name == "l1" else name)
     except PrunetuneError:
@@ -471,14 +469,10 @@ def check_linear_criterion(name: str) -> str:
         return name
     crit = _registry_criterion(name)
     if crit is None or crit.updates_weights or crit.statistics not in ("none", "column_norms"):
-        allowed = list(LINEAR_CRITERIA)
-        try:
-            from prunetune.pruning.criteria import CRITERIA
+        from prunetune.pruning.criteria import CRITERIA
 
-            allowed += [n for n, c in CRITERIA.items() if n not in allowed and not c.updates_weights
-                        and c.statistics in ("none", "column_norms")]
-        except ImportError:
-            pass
+        allowed = list(LINEAR_CRITERIA) + [n for n, c in CRITERIA.items() if n not in LINEAR_CRITERIA
+                                           and not c.updates_weights and c.statistics in ("none", "column_norms")]
         raise PrunetuneError(f"unknown or unsupported linear criterion '{name}'; choose one of: {', '.join(allowed)}")
     return name
 
