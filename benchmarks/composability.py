@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,28 +33,20 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _load_json(p: Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
 def _write_json(p: Path, d: dict) -> None:
+    from prunetune.rundir import atomic_write_json
+
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(d, indent=2, default=str))
-    os.replace(tmp, p)
+    atomic_write_json(p, d)
 
 
 def main() -> int:
+    from _machine import cpu_model  # benchmarks/ is on the path: this script's folder
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm-l6")
     ap.add_argument("--data", default="bbc-news")
@@ -252,7 +243,7 @@ def main() -> int:
                      "holds": m["reached_at_step"] is not None})
     out = {
         "benchmark": "composability", "model": a.model, "data": a.data,
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "loadavg_end": os.getloadavg(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_end": os.getloadavg(),
                     "torch_threads": torch.get_num_threads()},
         "settings": {k: v for k, v in vars(a).items() if k not in ("work", "out")},
         "protocol": (f"train {len(data['train'])} articles, validation {len(val)} (checks), test {len(test)} "

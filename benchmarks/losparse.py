@@ -137,16 +137,9 @@ def run_method(model_spec: str, cfg, method, out: Path):
 
 
 def _lowrank_fraction(model_spec: str, rank_ratio: float) -> float:
-    from prunetune.methods.losparse import rank_for, targets
     from prunetune.models.loading import load_model
 
-    model = load_model(model_spec, "seq-cls", num_labels=2).model
-    dense = lowrank = 0
-    for _, (_, lin) in targets(model).items():
-        m, n = lin.weight.shape
-        dense += m * n
-        lowrank += rank_for(m, n, rank_ratio) * (m + n)
-    return lowrank / dense
+    return _lowrank_fraction_of_model(load_model(model_spec, "seq-cls", num_labels=2).model, rank_ratio)
 
 
 def export_and_time(plain, tok, test, label_names, cfg, out: Path, preds) -> dict:
@@ -433,7 +426,7 @@ def run_smollm(args) -> dict:
 
     train = encode_lm(tok, [e["text"] for e in data["train"]], cfg.max_length)
     steps = math.ceil(len(train) / cfg.batch_size)
-    spec = LosparseSpec(rank_ratio=0.25, keep=round(0.5 - _lowrank_fraction_causal(model, 0.25), 6),
+    spec = LosparseSpec(rank_ratio=0.25, keep=round(0.5 - _lowrank_fraction_of_model(model, 0.25), 6),
                         initial_warmup_steps=args.sm_iw, final_warmup_steps=args.sm_fw, deltaT=args.sm_delta_t,
                         structured_method=args.structured, structured_direction=args.direction)
     method = Losparse(spec)
@@ -478,7 +471,7 @@ def run_smollm(args) -> dict:
     return res
 
 
-def _lowrank_fraction_causal(model, rank_ratio: float) -> float:
+def _lowrank_fraction_of_model(model, rank_ratio: float) -> float:
     from prunetune.methods.losparse import rank_for, targets
 
     dense = lowrank = 0

@@ -61,3 +61,16 @@ def cli_error(argv: Sequence[str], capture, needle: str | None = None) -> str:
     if needle is not None:
         assert needle in line, line
     return line
+
+
+def labelled_csv(path, labels: Sequence[str], *, seed: int, words_per_text: int = 8):
+    """A `text,label` CSV: row i is "doc<i> <label> <random words>", labelled labels[i]. The id keeps every text
+    (and its truncated token sequence) distinct; the label word in the text makes the task learnable."""
+    import random
+
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta river stone light paper green quick slow bright".split()
+    rows = ["text,label"] + [f"doc{i:03d} {label} " + " ".join(rng.choice(words) for _ in range(words_per_text))
+                             + f",{label}" for i, label in enumerate(labels)]
+    path.write_text("\n".join(rows) + "\n")
+    return path

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-from cli_helpers import cli_error, cli_ok
+from cli_helpers import cli_error, cli_ok, labelled_csv
 
 
 @pytest.fixture(scope="module")
 def task_csv(tmp_path_factory) -> Path:
-    rng = random.Random(1)
-    words = "alpha beta gamma delta river stone light paper green quick slow bright".split()
-    rows = ["text,label"]
-    for i in range(80):
-        label = "music" if i % 4 == 0 else "sport"  # unbalanced: predicting only "music" scores 25%
-        rows.append(f"doc{i:03d} {label} " + " ".join(rng.choice(words) for _ in range(8)) + f",{label}")
-    p = tmp_path_factory.mktemp("task") / "task.csv"
-    p.write_text("\n".join(rows) + "\n")
-    return p
+    labels = ["music" if i % 4 == 0 else "sport" for i in range(80)]  # unbalanced: only "music" scores 25%
+    return labelled_csv(tmp_path_factory.mktemp("task") / "task.csv", labels, seed=1)
 
 
 def test_headline_accuracy_is_the_exported_models(task_csv, tmp_path, monkeypatch):

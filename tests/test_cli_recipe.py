@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from cli_helpers import cli_error, cli_ok
+from cli_helpers import cli_error, cli_ok, labelled_csv
 from prunetune.config import TuneSpec, validate_recipe
 
 
 @pytest.fixture(scope="module")
 def task_csv(tmp_path_factory) -> Path:
-    rng = random.Random(2)
-    words = "alpha beta gamma delta river stone light paper green quick slow bright".split()
-    rows = ["text,label"]
-    for i in range(80):
-        label = ("sport", "music", "money")[i % 3]
-        rows.append(f"doc{i:03d} {label} " + " ".join(rng.choice(words) for _ in range(8)) + f",{label}")
-    p = tmp_path_factory.mktemp("task") / "task.csv"
-    p.write_text("\n".join(rows) + "\n")
-    return p
+    labels = [("sport", "music", "money")[i % 3] for i in range(80)]
+    return labelled_csv(tmp_path_factory.mktemp("task") / "task.csv", labels, seed=2)
 
 
 def _weights(d: Path) -> dict:

@@ -7,11 +7,12 @@ fingerprint is compared across stages and training seeds.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import transformers
+
+from cli_helpers import labelled_csv
 
 from prunetune.config import validate_recipe
 from prunetune.data.sources import load_labelled
@@ -25,15 +26,8 @@ CLASSES = ("sport", "music", "money", "space")
 @pytest.fixture(scope="module")
 def task_csv(tmp_path_factory) -> Path:
     """160 distinct labelled texts; each starts with its own id so truncated token sequences stay distinct."""
-    rng = random.Random(0)
-    words = "alpha beta gamma delta river stone light paper green quick slow bright".split()
-    rows = ["text,label"]
-    for i in range(160):
-        label = CLASSES[i % 4]
-        rows.append(f"doc{i:03d} {label} " + " ".join(rng.choice(words) for _ in range(12)) + f",{label}")
-    p = tmp_path_factory.mktemp("task") / "task.csv"
-    p.write_text("\n".join(rows) + "\n")
-    return p
+    labels = [CLASSES[i % 4] for i in range(160)]
+    return labelled_csv(tmp_path_factory.mktemp("task") / "task.csv", labels, seed=0, words_per_text=12)
 
 
 def recipe(csv: Path, seed: int, split_seed: int = 0):
