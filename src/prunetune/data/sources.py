@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunetune.data.tasks import Labelled, split_labelled  # noqa: F401  (Labelled re-exported)
-from prunetune.errors import PrunetuneError
+from prunetune.errors import PrunetuneError, optional_import
 
 NAMED_SOURCES = ("wikitext2", "bbc-news")
 
@@ -82,13 +82,11 @@ def load_wikitext2(split: str = "test", data_dir: str | Path | None = None) -> T
                 return TextSource("\n".join(lines), f"wikitext2/{split}", variant, str(cand))
         raise PrunetuneError(f"no WikiText-2 '{split}' split in {local} (looked for {split}.txt, wiki.{split}.tokens)")
     try:
-        from datasets import load_dataset
-
         hf_split = "validation" if split == "valid" else split
-        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+        ds = _hf_load("wikitext", "wikitext-2-raw-v1", split=hf_split)
     except Exception as exc:
         raise PrunetuneError(
-            f"WikiText-2 is not reachable on the hub ({type(exc).__name__}); set PRUNETUNE_DATA_DIR or --data-dir "
+            f"WikiText-2 is not reachable on the hub ({_why(exc)}); set PRUNETUNE_DATA_DIR or --data-dir "
             "to a directory holding valid.txt/test.txt"
         ) from None
     return TextSource("\n".join(ds["text"]), f"wikitext2/{split}", "wikitext-2-raw-v1 (HF)")
@@ -148,13 +146,11 @@ def load_text(source: str, split: str = "test", *, data_dir: str | None = None, 
 
 def _load_hf_text(name: str, split: str, text_column: str, max_docs: int | None) -> TextSource:
     try:
-        from datasets import load_dataset
-
-        ds = load_dataset(name, split={"valid": "validation"}.get(split, split))
+        ds = _hf_load(name, split={"valid": "validation"}.get(split, split))
     except Exception as exc:
         raise PrunetuneError(
             f"'{name}' is not a known source ({', '.join(NAMED_SOURCES)}), not a local file, and not an HF dataset "
-            f"reachable now ({type(exc).__name__})"
+            f"reachable now ({_why(exc)})"
         ) from None
     if text_column not in ds.column_names:
         raise PrunetuneError(f"dataset '{name}' has no column '{text_column}' (columns: {', '.join(ds.column_names)})")
@@ -176,13 +172,11 @@ def load_labelled(source: str, *, text_column: str = "text", label_column: str =
                 raise PrunetuneError(f"{path} has no column '{col}' (columns: {', '.join(rows[0])})")
         return _index_labels([(str(r[text_column]), str(r[label_column])) for r in rows], path.name)
     try:
-        from datasets import load_dataset
-
-        ds = load_dataset(source, split="train")
+        ds = _hf_load(source, split="train")
     except Exception as exc:
         raise PrunetuneError(
             f"'{source}' is not a known task (bbc-news), not a local .csv/.jsonl, and not an HF dataset reachable "
-            f"now ({type(exc).__name__})"
+            f"now ({_why(exc)})"
         ) from None
     names = getattr(ds.features.get(label_column), "names", None)
     pairs = [(str(t), names[lab] if names else str(lab)) for t, lab in zip(ds[text_column], ds[label_column])]
@@ -198,3 +192,13 @@ def _index_labels(pairs: list[tuple[str, str]], name: str) -> Labelled:
         raise PrunetuneError(f"task data '{name}' has only one class ({names[0]!r}); classification needs two or more")
     idx = {n: i for i, n in enumerate(names)}
     return Labelled([{"text": t, "label": idx[lab]} for t, lab in pairs], names, name)
+
+
+def _hf_load(*args, **kwargs):
+    """`datasets.load_dataset`, imported only here: `datasets` is the optional `hub` extra."""
+    return optional_import("datasets", "hub", "an HF-hub dataset").load_dataset(*args, **kwargs)
+
+
+def _why(exc: Exception) -> str:
+    """The reason a hub load failed, short: the extra to install when `datasets` is missing, else the error type."""
+    return str(exc) if isinstance(exc, PrunetuneError) else type(exc).__name__

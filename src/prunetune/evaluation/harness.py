@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from prunetune.errors import PrunetuneError
+from prunetune.errors import PrunetuneError, optional_import
 
 LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -45,12 +45,9 @@ def harness_evaluate(model: torch.nn.Module, tokenizer, tasks: str | list[str], 
     Raises PrunetuneError for unknown tasks (listing the local ones) instead of lm-eval's long traceback.
     """
     _quiet()
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:  # pragma: no cover - lm-eval is a dependency
-        raise PrunetuneError(f"lm-eval is not installed ({exc}); pip install lm-eval") from None
+    simple_evaluate = optional_import("lm_eval", "lm-eval", "lm-eval tasks").simple_evaluate
+    HFLM = optional_import("lm_eval.models.huggingface", "lm-eval", "lm-eval tasks").HFLM
+    TaskManager = optional_import("lm_eval.tasks", "lm-eval", "lm-eval tasks").TaskManager
 
     names = parse_tasks(tasks)
     # indexing lm-eval's thousands of task files takes tens of seconds: only when a non-local task is asked

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prunetune.errors import PrunetuneError
+from prunetune.errors import PrunetuneError, optional_import
 from prunetune.progress import track
 
 
@@ -110,7 +110,7 @@ def evaluate_classification(model, tokenizer, examples: Sequence[dict], max_leng
 def bleu(hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> dict:
     """Corpus BLEU (sacrebleu defaults: 13a tokeniser, exp smoothing); `refs` is one reference per hypothesis
     or, for several references, one list per reference set (sacrebleu's layout)."""
-    import sacrebleu
+    sacrebleu = optional_import("sacrebleu", "seq2seq", "BLEU")
 
     if not hyps:
         raise PrunetuneError("BLEU needs at least one hypothesis")

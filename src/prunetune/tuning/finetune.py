@@ -27,6 +27,7 @@ measured and reported as a fraction of the step time.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -125,7 +126,7 @@ def training_args(out: Path, cfg: TuneConfig, steps_per_epoch: int, task: str, s
         logging_strategy="steps",
         logging_steps=max(1, steps_per_epoch // 4),
         logging_first_step=True,
-        report_to=["tensorboard"],
+        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else [],  # the optional extra
         disable_tqdm=not show,
         remove_unused_columns=False,
         seed=cfg.seed,

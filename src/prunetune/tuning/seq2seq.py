@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunetune.errors import PrunetuneError
+from prunetune.errors import PrunetuneError, optional_import
 from prunetune.pruning.masks import MaskSet
 
 SYNTHETIC_WORDS = {"one": "eins", "two": "zwei", "three": "drei", "red": "rot", "blue": "blau", "green": "gruen",
@@ -92,10 +92,7 @@ def load_pairs(source: str, seed: int = 0, n: int = 400) -> list[dict]:
 
 
 def _hf_pairs(name: str) -> list[dict]:  # pragma: no cover - needs the network
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise PrunetuneError("HF datasets need `pip install datasets`") from None
+    load_dataset = optional_import("datasets", "hub", "an HF-hub dataset").load_dataset
     ds_name, _, cfg = name.partition(":")
     try:
         ds = load_dataset(ds_name, cfg or None, split="train")
