@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="calibration device (cpu, cuda)")
     ap.add_argument("--calib-batch", type=int, default=4, help="calibration windows per block forward")
     ap.add_argument("--no-ppl", action="store_true", help="skip perplexity (time and memory of pruning only)")
-    ap.add_argument("--rows", nargs="*", default=list(ROWS), help=f"subset of: {', '.join(ROWS)}")
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), help="subset of: " + ", ".join(ROWS).replace("%", "%%"))
     ap.add_argument("--json", type=Path, default=None, help="also write all rows as JSON")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
     ap.add_argument("--_row", default=None, help=argparse.SUPPRESS)
