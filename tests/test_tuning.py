@@ -154,6 +154,81 @@ def test_merge_keeps_masks_and_equals_masked_sum():
     assert int((w[~masks[name]] != 0).sum()) == 0
 
 
+def _masked_peft(dropout: float):
+    """tiny-llama, 50% magnitude-pruned, LoRA (rank 4) with random B and masked updates: (peft, masks)."""
+    from prunetune.methods.payt import compute_masks
+    from prunetune.models.loading import load_model
+    from prunetune.tuning.lora import apply_lora, mask_lora_updates
+
+    model = load_model("tiny-llama", "causal-lm").model
+    masks = compute_masks(model, "l1-global", 0.5)
+    masks.apply(model)
+    torch.manual_seed(0)
+    peft = apply_lora(model, "causal-lm", rank=4, alpha=8, dropout=dropout)
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(std=0.5)
+    assert mask_lora_updates(peft, masks) == len(masks)
+    return peft, masks
+
+
+def test_default_lora_dropout_takes_the_exact_path_and_the_merge_predicts_what_trained():
+    """The default (0) trains through F.linear(x, (W + s·BA) ⊙ M): the training-mode forward is the merged model."""
+    from prunetune.config import TuneSpec, load_recipe
+    from prunetune.models.export import merge_lora_keep_masks
+    from prunetune.tuning.lora import takes_exact_path
+
+    assert TuneSpec().lora_dropout == TuneConfig().lora_dropout == 0.0
+    assert load_recipe("quickstart").tune.lora_dropout == 0.0
+    assert load_recipe("payt-paper").tune.lora_dropout == 0.1  # the seed's value, kept on purpose
+    ids = torch.randint(0, 200, (2, 16))
+    for dropout, exact in ((TuneSpec().lora_dropout, True), (0.1, False)):
+        peft, masks = _masked_peft(dropout)
+        layers = [m for m in peft.modules() if hasattr(m, "_pt_mask_name")]
+        assert layers and all(takes_exact_path(m) == exact for m in layers)
+        peft.train()  # the mode the adapters were trained in: dropout (if any) is live
+        torch.manual_seed(1)
+        trained = peft(input_ids=ids).logits.detach()
+        merged = merge_lora_keep_masks(peft, masks)
+        merged.eval()
+        with torch.no_grad():
+            exported = merged(input_ids=ids).logits
+        diff = float((trained - exported).abs().max())
+        if exact:
+            assert diff < 1e-5
+        else:  # the dropout path trains a noisy copy of the merged model: the check above can fail
+            assert diff > 1e-3
+
+
+@pytest.mark.parametrize("with_base", [True, False], ids=["one-product", "masked-update-only"])
+def test_masked_lora_linear_gradients_match_autograd(with_base):
+    """The hand-written backward (merged weight rebuilt, scale on the rank-r products) = autograd's."""
+    from prunetune.tuning.lora import MaskedLoraLinear
+
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    mask = torch.rand(7, 12) > 0.5
+    x = torch.randn(3, 5, 12, **f64, requires_grad=True)
+    w = (torch.randn(7, 12, **f64) * mask).requires_grad_(True)
+    bias = torch.randn(7, **f64, requires_grad=True)
+    a = torch.randn(4, 12, **f64, requires_grad=True)
+    b = torch.randn(7, 4, **f64, requires_grad=True)
+    if with_base:
+        args = (x, w, bias, a, b)
+        fn = lambda x, w, bias, a, b: MaskedLoraLinear.apply(x, w, bias, a, b, mask, 1.5)  # noqa: E731
+        ref = lambda x, w, bias, a, b: torch.nn.functional.linear(x, (w + 1.5 * b @ a) * mask, bias)  # noqa: E731
+    else:
+        args = (x, a, b)
+        fn = lambda x, a, b: MaskedLoraLinear.apply(x, None, None, a, b, mask, 1.5)  # noqa: E731
+        ref = lambda x, a, b: torch.nn.functional.linear(x, (1.5 * b @ a) * mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+    gy = torch.randn(3, 5, 7, **f64)
+    mine = torch.autograd.grad(fn(*args), args, gy)
+    theirs = torch.autograd.grad(ref(*args), args, gy)
+    for g1, g2 in zip(mine, theirs):
+        assert torch.allclose(g1, g2, atol=1e-10)
+
+
 # ------------------------------------------------------------------------------------------------ training
 def _cfg(**kw) -> TuneConfig:
     base = dict(task="seq-cls", n_samples=16, eval_samples=8, test_samples=40, epochs=2, batch_size=8,
@@ -269,6 +344,57 @@ def test_causal_lm_finetune_with_kd_shared_teacher(tmp_path):
     assert math.isfinite(r["test_after_merge"]["perplexity"])
     man = json.loads((tmp_path / "lm" / "manifest.json").read_text())
     assert man["config"]["tune"]["task"] == "causal-lm"
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_chunked_causal_loss_equals_the_full_logits_loss_and_gradients(lora):
+    """Training's LM loss in token chunks (never all the logits at once) = transformers' `labels=` loss."""
+    from prunetune.evaluation.perplexity import causal_lm_loss, lm_head_split
+    from prunetune.models.loading import load_model
+
+    if lora:
+        model, _ = _masked_peft(0.0)
+    else:
+        model = load_model("tiny-llama", "causal-lm").model
+    assert lm_head_split(model) is not None  # the chunked path, not the full-logits fallback
+    model.train()
+    torch.manual_seed(3)
+    ids = torch.randint(0, 200, (3, 20))
+    att = torch.ones_like(ids)
+    att[2, 14:] = 0  # right padding: those positions are labelled -100, as the collator does
+    labels = ids.masked_fill(att == 0, -100)
+    params = [p for p in model.parameters() if p.requires_grad]
+    full = model(input_ids=ids, attention_mask=att, labels=labels).loss
+    g_full = torch.autograd.grad(full, params)
+    for chunk in (7, 4096):  # several chunks with a ragged tail; one chunk
+        loss, count = causal_lm_loss(model, ids, labels, chunk=chunk, attention_mask=att)
+        assert count == int((labels[:, 1:] != -100).sum()) == 3 * 19 - 6
+        assert loss.item() == pytest.approx(full.item(), abs=1e-5)
+        g = torch.autograd.grad(loss, params)
+        assert max(float((a - b).abs().max()) for a, b in zip(g, g_full)) < 1e-5
+        assert max(float(a.abs().max()) for a in g_full) > 1e-3  # the comparison is not between zeros
+
+
+def test_gradient_checkpointing_flag_leaves_the_loss_unchanged(tmp_path):
+    from transformers import TrainerCallback
+
+    seen: dict = {}
+
+    class Grab(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            seen.setdefault(tmp_path.name, []).append(
+                any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))
+
+    runs = {}
+    for gc in (False, True):
+        seen.clear()
+        r = finetune("tiny-llama", _cfg(task="causal-lm", data="wikitext2", n_samples=8, eval_samples=2, epochs=1,
+                                         batch_size=4, max_length=64, kd=False, gradient_checkpointing=gc),
+                     tmp_path / f"gc{int(gc)}", callbacks=(Grab(),))
+        assert seen[tmp_path.name] == [gc] * r["global_step"]  # checkpointing is on exactly when asked
+        runs[gc] = r
+    assert runs[True]["train_loss"] == pytest.approx(runs[False]["train_loss"], rel=1e-6)
+    assert runs[True]["test_after_merge"]["loss"] == pytest.approx(runs[False]["test_after_merge"]["loss"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ mixing

@@ -130,10 +130,13 @@ class TuneSpec(_Spec):
                              "on MiniLM/BBC News: see learning_rate)")
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float | None = Field(None, gt=0, description="default: 2 x rank")
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="0: the exact one-product masked LoRA path "
+                                "(tuning.lora); > 0 adds a second full-size product")
     lora_roles: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] | None = Field(
         None, description="roles LoRA is put on; None = every prunable linear")
     rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
+    gradient_checkpointing: bool = Field(False, description="recompute each block's activations in backward "
+                                         "instead of storing them: less memory, about one more forward of compute")
     kd: bool = Field(False, description="distil from a teacher: kd_alpha*CE + (1-kd_alpha)*T^2*KL")
     kd_alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the task loss when kd is on")
     kd_temp: float = Field(4.0, gt=0)

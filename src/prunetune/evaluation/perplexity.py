@@ -23,6 +23,7 @@ from prunetune.errors import PrunetuneError
 from prunetune.progress import track
 
 LOGIT_CHUNK = 2048  # tokens per LM-head chunk
+IGNORE_INDEX = -100  # label of positions that are not predicted (padding), as in transformers
 
 
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None, source: str = "text"):
@@ -39,21 +40,122 @@ def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = No
     return ids[: n_used * seqlen].view(n_used, seqlen), n, ids.numel()
 
 
-def _chunked_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
-    """Sum of next-token NLL over a batch, computing logits a chunk of tokens at a time."""
+def lm_head_split(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(backbone, head) when the logits are exactly head(backbone(...).last_hidden_state), else None.
+
+    Models that post-process logits (soft-capping, a logit scale) keep the plain full-logits path.
+    """
     head = model.get_output_embeddings()
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if head is None or backbone is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=input_ids).logits
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
-        return float(nll), input_ids[:, 1:].numel()
-    hidden = backbone(input_ids=input_ids).last_hidden_state[:, :-1].flatten(0, 1)
-    targets = input_ids[:, 1:].flatten()
-    total = 0.0
-    for s in range(0, hidden.shape[0], LOGIT_CHUNK):
-        logits = head(hidden[s : s + LOGIT_CHUNK]).float()
-        total += float(F.cross_entropy(logits, targets[s : s + LOGIT_CHUNK], reduction="sum"))
-    return total, targets.numel()
+    cfg = model.config
+    if (head is None or backbone is None or not isinstance(head, torch.nn.Linear)
+            or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
+            or getattr(cfg, "logits_scaling", None)):
+        return None
+    return backbone, head
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """Sum of next-token NLL of `head(hidden)` over the valid targets, a chunk of tokens at a time, with the
+    gradients (hidden, head weight and bias) computed chunk by chunk in the forward pass.
+
+    Autograd through chunked logits would still keep every chunk's log-probabilities until backward (the
+    full-vocabulary tensor again); here a chunk's softmax becomes its gradient at once and is dropped, so
+    only (tokens x hidden) is kept. The gradient costs no extra product: softmax - one-hot times the head
+    weight, which backward would have computed anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.zeros_like(hidden) if need_h else None
+        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]
+            valid = t != IGNORE_INDEX
+            if not bool(valid.any()):
+                continue
+            logp = F.log_softmax(F.linear(h, weight, bias).float(), dim=-1)
+            rows = torch.arange(t.shape[0], device=t.device)[valid]
+            tv = t[valid]
+            total += -logp[rows, tv].sum(dtype=torch.float64)
+            g = logp.exp_()  # d(sum NLL)/d logits = softmax - one-hot, on valid rows only
+            g[rows, tv] -= 1.0
+            g[~valid] = 0.0
+            if need_h:
+                gh[s : s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                gw.addmm_(g.t(), h.float())
+            if need_b:
+                gb += g.sum(0)
+            del logp, g
+        ctx.save_for_backward(*(x for x in (gh, gw, gb) if x is not None))
+        ctx.have, ctx.weight_dtype = (need_h, need_w, need_b), weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        out = [next(saved) * grad.to(torch.float32) if have else None for have in ctx.have]
+        gh, gw, gb = out
+        if gw is not None:
+            gw = gw.to(ctx.weight_dtype)
+        return gh, gw, gb, None, None
+
+
+def chunked_nll_sum(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+                    chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """Sum (float64) of the NLL of `targets` (ignore -100) under `head(hidden)`, never materialising all the logits.
+
+    Differentiable when grad mode is on and an input requires grad (training); otherwise a plain chunked
+    loop, the perplexity evaluation's.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    bias = head.bias
+    if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _ChunkedNLL.apply(hidden, head.weight, bias, targets, chunk)
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[s : s + chunk]).float()
+        total += F.cross_entropy(logits, targets[s : s + chunk], ignore_index=IGNORE_INDEX, reduction="sum")
+    return total
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean",
+                   chunk: int = LOGIT_CHUNK, **features) -> tuple[torch.Tensor, int]:
+    """Next-token NLL of a causal LM (labels shifted by one, -100 ignored): mean or sum, and the count.
+
+    The same loss as transformers' `labels=` loss (mean over predicted tokens), computed from the last hidden
+    state with the LM head applied a chunk of tokens at a time: for 2 x 256 SmolLM2 tokens the full fp32
+    logits and their log-softmax and gradient are about 100 MB each; chunks of 256 tokens keep that at a
+    tenth. Models whose logits are not a plain head on the hidden state fall back to the full logits.
+    `features` are the model's other inputs (attention_mask, ...).
+    """
+    labels = input_ids if labels is None else labels
+    targets = labels[:, 1:]
+    count = int((targets != IGNORE_INDEX).sum())
+    split = lm_head_split(model)
+    if split is None:
+        logits = model(input_ids=input_ids, **features).logits
+        total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum")
+    else:
+        backbone, head = split
+        hidden = backbone(input_ids=input_ids, **features).last_hidden_state[:, :-1]
+        total = chunked_nll_sum(hidden, head, targets, chunk)
+    if reduction == "sum":
+        return total, count
+    return (total / max(count, 1)).to(torch.float32), count
+
+
+def _chunked_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Sum of next-token NLL over a batch, computing logits a chunk of tokens at a time."""
+    total, count = causal_lm_loss(model, input_ids, reduction="sum")
+    return float(total), count
 
 
 @torch.no_grad()

@@ -217,7 +217,8 @@ def tune_config(recipe, spec, seed: int, task: str | None = None, *, retention: 
                   strategy=spec.mix.strategy, sampling=spec.mix.sampling, seed=seed)
     cfg = TuneConfig(
         task=task or recipe.model.task, data=recipe.data.train, lora=spec.mode == "lora", lora_rank=spec.lora_rank,
-        lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout, rslora=spec.rslora, kd=spec.kd,
+        lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout, rslora=spec.rslora,
+        gradient_checkpointing=spec.gradient_checkpointing, kd=spec.kd,
         kd_alpha=spec.kd_alpha, kd_temp=spec.kd_temp, teacher=spec.teacher, epochs=epochs, lr=spec.learning_rate,
         batch_size=spec.batch_size, max_length=spec.seqlen, n_samples=n_samples, eval_samples=spec.eval_samples,
         test_samples=spec.test_samples, seed=seed, split_seed=recipe.data.split_seed, mix=mix,

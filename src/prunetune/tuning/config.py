@@ -21,8 +21,9 @@ class TuneConfig:
     lora: bool = True
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # 0: the exact one-product masked LoRA path (tuning.lora)
     rslora: bool = False
+    gradient_checkpointing: bool = False  # recompute block activations in backward (memory for compute)
     lora_roles: tuple[str, ...] | None = None  # None: every prunable linear (q k v o gate up down)
     kd: bool = True
     kd_alpha: float = 0.5

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from prunetune.evaluation.perplexity import causal_lm_loss
 from prunetune.evaluation.task import classification_metrics, predict_classes
 from prunetune.tuning.config import TuneConfig
 
@@ -34,10 +35,9 @@ def lm_loss(model: nn.Module, tokenizer, examples: list[dict], max_length: int) 
         ids = tokenizer(e["text"], truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
         if ids.shape[1] < 2:
             continue
-        ids = ids.to(device)
-        out = model(input_ids=ids, labels=ids)
-        nll += float(out.loss) * (ids.shape[1] - 1)
-        n += ids.shape[1] - 1
+        total, count = causal_lm_loss(model, ids.to(device), reduction="sum")
+        nll += float(total)
+        n += count
     model.train(was)
     return {"loss": nll / max(n, 1), "perplexity": math.exp(nll / max(n, 1)), "tokens": n}
 

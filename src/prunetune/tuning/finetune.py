@@ -134,7 +134,16 @@ def training_args(out: Path, cfg: TuneConfig, steps_per_epoch: int, task: str, s
         dataloader_num_workers=0,
         ddp_backend=None if torch.cuda.is_available() or world == 1 else "gloo",
         use_cpu=not torch.cuda.is_available(),
+        **_checkpointing_args(cfg.gradient_checkpointing),
     )
+
+
+def _checkpointing_args(on: bool) -> dict:
+    """Activation (gradient) checkpointing, non-reentrant (LoRA's frozen inputs need no grad hooks), under the
+    argument name of the installed transformers (renamed `activation_checkpointing` during v5)."""
+    name = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+            else "gradient_checkpointing")
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
 def _load(model: str | nn.Module, tokenizer: Any, cfg: TuneConfig) -> tuple[nn.Module, Any, dict]:

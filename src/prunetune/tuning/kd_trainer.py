@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from prunetune.evaluation.perplexity import causal_lm_loss
 from prunetune.tuning.distill import kd_loss
 
 
@@ -47,8 +49,15 @@ class KDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         feats = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**feats)
         use_kd = self.teacher is not None and model.training and self.kd_alpha < 1.0
+        if self.causal and not use_kd and self.method is None:
+            # next-token CE with the LM head applied in token chunks: the full-vocabulary logits (and their
+            # log-softmax and gradient) are never held at once; the loss is the same (tests/test_tuning.py)
+            loss, _ = causal_lm_loss(model, labels=labels, **feats)
+            if model.training:
+                self.kd_parts = {"ce": float(loss.detach()), "kl": 0.0}
+            return (loss, CausalLMOutputWithPast(loss=loss)) if return_outputs else loss
+        outputs = model(**feats)
         t_logits = self._teacher_logits(feats) if use_kd else None
         loss, parts = kd_loss(outputs.logits, t_logits, labels, self.kd_alpha if use_kd else 1.0,
                               self.kd_temp, causal=self.causal)
