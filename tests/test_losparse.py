@@ -288,6 +288,31 @@ def test_distillation_losses_from_a_dense_teacher(tmp_path):
     assert float(loss) == pytest.approx(4.0 * logs["kd_kl"] + logs["layer_mse"], rel=1e-5)
 
 
+def test_teacher_directory_gets_the_students_labels(tmp_path):
+    """A dense fine-tuned teacher saved as a directory loads with the student's head (the finetune driver
+    passes no label names in the context): distillation runs and the teacher's logits are its saved ones."""
+    teacher, tok = _tiny_cls()
+    with torch.no_grad():
+        teacher.classifier.weight.add_(0.5)
+    teacher.config.id2label = {i: f"c{i}" for i in range(4)}
+    teacher.config.label2id = {f"c{i}": i for i in range(4)}
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    student = load_model("tiny-bert", "seq-cls", label_names=[f"c{i}" for i in range(4)]).model
+    spec = LosparseSpec(keep=0.5, initial_warmup_steps=1, final_warmup_steps=1, kd_weight=1.0,
+                        teacher=str(tmp_path / "teacher"))
+    method = Losparse(spec)
+    student = method.prepare(student, MethodContext(task="seq-cls", max_steps=4))
+    assert method.teacher.config.num_labels == 4
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(method.teacher(**enc).logits, teacher.eval()(**enc).logits, atol=1e-5)
+    student.train()
+    batch = _batches(tok, 1)[0]
+    loss, logs = method.extra_loss(student, batch, student(**batch), MethodContext(task="seq-cls"))
+    assert logs["kd_kl"] > 0 and loss.requires_grad
+
+
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("kw,msg", [
     (dict(rank_ratio=1.0), "rank-ratio"), (dict(rank_ratio=0.0), "rank-ratio"), (dict(keep=1.5), "keep"),

@@ -557,7 +557,8 @@ class Losparse(Method):
         if self.teacher is None:
             from prunetune.models.loading import load_model
 
-            label_names = ctx.extra.get("label_names")
+            # the student's labels (finetune loads it with the task data's label names) give the teacher's head
+            label_names = ctx.extra.get("label_names") or _label_names(model, ctx.task)
             self.teacher = load_model(self.spec.teacher, ctx.task, label_names=label_names).model
         self.teacher.eval()
         for p in self.teacher.parameters():
@@ -577,6 +578,14 @@ class Losparse(Method):
                 self._hooks.append(b.module.register_forward_hook(grab(self._student_acts)))
             for b in t_blocks:
                 self._hooks.append(b.module.register_forward_hook(grab(self._teacher_acts)))
+
+
+def _label_names(model: nn.Module, task: str) -> list[str] | None:
+    """The label names of a classification model's config, in id order (None for other tasks)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if task != "seq-cls" or not id2label:
+        return None
+    return [id2label[i] for i in sorted(id2label, key=int)]
 
 
 # ------------------------------------------------------------------------------------------------ export
