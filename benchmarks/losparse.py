@@ -511,7 +511,7 @@ def pack(args, argv: list[str], entries: list[dict]) -> dict:
     code = ", ".join(f"{rev}{' + uncommitted changes' if dirty else ''}" for rev, dirty in codes) or "-"
     data: dict = {
         "command": display_command(argv),
-        "code": f"rows ran from commit {code} (each row records its own)",
+        "code": f"rows ran from commit {code} (each row records its own)" if rows else "no row has run yet",
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
         "machine_line": (f"{os.cpu_count()} cores, {cpu_model()}; 1-min load average {min(loads):.1f}–{max(loads):.1f} "
                          f"at the rows' starts and ends (shared with other sessions; {args.jobs} row(s) at a time, "
@@ -621,10 +621,10 @@ def render(data: dict) -> str:
     summ = summarise(rows)
     sz = data["sizes"]
     iw, fw = sz["initial_warmup"] * sz["warmup_unit"], sz["final_warmup"] * sz["warmup_unit"]
-    steps = sorted({r["global_step"] for r in rows.values()})
+    steps = math.ceil(math.ceil(sz["n_samples"] / sz["batch_size"]) * sz["epochs"])
     lines = [f"- command: `{data['command']}`", f"- code: {data['code']}", f"- machine: {data['machine_line']}",
              f"- sizes (every method): {sz['n_samples']} training articles, {sz['epochs']:g} epoch(s), batch "
-             f"{sz['batch_size']}, {sz['max_length']} tokens ({'/'.join(map(str, steps))} optimizer steps); test = "
+             f"{sz['batch_size']}, {sz['max_length']} tokens ({steps} optimizer steps); test = "
              f"the whole fixed test split (split seed {data['split_seed']}); seeds "
              f"{', '.join(str(s) for s in data['seeds'])} for every method",
              f"- LoSparse: lr {sz['losparse_lr']}, U, V and S all trained; S kept by PLATON scores, warm-ups "
@@ -745,6 +745,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sm-fw", type=int, default=6)
     p.add_argument("--sm-delta-t", type=int, default=2)
     p.add_argument("--sm-calib", type=int, default=16, help="Wanda calibration windows (of --sm-seqlen tokens)")
+    p.add_argument("--pack-only", action="store_true", help="write the JSON from the rows that exist; run none")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: run one row of the plan
     return p
 
@@ -760,6 +761,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"row {args.row} is not in this command's plan")
         r = run_row(args, entry)
         print(json.dumps({k: v for k, v in r.items() if k not in ("predictions", "events", "ranks")}, default=str)[:2000])
+        return
+    if args.pack_only:
+        data = pack(args, [a for a in argv if a != "--pack-only"], plan(args))
+        print(f"written {args.results}: {len(data['rows'])} rows, {len(data['missing'])} missing")
         return
     sys.exit(run_all(args, argv))
 
