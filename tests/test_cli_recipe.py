@@ -48,6 +48,67 @@ def test_printed_recipe_run_reproduces_the_command(command, flags, task_csv, tmp
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     if command == "payt":
         assert cmd["mixing"]["mixed"] == 6 and cmd["sparsity"] == pytest.approx(0.5)
+    # the command ran through the same runner: same recipe file, same stage settings, resumable like a run
+    assert (tmp_path / "cmd" / "recipe.yaml").read_text() == (tmp_path / "run" / "recipe.yaml").read_text()
+    stage_cfg = [json.loads((tmp_path / d / "stages" / f"01-{command}" / "manifest.json").read_text())["stage_config"]
+                 for d in ("cmd", "run")]
+    assert stage_cfg[0] == stage_cfg[1]
+    again = cli_ok([command, *common, "--out", str(tmp_path / "cmd"), "--resume"], capfd)
+    assert again.count("complete, skipped") == 2
+    assert json.loads((tmp_path / "cmd" / "metrics.json").read_text()) == cmd
+    cli_error([command, *common, "--lr", "0.02", "--out", str(tmp_path / "cmd"), "--resume"], capfd,
+              needle="the recipe differs from the one that started")
+
+
+def test_prune_printed_recipe_run_reproduces_the_command(tmp_path, wikitext_dir, capfd):
+    """`prunetune prune ... --print-recipe` > FILE; `prunetune run FILE` gives the same masks, zeros and config."""
+    from prunetune.pruning.masks import MaskSet
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text((wikitext_dir / "valid.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    argv = ["prune", "tiny-llama", "--method", "wanda", "--sparsity", "0.6", "--calib", str(calib), "--nsamples", "4",
+            "--seqlen", "64", "--calib-batch", "2", "--seed", "5", "--eval-ppl", str(calib), "--max-windows", "2"]
+    text = cli_ok([*argv, "--print-recipe"], capfd)
+    recipe = yaml.safe_load(text)
+    assert recipe["stages"] == ["evaluate", "prune", "evaluate", "export"] and recipe["seed"] == 5
+    assert recipe["prune"]["calib_batch"] == 2 and recipe["prune"]["device"] is None
+    assert recipe["model"] == {"name": "tiny-llama", "task": "auto"} and recipe["data"]["calib"] == str(calib)
+    assert (recipe["eval"]["ppl_seqlen"], recipe["eval"]["max_windows"]) == (64, 2)
+    f = tmp_path / "prune.yaml"
+    f.write_text(text)
+    cli_ok([*argv, "--out", str(tmp_path / "cmd")], capfd)
+    cli_ok(["run", str(f), "--out", str(tmp_path / "run")], capfd)
+    cmd, run = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("cmd", "run"))
+    assert cmd["config"] == run["config"] and cmd["config"]["prune"]["sparsity"] == 0.6
+    for stage in ("01-evaluate", "02-prune", "03-evaluate"):
+        a, b = cmd["metrics"][stage], run["metrics"][stage]
+        assert a["sparsity"]["value"] == b["sparsity"]["value"]
+        assert {k: v["value"] for k, v in a.items() if k.startswith("ppl/")} == \
+            {k: v["value"] for k, v in b.items() if k.startswith("ppl/")}
+    assert cmd["metrics"]["02-prune"]["sparsity"]["value"] == pytest.approx(0.6, abs=0.01)  # floor per row
+    ma, mb = MaskSet.load(tmp_path / "cmd" / "model"), MaskSet.load(tmp_path / "run" / "model")
+    assert sorted(ma.names()) == sorted(mb.names()) and all(bool((ma[n] == mb[n]).all()) for n in ma.names())
+    wa, wb = _weights(tmp_path / "cmd" / "model"), _weights(tmp_path / "run" / "model")
+    assert all(bool((wa[k] == wb[k]).all()) for k in wa)
+    proto = cmd["metrics"]["02-prune"]["prune_seconds"]["protocol"]
+    assert proto["calib_batch"] == 2 and proto["device"] == "cpu" and "seed 5" in proto["calibration"]
+
+
+def test_prune_command_errors_leave_nothing_and_resume_like_run(tmp_path, capfd):
+    out = tmp_path / "o"
+    cli_error(["prune", "tiny-llama", "--method", "magnitude", "--skip", "no_such_layer", "--out", str(out)], capfd,
+              needle="matches no prunable layer")
+    assert not out.exists()  # a first stage that fails leaves no half-made run directory
+    cli_ok(["prune", "tiny-llama", "--method", "magnitude", "--out", str(out)], capfd)
+    again = cli_ok(["prune", "tiny-llama", "--method", "magnitude", "--out", str(out), "--resume"], capfd)
+    assert again.count("complete, skipped") == 2
+    cli_error(["prune", "tiny-llama", "--method", "magnitude", "--sparsity", "0.3", "--out", str(out), "--resume"],
+              capfd, needle="the recipe differs")
+    cli_error(["prune", "tiny-llama", "--device", "tpu", "--print-recipe"], capfd, needle="unknown --device")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    cli_error(["payt", "tiny-llama", "--out", str(foreign), "--resume"], capfd, needle="cannot resume")
 
 
 def test_command_defaults_come_from_the_recipe_specs(task_csv, tmp_path, capfd):
@@ -55,7 +116,10 @@ def test_command_defaults_come_from_the_recipe_specs(task_csv, tmp_path, capfd):
     cli_ok(["finetune", "tiny-bert", "--task", str(task_csv), "--n-samples", "8", "--epochs", "1", "--batch-size", "8",
             "--max-length", "16", "--eval-samples", "2", "--no-retention", "--lora-rank", "4", "--no-kd",
             "--out", str(tmp_path / "o")], capfd)
-    tune = json.loads((tmp_path / "o" / "manifest.json").read_text())["config"]["tune"]
+    run = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert run["kind"] == "run" and run["config"]["tune"]["lora_rank"] == 4  # the runner's manifest, as `run` writes
+    # what the tuning module resolved from the recipe (recorded in the stage's own manifest)
+    tune = json.loads((tmp_path / "o" / "stages" / "01-finetune" / "tune" / "manifest.json").read_text())["config"]["tune"]
     spec = TuneSpec(lora_rank=4)
     assert tune["learning_rate"] == spec.learning_rate == 1e-3
     assert tune["lora_alpha"] == spec.alpha == 8.0 and tune["kd"] is False

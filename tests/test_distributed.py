@@ -45,10 +45,10 @@ def _launch(cmd: list[str]) -> None:
 
 @pytest.fixture()
 def pruned(tmp_path, capsys) -> Path:
-    """tiny-llama with 50% magnitude pruning (per row), saved as a plain HF dir with its masks."""
+    """tiny-llama with 50% magnitude pruning (per row), saved as a plain HF dir with its masks (OUT/model)."""
     d = tmp_path / "pruned"
     cli_ok(["prune", "tiny-llama", "--method", "magnitude", "--sparsity", "0.5", "--out", str(d)], capsys)
-    return d
+    return d / "model"
 
 
 def _rank_states(out: Path) -> tuple[dict, dict]:

@@ -143,7 +143,6 @@ def test_cli_accepts_original_payt_option_names(tmp_path, capsys):
     (["--schedule", "cosine"], "--schedule (payt.schedule): 'cosine' is not allowed; choose one of"),
     (["--criterion", "random"], "--criterion (payt.criterion): 'random' is not allowed; choose one of"),
     (["--kd-alpha", "2"], "--kd-alpha"),
-    (["--resume"], "no checkpoint"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, msg):
     cli_error(["payt", "tiny-llama", *args, "--out", str(tmp_path / "x")], capsys, needle=msg)

@@ -1,4 +1,5 @@
-"""`prunetune prune`: a plain HF directory + masks + manifest; bad input is one line and exit code 2."""
+"""`prunetune prune`: a one-stage recipe run (OUT/model is a plain HF directory + masks, OUT/manifest.json the
+run's manifest); bad input is one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -30,14 +31,17 @@ def test_prune_cli_saves_plain_hf_dir(tmp_path, calib_file, capsys):
                    "--nsamples", "4", "--seqlen", "128", "--skip", r"layers\.1\.mlp\.down_proj", "--out", str(out)],
                   capsys)
     assert "50" in text
-    assert {"model.safetensors", "config.json", "masks.safetensors", "manifest.json"} <= {p.name for p in out.iterdir()}
-    assert not (tmp_path / "pruned.partial").exists()
+    model_dir = out / "model"
+    assert {"model.safetensors", "config.json", "masks.safetensors", "manifest.json"} <= {p.name for p in model_dir.iterdir()}
+    assert not (tmp_path / "pruned.partial").exists() and not list((out / "stages").glob("*.partial"))
     man = json.loads((out / "manifest.json").read_text())
-    assert man["kind"] == "prune" and man["config"]["method"] == "wanda" and man["seed"] == 0
-    assert man["config"]["calibration"]["nsamples"] == 4 and man["versions"]["torch"]
-    assert man["timings"]["prune_s"] > 0
-    layers = man["metrics"]["sparsity"]["layers"]
-    assert layers["model.layers.1.mlp.down_proj"] == 0.0 and layers["model.layers.0.mlp.down_proj"] == 0.5
+    assert man["kind"] == "run" and man["config"]["prune"]["method"] == "wanda" and man["seed"] == 0
+    assert man["config"]["prune"]["nsamples"] == 4 and man["versions"]["torch"]
+    assert man["metrics"]["01-prune"]["prune_seconds"]["value"] > 0
+    layers = json.loads((out / "stages" / "01-prune" / "layer_sparsity.json").read_text())
+    assert layers["model.layers.1.mlp.down_proj"]["sparsity"] == 0.0
+    assert layers["model.layers.0.mlp.down_proj"]["sparsity"] == 0.5
+    out = model_dir
 
     # plain transformers reload: same logits as the same prune done in memory, masks re-derivable from zeros
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -57,10 +61,11 @@ def test_prune_cli_magnitude_with_ppl(tmp_path, calib_file, capsys):
     out = tmp_path / "mag"
     text = cli_ok(["prune", "tiny-llama", "--method", "magnitude", "--pattern", "2:4", "--eval-ppl", str(calib_file),
                    "--max-windows", "1", "--seqlen", "64", "--out", str(out)], capsys)
-    man = json.loads((out / "manifest.json").read_text())
-    assert man["metrics"]["perplexity_before"]["value"] > 0 and man["metrics"]["perplexity_after"]["value"] > 0
-    assert man["metrics"]["perplexity_after"]["protocol"]["windows"] == 1
-    assert man["metrics"]["sparsity"]["value"] == pytest.approx(0.5)
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    before, after = metrics["01-evaluate"]["ppl/calib.txt"], metrics["03-evaluate"]["ppl/calib.txt"]
+    assert before["value"] > 0 and after["value"] > 0 and after["value"] != before["value"]
+    assert after["protocol"]["windows"] == 1 and after["protocol"]["seqlen"] == 64
+    assert metrics["02-prune"]["sparsity"]["value"] == pytest.approx(0.5)
     assert "perplexity after" in text
 
 
@@ -90,4 +95,4 @@ def test_prune_cli_refuses_non_empty_out(tmp_path, capsys):
     cli_error(["prune", "tiny-llama", "--method", "magnitude", "--out", str(out)], capsys, needle="--overwrite")
     assert (out / "keep.txt").read_text() == "x"
     cli_ok(["prune", "tiny-llama", "--method", "magnitude", "--out", str(out), "--overwrite"], capsys)
-    assert (out / "masks.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert (out / "model" / "masks.safetensors").is_file() and not (out / "keep.txt").exists()

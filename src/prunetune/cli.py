@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -330,111 +330,107 @@ def _check_classifier(spec: str, label_names: list[str]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ prune
-@app.command("prune")
+PRUNE_FLAGS = {  # flag parameter -> recipe key (no defaults here: commands/prune.yaml and PruneSpec hold them)
+    "method": "prune.method", "sparsity": "prune.sparsity", "pattern": "prune.pattern",
+    "granularity": "prune.granularity", "calib": "data.calib", "calib_split": "data.calib_split",
+    "nsamples": "prune.nsamples", "seqlen": "prune.seqlen", "skip": "prune.skip", "device": "prune.device",
+    "calib_batch": "prune.calib_batch", "max_windows": "eval.max_windows", "seed": "seed",
+    "data_dir": "data.data_dir",
+}
+
+
+@app.command("prune", epilog="Flags left out keep the values of the command's recipe; --print-recipe shows every "
+             "value.")
 def prune_cmd(
     model: str = typer.Argument(..., help="alias, HF dir, .gguf or hub id"),
-    method: str = typer.Option("wanda", "--method", help="magnitude | wanda | sparsegpt"),
-    sparsity: float = typer.Option(0.5, "--sparsity", help="fraction of weights to prune, in [0, 1)"),
+    method: Optional[str] = typer.Option(None, "--method", help="a registered criterion: magnitude | wanda | sparsegpt | l1-global | l2-cols (recipe default: wanda)"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="fraction of weights to prune, in [0, 1) (recipe default: 0.5)"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured pattern, e.g. 2:4 (overrides --sparsity)"),
     granularity: Optional[str] = typer.Option(None, "--granularity", help="row | layer | global | rows | cols | heads | neurons (default: sparsegpt layer, others row)"),
-    calib: str = typer.Option("bbc-news", "--calib", help="calibration text: bbc-news | wikitext2 | FILE (.txt/.csv/.jsonl)"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration text: bbc-news | wikitext2 | FILE (.txt/.csv/.jsonl)"),
     calib_split: Optional[str] = typer.Option(None, "--calib-split", help="split of --calib (default: valid for wikitext2, else train)"),
-    nsamples: int = typer.Option(32, "--nsamples", min=1, help="calibration windows"),
-    seqlen: int = typer.Option(512, "--seqlen", min=2, help="tokens per calibration window"),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", min=1, help="calibration windows (recipe default: 32)"),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", min=2, help="tokens per calibration (and --eval-ppl) window (recipe default: 512)"),
     skip: Optional[list[str]] = typer.Option(None, "--skip", help="regex of module names to leave dense (repeatable)"),
     device: Optional[str] = typer.Option(None, "--device", help="calibration device: cpu | cuda (the model stays on CPU)"),
-    calib_batch: int = typer.Option(4, "--calib-batch", min=1, help="calibration windows per block forward (memory vs speed)"),
+    calib_batch: Optional[int] = typer.Option(None, "--calib-batch", min=1, help="calibration windows per block forward (memory vs speed; recipe default: 4)"),
     eval_ppl: Optional[str] = typer.Option(None, "--eval-ppl", help="perplexity before and after (windows of --seqlen) on wikitext2 | bbc-news | FILE"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="--eval-ppl: first N windows only"),
-    seed: int = typer.Option(0, "--seed", help="seed of the calibration sample"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of the calibration sample"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local WikiText-2 dir (else PRUNETUNE_DATA_DIR or hub)"),
-    out: Path = typer.Option(..., "--out", help="output directory: plain HF model + masks.safetensors + manifest.json"),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe this command runs (YAML) and exit"),
+    resume: bool = typer.Option(False, "--resume", help="continue OUT: complete stages are skipped"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory: the plain HF model + masks.safetensors land in OUT/model"),
 ) -> None:
-    """Prune a model one-shot (magnitude, Wanda, SparseGPT) and save it as a plain HF directory with its masks."""
+    """Prune a model one-shot (magnitude, Wanda, SparseGPT) and save it as a plain HF directory with its masks.
+
+    A one-stage recipe (prune, export; evaluate before and after with --eval-ppl) run like `prunetune run`.
+    """
     _quiet_libraries()
-    import time
-
-    from prunetune.data.calibration import calibration_samples
     from prunetune.data.sources import load_text
-    from prunetune.manifest import build_manifest
-    from prunetune.models.export import prepare_out_dir, save_hf_dir
-    from prunetune.models.loading import load_model, natural_task
-    from prunetune.pruning.api import default_calib_split, prune, resolve_granularity, validate
-    from prunetune.pruning.masks import sparsity_report
+    from prunetune.models.loading import natural_task
+    from prunetune.pruning.api import default_calib_split, validate
+    from prunetune.pruning.criteria import get_criterion
 
-    t_start = time.perf_counter()
-    # everything that can be checked without the model is checked first: a typo fails in a second
-    validate(method, sparsity, pattern, granularity)
-    granularity = resolve_granularity(method, granularity, pattern)
-    if device not in (None, "cpu") and not str(device).startswith("cuda"):
+    from prunetune.config import DataSpec, PruneSpec
+
+    flags = {k: v for k, v in locals().items() if k in PRUNE_FLAGS}
+    flags["skip"] = list(skip) if skip else None
+    if device not in (None, "cpu") and not str(device).startswith("cuda"):  # the flag's name in the message
         raise PrunetuneError(f"unknown --device '{device}'; choose cpu or cuda")
-    if device and device.startswith("cuda"):
+    data = command_data("prune", model, flags)
+    # everything that can be checked without the model is checked first (the engine's own messages)
+    p = {**{k: f.default for k, f in PruneSpec.model_fields.items()}, **data.get("prune", {})}
+    validate(p["method"], p["sparsity"], p["pattern"], p["granularity"])
+    d = data.setdefault("data", {})
+    if calib_split is None:
+        d["calib_split"] = default_calib_split(d.get("calib", DataSpec.model_fields["calib"].default))
+    if eval_ppl:
+        d.update(ppl=[eval_ppl], ppl_split="test")
+        data.setdefault("eval", {})["ppl_seqlen"] = p["seqlen"]
+        data["stages"] = ["evaluate", "prune", "evaluate", "export"]
+    recipe = validated_command_recipe("prune", data, flags)
+    spec = recipe.prune
+    if print_recipe:
+        _print_recipe(recipe)
+        return
+    if out is None:
+        raise PrunetuneError("prune needs --out (or --print-recipe)")
+    if spec.device and spec.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise PrunetuneError("--device cuda asked but no CUDA device is available")
-    out = prepare_out_dir(_claim_out(out), overwrite)
-    dd = str(data_dir) if data_dir else None
-    needs_calib = method != "magnitude"
-    calib_src = load_text(calib, calib_split or default_calib_split(calib), data_dir=dd) if needs_calib else None
-    ppl_src = load_text(eval_ppl, "test", data_dir=dd) if eval_ppl else None
-
-    nat_task, kw = natural_task(model)
-    if ppl_src is not None and nat_task != "causal-lm":
-        raise PrunetuneError(f"--eval-ppl needs a causal LM; {model} is a {nat_task} model")
-    loaded = load_model(model, task=nat_task, **kw)
-    ids = None
-    if calib_src is not None:
-        ids = calibration_samples(loaded.tokenizer, calib_src.text, nsamples, seqlen, seed, calib_src.name)
-    timings: dict[str, float] = {"load_s": time.perf_counter() - t_start}
-    metrics: dict = {}
-
-    def _ppl(tag: str) -> None:
-        from prunetune.evaluation.perplexity import perplexity
-
-        t = time.perf_counter()
-        metrics[f"perplexity_{tag}"] = perplexity(loaded.model, loaded.tokenizer, ppl_src, seqlen=seqlen,
-                                                  max_windows=max_windows)
-        timings[f"ppl_{tag}_s"] = time.perf_counter() - t
-
-    if ppl_src is not None:
-        _ppl("before")
+    dd = recipe.data.data_dir
+    if get_criterion(spec.method).needs_calibration:
+        load_text(recipe.data.calib, recipe.data.calib_split, data_dir=dd)
+    if eval_ppl:
+        load_text(eval_ppl, "test", data_dir=dd)
+        nat_task, _ = natural_task(model)
+        if nat_task != "causal-lm":
+            raise PrunetuneError(f"--eval-ppl needs a causal LM; {model} is a {nat_task} model")
+    out = _claim_out(out)
     from prunetune.pruning.calibrate import bound_heap_growth
 
     bound_heap_growth()  # this process only prunes (and evaluates): free tensors go back to the OS at once
-    t = time.perf_counter()
-    masks = prune(loaded.model, method, sparsity, pattern=pattern, granularity=granularity, calib=ids,
-                  tokenizer=loaded.tokenizer, nsamples=nsamples, seqlen=seqlen, skip=skip, device=device, seed=seed,
-                  batch_size=calib_batch)
-    timings["prune_s"] = time.perf_counter() - t
-    if ppl_src is not None:
-        _ppl("after")
-    report = sparsity_report(loaded.model)
-    metrics["sparsity"] = {"value": report["sparsity"], "masked_layers": len(masks), "mask_sparsity": masks.sparsity(),
-                           "protocol": "real zeros in the prunable linear weights (embeddings and heads excluded)",
-                           "layers": {n: round(r["sparsity"], 6) for n, r in report["layers"].items()}}
-    timings["total_s"] = time.perf_counter() - t_start
-    config = {"model": model, "source": loaded.source, "task": nat_task, "method": method, "sparsity": sparsity,
-              "pattern": pattern, "granularity": granularity, "skip": skip or [], "device": device or "cpu",
-              "calibration": None if ids is None else {"source": calib_src.name, "variant": calib_src.variant,
-                                                       "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-                                                       "batch_size": calib_batch},
-              "eval_ppl": eval_ppl, "max_windows": max_windows}
-    manifest = build_manifest("prune", config, seed=seed, metrics=metrics, timings=timings)
-    save_hf_dir(loaded.model, loaded.tokenizer, out, manifest,
-                extra=lambda tmp: masks.save(tmp, metadata={"method": method, "sparsity": sparsity, "pattern": pattern}))
-
-    rows = [("method", method + (f" {pattern}" if pattern else f" {sparsity:.0%} ({granularity})")),
-            ("real-zero sparsity (prunable linears)", f"{report['sparsity']:.4%}"),
-            ("prune seconds", f"{timings['prune_s']:.1f}")]
-    for tag in ("before", "after"):
-        if f"perplexity_{tag}" in metrics:
-            r = metrics[f"perplexity_{tag}"]
-            p = r["protocol"]
-            rows.append((f"perplexity {tag} ({p['dataset']}, {p['windows']} x {p['seqlen']})", f"{r['value']:.4f}"))
-    rows.append(("saved", str(out)))
-    _console().print(_table(f"prune {model}", rows))
+    con = _console()
+    man = run_and_report(recipe, out, resume=resume, overwrite=overwrite, con=con)
+    names = recipe.stage_names()
+    pruned = man["metrics"][next(n for n in names if n.endswith("-prune"))]
+    gran = pruned["prune_seconds"]["protocol"]["granularity"]
+    rows = [("method", spec.method + (f" {spec.pattern}" if spec.pattern else f" {spec.sparsity:.0%} ({gran})")),
+            ("real-zero sparsity (prunable linears)", f"{pruned['sparsity']['value']:.4%}"),
+            ("prune seconds", f"{pruned['prune_seconds']['value']:.1f}")]
+    evals = [n for n in names if n.endswith("-evaluate")]
+    for tag, stage in zip(("before", "after"), evals):
+        for key, m in man["metrics"][stage].items():
+            if key.startswith("ppl/"):
+                p = m["protocol"]
+                rows.append((f"perplexity {tag} ({p['dataset']}, {p['windows']} x {p['seqlen']})",
+                             f"{m['value']:.4f}"))
+    rows.append(("saved", str(out / "model")))
+    con.print(_table(f"prune {model}", rows))
 
 
 # ------------------------------------------------------------------------------------------------ shrink (owner: vib)
@@ -515,6 +511,8 @@ LOSPARSE_FLAGS = {"rank_ratio": "losparse.rank_ratio", "keep": "losparse.keep",
                   "structured_direction": "losparse.structured_direction", "distill_from": "losparse.teacher",
                   "kd_weight": "losparse.kd_weight", "layer_weight": "losparse.layer_weight",
                   "distill_temp": "losparse.kd_temp"}
+COMMAND_FLAGS = {"prune": PRUNE_FLAGS, "finetune": TUNE_FLAGS, "payt": {**TUNE_FLAGS, **PAYT_FLAGS},
+                 "losparse": {**TUNE_FLAGS, **LOSPARSE_FLAGS}}
 ALL_SAMPLES = ("n_samples", "eval_samples", "test_samples")  # 0 on the command line = all of them
 
 
@@ -529,10 +527,10 @@ def run_and_report(rec, out: Path, *, resume: bool, overwrite: bool, con) -> dic
     return man
 
 
-def command_recipe(command: str, model: str, flags: dict, extra: dict | None = None, base: str | None = None):
-    """The validated one-stage recipe a command runs: its recipe file (or the preset `base`, run as this
+def command_data(command: str, model: str, flags: dict, extra: dict | None = None, base: str | None = None) -> dict:
+    """The raw recipe a command runs, before validation: its recipe file (or the preset `base`, run as this
     command's stages) + the flags that were given."""
-    from prunetune.config import COMMANDS_DIR, read_recipe_file, validate_recipe
+    from prunetune.config import COMMANDS_DIR, read_recipe_file
 
     data, _ = read_recipe_file(str(COMMANDS_DIR / f"{command}.yaml"))
     if base is not None:
@@ -540,7 +538,7 @@ def command_recipe(command: str, model: str, flags: dict, extra: dict | None = N
         data, _ = read_recipe_file(base)
         data["stages"] = stages
     data["model"] = {**data.get("model", {}), "name": model}
-    mapping = {**TUNE_FLAGS, **PAYT_FLAGS, **LOSPARSE_FLAGS}
+    mapping = COMMAND_FLAGS[command]
     for name, value in flags.items():
         if value is None or name not in mapping:
             continue
@@ -555,19 +553,32 @@ def command_recipe(command: str, model: str, flags: dict, extra: dict | None = N
         cur[last] = value
     lora = flags.get("lora")
     if lora is not None:
-        data["tune"]["mode"] = "lora" if lora else "full"
+        data.setdefault("tune", {})["mode"] = "lora" if lora else "full"
     for key, value in (extra or {}).items():
         section, field = key.split(".")
         data.setdefault(section, {})[field] = value
+    return data
+
+
+def validated_command_recipe(command: str, data: dict, flags: dict):
+    """`data` validated; an error names the flag the user typed, not only the recipe key it sets."""
+    from prunetune.config import validate_recipe
+
+    mapping = COMMAND_FLAGS[command]
     try:
         return validate_recipe(data, command)
-    except PrunetuneError as exc:  # name the flag the user typed, not only the recipe key it sets
+    except PrunetuneError as exc:
         msg = str(exc)
         for name, key in sorted(mapping.items(), key=lambda kv: -len(kv[1])):
             if flags.get(name) is not None and f" {key}:" in msg:
                 msg = msg.replace(f" {key}:", f" --{name.replace('_', '-')} ({key}):", 1)
                 break
         raise PrunetuneError(msg) from None
+
+
+def command_recipe(command: str, model: str, flags: dict, extra: dict | None = None, base: str | None = None):
+    """The validated one-stage recipe a command runs (`command_data`, then `validated_command_recipe`)."""
+    return validated_command_recipe(command, command_data(command, model, flags, extra, base), flags)
 
 
 def _print_recipe(recipe) -> None:
@@ -596,68 +607,114 @@ def _print_run(title: str, r: dict) -> None:
     _console().print(_table(title, rows))
 
 
-_TT = dict(help="seq-cls (labelled data) or causal-lm (plain text)")
+def _launched_distributed() -> bool:
+    """Several processes under torchrun / accelerate (they train together inside the tuning module)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run_tuning_command(recipe, title: str, out: Path, *, resume: bool, overwrite: bool) -> dict:
+    """A finetune/payt recipe through the runner, like `prunetune run`; OUT/metrics.json is the stage's result.
+
+    Under a multi-process launcher the ranks cannot share the runner's stage directories (it is one process),
+    so there the tuning module runs the same recipe's stage straight into OUT (its own layout: model/,
+    checkpoints/, metrics.json, manifest.json), each rank joining the same training.
+    """
+    from prunetune.rundir import atomic_write_json
+
+    out = _claim_out(out)
+    if _launched_distributed():
+        r = _run_tuning_stage_directly(recipe, out, resume=resume, overwrite=overwrite)
+    else:
+        run_and_report(recipe, out, resume=resume, overwrite=overwrite, con=_console())
+        stage = out / "stages" / recipe.stage_names()[0]
+        r = json.loads((stage / "tune" / "metrics.json").read_text())
+        atomic_write_json(out / "metrics.json", r)
+    if "timings" in r:  # rank 0 (the only rank that evaluates)
+        _print_run(title, r)
+    return r
+
+
+def _run_tuning_stage_directly(recipe, out: Path, *, resume: bool, overwrite: bool) -> dict:
+    from prunetune.pipelines.stages import payt_spec, tune_config
+
+    cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
+    if recipe.stages[0].type == "payt":
+        from prunetune.methods.payt import run_payt
+
+        return run_payt(recipe.model.name, cfg, payt_spec(recipe.stage_spec(0)), out, resume=resume,
+                        overwrite=overwrite)
+    from prunetune.tuning.finetune import finetune as run
+
+    return run(recipe.model.name, cfg, out, resume=resume, overwrite=overwrite)
+
+
+# The options finetune and payt share: one definition each (typer reads the flag names and help from these).
+_Opt = typer.Option
+Task = Annotated[Optional[str], _Opt("--task", help="task data: bbc-news | .csv/.jsonl (text,label) | text source")]
+TaskType = Annotated[Optional[str], _Opt("--task-type", help="seq-cls (labelled data) or causal-lm (plain text)")]
+Lora = Annotated[Optional[bool], _Opt("--lora/--full", "--use-lora/--no-use-lora", help="LoRA adapters or full FT")]
+LoraRank = Annotated[Optional[int], _Opt("--lora-rank")]
+LoraAlpha = Annotated[Optional[float], _Opt("--lora-alpha", help="LoRA scale numerator (recipe default: 2 x rank)")]
+LoraDropout = Annotated[Optional[float], _Opt("--lora-dropout")]
+Rslora = Annotated[Optional[bool], _Opt("--rslora/--no-rslora", "--use-rs-lora/--no-use-rs-lora",
+                                        help="rank-stabilised scaling alpha/sqrt(r)")]
+Kd = Annotated[Optional[bool], _Opt("--kd/--no-kd", "--use-kd/--no-use-kd", help="distil from a teacher")]
+KdAlpha = Annotated[Optional[float], _Opt("--kd-alpha", help="weight of CE; 1-alpha weighs the KL term")]
+KdTemp = Annotated[Optional[float], _Opt("--kd-temp", help="softmax temperature T")]
+Teacher = Annotated[Optional[str], _Opt("--teacher", help="initial | dense | PATH")]
+Epochs = Annotated[Optional[float], _Opt("--epochs", "--num-epochs")]
+Lr = Annotated[Optional[float], _Opt("--lr", help="recipe default: 1e-3 (LoRA) / 1e-4 (full)")]
+BatchSize = Annotated[Optional[int], _Opt("--batch-size")]
+MaxLength = Annotated[Optional[int], _Opt("--max-length")]
+NSamples = Annotated[Optional[int], _Opt("--n-samples", help="training examples (0 = all)")]
+EvalSamples = Annotated[Optional[int], _Opt("--eval-samples", help="validation examples per epoch (0 = all)")]
+TestSamples = Annotated[Optional[int], _Opt("--test-samples", help="test examples scored (0 = the whole test split)")]
+Seed = Annotated[Optional[int], _Opt("--seed", help="training seed (adapter init, data order); not the split")]
+SplitSeed = Annotated[Optional[int], _Opt("--split-seed", help="seed of the fixed train/validation/test split")]
+Mix = Annotated[Optional[float], _Opt("--mix", "--dataset-mix-ptg", help="fraction of general text mixed in")]
+MixSource = Annotated[Optional[str], _Opt("--mix-source")]
+MixStrategy = Annotated[Optional[str], _Opt("--mix-strategy", "--dataset-mix-strategy", help="random | old_first")]
+MixSampling = Annotated[Optional[str], _Opt("--mix-sampling", "--dataset-sampling-strategy", help="first | random")]
+DataDir = Annotated[Optional[Path], _Opt("--data-dir", help="local WikiText-2 dir")]
+Retention = Annotated[Optional[bool], _Opt("--retention/--no-retention", help="measure knowledge retention")]
+RetentionWindows = Annotated[Optional[int], _Opt("--retention-windows", min=1)]
+PrintRecipe = Annotated[bool, _Opt("--print-recipe", help="print the recipe this command runs (YAML) and exit")]
+Resume = Annotated[bool, _Opt("--resume", help="continue OUT: complete stages are skipped")]
+Overwrite = Annotated[bool, _Opt("--overwrite", help="replace a non-empty OUT")]
+Out = Annotated[Optional[Path], _Opt("--out", help="run directory (OUT/model, OUT/metrics.json, OUT/manifest.json)")]
+_NOT_FLAGS = ("model", "print_recipe", "resume", "overwrite", "out")
 _RECIPE_NOTE = "Flags left out keep the values of the command's recipe; --print-recipe shows every value."
 
 
 @app.command(epilog=_RECIPE_NOTE)
 def finetune(
     model: str = typer.Argument(..., help="alias, HF dir (a pruned one keeps its masks), .gguf or hub id"),
-    task: Optional[str] = typer.Option(None, "--task", help="task data: bbc-news | .csv/.jsonl (text,label) | text source"),
-    task_type: Optional[str] = typer.Option(None, "--task-type", **_TT),
-    lora: Optional[bool] = typer.Option(None, "--lora/--full", "--use-lora/--no-use-lora", help="LoRA adapters or full FT"),
-    lora_rank: Optional[int] = typer.Option(None, "--lora-rank"),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scale numerator (recipe default: 2 x rank)"),
-    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout"),
-    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", "--use-rs-lora/--no-use-rs-lora", help="rank-stabilised scaling alpha/sqrt(r)"),
-    kd: Optional[bool] = typer.Option(None, "--kd/--no-kd", "--use-kd/--no-use-kd", help="distil from a teacher"),
-    kd_alpha: Optional[float] = typer.Option(None, "--kd-alpha", help="weight of CE; 1-alpha weighs the KL term"),
-    kd_temp: Optional[float] = typer.Option(None, "--kd-temp", help="softmax temperature T"),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="initial | dense | PATH"),
-    epochs: Optional[float] = typer.Option(None, "--epochs", "--num-epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="recipe default: 1e-3 (LoRA) / 1e-4 (full)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    max_length: Optional[int] = typer.Option(None, "--max-length"),
-    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="training examples (0 = all)"),
-    eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="validation examples per epoch (0 = all)"),
-    test_samples: Optional[int] = typer.Option(None, "--test-samples", help="test examples scored (0 = the whole test split)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="training seed (adapter init, data order); not the split"),
-    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="seed of the fixed train/validation/test split"),
-    mix: Optional[float] = typer.Option(None, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
-    mix_source: Optional[str] = typer.Option(None, "--mix-source"),
-    mix_strategy: Optional[str] = typer.Option(None, "--mix-strategy", "--dataset-mix-strategy", help="random | old_first"),
-    mix_sampling: Optional[str] = typer.Option(None, "--mix-sampling", "--dataset-sampling-strategy", help="first | random"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local WikiText-2 dir"),
-    retention: Optional[bool] = typer.Option(None, "--retention/--no-retention", help="measure knowledge retention"),
-    retention_windows: Optional[int] = typer.Option(None, "--retention-windows", min=1),
-    print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe this command runs (YAML) and exit"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in OUT"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run directory"),
+    task: Task = None, task_type: TaskType = None, lora: Lora = None, lora_rank: LoraRank = None,
+    lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None, rslora: Rslora = None, kd: Kd = None,
+    kd_alpha: KdAlpha = None, kd_temp: KdTemp = None, teacher: Teacher = None, epochs: Epochs = None, lr: Lr = None,
+    batch_size: BatchSize = None, max_length: MaxLength = None, n_samples: NSamples = None,
+    eval_samples: EvalSamples = None, test_samples: TestSamples = None, seed: Seed = None,
+    split_seed: SplitSeed = None, mix: Mix = None, mix_source: MixSource = None, mix_strategy: MixStrategy = None,
+    mix_sampling: MixSampling = None, data_dir: DataDir = None, retention: Retention = None,
+    retention_windows: RetentionWindows = None, print_recipe: PrintRecipe = False, resume: Resume = False,
+    overwrite: Overwrite = False, out: Out = None,
 ) -> None:
     """Fine-tune (LoRA/rsLoRA or full) with knowledge distillation; pruned weights stay zero."""
     _quiet_libraries()
-    flags = {k: v for k, v in locals().items() if k not in ("model", "print_recipe", "resume", "overwrite", "out")}
+    flags = {k: v for k, v in locals().items() if k not in _NOT_FLAGS}
     recipe = command_recipe("finetune", model, flags)
     if print_recipe:
         _print_recipe(recipe)
         return
     if out is None:
         raise PrunetuneError("finetune needs --out (or --print-recipe)")
-    from prunetune.pipelines.stages import tune_config
-    from prunetune.tuning.finetune import finetune as run
-
-    cfg = tune_config(recipe, recipe.stage_spec(0), recipe.seed, export=True)
-    r = run(recipe.model.name, cfg, _claim_out(out), resume=resume, overwrite=overwrite)
-    if "timings" in r:
-        _print_run(f"finetune {model} -> {out}", r)
+    run_tuning_command(recipe, f"finetune {model} -> {out}", out, resume=resume, overwrite=overwrite)
 
 
 @app.command(epilog=_RECIPE_NOTE)
 def payt(
     model: str = typer.Argument(..., help="alias, HF dir, .gguf or hub id"),
-    task: Optional[str] = typer.Option(None, "--task"),
-    task_type: Optional[str] = typer.Option(None, "--task-type", **_TT),
+    task: Task = None, task_type: TaskType = None,
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "--sparsity-target", help="target sparsity in [0, 1)"),
     schedule: Optional[str] = typer.Option(None, "--schedule", "--pruning-schedule", help="oneshot | linear | agp"),
     start: Optional[float] = typer.Option(None, "--start", "--start-pruning-epoch-ptg", help="fraction of training before pruning"),
@@ -665,46 +722,24 @@ def payt(
     every: Optional[int] = typer.Option(None, "--every", "--prune-every-epoch", help="prune every N epochs"),
     every_steps: Optional[int] = typer.Option(None, "--every-steps", help="prune every N optimizer steps instead"),
     criterion: Optional[str] = typer.Option(None, "--criterion", "--pruning-method", help="l1-global | l2-cols | wanda"),
-    lora: Optional[bool] = typer.Option(None, "--lora/--full", "--use-lora/--no-use-lora"),
-    lora_rank: Optional[int] = typer.Option(None, "--lora-rank"),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="recipe default: 2 x rank"),
-    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout"),
-    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", "--use-rs-lora/--no-use-rs-lora"),
-    kd: Optional[bool] = typer.Option(None, "--kd/--no-kd", "--use-kd/--no-use-kd"),
-    kd_alpha: Optional[float] = typer.Option(None, "--kd-alpha"),
-    kd_temp: Optional[float] = typer.Option(None, "--kd-temp"),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="initial | dense | PATH"),
-    epochs: Optional[float] = typer.Option(None, "--epochs", "--num-epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="recipe default: 1e-3 (LoRA) / 1e-4 (full)"),
+    lora: Lora = None, lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
+    rslora: Rslora = None, kd: Kd = None, kd_alpha: KdAlpha = None, kd_temp: KdTemp = None, teacher: Teacher = None,
+    epochs: Epochs = None, lr: Lr = None,
     full_lr: Optional[float] = typer.Option(None, "--full-lr", help="--full-evaluate: learning rate of the dense full-FT baseline (default 1e-4; --lr is for the LoRA runs)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    max_length: Optional[int] = typer.Option(None, "--max-length"),
-    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="training examples (0 = all)"),
-    eval_samples: Optional[int] = typer.Option(None, "--eval-samples"),
-    test_samples: Optional[int] = typer.Option(None, "--test-samples", help="test examples scored (0 = the whole test split)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="training seed (adapter init, data order); not the split"),
-    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="seed of the fixed train/validation/test split"),
-    mix: Optional[float] = typer.Option(None, "--mix", "--dataset-mix-ptg", help="fraction of general text mixed in"),
-    mix_source: Optional[str] = typer.Option(None, "--mix-source"),
-    mix_strategy: Optional[str] = typer.Option(None, "--mix-strategy", "--dataset-mix-strategy", help="random | old_first"),
-    mix_sampling: Optional[str] = typer.Option(None, "--mix-sampling", "--dataset-sampling-strategy", help="first | random"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    retention: Optional[bool] = typer.Option(None, "--retention/--no-retention"),
-    retention_windows: Optional[int] = typer.Option(None, "--retention-windows", min=1),
+    batch_size: BatchSize = None, max_length: MaxLength = None, n_samples: NSamples = None,
+    eval_samples: EvalSamples = None, test_samples: TestSamples = None, seed: Seed = None,
+    split_seed: SplitSeed = None, mix: Mix = None, mix_source: MixSource = None, mix_strategy: MixStrategy = None,
+    mix_sampling: MixSampling = None, data_dir: DataDir = None, retention: Retention = None,
+    retention_windows: RetentionWindows = None,
     full_evaluate: bool = typer.Option(False, "--full-evaluate/--no-full-evaluate", help="run the seed's eight configurations (dense full/LoRA FT, prune without FT, prune -> full/LoRA FT, PAYT, PAYT without KD, other LoRA scaling) into one table"),
     paper_defaults: bool = typer.Option(False, "--paper-defaults", help="start from the payt-paper preset (the seed's defaults: rank 32, alpha 32, dropout 0.1, rsLoRA, linear from 0, 5 epochs, 512 tokens, 1,000 samples)"),
-    print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe this command runs (YAML) and exit"),
-    resume: bool = typer.Option(False, "--resume"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
-    out: Optional[Path] = typer.Option(None, "--out"),
+    print_recipe: PrintRecipe = False, resume: Resume = False, overwrite: Overwrite = False, out: Out = None,
 ) -> None:
     """Prune-As-You-Tune: prune the base weights on a schedule during (LoRA) fine-tuning with KD."""
     _quiet_libraries()
     if every_steps is not None and every_steps < 1:
         raise PrunetuneError(f"--every-steps must be >= 1, got {every_steps}")
-    flags = {k: v for k, v in locals().items()
-             if k not in ("model", "print_recipe", "resume", "overwrite", "out", "full_lr", "full_evaluate",
-                          "paper_defaults")}
+    flags = {k: v for k, v in locals().items() if k not in (*_NOT_FLAGS, "full_lr", "full_evaluate", "paper_defaults")}
     extra = {"payt.every": every_steps, "payt.unit": "step"} if every_steps else {}
     recipe = command_recipe("payt", model, flags, extra, base="payt-paper" if paper_defaults else None)
     if print_recipe:
@@ -714,21 +749,19 @@ def payt(
         return
     if out is None:
         raise PrunetuneError("payt needs --out (or --print-recipe)")
-    from prunetune.methods.payt import full_evaluate as run_all, run_payt
-    from prunetune.pipelines.stages import payt_spec, tune_config
+    if full_evaluate:  # eight runs compared in one table: the method's own driver, not a one-stage recipe
+        from prunetune.methods.payt import full_evaluate as run_all
+        from prunetune.pipelines.stages import payt_spec, tune_config
 
-    cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
-    spec = payt_spec(recipe.stage_spec(0))
-    if full_evaluate:
         if resume:
             raise PrunetuneError("--resume is not supported with --full-evaluate; rerun it or resume one run dir")
-        res = run_all(recipe.model.name, cfg, spec, _claim_out(out), overwrite=overwrite, full_lr=full_lr)
+        cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
+        res = run_all(recipe.model.name, cfg, payt_spec(recipe.stage_spec(0)), _claim_out(out), overwrite=overwrite,
+                      full_lr=full_lr)
         _console().print(res["table"]["markdown"])
         _console().print(f"written: {out / 'full_evaluate.md'} and {out / 'full_evaluate.json'}")
         return
-    r = run_payt(recipe.model.name, cfg, spec, _claim_out(out), resume=resume, overwrite=overwrite)
-    if "timings" in r:
-        _print_run(f"payt {model} -> {out}", r)
+    run_tuning_command(recipe, f"payt {model} -> {out}", out, resume=resume, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------------ losparse
@@ -736,7 +769,7 @@ def payt(
 def losparse(
     model: str = typer.Argument(..., help="alias, HF dir or hub id"),
     task: Optional[str] = typer.Option(None, "--task", help="task data: bbc-news | .csv/.jsonl (text,label) | text source"),
-    task_type: Optional[str] = typer.Option(None, "--task-type", **_TT),
+    task_type: TaskType = None,
     rank_ratio: Optional[float] = typer.Option(None, "--rank-ratio", "--low-rank-parameter-ratio", help="share of each matrix in U and V, in (0, 1): rank = ceil(p*m*n/(m+n))"),
     keep: Optional[float] = typer.Option(None, "--keep", "--final-threshold", help="fraction of S's entries kept at the end, in (0, 1)"),
     initial_threshold: Optional[float] = typer.Option(None, "--initial-threshold", help="kept fraction of S before pruning"),

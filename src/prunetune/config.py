@@ -43,7 +43,8 @@ class ModelSpec(_Spec):
     """Which model, and with which head (causal LM for perplexity recipes, seq-cls for task tuning)."""
 
     name: str = Field("smollm2-135m", description="alias, local HF dir, .gguf or hub id")
-    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+    task: Literal["causal-lm", "seq-cls", "auto"] = Field(
+        "causal-lm", description="auto = the head the checkpoint was saved with (what `prunetune prune` keeps)")
 
 
 class DataSpec(_Spec):
@@ -78,12 +79,16 @@ class PruneSpec(_Spec):
                         "wanda | magnitude | sparsegpt | l1-global | l2-cols")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     pattern: str | None = Field(None, description="N:M pattern such as '2:4' (overrides sparsity)")
-    granularity: Literal["row", "layer", "global"] | None = Field(
-        None, description="None = the method's default: sparsegpt 'layer' (the paper's selection over each "
-        "128-column block), magnitude and wanda 'row'")
-    nsamples: int = Field(16, ge=1)
-    seqlen: int = Field(256, ge=2)
+    granularity: str | None = Field(
+        None, description="row | layer | global | rows | cols | heads | neurons; None = the method's default: "
+        "sparsegpt 'layer' (the paper's selection over each 128-column block), magnitude and wanda 'row'")
+    nsamples: int = Field(16, ge=1, description="calibration windows")
+    seqlen: int = Field(256, ge=2, description="tokens per calibration window")
     skip: list[str] | None = Field(None, description="regexes of module names left dense")
+    device: str | None = Field(None, description="where calibration runs, one block at a time: cpu | cuda | "
+                               "cuda:N (the model stays on the CPU); None = cpu")
+    calib_batch: int = Field(4, ge=1, description="calibration windows per block forward (memory vs speed; "
+                             "Wanda's masks are identical across batch sizes)")
 
     @field_validator("method")
     @classmethod
@@ -102,6 +107,26 @@ class PruneSpec(_Spec):
         except PrunetuneError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v in (None, "", "cpu"):
+            return None if v in (None, "") else v
+        if not str(v).startswith("cuda"):
+            raise ValueError(f"unknown device '{v}'; choose cpu or cuda")
+        return v
+
+    @model_validator(mode="after")
+    def _engine_accepts(self) -> PruneSpec:
+        """The engine's own check (granularity allowed for the method, N:M only per row): once, at load."""
+        from prunetune.pruning.api import validate
+
+        try:
+            validate(self.method, self.sparsity, self.pattern, self.granularity)
+        except PrunetuneError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class MixOptions(_Spec):

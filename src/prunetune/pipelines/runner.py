@@ -58,12 +58,17 @@ class RunState:
         if self._loaded is None:
             from prunetune.models.loading import load_model
 
-            kw = {}
-            if self.recipe.model.task == "seq-cls":  # same labels, same order: a saved head is kept
+            kw: dict = {}
+            task = self.recipe.model.task
+            if task == "auto":  # the head the checkpoint was saved with (a classifier keeps its labels)
+                from prunetune.models.loading import natural_task
+
+                task, kw = natural_task(self.model_spec())
+            elif task == "seq-cls":  # same labels, same order: a saved head is kept
                 from prunetune.data.sources import load_labelled
 
                 kw["label_names"] = load_labelled(self.recipe.data.train).label_names
-            self._loaded = load_model(self.model_spec(), self.recipe.model.task, **kw)
+            self._loaded = load_model(self.model_spec(), task, **kw)
         return self._loaded
 
     def tokenizer(self):
@@ -155,7 +160,24 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
     stages = {**STAGES, "compose": run_compose}  # compose builds on stages' helpers, so it is joined here
 
     out = Path(out)
+    fresh = not (resume and (out / "recipe.yaml").is_file())
     prepare_run_dir(out, recipe, resume, overwrite, log)
+    try:
+        return _run_stages(recipe, out, stages, produces_model, log)
+    except BaseException:
+        if fresh and not any(is_complete(d) for d in _stage_dirs(out, recipe)):
+            _remove_run_files(out)  # nothing to resume: a first stage that fails leaves no half-made run
+        raise
+
+
+def _remove_run_files(out: Path) -> None:
+    """What `prepare_run_dir` and a failed first stage wrote; `out` itself stays (the CLI removes it if empty)."""
+    shutil.rmtree(out / "stages", ignore_errors=True)
+    for name in ("recipe.yaml", "manifest.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _run_stages(recipe: Recipe, out: Path, stages: dict, produces_model, log) -> dict:
     names = recipe.stage_names()
     dirs = _stage_dirs(out, recipe)
     model_dir: Path | None = None

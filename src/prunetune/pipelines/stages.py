@@ -70,14 +70,15 @@ def evaluate_model(loaded, recipe, spec, seed: int = 0) -> tuple[dict, dict]:
     metrics: dict = {}
     metric, layers = sparsity_metric(loaded.model)
     metrics["sparsity"] = metric
-    if recipe.model.task == "causal-lm":
+    task = getattr(loaded, "task", recipe.model.task)  # model.task auto: the head the checkpoint has
+    if task == "causal-lm":
         for src_name in recipe.data.ppl:
             src = load_text(src_name, recipe.data.ppl_split, data_dir=recipe.data.data_dir)
             r = perplexity(loaded.model, loaded.tokenizer, src, seqlen=spec.ppl_seqlen, max_windows=spec.max_windows,
                            batch_size=spec.batch_size)
             key = Path(src_name).name if ("/" in src_name or "\\" in src_name) else src_name
             metrics[f"ppl/{key}"] = {"value": r["value"], "seconds": r["seconds"], "protocol": r["protocol"]}
-    if spec.task or recipe.model.task == "seq-cls":
+    if spec.task or task == "seq-cls":
         metrics.update(_task_metrics(recipe, loaded))
     if spec.harness:
         from prunetune.evaluation.harness import harness_evaluate
@@ -96,7 +97,7 @@ def _task_metrics(recipe, loaded) -> dict:
     from prunetune.data.tasks import split_labelled
     from prunetune.evaluation.task import evaluate_classification
 
-    if recipe.model.task != "seq-cls":
+    if getattr(loaded, "task", recipe.model.task) != "seq-cls":
         raise PrunetuneError("eval.task needs model.task: seq-cls (a classification head)")
     data = load_labelled(recipe.data.train)
     test = split_labelled(data, seed=recipe.data.split_seed)["test"]
@@ -155,21 +156,23 @@ def prune_model(loaded, recipe, spec, seed: int, previous=None) -> tuple:
     from prunetune.data.sources import load_text
     from prunetune.pruning.api import prune
 
+    from prunetune.pruning.criteria import get_criterion
+
     calib = None
-    if spec.method != "magnitude":
+    if get_criterion(spec.method).needs_calibration:
         src = load_text(recipe.data.calib, recipe.data.calib_split, data_dir=recipe.data.data_dir)
         calib = calibration_samples(loaded.tokenizer, src.text, spec.nsamples, spec.seqlen, seed, src.name)
     t0 = time.perf_counter()
     masks = prune(loaded.model, spec.method, spec.sparsity, pattern=spec.pattern, granularity=spec.granularity,
                   calib=calib, tokenizer=loaded.tokenizer, nsamples=spec.nsamples, seqlen=spec.seqlen,
-                  skip=spec.skip, seed=seed, previous=previous)
+                  skip=spec.skip, seed=seed, previous=previous, device=spec.device, batch_size=spec.calib_batch)
     seconds = time.perf_counter() - t0
     if previous is not None:  # prune() kept what was pruned before; layers it skipped keep their masks too
         for k, m in previous.items():
             masks[k] = masks[k] & m.to(masks[k].device) if k in masks else m
         masks.apply(loaded.model)
     desc = (f"{spec.nsamples} x {spec.seqlen} tokens of {recipe.data.calib}/{recipe.data.calib_split}, seed {seed}"
-            if calib is not None else "none (magnitude)")
+            if calib is not None else f"none ({spec.method})")
     return masks, seconds, desc
 
 
@@ -192,7 +195,8 @@ def run_prune(state, out_dir: Path) -> dict:
         "sparsity": metric,
         "prune_seconds": {"value": seconds, "protocol": {"method": spec.method, "pattern": spec.pattern,
                                                          "granularity": resolve_granularity(spec.method, spec.granularity, spec.pattern),
-                                                         "calibration": calib_desc,
+                                                         "calibration": calib_desc, "device": spec.device or "cpu",
+                                                         "calib_batch": spec.calib_batch,
                                                          "threads": torch.get_num_threads()}},
     }}
 
