@@ -79,7 +79,7 @@ def tune_config(args, seed: int, **kw):
 
     base = dict(task="seq-cls", data="bbc-news", n_samples=args.n_samples, eval_samples=args.eval_samples,
                 epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=seed,
-                split_seed=SPLIT_SEED, retention=False, export=False, mix=MixSpec(fraction=0.0))
+                split_seed=SPLIT_SEED, retention=False, export=False, mix=MixSpec(fraction=0.0), kd=True)
     base.update(kw)
     return TuneConfig(**base)
 

@@ -135,7 +135,7 @@ def test_recipe_kd_alpha_alone_switches_kd_on_and_mixing_is_a_recipe_option():
     from prunetune.pipelines.stages import tune_config
 
     cfg = tune_config(r, r.tune, 0)
-    assert cfg.kd and cfg.kd_alpha == 0.3 and cfg.mix.fraction == 0.05 and cfg.lr == 1e-3
+    assert cfg.kd and cfg.kd_alpha == 0.3 and cfg.mix.fraction == 0.05 and cfg.learning_rate == 1e-3
 
 
 def test_negation_flags_and_bad_flags(tmp_path, capfd):

@@ -18,7 +18,7 @@ from prunetune.tuning.config import TuneConfig
 
 def _cfg(**kw) -> TuneConfig:
     base = dict(task="seq-cls", n_samples=16, eval_samples=8, test_samples=40, epochs=2, batch_size=8,
-                max_length=32, retention=False)
+                max_length=32, retention=False, kd=True)
     base.update(kw)
     return TuneConfig(**base)
 

@@ -232,7 +232,7 @@ def test_masked_lora_linear_gradients_match_autograd(with_base):
 # ------------------------------------------------------------------------------------------------ training
 def _cfg(**kw) -> TuneConfig:
     base = dict(task="seq-cls", n_samples=16, eval_samples=8, test_samples=40, epochs=2, batch_size=8,
-                max_length=32, retention=False)
+                max_length=32, retention=False, kd=True)
     base.update(kw)
     return TuneConfig(**base)
 

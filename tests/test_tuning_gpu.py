@@ -44,7 +44,7 @@ def test_masked_lora_finetune_on_cuda_keeps_zeros_and_merge_exact(tmp_path):
     from prunetune.tuning.config import TuneConfig
 
     cfg = TuneConfig(task="seq-cls", n_samples=16, eval_samples=8, test_samples=24, epochs=2, batch_size=8,
-                     max_length=32, retention=False, lora_dropout=0.0)
+                     max_length=32, retention=False, lora_dropout=0.0, kd=True)
     r = run_payt("tiny-llama", cfg, PaytSpec(sparsity=0.5, schedule="linear", start=0.0, every=1, unit="step"),
                  tmp_path / "run")
     assert next(r["_model"].parameters()).device.type == "cuda"

@@ -959,6 +959,9 @@ def compose(
                      "seqlen": max_length, "lr": lr},
             "compose": comp, "stages": ["compose"]}
     rec = validate_recipe(data, "command line")
+    from prunetune.pipelines.runner import check_recipe
+
+    check_recipe(rec)
     if print_recipe:
         from prunetune.config import recipe_to_dict
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from prunetune.config import PaytSpec as PaytOptions
 from prunetune.errors import PrunetuneError
 from prunetune.pruning.masks import MaskSet
 from prunetune.pruning.schedules import Schedule
@@ -47,19 +48,22 @@ def canonical_criterion(name: str) -> str:
                              "(aliases: L1Unstructured, LnStructured)") from None
 
 
+_DEFAULTS = PaytOptions()  # the recipe schema's `payt` section: the one place these defaults are written
+
+
 @dataclass
 class PaytSpec:
-    """What PAYT prunes and when."""
+    """What PAYT prunes and when; defaults from the recipe schema (`prunetune.config.PaytSpec`)."""
 
-    sparsity: float = 0.5
-    schedule: str = "agp"
-    start: float = 0.2
-    every: int = 1
-    unit: str = "epoch"  # epoch | step
-    criterion: str = "l1-global"
-    end: float = 1.0  # fraction of training by which the target is reached
-    nsamples: int = 16  # Wanda calibration
-    seqlen: int = 128
+    sparsity: float = _DEFAULTS.sparsity
+    schedule: str = _DEFAULTS.schedule
+    start: float = _DEFAULTS.start
+    every: int = _DEFAULTS.every
+    unit: str = _DEFAULTS.unit  # epoch | step
+    criterion: str = _DEFAULTS.criterion
+    end: float = _DEFAULTS.end  # fraction of training by which the target is reached
+    nsamples: int = _DEFAULTS.nsamples  # Wanda calibration
+    seqlen: int = _DEFAULTS.seqlen
 
     def __post_init__(self) -> None:
         self.criterion = canonical_criterion(self.criterion)

@@ -14,6 +14,18 @@ from pathlib import Path
 from prunetune.pipelines.stages import read_curves, tune_config
 
 
+def check_compose(spec) -> None:
+    """The method's checks of a recipe's `compose` settings (rates pair up, units and criterion exist), run
+    before a run directory is made; a mistake is one PrunetuneError line."""
+    from prunetune.methods.composable import (ATTENTION_UNITS, LINEAR_ROLES, check_linear_criterion, check_units,
+                                              parse_configurations)
+
+    parse_configurations(spec.attention, spec.linear, spec.n, spec.grid)
+    check_units(spec.attention_units, "attention_units", tuple(ATTENTION_UNITS))
+    check_units(spec.linear_units, "linear_units", LINEAR_ROLES)
+    check_linear_criterion(spec.linear_criterion)
+
+
 def run_compose(state, out_dir: Path) -> dict:
     from prunetune.methods.composable import ModuleFTSettings, parse_configurations, run_composable
 

@@ -160,6 +160,7 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
     stages = {**STAGES, "compose": run_compose}  # compose builds on stages' helpers, so it is joined here
 
     out = Path(out)
+    check_recipe(recipe)
     fresh = not (resume and (out / "recipe.yaml").is_file())
     prepare_run_dir(out, recipe, resume, overwrite, log)
     try:
@@ -168,6 +169,16 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
         if fresh and not any(is_complete(d) for d in _stage_dirs(out, recipe)):
             _remove_run_files(out)  # nothing to resume: a first stage that fails leaves no half-made run
         raise
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """The methods' own checks of their stage settings, before any run directory exists (config.py holds the
+    schema alone, so that the layers below can read their defaults from it)."""
+    from prunetune.pipelines.compose import check_compose
+
+    for i, st in enumerate(recipe.stages):
+        if st.type == "compose":
+            check_compose(recipe.stage_spec(i))
 
 
 def _remove_run_files(out: Path) -> None:

@@ -204,53 +204,24 @@ def run_prune(state, out_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------------- finetune
 def tune_config(recipe, spec, seed: int, task: str | None = None, *, retention: bool | None = None,
                 export: bool = False):
-    """The tuning module's `TuneConfig` built from a recipe's pydantic `tune` settings: the ONE conversion.
-
-    Every field is passed explicitly, so the dataclass's own defaults never decide anything: the recipe specs
-    (config.py) are the single definition of each option and its default. `steps` means steps x batch_size
-    examples in one epoch. Stages save the model themselves (`export=False`); commands let the tuning module
-    export.
+    """The tuning module's `TuneConfig` for a recipe's pydantic `tune` settings (`tuning.config.recipe_fields`,
+    the one conversion, which also gives `TuneConfig` its defaults). Stages save the model themselves
+    (`export=False`); the distributed path of the commands lets the tuning module export.
     """
-    from prunetune.data.mixing import MixSpec
-    from prunetune.tuning.config import TuneConfig
+    from prunetune.tuning.config import TuneConfig, recipe_fields
 
-    n_samples, epochs = spec.n_samples, spec.epochs
-    if spec.steps is not None:
-        n_samples, epochs = spec.steps * spec.batch_size, 1.0
-    mix = MixSpec(fraction=spec.mix.fraction, source=spec.mix.source, split=spec.mix.split,
-                  strategy=spec.mix.strategy, sampling=spec.mix.sampling, seed=seed)
-    cfg = TuneConfig(
-        task=task or recipe.model.task, data=recipe.data.train, lora=spec.mode == "lora", lora_rank=spec.lora_rank,
-        lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout, rslora=spec.rslora,
-        gradient_checkpointing=spec.gradient_checkpointing, kd=spec.kd,
-        kd_alpha=spec.kd_alpha, kd_temp=spec.kd_temp, teacher=spec.teacher, epochs=epochs, lr=spec.learning_rate,
-        batch_size=spec.batch_size, max_length=spec.seqlen, n_samples=n_samples, eval_samples=spec.eval_samples,
-        test_samples=spec.test_samples, seed=seed, split_seed=recipe.data.split_seed, mix=mix,
-        data_dir=recipe.data.data_dir, retention=spec.retention if retention is None else retention,
-        retention_windows=spec.retention_windows, export=export, **_roles_kw(TuneConfig, spec),
-    )
+    fields = recipe_fields(spec, recipe.data, seed)
+    if retention is not None:
+        fields["retention"] = retention
+    cfg = TuneConfig(task=task or recipe.model.task, seed=seed, export=export, **fields)
     return cfg.validate()
 
 
 def payt_spec(spec):
-    """The PAYT method's spec from the recipe's pydantic `payt` settings (every field passed explicitly)."""
+    """The PAYT method's spec from the recipe's pydantic `payt` settings (the same fields, one schema)."""
     from prunetune.methods.payt import PaytSpec
 
-    return PaytSpec(sparsity=spec.sparsity, schedule=spec.schedule, start=spec.start, every=spec.every,
-                    unit=spec.unit, criterion=spec.criterion, end=spec.end, nsamples=spec.nsamples,
-                    seqlen=spec.seqlen)
-
-
-def _roles_kw(tune_config_cls, spec) -> dict:
-    """LoRA target roles, when the recipe names them (the tuning module's default is every linear)."""
-    if spec.lora_roles is None:
-        return {}
-    fields = getattr(tune_config_cls, "__dataclass_fields__", {})
-    for name in ("lora_roles", "roles", "lora_targets"):
-        if name in fields:
-            return {name: tuple(spec.lora_roles)}
-    raise PrunetuneError("tune.lora_roles is not supported by this version of prunetune.tuning (TuneConfig has no "
-                         "roles option); remove it to put LoRA on every prunable linear")
+    return PaytSpec(**spec.model_dump())
 
 
 def read_curves(log_csv: Path) -> dict:

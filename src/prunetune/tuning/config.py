@@ -1,9 +1,17 @@
-"""`TuneConfig`: everything one fine-tuning run depends on (recorded in its manifest)."""
+"""`TuneConfig`: everything one fine-tuning run depends on (recorded in its manifest).
+
+Its defaults are not written here: every option a recipe can set takes its default from the recipe schema
+(`prunetune.config.TuneSpec` and `DataSpec`) through `recipe_fields`, the same conversion that turns a
+recipe's `tune` and `data` sections into a `TuneConfig`. So `TuneConfig()` is exactly what a recipe with an
+empty `tune` section trains with, and a default changed in the schema changes both.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+from prunetune.config import DataSpec, TuneSpec, default_learning_rate
 from prunetune.data.mixing import MixSpec
 from prunetune.errors import PrunetuneError
 from prunetune.tuning.distill import check_kd
@@ -12,39 +20,69 @@ from prunetune.tuning.lora import check_lora
 TASKS = ("seq-cls", "causal-lm", "seq2seq")
 
 
+def recipe_fields(spec: TuneSpec, data: DataSpec, seed: int = 0) -> dict[str, Any]:
+    """The `TuneConfig` fields a recipe's `tune` and `data` sections decide: the ONE conversion.
+
+    `steps` means steps x batch_size examples in one epoch; `lora_alpha` None means 2 x rank; `lr` None stays
+    None (`TuneConfig.learning_rate` then applies the schema's per-mode default).
+    """
+    n_samples, epochs = spec.n_samples, spec.epochs
+    if spec.steps is not None:
+        n_samples, epochs = spec.steps * spec.batch_size, 1.0
+    mix = MixSpec(fraction=spec.mix.fraction, source=spec.mix.source, split=spec.mix.split,
+                  strategy=spec.mix.strategy, sampling=spec.mix.sampling, seed=seed)
+    return dict(
+        data=data.train, lora=spec.mode == "lora", lora_rank=spec.lora_rank, lora_alpha=spec.alpha,
+        lora_dropout=spec.lora_dropout, rslora=spec.rslora, gradient_checkpointing=spec.gradient_checkpointing,
+        lora_roles=tuple(spec.lora_roles) if spec.lora_roles is not None else None, kd=spec.kd,
+        kd_alpha=spec.kd_alpha, kd_temp=spec.kd_temp, teacher=spec.teacher, epochs=epochs, lr=spec.lr,
+        batch_size=spec.batch_size, max_length=spec.seqlen, n_samples=n_samples, eval_samples=spec.eval_samples,
+        test_samples=spec.test_samples, split_seed=data.split_seed, mix=mix, data_dir=data.data_dir,
+        retention=spec.retention, retention_windows=spec.retention_windows,
+    )
+
+
+_D = recipe_fields(TuneSpec(), DataSpec())  # the schema's defaults, converted once
+
+
 @dataclass
 class TuneConfig:
-    """Everything a fine-tuning run depends on (recorded in the manifest)."""
+    """Everything a fine-tuning run depends on (recorded in the manifest).
 
-    task: str = "seq-cls"
-    data: str = "bbc-news"
-    lora: bool = True
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0  # 0: the exact one-product masked LoRA path (tuning.lora)
-    rslora: bool = False
-    gradient_checkpointing: bool = False  # recompute block activations in backward (memory for compute)
-    lora_roles: tuple[str, ...] | None = None  # None: every prunable linear (q k v o gate up down)
-    kd: bool = True
-    kd_alpha: float = 0.5
-    kd_temp: float = 4.0
-    teacher: str = "initial"  # initial | dense | PATH
-    epochs: float = 2.0
-    lr: float | None = None  # default: 1e-3 LoRA, 1e-4 full (few steps on CPU budgets; see learning_rate)
-    batch_size: int = 8
+    Fields set from a recipe default to the schema's values (`recipe_fields`); the rest are the tuning
+    module's own: what head to train (`task`: a classifier unless told), the training seed, and knobs no
+    recipe exposes.
+    """
+
+    task: str = "seq-cls"  # the head trained (a recipe passes its model.task)
+    data: str = _D["data"]
+    lora: bool = _D["lora"]
+    lora_rank: int = _D["lora_rank"]
+    lora_alpha: float = _D["lora_alpha"]
+    lora_dropout: float = _D["lora_dropout"]  # 0: the exact one-product masked LoRA path (tuning.lora)
+    rslora: bool = _D["rslora"]
+    gradient_checkpointing: bool = _D["gradient_checkpointing"]  # recompute block activations in backward
+    lora_roles: tuple[str, ...] | None = _D["lora_roles"]  # None: every prunable linear (q k v o gate up down)
+    kd: bool = _D["kd"]
+    kd_alpha: float = _D["kd_alpha"]
+    kd_temp: float = _D["kd_temp"]
+    teacher: str = _D["teacher"]  # initial | dense | PATH
+    epochs: float = _D["epochs"]
+    lr: float | None = _D["lr"]  # None: the schema's default for the mode (see learning_rate)
+    batch_size: int = _D["batch_size"]
     grad_accum: int = 1
-    max_length: int = 128
-    n_samples: int | None = 200
-    eval_samples: int | None = 100
-    test_samples: int | None = None  # None = the whole test split (reported numbers); tests use fewer
+    max_length: int = _D["max_length"]
+    n_samples: int | None = _D["n_samples"]
+    eval_samples: int | None = _D["eval_samples"]
+    test_samples: int | None = _D["test_samples"]  # None = the whole test split (reported numbers)
     seed: int = 0  # training randomness (adapter init, data order, subsample of the train split)
-    split_seed: int = 0  # train/validation/test split: no training seed changes the test set
+    split_seed: int = _D["split_seed"]  # train/validation/test split: no training seed changes the test set
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
-    mix: MixSpec = field(default_factory=lambda: MixSpec(fraction=0.0))
-    data_dir: str | None = None
-    retention: bool = True
-    retention_windows: int = 8
+    mix: MixSpec = field(default_factory=lambda: recipe_fields(TuneSpec(), DataSpec())["mix"])
+    data_dir: str | None = _D["data_dir"]
+    retention: bool = _D["retention"]
+    retention_windows: int = _D["retention_windows"]
     export: bool = True
     mask_lora: bool = True  # mask the LoRA update in the forward pass (export == trained model)
 
@@ -68,9 +106,8 @@ class TuneConfig:
 
     @property
     def learning_rate(self) -> float:
-        """LoRA default 1e-3: on MiniLM / BBC News (400 articles, 106 steps) 5e-4 left dense LoRA at 89.7%
-        accuracy, 1e-3 reached 95.1% and 2e-3 96.4% (BENCHMARKS.md); full FT keeps 1e-4 (97.3% there)."""
-        return self.lr if self.lr is not None else (1e-3 if self.lora else 1e-4)
+        """`lr`, else the schema's default for LoRA or full fine-tuning (`config.default_learning_rate`)."""
+        return self.lr if self.lr is not None else default_learning_rate("lora" if self.lora else "full")
 
     def to_dict(self) -> dict:
         d = asdict(self)
