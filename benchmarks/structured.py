@@ -55,7 +55,8 @@ def ppl(model, tok, windows: int) -> dict:
 
 
 @torch.no_grad()
-def speed_pair(dense, pruned, reps: int, gen_tokens: int = 32, b8_reps: int | None = None) -> dict:
+def speed_pair(dense, pruned, reps: int, gen_tokens: int = 32, b8_reps: int | None = None,
+               speed_threads: int = 2) -> dict:
     """Alternating timings (dense, pruned) x reps; medians and ratios (dense time / pruned time)."""
     from prunetune.evaluation.speed import _dummy_inputs
 
@@ -70,6 +71,8 @@ def speed_pair(dense, pruned, reps: int, gen_tokens: int = 32, b8_reps: int | No
                                   pad_token_id=pad)
 
     out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(speed_threads)
     for name, make in (("b1x256", lambda m: fwd(m, 1)), ("b8x256", lambda m: fwd(m, 8)), ("generate", gen)):
         n = reps if name != "b8x256" or b8_reps is None else b8_reps
         if n < 1:
@@ -89,7 +92,9 @@ def speed_pair(dense, pruned, reps: int, gen_tokens: int = 32, b8_reps: int | No
         if name == "generate":
             out[name]["dense_tokens_per_s"] = gen_tokens / med["dense"]
             out[name]["pruned_tokens_per_s"] = gen_tokens / med["pruned"]
+    torch.set_num_threads(threads)
     out["reps"] = reps
+    out["threads"] = speed_threads
     out["loadavg"] = os.getloadavg()
     return out
 
@@ -142,11 +147,19 @@ def main() -> None:
     ap.add_argument("--vib-batch", type=int, default=1)
     ap.add_argument("--vib-lr", type=float, default=0.5)
     ap.add_argument("--vib-init", type=float, default=-4.0, help="initial log sigma^2 of the gates")
+    ap.add_argument("--vib-mu-lr", type=float, default=None, help="learning rate of the gates' mu (default --vib-lr)")
+    ap.add_argument("--vib-lag-lr", type=float, default=0.5, help="learning rate of the Lagrange multipliers")
+    ap.add_argument("--vib-warmup", type=float, default=0.5, help="LAGRANGIAN_WARMUP (fraction of the steps)")
+    ap.add_argument("--vib-beta", type=float, default=1.0, help="sharpness of the soft keep-probability")
+    ap.add_argument("--vib-loss", default="lm", choices=("lm", "kd"), help="gate objective: LM loss or KL to dense")
+    ap.add_argument("--vib-antithetic", action="store_true", help="pair every window with the negated gate noise")
+    ap.add_argument("--vib-seqlen", type=int, default=256, help="tokens per gate-training window")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                     help="time every row as it is made (else only speed:ROW rows time, once per distinct widths)")
     ap.add_argument("--b8-reps", type=int, default=None, help="repetitions of the 8 x 256 latency (default --reps; 0 = skip)")
+    ap.add_argument("--speed-threads", type=int, default=2, help="torch threads while timing (the rest runs on 1)")
     ap.add_argument("--recover", default="", help="rows to LoRA-recover, e.g. vib@0.3,flap@0.3")
     ap.add_argument("--recover-samples", type=int, default=32, help="LoRA steps = samples / batch 2, 256 tokens")
     ap.add_argument("--out", default="benchmarks/results/structured.json")
@@ -168,7 +181,8 @@ def main() -> None:
     geom = geometry(dense)
     budgets = [r.split("@")[0].partition(":")[2] for r in args.rows.split(",") if r.startswith("vib:")]
     longest = max([args.vib_steps] + [int(b) for b in budgets])
-    calib = calibration_windows(tok, "wikitext2", max(args.calib, longest * args.vib_batch), 256, seed=0)
+    calib = calibration_windows(tok, "wikitext2", args.calib, 256, seed=0)
+    vib_calib = calibration_windows(tok, "wikitext2", longest * args.vib_batch, args.vib_seqlen, seed=0)
     work = Path(os.environ.get("STRUCTURED_BENCH_WORK", Path(tempfile.gettempdir()) / "prunetune-structured-bench"))
     work.mkdir(parents=True, exist_ok=True)
     todo = [r for r in args.rows.split(",") if r]
@@ -197,7 +211,8 @@ def main() -> None:
                 from transformers import AutoModelForCausalLM
 
                 model = AutoModelForCausalLM.from_pretrained(src).eval()
-                data["speed"][ref["speed_key"]] = speed_pair(dense, model, args.reps, b8_reps=args.b8_reps)
+                data["speed"][ref["speed_key"]] = speed_pair(dense, model, args.reps, b8_reps=args.b8_reps,
+                                                              speed_threads=args.speed_threads)
                 del model
             for r in data["rows"].values():  # every row with these widths shares the timing
                 if r.get("speed_key") in data["speed"]:
@@ -231,15 +246,19 @@ def main() -> None:
         d = work / row.replace("@", "_")
         if res is None:
             model, _ = load(args.model)
-            vib = {"steps": vib_steps, "batch_size": args.vib_batch, "vib_lr": args.vib_lr,
-                   "init_log_sigma2": args.vib_init, "lagrangian_warmup": 0.5, "lagrangian_lr": 0.5}
+            vib = {"steps": vib_steps, "batch_size": args.vib_batch, "vib_lr": args.vib_lr, "mu_lr": args.vib_mu_lr,
+                   "init_log_sigma2": args.vib_init, "lagrangian_warmup": args.vib_warmup,
+                   "lagrangian_lr": args.vib_lag_lr, "beta": args.vib_beta, "loss": args.vib_loss,
+                   "antithetic": args.vib_antithetic}
             t_p = time.perf_counter()
             model, facts = prune_structured(model, method, sparsity, structures=structs, round_to=args.round_to,
-                                            ids=calib[: args.calib] if method != "vib" else calib, vib=vib)
+                                            ids=calib[: args.calib] if method != "vib" else vib_calib, vib=vib)
             facts["prune_seconds"] = time.perf_counter() - t_p
             if method == "vib":
-                facts["vib"]["budget"] = (f"{vib_steps} steps x {args.vib_batch} x 256 tokens = "
-                                          f"{vib_steps * args.vib_batch * 256} tokens")
+                per = args.vib_batch * args.vib_seqlen
+                facts["vib"]["budget"] = (f"{vib_steps} steps x {args.vib_batch} x {args.vib_seqlen} tokens = "
+                                          f"{vib_steps * per} tokens" + (" (each twice, antithetic noise)"
+                                                                          if args.vib_antithetic else ""))
             model.save_pretrained(d)
             tok.save_pretrained(d)
             from transformers import AutoModelForCausalLM
@@ -252,7 +271,8 @@ def main() -> None:
             key = json.dumps(res["widths"], sort_keys=True) + f" bias={bool(model.config.mlp_bias)}"
             res["speed_key"] = key
             if args.speed and key not in data["speed"]:
-                data["speed"][key] = speed_pair(dense, model, args.reps, b8_reps=args.b8_reps)
+                data["speed"][key] = speed_pair(dense, model, args.reps, b8_reps=args.b8_reps,
+                                                              speed_threads=args.speed_threads)
             if key in data["speed"]:
                 sp = data["speed"][key]
                 res["speed"] = {k: sp[k]["speedup"] for k in ("b1x256", "b8x256", "generate") if k in sp}

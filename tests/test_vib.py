@@ -63,6 +63,36 @@ def test_gates_sample_in_training_and_use_kept_mean_in_eval():
     assert z.shape == (1, 4) and z[0, 0] == 0 and torch.allclose(z[0, 1:], bank.mu[1, 1:])
 
 
+def test_antithetic_noise_pairs_every_example_with_its_negation():
+    bank = GateBank((3, 4), -2.0, torch.Generator().manual_seed(0))
+    bank.train()
+    bank.antithetic = True
+    z = bank.z(4, 1).detach()
+    mu = bank.mu[1].detach()
+    assert torch.allclose(z[2:] - mu, -(z[:2] - mu)) and not torch.allclose(z[0], z[1])
+
+
+def test_kd_teacher_pass_is_the_dense_model_and_its_loss_starts_near_zero():
+    model = tiny()
+    x = ids(4, 16)
+    dense = logits(model, x)
+    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=1, batch_size=4, loss="kd", init_log_sigma2=-12.0))
+    meth.prepare(model)
+    meth.gates.train()
+    meth.bypass = True  # the hooks pass through: what train_gates uses as the teacher
+    assert torch.equal(logits(model, x), dense)
+    meth.bypass = False
+    assert not torch.equal(logits(model, x), dense)  # the gates act (μ ≈ 1 ± 1%, tiny noise)
+    meth.remove_hooks()
+    model = tiny()
+    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=2, batch_size=4, loss="kd", init_log_sigma2=-12.0))
+    train_gates(model, meth, x)
+    lm = VibMethod(VibConfig(target_sparsity=0.3, steps=2, batch_size=4, loss="lm", init_log_sigma2=-12.0))
+    train_gates(tiny(), lm, x)
+    # KL to the dense model of a model whose gates are ~1: ~0, while the LM loss is ~log(vocab)
+    assert meth.history[0]["kd_loss"] < 1e-2 < 1.0 < lm.history[0]["lm_loss"]
+
+
 def test_multipliers_ascend_and_gates_descend():
     model = tiny()
     meth = VibMethod(VibConfig(target_sparsity=0.5, steps=1, lagrangian_warmup=0.0, batch_size=2))
@@ -243,3 +273,35 @@ def test_unknown_structure_and_method():
     assert "vib" in _one_line(exc)
     with pytest.raises(PrunetuneError):
         prune_structured(tiny(), "wanda", 0.3, shrink=False)  # needs calibration text
+
+
+# ------------------------------------------------------------------------------ through tuning.finetune
+def test_finetune_drives_vib_gates_and_exports_a_shrunk_model(tmp_path):
+    """`finetune(..., method=VibMethod(...))`: the trainer's steps train the gates (weights frozen), the
+    Lagrangian reaches the target, and finalize folds μ and shrinks, so the export is the smaller model."""
+    from prunetune.models.loading import load_model
+    from prunetune.tuning.config import TuneConfig
+    from prunetune.tuning.finetune import finetune
+
+    dense = load_model("tiny-llama", "causal-lm").model
+    cfg = TuneConfig(task="causal-lm", data="wikitext2", n_samples=16, eval_samples=2, test_samples=4, epochs=1,
+                     batch_size=2, max_length=32, retention=False, kd=False, lora=False)
+    meth = VibMethod(VibConfig(target_sparsity=0.3, structures=("heads", "neurons"), round_to=16, vib_lr=0.1,
+                               lagrangian_lr=0.1, init_log_sigma2=-2.0))
+    r = finetune("tiny-llama", cfg, tmp_path / "vib", method=meth)
+    assert r["method"] == "vib" and meth.step == r["global_step"] == 8  # one gate step per trainer step
+    assert abs(r["thresholded_sparsity"] - 0.3) < 0.05  # the multipliers pulled the kept count to the target
+    assert r["mu"]["neurons"]["min"] != r["mu"]["neurons"]["max"]  # the gates moved
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "vib" / "model")  # stock transformers loads it
+    c = plain.config
+    assert c.intermediate_size < dense.config.intermediate_size and c.intermediate_size % 16 == 0
+    assert c.num_attention_heads == c.num_key_value_heads * 2  # GQA groups whole
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in dense.parameters())
+    dense_p = dict(dense.named_parameters())
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(dict(plain.named_parameters())[name], dense_p[name])  # weights frozen, no hidden gates
+    lora = TuneConfig(task="causal-lm", data="wikitext2", n_samples=4, eval_samples=2, test_samples=4, epochs=1,
+                      batch_size=2, max_length=32, retention=False, kd=False, lora=True)
+    with pytest.raises(PrunetuneError) as exc:  # LoRA would be frozen with the base weights: refused
+        finetune("tiny-llama", lora, tmp_path / "lora", method=VibMethod(VibConfig(target_sparsity=0.3)))
+    assert "without LoRA" in _one_line(exc)

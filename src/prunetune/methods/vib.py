@@ -54,7 +54,8 @@ class VibConfig:
     """VIB options; names and meanings of TVA-Prune's seed where it has them."""
 
     target_sparsity: float = 0.3  # TARGET_SPARSITY: fraction of block parameters removed
-    vib_lr: float = 0.1  # VIB_LR: Adam learning rate of the gates (μ, log σ²)
+    vib_lr: float = 0.1  # VIB_LR: Adam learning rate of the gates' log σ²
+    mu_lr: float | None = None  # learning rate of the gates' μ (None = vib_lr); small keeps μ near 1 for the fold
     lagrangian_lr: float = 0.1  # learning rate of the multipliers (ascent)
     lagrangian_warmup: float = 0.2  # LAGRANGIAN_WARMUP: fraction of steps over which the target ramps up
     att_mul: float = 1.0  # ATT_MUL: weight of attention parameters in the sparsity count
@@ -66,6 +67,9 @@ class VibConfig:
     steps: int = 200  # gate-training budget: steps x batch_size x seqlen tokens
     batch_size: int = 2
     init_log_sigma2: float = -9.0
+    antithetic: bool = False  # pair every example with a copy under the negated noise (variance reduction)
+    lr_decay: float = 1.0  # gate lr decays linearly to this fraction of itself after the warmup (1 = constant)
+    loss: str = "lm"  # gate-training objective of `train_gates`: "lm" (next-token CE) or "kd" (KL to the dense model)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,9 +78,13 @@ class VibConfig:
             raise PrunetuneError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
         if not 0.0 <= self.lagrangian_warmup <= 1.0:
             raise PrunetuneError(f"lagrangian_warmup is a fraction of the steps in [0, 1], got {self.lagrangian_warmup}")
-        for name in ("vib_lr", "lagrangian_lr", "att_mul", "beta"):
-            if getattr(self, name) <= 0:
+        if not 0.0 <= self.lr_decay <= 1.0:
+            raise PrunetuneError(f"lr_decay is a fraction in [0, 1], got {self.lr_decay}")
+        for name in ("vib_lr", "lagrangian_lr", "att_mul", "beta", "mu_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise PrunetuneError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.loss not in ("lm", "kd"):
+            raise PrunetuneError(f"vib loss must be 'lm' or 'kd', got '{self.loss}'")
         if self.steps < 1 or self.batch_size < 1:
             raise PrunetuneError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
 
@@ -89,6 +97,7 @@ class GateBank(nn.Module):
         self.mu = nn.Parameter(1.0 + 0.01 * torch.randn(shape, generator=gen))
         self.log_sigma2 = nn.Parameter(init_log_sigma2 + 0.01 * torch.randn(shape, generator=gen))
         self.keep_override: torch.Tensor | None = None  # eval-mode keep set (after uniform selection)
+        self.antithetic = False  # training noise of example i + B/2 is minus that of example i
 
     def log_alpha(self) -> torch.Tensor:
         """log σ² − log μ²: the structure is kept where it is < 0 (signal above noise)."""
@@ -108,7 +117,11 @@ class GateBank(nn.Module):
         """[batch, *shape[1:] or shape] gate values: sampled while training, μ ⊙ keep in eval."""
         mu, ls = (self.mu, self.log_sigma2) if index is None else (self.mu[index], self.log_sigma2[index])
         if self.training:
-            eps = torch.randn((batch, *mu.shape), device=mu.device, dtype=mu.dtype)
+            if self.antithetic and batch % 2 == 0:
+                half = torch.randn((batch // 2, *mu.shape), device=mu.device, dtype=mu.dtype)
+                eps = torch.cat([half, -half])
+            else:
+                eps = torch.randn((batch, *mu.shape), device=mu.device, dtype=mu.dtype)
             return mu + eps * (0.5 * ls).exp()
         keep = self.keep() if index is None else self.keep()[index]
         return (mu * keep.to(mu.dtype)).unsqueeze(0)
@@ -164,6 +177,7 @@ class VibMethod(Method):
         self.lambdas = nn.Parameter(torch.zeros(2))
         self._hooks: list = []
         self._z_hidden: torch.Tensor | None = None
+        self.bypass = False  # hooks pass through: the model computes as the dense model (teacher for "kd")
         self._frozen: list[nn.Parameter] = []
         self.history: list[dict] = []
         self.total_steps = self.cfg.steps
@@ -173,6 +187,9 @@ class VibMethod(Method):
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
+        if hasattr(model, "peft_config"):
+            raise PrunetuneError("vib trains only its gates with the model's weights frozen: fine-tune it without "
+                                 "LoRA (lora off), then recover the shrunk model with LoRA")
         geom = geometry(model)
         if "hidden" in self.cfg.structures and get_adapter(model).family != "llama":
             raise PrunetuneError("hidden-dimension gates need a family with hidden-dimension coupling (Llama)")
@@ -184,8 +201,14 @@ class VibMethod(Method):
                 p.requires_grad_(False)
                 self._frozen.append(p)
         self._install(model)
-        self._opt = torch.optim.Adam(self.gates.parameters(), lr=self.cfg.vib_lr)
+        mu_lr = self.cfg.vib_lr if self.cfg.mu_lr is None else self.cfg.mu_lr
+        banks = list(self.gates.banks.values())
+        self._opt = torch.optim.Adam([{"params": [b.log_sigma2 for b in banks], "lr": self.cfg.vib_lr},
+                                      {"params": [b.mu for b in banks], "lr": mu_lr}])
+        for b in banks:
+            b.antithetic = self.cfg.antithetic
         self._lag_opt = torch.optim.Adam([self.lambdas], lr=self.cfg.lagrangian_lr)
+        self._base_lrs = [g["lr"] for g in self._opt.param_groups]
         if ctx is not None and ctx.max_steps:
             self.total_steps = ctx.max_steps
         return model
@@ -202,6 +225,8 @@ class VibMethod(Method):
 
         def scale_in(bank: GateBank, layer: int, chunk: int):
             def hook(_m, args):
+                if self.bypass:
+                    return None
                 x = args[0]
                 z = bank.z(x.shape[0], layer).to(x.dtype)  # [B or 1, n]
                 shape = (z.shape[0],) + (1,) * (x.dim() - 2) + (z.shape[1], 1)
@@ -216,7 +241,7 @@ class VibMethod(Method):
             return out * z.view(z.shape[0], *([1] * (out.dim() - 2)), z.shape[-1]).to(out.dtype)
 
         def sample_hidden(_m, args, out):
-            self._z_hidden = banks["hidden"].z(out.shape[0])
+            self._z_hidden = None if self.bypass else banks["hidden"].z(out.shape[0])
             return scale_out_hidden(_m, args, out)
 
         for l, block in enumerate(adapter.blocks()):
@@ -240,6 +265,15 @@ class VibMethod(Method):
         warm = self.cfg.lagrangian_warmup * self.total_steps
         return self.cfg.target_sparsity * (min(1.0, step / warm) if warm > 0 else 1.0)
 
+    def lr_scale(self, step: int) -> float:
+        """Gate lr factor: 1 while the target ramps up, then linear to `lr_decay` at the last step, so the gates
+        settle where the multipliers put the thresholded count instead of oscillating around it."""
+        warm = self.cfg.lagrangian_warmup * self.total_steps
+        if step < warm or self.total_steps <= warm:
+            return 1.0
+        frac = (step - warm) / max(1.0, self.total_steps - 1 - warm)
+        return 1.0 - (1.0 - self.cfg.lr_decay) * min(1.0, frac)
+
     def extra_loss(self, model: nn.Module, inputs: dict | None, outputs, ctx: MethodContext | None = None):
         assert self.gates is not None
         step = ctx.step if ctx is not None else self.step
@@ -261,6 +295,9 @@ class VibMethod(Method):
         assert self._opt is not None and self._lag_opt is not None
         if self.lambdas.grad is not None:
             self.lambdas.grad.neg_()  # ascent on the multipliers
+        scale = self.lr_scale(self.step)
+        for group, lr in zip(self._opt.param_groups, self._base_lrs):
+            group["lr"] = lr * scale
         self._opt.step()
         self._lag_opt.step()
         self._opt.zero_grad(set_to_none=True)
@@ -282,6 +319,9 @@ class VibMethod(Method):
             hard = self.gates.hard()
             out["thresholded_sparsity"] = 1.0 - float(self.gates.kept_fraction(hard, self.cfg.att_mul))
             out["kept"] = {k: (v.sum(-1).tolist() if v.dim() > 1 else int(v.sum())) for k, v in hard.items()}
+            out["mu"] = {k: {"mean": float(b.mu.detach().mean()), "min": float(b.mu.detach().min()),
+                                 "max": float(b.mu.detach().max())}
+                         for k, b in self.gates.banks.items()}
         if self.history:
             out["last"] = self.history[-1]
         return out
@@ -383,12 +423,27 @@ def train_gates(model: nn.Module, method: VibMethod, ids: torch.Tensor, *, log_e
         for step in range(cfg.steps):
             pick = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % ids.shape[0]]
             batch = ids[pick].to(device)
-            out = root(input_ids=batch, labels=batch)
+            if cfg.antithetic:  # the same windows again under the negated gate noise
+                batch = torch.cat([batch, batch])
+            if cfg.loss == "kd":
+                with torch.no_grad():
+                    method.bypass = True
+                    try:
+                        teacher = F.log_softmax(root(input_ids=batch).logits.float(), -1)
+                    finally:
+                        method.bypass = False
+                out = root(input_ids=batch)
+                task = F.kl_div(F.log_softmax(out.logits.float(), -1).flatten(0, 1), teacher.flatten(0, 1),
+                                log_target=True, reduction="batchmean")
+                del teacher
+            else:
+                out = root(input_ids=batch, labels=batch)
+                task = out.loss
             extra, logs = method.extra_loss(model, None, out)
-            loss = out.loss + extra
+            loss = task + extra
             loss.backward()
             method.after_step(model)
-            logs.update({"step": step + 1, "lm_loss": float(out.loss.detach()), "seconds": time.perf_counter() - t0})
+            logs.update({"step": step + 1, f"{cfg.loss}_loss": float(task.detach()), "seconds": time.perf_counter() - t0})
             method.history.append(logs)
             if log is not None and log_every and (step + 1) % log_every == 0:
                 log(logs)
