@@ -141,8 +141,18 @@ def render_losparse(data: dict) -> str:
     return mod.render(data)
 
 
+def render_structured(data: dict) -> str:
+    """The structured-pruning tables, by benchmarks/structured.py's own `table` (no torch import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_structured", BENCH_DIR / "structured.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.table(data)
+
+
 RENDERERS = {"payt_seeds": render_payt_seeds, "payt_summary": render_payt_summary,
-             "composability": render_composability, "losparse": render_losparse}
+             "composability": render_composability, "losparse": render_losparse, "structured": render_structured}
 BLOCK = re.compile(r"<!-- generated:(?P<name>[\w.-]+) render=(?P<render>\w+) json=(?P<json>\S+) -->\n"
                    r"(?P<body>.*?)\n?<!-- /generated:(?P=name) -->", re.S)
 

@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 
 def machine() -> dict:
+    import torch
     from _machine import cpu_model
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -54,10 +53,17 @@ def ppl(model, tok, windows: int) -> dict:
             "dataset": "wikitext2/test"}
 
 
-@torch.no_grad()
 def speed_pair(dense, pruned, reps: int, gen_tokens: int = 32, b8_reps: int | None = None,
                speed_threads: int = 2) -> dict:
     """Alternating timings (dense, pruned) x reps; medians and ratios (dense time / pruned time)."""
+    import torch
+
+    with torch.no_grad():
+        return _speed_pair(dense, pruned, reps, gen_tokens, b8_reps, speed_threads)
+
+
+def _speed_pair(dense, pruned, reps, gen_tokens, b8_reps, speed_threads) -> dict:
+    import torch
     from prunetune.evaluation.speed import _dummy_inputs
 
     def fwd(m, b):
@@ -105,32 +111,44 @@ def save(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def _cell(x, fmt: str = "{:.2f}x") -> str:
+    return "n/m" if x is None else fmt.format(x)
+
+
 def table(data: dict) -> str:
-    """Markdown table of the rows (for BENCHMARKS.md)."""
+    """Markdown tables of the rows (for BENCHMARKS.md): the main table, then what each VIB row trained."""
     rows = data["rows"]
     dense = rows.get("dense", {})
-    head = ("| row | widths kv/neurons/hidden | block params removed | params (M) | disk (MB) | compute ratio | "
-            "b1x256 | b8x256 | generate | gen ÷ ratio | ppl | ppl after LoRA |")
-    out = [head, "|" + "---|" * 12]
+    out = ["| row | widths kv/neurons/hidden | block params removed | params (M) | disk (MB) | compute ratio | "
+           "b1x256 | b8x256 | generate | gen ÷ ratio | ppl | ppl after LoRA (x dense) |", "|" + "---|" * 12]
     dw = next((r["dense_widths"] for r in rows.values() if "dense_widths" in r), None)
-    dws = f"{dw['kv']}/{dw['neurons']}/{dw['hidden']}" if dw else "-"
     if dense:
+        dws = f"{dw['kv']}/{dw['neurons']}/{dw['hidden']}" if dw else "-"
         out.append(f"| dense | {dws} | 0 | {dense['params'] / 1e6:.1f} | {dense['disk_bytes'] / 2**20:.0f} | 1.00 | "
                    f"1.00 | 1.00 | 1.00 | 1.00 | {dense['ppl']:.2f} | |")
+    vib = []
     for name, r in rows.items():
         if name == "dense" or "widths" not in r:
             continue
-        w = r["widths"]
-        sp = r.get("speed", {})
-        f = lambda k: f"{sp[k]:.2f}x" if k in sp else "n/m"  # noqa: E731
+        w, sp = r["widths"], r.get("speed", {})
         rec = r.get("recovered", {}).get("ppl")
+        rec_s = "" if rec is None else (f"{rec:.2f} ({rec / dense['ppl']:.2f}x)" if dense else f"{rec:.2f}")
         out.append(f"| {name} | {w['kv']}/{w['neurons']}/{w['hidden']} | {r['block_sparsity']:.3f} | "
-                   f"{r['params'] / 1e6:.1f} | {r['disk_bytes'] / 2**20:.0f} | {r['compute_ratio']:.2f} | {f('b1x256')} | "
-                   f"{f('b8x256')} | {f('generate')} | "
-                   f"{r['gen_speedup_over_ratio']:.2f}" if "gen_speedup_over_ratio" in r else
-                   f"| {name} | {w['kv']}/{w['neurons']}/{w['hidden']} | {r['block_sparsity']:.3f} | "
-                   f"{r['params'] / 1e6:.1f} | {r['disk_bytes'] / 2**20:.0f} | {r['compute_ratio']:.2f} | n/m | n/m | n/m | n/m")
-        out[-1] += f" | {r['ppl']:.2f} | {'' if rec is None else f'{rec:.2f}'} |"
+                   f"{r['params'] / 1e6:.1f} | {r['disk_bytes'] / 2**20:.0f} | {r['compute_ratio']:.2f} | "
+                   f"{_cell(sp.get('b1x256'))} | {_cell(sp.get('b8x256'))} | {_cell(sp.get('generate'))} | "
+                   f"{_cell(r.get('gen_speedup_over_ratio'), '{:.2f}')} | {r['ppl']:.2f} | {rec_s} |")
+        if "vib" in r:
+            v = r["vib"]
+            c, last = v.get("config", {}), v.get("last", {})
+            mu = v.get("mu", {})
+            mus = ", ".join(f"{k} {m['min']:.2f}-{m['max']:.2f}" for k, m in mu.items()) or "n/r"
+            vib.append(f"| {name} | {v.get('budget', '')} | {c.get('loss', 'lm')} | {c.get('vib_lr')} / "
+                       f"{c.get('mu_lr') if c.get('mu_lr') is not None else c.get('vib_lr')} | {c.get('init_log_sigma2')} | "
+                       f"{v.get('thresholded_sparsity', float('nan')):.3f} | {mus} | "
+                       f"{last.get('seconds', float('nan')):.0f} |")
+    if vib:
+        out += ["", "| VIB row | gate budget | objective | lr log σ² / μ | init log σ² | removed after thresholding "
+                "| μ range | gate training (s) |", "|" + "---|" * 8, *vib]
     return "\n".join(out)
 
 
@@ -154,6 +172,9 @@ def main() -> None:
     ap.add_argument("--vib-loss", default="lm", choices=("lm", "kd"), help="gate objective: LM loss or KL to dense")
     ap.add_argument("--vib-antithetic", action="store_true", help="pair every window with the negated gate noise")
     ap.add_argument("--vib-seqlen", type=int, default=256, help="tokens per gate-training window")
+    ap.add_argument("--vib-widths", default="learned", choices=("learned", "uniform"),
+                    help="VIB widths: learned KV count from thresholding, or the baselines' uniform rule")
+    ap.add_argument("--vib-lr-decay", type=float, default=1.0, help="gate lr factor reached at the last step")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
@@ -169,6 +190,9 @@ def main() -> None:
         print(table(json.loads(Path(args.out).read_text())))
         return
 
+    import torch  # noqa: F401  (the table needs no torch)
+    from safetensors.torch import load_file, save_file
+
     from prunetune.methods.structured import prune_structured
     from prunetune.methods.structured_prune import allocate_widths, calibration_windows, geometry
 
@@ -176,7 +200,9 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.exists() else {"rows": {}, "speed": {}}
     data["machine"] = machine()
-    data["settings"] = vars(args)
+    data["settings"] = vars(args)  # the latest invocation's; every invocation is kept below (rows resume)
+    data.setdefault("invocations", []).append({**vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                                               "loadavg": os.getloadavg()})
     dense, tok = load(args.model)
     geom = geometry(dense)
     budgets = [r.split("@")[0].partition(":")[2] for r in args.rows.split(",") if r.startswith("vib:")]
@@ -235,6 +261,8 @@ def main() -> None:
             continue
         method, _, target = row.partition("@")
         method, _, steps = method.partition(":")  # vib:64@0.3 = VIB with a 64-step gate budget
+        comp = method.endswith("+comp")  # vib+comp@0.3 = the same gates as vib@0.3, plus FLAP's bias compensation
+        method = method.removesuffix("+comp")
         vib_steps = int(steps) if steps else args.vib_steps
         structs = args.structures
         if target.startswith("flops"):
@@ -249,12 +277,24 @@ def main() -> None:
             vib = {"steps": vib_steps, "batch_size": args.vib_batch, "vib_lr": args.vib_lr, "mu_lr": args.vib_mu_lr,
                    "init_log_sigma2": args.vib_init, "lagrangian_warmup": args.vib_warmup,
                    "lagrangian_lr": args.vib_lag_lr, "beta": args.vib_beta, "loss": args.vib_loss,
-                   "antithetic": args.vib_antithetic}
+                   "antithetic": args.vib_antithetic, "widths": args.vib_widths,
+                   "lr_decay": args.vib_lr_decay, "compensate": comp}
+            gate_file = work / f"gates_{structs.replace(',', '-')}_{sparsity}_{vib_steps}.safetensors"
+            gate_state = load_file(gate_file) if method == "vib" and gate_file.exists() else None
+            gates_out: dict = {}
             t_p = time.perf_counter()
             model, facts = prune_structured(model, method, sparsity, structures=structs, round_to=args.round_to,
-                                            ids=calib[: args.calib] if method != "vib" else vib_calib, vib=vib)
+                                            ids=calib[: args.calib] if method != "vib" else vib_calib, vib=vib,
+                                            gate_state=gate_state, gates_out=gates_out)
             facts["prune_seconds"] = time.perf_counter() - t_p
+            if method == "vib" and gate_state is None:
+                save_file(gates_out, gate_file)
+            elif method == "vib":  # the gates of an earlier row: its training facts, not this row's (none)
+                twin = next((r for r in data["rows"].values() if r.get("vib", {}).get("gate_file") == gate_file.name), {})
+                facts["vib"] = {**twin.get("vib", {}), **{k: v for k, v in facts["vib"].items() if k != "steps_done"},
+                                "reused_gates": True}
             if method == "vib":
+                facts["vib"]["gate_file"] = gate_file.name
                 per = args.vib_batch * args.vib_seqlen
                 facts["vib"]["budget"] = (f"{vib_steps} steps x {args.vib_batch} x {args.vib_seqlen} tokens = "
                                           f"{vib_steps * per} tokens" + (" (each twice, antithetic noise)"

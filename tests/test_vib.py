@@ -156,10 +156,13 @@ def test_folding_mu_keeps_the_gated_models_eval_outputs(tie, structures):
 
 
 # ---------------------------------------------------------------------------------- shrink and load
-@pytest.mark.parametrize("method", ["vib", "l1", "l2", "wanda", "flap"])
+@pytest.mark.parametrize("method", ["vib", "vib+comp", "l1", "l2", "wanda", "flap"])
 def test_shrink_equals_masked_and_loads_in_plain_transformers(method, tmp_path):
     base = tiny(tie=True)
-    kw = dict(structures="heads,neurons", round_to=16, ids=ids(), vib={"steps": 4, "batch_size": 2})
+    comp = method == "vib+comp"
+    method = method.removesuffix("+comp")
+    kw = dict(structures="heads,neurons", round_to=16, ids=ids(),
+              vib={"steps": 4, "batch_size": 2, "compensate": comp, "loss": "kd" if comp else "lm"})
     masked, fm = prune_structured(copy.deepcopy(base), method, 0.3, shrink=False, **kw)
     shrunk, fs = prune_structured(copy.deepcopy(base), method, 0.3, shrink=True, **kw)
     assert fm["widths"] == fs["widths"]
@@ -178,7 +181,7 @@ def test_shrink_equals_masked_and_loads_in_plain_transformers(method, tmp_path):
     shrunk.save_pretrained(tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no prunetune, no remote code
     assert (logits(plain, x) - logits(shrunk, x)).abs().max().item() <= 1e-6
-    if method == "flap":  # bias compensation rides on stock config flags
+    if method == "flap" or comp:  # bias compensation rides on stock config flags
         assert plain.config.mlp_bias and plain.config.attention_bias
         assert plain.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
 

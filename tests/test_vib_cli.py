@@ -20,7 +20,7 @@ def test_shrink_command_exports_a_smaller_model_that_loads_plainly(tmp_path, cap
     assert cfg.intermediate_size < 128 and cfg.intermediate_size % 8 == 0
     assert model.model.layers[0].mlp.up_proj.weight.shape == (cfg.intermediate_size, cfg.hidden_size)
     facts = json.loads(next((out / "stages").glob("*-structured/structured.json")).read_text())
-    assert facts["method"] == "vib" and facts["vib"]["budget"] == "2 steps x 1 x 64 tokens"
+    assert facts["method"] == "vib" and facts["vib"]["budget"] == "2 steps x 2 x 64 tokens"
     assert facts["block_sparsity"] == pytest.approx(0.3, abs=0.05)
     speed = cli_ok(["eval", out / "model", "--speed"], capsys)
     assert "generate" in speed and "parameters" in speed

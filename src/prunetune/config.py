@@ -314,13 +314,17 @@ class StructuredSpec(_Spec):
     nsamples: int = Field(16, ge=1, description="calibration windows (Wanda/FLAP statistics, VIB training text)")
     seqlen: int = Field(256, ge=2)
     vib_steps: int = Field(16, ge=1, description="gate-training steps")
-    vib_batch: int = Field(1, ge=1, description="windows per gate-training step")
-    vib_lr: float = Field(0.5, gt=0, description="VIB_LR: Adam learning rate of the gates")
-    lagrangian_lr: float = Field(0.5, gt=0, description="learning rate of the Lagrange multipliers (ascent)")
-    lagrangian_warmup: float = Field(0.5, ge=0.0, le=1.0, description="LAGRANGIAN_WARMUP: fraction of steps the target ramps over")
+    vib_batch: int = Field(2, ge=1, description="windows per gate-training step")
+    vib_lr: float = Field(0.2, gt=0, description="VIB_LR: Adam learning rate of the gates' log sigma^2")
+    vib_mu_lr: float = Field(0.01, gt=0, description="learning rate of the gates' mu (small: mu stays near 1 for the fold)")
+    vib_loss: Literal["kd", "lm"] = Field("kd", description="gate objective: KL to the dense model, or the LM loss")
+    vib_widths: Literal["uniform", "learned"] = Field(
+        "uniform", description="uniform: the baselines' width rule; learned: KV groups from VIB's thresholding")
+    lagrangian_lr: float = Field(1.0, gt=0, description="learning rate of the Lagrange multipliers (ascent)")
+    lagrangian_warmup: float = Field(0.3, ge=0.0, le=1.0, description="LAGRANGIAN_WARMUP: fraction of steps the target ramps over")
     att_mul: float = Field(1.0, gt=0, description="ATT_MUL: weight of attention parameters in the sparsity count")
     kl_factor: float = Field(1e-6, ge=0, description="weight of the summed VIBNet KL term")
-    init_log_sigma2: float = Field(-4.0, description="initial log sigma^2 of the gates (short budgets start nearer 0)")
+    init_log_sigma2: float = Field(-2.0, description="initial log sigma^2 of the gates (short budgets start nearer 0)")
 
 
 # ------------------------------------------------------------------------------------------ losparse

@@ -30,12 +30,16 @@ from prunetune.methods.vib import VibConfig, VibMethod, train_gates
 
 def prune_structured(model: nn.Module, method: str, sparsity: float, *, structures: str | tuple[str, ...] =
                      ("heads", "neurons"), round_to: int = 64, ids: torch.Tensor | None = None,
-                     shrink: bool = True, vib: dict | None = None, batch_size: int = 4) -> tuple[nn.Module, dict]:
+                     shrink: bool = True, vib: dict | None = None, batch_size: int = 4,
+                     gate_state: dict[str, torch.Tensor] | None = None,
+                     gates_out: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
     """One-shot structured pruning to `sparsity` of block parameters; returns (model, facts).
 
     `method` is `vib` (gates trained on `ids`, see `methods.vib`) or a baseline (`l1`, `l2`, `wanda`, `flap`;
     Wanda and FLAP need `ids`). With `shrink=False` the removed structures are zeroed instead (same outputs
-    for heads and neurons), which needs no surgery.
+    for heads and neurons), which needs no surgery. VIB's trained gates are copied into `gates_out` when given;
+    passing them back as `gate_state` reuses them instead of training again (same model,
+    sparsity and structures), e.g. to compare selections or compensation from one gate training.
     """
     structs = parse_structures(structures)
     geom = geometry(model)
@@ -46,9 +50,20 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
             raise PrunetuneError("vib needs calibration text (token windows) to train its gates")
         cfg = VibConfig(**{**(vib or {}), "target_sparsity": sparsity, "structures": structs, "round_to": round_to})
         meth = VibMethod(cfg)
-        train_gates(model, meth, ids)
+        # FLAP's compensation needs the dense model's input means: one pass before the gates go in
+        stats = collect_moments(model, ids[:8], batch_size) if cfg.compensate else None
+        if gate_state is None:
+            train_gates(model, meth, ids)
+        else:
+            meth.prepare(model)
+            meth.gates.load_state_dict(gate_state)
+            meth.gates.eval()
+        if gates_out is not None:
+            gates_out.update({k: v.detach().cpu().clone() for k, v in meth.gates.state_dict().items()})
         widths, scores = meth.widths(geom), meth.scores()
         sel = select(scores, widths, geom)
+        if stats is not None:  # on the dense weights (before the μ fold): a removed structure's mean output
+            flap_compensate(model, sel, stats)
         meth.fold(model, sel)
         facts["vib"] = meth.summary()
     elif method in BASELINES:

@@ -68,6 +68,9 @@ class VibConfig:
     batch_size: int = 2
     init_log_sigma2: float = -9.0
     antithetic: bool = False  # pair every example with a copy under the negated noise (variance reduction)
+    optimizer: str = "adam"  # gates: "adam" (per gate) or "nsgd" (gradient / its RMS over the gate kind, per step)
+    widths: str = "learned"  # "learned": KV groups / hidden width from thresholding; "uniform": the baselines' rule
+    compensate: bool = False  # FLAP's bias compensation for the removed structures (prune_structured)
     lr_decay: float = 1.0  # gate lr decays linearly to this fraction of itself after the warmup (1 = constant)
     loss: str = "lm"  # gate-training objective of `train_gates`: "lm" (next-token CE) or "kd" (KL to the dense model)
     seed: int = 0
@@ -83,6 +86,10 @@ class VibConfig:
         for name in ("vib_lr", "lagrangian_lr", "att_mul", "beta", "mu_lr"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise PrunetuneError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.optimizer not in ("adam", "nsgd"):
+            raise PrunetuneError(f"vib optimizer must be 'adam' or 'nsgd', got '{self.optimizer}'")
+        if self.widths not in ("learned", "uniform"):
+            raise PrunetuneError(f"vib widths must be 'learned' or 'uniform', got '{self.widths}'")
         if self.loss not in ("lm", "kd"):
             raise PrunetuneError(f"vib loss must be 'lm' or 'kd', got '{self.loss}'")
         if self.steps < 1 or self.batch_size < 1:
@@ -203,8 +210,9 @@ class VibMethod(Method):
         self._install(model)
         mu_lr = self.cfg.vib_lr if self.cfg.mu_lr is None else self.cfg.mu_lr
         banks = list(self.gates.banks.values())
-        self._opt = torch.optim.Adam([{"params": [b.log_sigma2 for b in banks], "lr": self.cfg.vib_lr},
-                                      {"params": [b.mu for b in banks], "lr": mu_lr}])
+        groups = [{"params": [b.log_sigma2 for b in banks], "lr": self.cfg.vib_lr},
+                  {"params": [b.mu for b in banks], "lr": mu_lr}]
+        self._opt = (torch.optim.Adam(groups) if self.cfg.optimizer == "adam" else torch.optim.SGD(groups))
         for b in banks:
             b.antithetic = self.cfg.antithetic
         self._lag_opt = torch.optim.Adam([self.lambdas], lr=self.cfg.lagrangian_lr)
@@ -295,6 +303,11 @@ class VibMethod(Method):
         assert self._opt is not None and self._lag_opt is not None
         if self.lambdas.grad is not None:
             self.lambdas.grad.neg_()  # ascent on the multipliers
+        if self.cfg.optimizer == "nsgd":  # keep each gate's gradient size relative to its kind's: the score
+            for group in self._opt.param_groups:  # accumulates the mean gradient, not its sign (Adam would)
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(p.grad.pow(2).mean().sqrt().clamp_min(1e-30))
         scale = self.lr_scale(self.step)
         for group, lr in zip(self._opt.param_groups, self._base_lrs):
             group["lr"] = lr * scale
@@ -343,6 +356,8 @@ class VibMethod(Method):
     def widths(self, geom: Geometry) -> Widths:
         """Uniform widths at the target: VIB's learned KV groups and hidden width, rounded; neurons fill the
         exact parameter budget (so VIB and the baselines keep the same number of parameters)."""
+        if self.cfg.widths == "uniform":
+            return allocate_widths(geom, self.cfg.target_sparsity, self.cfg.structures, self.cfg.round_to)
         learned = self.learned_widths()
         hint = Widths(round(learned.get("heads", geom.kv_heads)), geom.inter, round(learned.get("hidden", geom.hidden)))
         return allocate_widths(geom, self.cfg.target_sparsity, self.cfg.structures, self.cfg.round_to, hint=hint)
