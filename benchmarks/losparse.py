@@ -17,6 +17,10 @@ so far and names the rows still missing. A row run with other sizes than the com
 same recovery) to the same JSON.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/losparse.py --out runs/bench-losparse --jobs 2
+
+The defaults are the budget BENCHMARKS.md reports (160 articles, one epoch, 64 tokens: 20 optimizer steps per
+row), sized so that all 36 rows finish in about 90 minutes on 2 shared cores (load average ~11); a row of 40
+steps of 128 tokens took about 6.5 minutes there, too long for 36 rows in the time the session had.
 """
 
 from __future__ import annotations
@@ -495,9 +499,7 @@ def run_all(args, argv: list[str]) -> int:
 
 def display_command(argv: list[str]) -> str:
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
-    nice = os.nice(0)
-    return " ".join(x for x in (env, f"nice -n {nice}" if nice else "", "python benchmarks/losparse.py",
-                                " ".join(argv)) if x)
+    return " ".join(x for x in (env, "python benchmarks/losparse.py", " ".join(argv)) if x)
 
 
 def pack(args, argv: list[str], entries: list[dict]) -> dict:
@@ -515,7 +517,8 @@ def pack(args, argv: list[str], entries: list[dict]) -> dict:
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
         "machine_line": (f"{os.cpu_count()} cores, {cpu_model()}; 1-min load average {min(loads):.1f}–{max(loads):.1f} "
                          f"at the rows' starts and ends (shared with other sessions; {args.jobs} row(s) at a time, "
-                         f"{args.threads} torch thread(s) each)") if loads else f"{os.cpu_count()} cores, {cpu_model()}",
+                         f"{args.threads} torch thread(s) each, niceness {os.nice(0)})") if loads
+                        else f"{os.cpu_count()} cores, {cpu_model()}",
         "split_seed": SPLIT_SEED, "seeds": args.seeds, "budgets": args.budgets,
         "sizes": {**sizes_of(args), "budget_rank_split": {str(k): v for k, v in RANK_SPLIT.items()},
                   **({"smollm2": sizes_of(args, True)} if args.smollm else {})},
@@ -713,19 +716,19 @@ def parser() -> argparse.ArgumentParser:
                    help=f"NAME or NAME@B1,B2 (those budgets only); NAME in {', '.join(METHODS)}")
     p.add_argument("--jobs", type=int, default=1, help="rows run at a time (each its own process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per row")
-    p.add_argument("--n-samples", type=int, default=320)
-    p.add_argument("--eval-samples", type=int, default=100)
+    p.add_argument("--n-samples", type=int, default=160)
+    p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--full-lr", type=float, default=1e-4)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--full-lr", type=float, default=3e-4)
     p.add_argument("--lora-lr", type=float, default=2e-3)
     p.add_argument("--payt-mix", type=float, default=0.0)
-    p.add_argument("--payt-every", type=int, default=5, help="PAYT prunes every N optimizer steps")
+    p.add_argument("--payt-every", type=int, default=2, help="PAYT prunes every N optimizer steps")
     p.add_argument("--losparse-lr", type=float, default=3e-4)
     p.add_argument("--warmup-unit", type=int, default=4, help="LoSparse warmup_steps (unit of the warm-ups)")
     p.add_argument("--initial-warmup", type=float, default=1.0)
-    p.add_argument("--final-warmup", type=float, default=3.0)
+    p.add_argument("--final-warmup", type=float, default=2.0)
     p.add_argument("--delta-t", type=int, default=2)
     p.add_argument("--structured", default="mean", help="LoSparse-structured: mean|sum|max|min")
     p.add_argument("--direction", default="row", help="LoSparse-structured: row|col|row_col")
