@@ -112,7 +112,7 @@ def write_results(a, seeds: list[int], summary: dict) -> None:
             if f.is_file():
                 res = json.loads(f.read_text())
                 per_seed[str(seed)] = {"runs": {k: compact_run(v) for k, v in res["runs"].items()},
-                                       "tune": {k: res["tune"].get(k) for k in ("split_seed", "seed", "lr", "kd_alpha",
+                                       "tune": {k: res["tune"].get(k) for k in ("split_seed", "seed", "lr", "kd_alpha", "lora_dropout",
                                                                                  "n_samples", "epochs")}}
         ns = {r["test_n"] for s in per_seed.values() for r in s["runs"].values() if r.get("test_n")}
         commit = os.environ.get("PRUNETUNE_BENCH_COMMIT") or sp.run(
