@@ -11,8 +11,12 @@ min..max. Memory: each variant's step runs in its own fresh subprocess (alternat
 peak RSS is sampled every 10 ms during load + one forward/backward, and also reported above the RSS held
 just before the step.
 
-    PRUNETUNE_DATA_DIR=../shared/data/wikitext-2 python benchmarks/lora_step.py --reps 5 --dropout 0 \\
-        --json benchmarks/results/lora_step_dropout0.json
+    OMP_NUM_THREADS=1 PRUNETUNE_DATA_DIR=../shared/data/wikitext-2 nice -n 5 python benchmarks/lora_step.py \\
+        --reps 5 --rss-reps 2 --dropout 0 --json benchmarks/results/lora_step_dropout0.json
+    # --dropout 0.1 (the payt-paper preset's): the two-product path, reported separately
+
+At dropout 0 (the default) prunetune takes its exact one-product path; with dropout > 0 the masked update is a
+second product on the dropped-out input.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ def machine() -> dict:
                 if ln.startswith("model name")), platform.processor())
     import torch
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "loadavg": list(os.getloadavg())}
+            "loadavg": list(os.getloadavg()), "commit": commit}
 
 
 def build(variant: str, pruned, dropout: float):
