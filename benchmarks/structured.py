@@ -332,7 +332,7 @@ def main() -> None:
 
             t_r = time.perf_counter()
             cfg = TuneConfig(task="causal-lm", data="wikitext2", kd=False, epochs=1, n_samples=args.recover_samples,
-                             batch_size=2, max_length=256, eval_samples=2, retention=False, lora_rank=8,
+                             batch_size=2, max_length=256, eval_samples=2, test_samples=2, retention=False, lora_rank=8,
                              lora_alpha=16, lora_dropout=0.0, lr=1e-3)
             fin = finetune(str(d), cfg, work / f"{d.name}-lora", overwrite=True)
             model, _ = load(str(work / f"{d.name}-lora" / "model"))

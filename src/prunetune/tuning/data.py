@@ -77,5 +77,6 @@ def load_task_data(cfg: TuneConfig, tokenizer=None) -> dict:
     test, val, train = chunks[:n_test], chunks[n_test : 2 * n_test], chunks[2 * n_test :]
     train = train[: cfg.n_samples] if cfg.n_samples else train
     val = val[: cfg.eval_samples] if cfg.eval_samples else val
+    test = test[: cfg.test_samples] if cfg.test_samples else test  # as for seq-cls: None = the whole split
     as_ex = lambda xs: [{"text": t} for t in xs]  # noqa: E731
     return {"train": as_ex(train), "validation": as_ex(val), "test": as_ex(test), "label_names": None, "name": src.name}
