@@ -82,6 +82,8 @@ def mask_lora_updates(peft_model: nn.Module, masks) -> int:
       B follow) instead of peft's low-rank path; the merged weight is rebuilt in backward, not stored.
     - LoRA dropout > 0: the update sees a dropped-out copy of x, so it is a second product,
       y = W·x + ((s·BA) ⊙ M)·dropout(x), with the same recompute-in-backward economy.
+    Measured on 50%-pruned SmolLM2 (BENCHMARKS.md): 1.19x a plain peft step's CPU time at dropout 0, 1.71x at
+    0.1, at no more peak memory than peft's.
     """
     import types
 
