@@ -181,9 +181,17 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
             for n, st in names_stats.items():
                 if st is not None:
                     stats_hook(n, st)
-        if crit.updates_weights:
-            for n, st in names_stats.items():
-                _update_layer(crit, n, targets[n], st, sparsity, nm, granularity, masks, prior)
+        if crit.updates_weights or granularity in ("row", "layer"):
+            # one layer at a time, its statistics released as soon as it is pruned: at most one layer's
+            # scores / updated weights exist besides the model
+            for n in list(names_stats):
+                st = names_stats.pop(n)
+                if crit.updates_weights:
+                    _update_layer(crit, n, targets[n], st, sparsity, nm, granularity, masks, prior)
+                else:
+                    score = _floor(crit.score(targets[n].weight, st), targets[n].weight, prior, n, granularity)
+                    _apply(targets, {n: mask_from_scores(score, sparsity, granularity, nm)}, masks, prior)
+                del st
             return
         scores = {n: _floor(crit.score(targets[n].weight, st), targets[n].weight, prior, n, granularity)
                   for n, st in names_stats.items()}
@@ -256,7 +264,7 @@ def _apply(targets: dict[str, nn.Linear], new: dict[str, torch.Tensor], masks: M
         if alive is not None:
             mask = mask & alive.to(mask.device)
         w.mul_(mask.to(device=w.device, dtype=w.dtype))
-        masks[name] = mask.cpu()
+        masks.set_packed(name, mask.cpu())
 
 
 def _update_layer(crit: Criterion, name: str, lin: nn.Linear, stats, sparsity: float, nm, granularity: str,
@@ -265,4 +273,5 @@ def _update_layer(crit: Criterion, name: str, lin: nn.Linear, stats, sparsity: f
     w = lin.weight
     new_w, keep = crit.update(w, stats, sparsity, pattern=nm, granularity=granularity, keep=prior.get(name))
     w.copy_(new_w.to(device=w.device, dtype=w.dtype))
-    masks[name] = keep.cpu()
+    del new_w
+    masks.set_packed(name, keep.cpu())
