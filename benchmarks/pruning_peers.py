@@ -14,8 +14,9 @@ CPU seconds of the pruning call alone (model already loaded), the peak RSS sampl
 peak above the interpreter and libraries is known. Perplexity (WikiText-2 test, first 64 non-overlapping
 windows of 512, prunetune's evaluator) is measured once per implementation and method, from the first
 repetition's result (llm-compressor's pruned linears are saved and scored in a prunetune process).
-Threads: `--threads` (default 1) for every child; prunetune runs as `prunetune prune` does
-(`calibrate.bound_heap_growth()` first).
+Threads: `--threads` (default 1) for every child. prunetune runs as a library call with its defaults
+(`prune(model, method, 0.5, calib=ids)`: calibration batch 1, glibc's malloc settings left alone; the minimal
+baseline forwards 4 windows at a time, llm-compressor 1).
 
 llm-compressor lives in its own virtual environment (it pins its own transformers); create it once:
 
@@ -89,12 +90,9 @@ def prunetune_child(args: argparse.Namespace) -> dict:
     from prunetune.evaluation.perplexity import perplexity
     from prunetune.models.loading import load_model
     from prunetune.pruning.api import prune
-    from prunetune.pruning.calibrate import bound_heap_growth, release_freed_memory
     from prunetune.pruning.masks import sparsity_report
 
     cfg = METHODS[args.method]
-    bound_heap_growth()  # as the `prunetune prune` command does
-    release_freed_memory()
     rss_before_model = psutil.Process().memory_info().rss
     loaded = load_model(str(args.model), "causal-lm")
     model, tok = loaded.model, loaded.tokenizer
@@ -110,7 +108,6 @@ def prunetune_child(args: argparse.Namespace) -> dict:
                 params[k].copy_(v)
         row: dict = {}
     else:
-        release_freed_memory()
         rss_before_prune = psutil.Process().memory_info().rss
         with PeakRSS() as peak:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -119,7 +116,7 @@ def prunetune_child(args: argparse.Namespace) -> dict:
         row = {"impl": "prunetune", "prune_seconds": seconds, "prune_cpu_seconds": cpu, "peak_rss_bytes": peak.peak,
                "rss_before_model_bytes": rss_before_model, "rss_before_prune_bytes": rss_before_prune,
                "masks": len(masks), "mask_sparsity": masks.sparsity(), "threads": torch.get_num_threads(),
-               "calib_batch": 4}
+               "calib_batch": 1}
     row["real_sparsity"] = sparsity_report(model)["sparsity"]
     if args.ppl:
         r = perplexity(model, tok, load_text("wikitext2", "test"), seqlen=512, max_windows=64, batch_size=4,

@@ -175,7 +175,7 @@ def _hooks(named: dict[str, nn.Linear], stats: dict[str, Stats]) -> list:
 
 @torch.no_grad()
 def sequential(model: nn.Module, ids: torch.Tensor, make_stats: StatFactory, on_block: OnBlock, *,
-               targets: set[str] | None = None, device: str | torch.device | None = None, batch_size: int = 4,
+               targets: set[str] | None = None, device: str | torch.device | None = None, batch_size: int = 1,
                progress: bool | None = None) -> None:
     """Walk the blocks in order: collect statistics, let `on_block` prune, propagate the pruned outputs.
 
@@ -218,7 +218,7 @@ def sequential(model: nn.Module, ids: torch.Tensor, make_stats: StatFactory, on_
 
 @torch.no_grad()
 def collect_all(model: nn.Module, ids: torch.Tensor, make_stats: StatFactory, targets: set[str], *,
-                batch_size: int = 4, progress: bool | None = None) -> dict[str, Stats]:
+                batch_size: int = 1, progress: bool | None = None) -> dict[str, Stats]:
     """Statistics for every target layer from forward passes of the dense model (one pass per batch)."""
     root = unwrap(model)
     adapter = get_adapter(root)
