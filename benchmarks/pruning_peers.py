@@ -255,6 +255,8 @@ def main() -> None:
     ap.add_argument("--calib", type=Path, default=ROOT / "runs" / "calib_ids.safetensors")
     ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity checks")
+    ap.add_argument("--ppl-impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
+                    help="implementations whose first repetition is scored (default: all)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
@@ -287,7 +289,7 @@ def main() -> None:
                 for impl in order:
                     if rep >= reps[impl] or (impl == "baseline" and "pattern" in METHODS[method]):
                         continue  # the minimal baseline prunes unstructured only
-                    row = one_run(impl, method, args, env, ppl=rep == 0 and not args.no_ppl, tmp=tmp)
+                    row = one_run(impl, method, args, env, ppl=rep == 0 and not args.no_ppl and impl in args.ppl_impls, tmp=tmp)
                     row["rep"] = rep
                     runs.append(row)
                     print(f"rep {rep} {method} {impl}: {row['prune_seconds']:.1f} s wall, "
