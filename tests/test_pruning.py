@@ -393,3 +393,61 @@ def test_maskset_moves_masks_to_the_weights_device_once(tiny_llama):
     first = {n: m for n, m in masks.items()}
     masks.apply(model)
     assert all(masks[n] is first[n] and masks[n].is_cuda for n in masks.names())
+
+
+# ------------------------------------------------------------------------------------- bit-packed mask storage
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (8, 8), (64, 33), (2, 3, 11)])
+def test_packed_mask_round_trip_is_exact(shape):
+    from prunetune.pruning.masks import PackedMask
+
+    g = torch.Generator().manual_seed(sum(shape))
+    for density in (0.0, 0.3, 1.0):
+        mask = torch.rand(shape, generator=g) < density
+        packed = PackedMask(mask)
+        assert packed.bits.dtype == torch.uint8 and packed.bits.numel() == math.ceil(mask.numel() / 8)
+        out = packed.unpack()
+        assert out.dtype == torch.bool and out.shape == mask.shape and torch.equal(out, mask)
+        assert packed.count_kept() == int(mask.sum())
+
+
+@pytest.mark.parametrize("method,kw", [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("wanda", {"pattern": "2:4"}),
+                                       ("sparsegpt", {"granularity": "row"})])
+def test_prune_keeps_masks_packed_and_identical_to_the_zeros(tiny_llama, method, kw):
+    """prune() stores masks one bit per weight; every read gives the bool keep-mask, equal to the real zeros,
+    with the exact asked count; counting, saving and update read them without unpacking them for good."""
+    masks = prune(tiny_llama.model, method, 0.5, calib=_ids(4, 32), **kw)
+    lin = _linears(tiny_llama.model)
+    assert all(masks.is_packed(n) for n in masks.names())
+    numel = sum(lin[n].weight.numel() for n in masks.names())
+    zeros = sum(int((lin[n].weight == 0).sum()) for n in masks.names())
+    assert masks.sparsity() == pytest.approx(zeros / numel, abs=0)
+    per_layer = masks.layer_sparsity()
+    assert all(masks.is_packed(n) for n in masks.names())  # counting unpacked nothing for good
+    copy = MaskSet()
+    copy.update(masks)
+    assert all(copy.is_packed(n) for n in copy.names())
+    for n in masks.names():
+        w = lin[n].weight
+        assert per_layer[n] == pytest.approx(float((w == 0).float().mean()), abs=1e-12)
+        m = masks[n]  # first read unpacks and keeps the bool tensor (what fine-tuning reads every step)
+        assert m.dtype == torch.bool and m.shape == w.shape and torch.equal(m, w != 0)
+        assert not masks.is_packed(n) and masks.masks.get(n) is m
+        if method != "sparsegpt" and "pattern" not in kw:  # Wanda / magnitude: exactly floor(s * in) per row
+            k = math.floor(0.5 * w.shape[1])
+            assert ((~m).sum(1) == k).all(), n
+
+
+def test_packed_masks_save_load_and_enforce_like_bool_masks(tmp_path, tiny_llama):
+    masks = prune(tiny_llama.model, "wanda", 0.5, calib=_ids(4, 32))
+    path = masks.save(tmp_path)
+    assert all(masks.is_packed(n) for n in masks.names())  # saving unpacks one layer at a time, keeps nothing
+    loaded = MaskSet.load(path)
+    assert sorted(loaded.names()) == sorted(masks.names())
+    assert all(torch.equal(loaded[n], masks.masks.peek(n)) for n in masks.names())
+    lin = _linears(tiny_llama.model)
+    with torch.no_grad():  # a training step revives pruned weights; enforcing the packed masks zeroes them again
+        for n in masks.names():
+            lin[n].weight.add_(1.0)
+    masks.enforce(tiny_llama.model)
+    assert all(torch.equal(lin[n].weight != 0, loaded[n]) for n in masks.names())
+    assert sparsity_report(tiny_llama.model)["sparsity"] > 0.45
