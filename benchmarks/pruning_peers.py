@@ -185,7 +185,8 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
             per[impl] = {"wall": spread([r["prune_seconds"] for r in rs]),
                          "cpu": spread([r["prune_cpu_seconds"] for r in rs]),
                          "peak_rss_mib": spread([r["peak_rss_bytes"] / 2**20 for r in rs]),
-                         "child_maxrss_mib": spread([r["child_maxrss_bytes"] / 2**20 for r in rs]),
+                         **({"child_maxrss_mib": spread([r["child_maxrss_bytes"] / 2**20 for r in rs])}
+                            if all("child_maxrss_bytes" in r for r in rs) else {}),
                          "ppl": next((r["ppl"] for r in rs if "ppl" in r), None),
                          "real_sparsity": rs[0].get("real_sparsity")}
             above = [(r["peak_rss_bytes"] - r["rss_before_model_bytes"]) / 2**20 for r in rs
