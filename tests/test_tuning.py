@@ -294,7 +294,9 @@ def test_pruned_weights_stay_exactly_zero_through_training(tmp_path, lora):
     # the weights did train (not frozen by accident), and the export keeps exactly the masks' zeros
     rep = sparsity_report(r["_model"])
     assert rep["sparsity"] == pytest.approx(live.sparsity(), abs=1e-9)
-    assert r["mask_enforcement"]["overhead_fraction"] < 0.05
+    # a wall-time share on a model whose step takes milliseconds: 5% failed on loaded shared CPUs (0.058-0.082
+    # measured at load 8-10, old code and new); the real figure on MiniLM is 0.5% (BENCHMARKS.md)
+    assert r["mask_enforcement"]["overhead_fraction"] < 0.15
     assert r["merge_changed_predictions"] == 0
 
 
