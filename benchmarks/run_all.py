@@ -100,7 +100,7 @@ def render_payt_seeds(data: dict) -> str:
         m_acc = _pct(statistics.mean(acc), statistics.stdev(acc) if len(acc) > 1 else 0.0) if acc else "-"
         m_ret = (f"{statistics.mean(ret):.4f} ± {statistics.stdev(ret) if len(ret) > 1 else 0.0:.4f}"
                  if ret else "-")
-        lines.append(f"| {label} | {first.get('kd', '-')} | {first.get('mixing', '-')} | " + " | ".join(cells)
+        lines.append(f"| {label} | {first.get('kd') or '-'} | {first.get('mixing') or '-'} | " + " | ".join(cells)
                      + f" | {m_acc} | {m_ret} |")
     lines += ["", "(cells: accuracy of the exported model / retention; "
               f"{data.get('note', '')})".replace("; )", ")")]
