@@ -669,7 +669,8 @@ def render(data: dict) -> str:
                       f"({lat['materialized'] / dl:.2f}) | dense shapes | "
                       f"{ex['predictions_equal']['materialized']} | {load} |",
                       f"| {k} | factorised (U, V, kept S as {'/'.join(ex.get('s_storage', ['?']))}) | "
-                      f"{fac['model_params']:,} (linears {fac['linear_kept']:,} of {fac['linear_dense']:,}) | "
+                      f"{ex['params']['dense original'] - fac['linear_dense'] + fac['linear_kept']:,} (linears "
+                      f"{fac['linear_kept']:,} of {fac['linear_dense']:,}) | "
                       f"{ex['disk']['factorized']['bytes'] / 1e6:.1f} MB | {lat['factorized']:.0f} ms "
                       f"({lat['factorized'] / dl:.2f}) | {lin['factorized']:.0f} ms "
                       f"({ex['linears_only']['ratio_factorized_vs_dense']:.2f}) | "
@@ -689,7 +690,7 @@ def render_smollm(sm: dict, sz: dict) -> list[str]:
     out = [f"SmolLM2-135M at 50% of its linear parameters after a short recovery: perplexity on {p['dataset']} "
            f"({p['variant']}), windows of {p['seqlen']} tokens, first {p['windows']} windows."]
     if first:
-        out[0] += (f" Recovery (the same for both rows): {first['steps']} steps of {first['batch']} x {first['seqlen']} "
+        out[0] += (f" Recovery (the same for every row): {first['steps']} steps of {first['batch']} x {first['seqlen']} "
                    f"tokens of WikiText-2 valid, AdamW lr {first['lr']} over every weight, linear decay.")
     out += ["", "| model | how the 50% is kept | perplexity right after compression | after recovery |",
             "|---|---|---|---|"]

@@ -223,6 +223,8 @@ def test_training_prunes_s_and_mask_is_fixed_through_exports(tmp_path, structure
     assert torch.allclose(_logits(re_fac, tok), ref, atol=1e-5)
     assert parameter_counts(re_fac)["linear_kept"] == method.counts["linear_kept"]
     assert parameter_counts(re_fac)["sparse_kept"] == nz
+    # what the export stores (a CSR part of S is no Parameter) = what the trained model keeps
+    assert parameter_counts(re_fac)["model_params"] == method.counts["model_params"]
     from prunetune.models.factorized import FactorizedLinear
 
     for n, lay in re_fac.named_modules():

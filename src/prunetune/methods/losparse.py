@@ -412,7 +412,9 @@ def parameter_counts(model: nn.Module) -> dict:
             continue
         dense += mod.in_features * mod.out_features
         bias += mod.bias.numel() if mod.bias is not None else 0
-    total_stored = parameter_count(root)
+    # a CSR part of S is a plain tensor, not a Parameter: count its values with what is stored
+    total_stored = parameter_count(root) + sum(int(m.csr.values().numel()) for m in root.modules()
+                                               if isinstance(m, FactorizedLinear) and m.csr is not None)
     dense_s = sum(m.weight.numel() for m in root.modules() if isinstance(m, LowRankSparseLinear))
     zeros_s = dense_s - sum(int(torch.count_nonzero(m.weight)) for m in root.modules()
                             if isinstance(m, LowRankSparseLinear))
