@@ -38,6 +38,7 @@ SHARED = {
     "mix": lambda t, d: {k: getattr(t.mix, k) for k in ("fraction", "source", "split", "strategy", "sampling")},
     "retention": lambda t, d: t.retention,
     "retention_windows": lambda t, d: t.retention_windows,
+    "save_steps": lambda t, d: t.save_steps,
 }
 TUNING_ONLY = {"task", "seed", "grad_accum", "weight_decay", "warmup_ratio", "export", "mask_lora"}
 # TuneSpec fields that reach TuneConfig through another name or a conversion (every other one keeps its name)

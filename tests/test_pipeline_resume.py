@@ -122,3 +122,94 @@ def test_resume_of_complete_run_skips_everything_and_rejects_other_recipe(refere
         run_recipe(load_recipe(str(recipe_file), ["prune.sparsity=0.6"]), out, resume=True, log=lambda *_: None)
     with pytest.raises(PrunetuneError, match="exists and is not empty"):
         run_recipe(load_recipe(str(recipe_file)), out, log=lambda *_: None)
+
+
+# ------------------------------------------------------------------ a training stage killed between checkpoints
+TRAIN = {
+    "name": "tiny-train",
+    "seed": 5,
+    "model": {"name": "tiny-llama"},
+    "data": {"train": "TEXT", "ppl": ["TEXT"]},
+    "tune": {"steps": 6, "batch_size": 2, "seqlen": 64, "eval_samples": 2, "lr": 0.01, "save_steps": 2},
+    "eval": {"ppl_seqlen": 64, "max_windows": 2},
+    "stages": ["finetune", "evaluate"],
+}
+
+# runs the CLI in a subprocess whose Trainer SIGKILLs its own process at the end of optimizer step KILL_AT
+_KILLER = """
+import os, signal, sys
+from transformers import TrainerCallback
+import prunetune.tuning.kd_trainer as kt
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+init = kt.KDTrainer.__init__
+def patched(self, *a, **kw):
+    init(self, *a, **kw)
+    self.add_callback(Kill())
+kt.KDTrainer.__init__ = patched
+from prunetune.cli import app
+sys.argv = ["prunetune", "run", sys.argv[1], "--out", sys.argv[2]]
+app()
+"""
+
+
+@pytest.fixture(scope="module")
+def train_recipe(recipe_file) -> Path:
+    text = str(recipe_file.parent / "text.txt")
+    p = recipe_file.parent / "train.yaml"
+    p.write_text(yaml.safe_dump(json.loads(json.dumps(TRAIN).replace("TEXT", text))))
+    return p
+
+
+@pytest.fixture(scope="module")
+def train_reference(train_recipe, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("train-ref") / "run"
+    return out, run_recipe(load_recipe(str(train_recipe)), out, log=lambda *_: None)
+
+
+def _stage_bytes(out: Path) -> dict:
+    """What the fine-tuning stage published: its model's weights and masks, its curves."""
+    st = out / "stages" / "01-finetune"
+    return {p.name: p.read_bytes() for p in [*sorted((st / "model").glob("*.safetensors")), st / "curves.json"]}
+
+
+@pytest.mark.parametrize("newest", ["complete", "cut-short"])
+def test_training_stage_killed_mid_stage_resumes_from_its_last_checkpoint(train_recipe, train_reference, tmp_path,
+                                                                         newest):
+    out = tmp_path / "run"
+    env = {**os.environ, "KILL_AT": "5", "PRUNETUNE_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-c", _KILLER, str(train_recipe), str(out)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    ckpts = out / "stages" / "01-finetune.partial" / "tune" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    if newest == "cut-short":  # killed while writing checkpoint-4: its completion mark never came
+        (ckpts / "checkpoint-4" / "prunetune_state.json").unlink()
+
+    logs: list[str] = []
+    man = run_recipe(load_recipe(str(train_recipe)), out, resume=True, log=logs.append)
+    start = "checkpoint-4" if newest == "complete" else "checkpoint-2"
+    assert any(f"resuming the interrupted stage from {start}" in m for m in logs), logs
+    assert any("incomplete" in m and "passed over" in m for m in logs) == (newest == "cut-short")
+    assert not list((out / "stages").glob("*.partial"))
+    ref_out, ref = train_reference
+    assert values(man) == values(ref)  # train loss, held-out loss and perplexity to the bit
+    steps = man["metrics"]["01-finetune"]["train_loss"]["protocol"]["steps"]
+    assert steps == ref["metrics"]["01-finetune"]["train_loss"]["protocol"]["steps"] == 6
+    assert _stage_bytes(out) == _stage_bytes(ref_out)  # the same weights and training curves
+    tune = json.loads((out / "stages" / "01-finetune" / "tune" / "metrics.json").read_text())
+    assert tune["resumed_from"].endswith(start) and tune["global_step"] == 6
+
+
+def test_resume_with_nothing_to_resume_says_so_in_one_line(train_recipe, tmp_path):
+    from prunetune.pipelines.runner import prepare_run_dir
+
+    logs: list[str] = []
+    out = tmp_path / "new"
+    prepare_run_dir(out, load_recipe(str(train_recipe)), resume=True, overwrite=False, log=logs.append)
+    assert len(logs) == 1 and "nothing to resume" in logs[0] and "\n" not in logs[0]
+    assert (out / "recipe.yaml").is_file()

@@ -500,7 +500,7 @@ TUNE_FLAGS = {  # flag parameter -> recipe key
     "eval_samples": "tune.eval_samples", "test_samples": "tune.test_samples", "seed": "seed",
     "split_seed": "data.split_seed", "mix": "tune.mix.fraction", "mix_source": "tune.mix.source",
     "mix_strategy": "tune.mix.strategy", "mix_sampling": "tune.mix.sampling", "data_dir": "data.data_dir",
-    "retention": "tune.retention", "retention_windows": "tune.retention_windows",
+    "retention": "tune.retention", "retention_windows": "tune.retention_windows", "save_steps": "tune.save_steps",
 }
 PAYT_FLAGS = {"sparsity": "payt.sparsity", "schedule": "payt.schedule", "start": "payt.start", "end": "payt.end",
               "every": "payt.every", "criterion": "payt.criterion"}
@@ -682,7 +682,10 @@ DataDir = Annotated[Optional[Path], _Opt("--data-dir", help="local WikiText-2 di
 Retention = Annotated[Optional[bool], _Opt("--retention/--no-retention", help="measure knowledge retention")]
 RetentionWindows = Annotated[Optional[int], _Opt("--retention-windows", min=1)]
 PrintRecipe = Annotated[bool, _Opt("--print-recipe", help="print the recipe this command runs (YAML) and exit")]
-Resume = Annotated[bool, _Opt("--resume", help="continue OUT: complete stages are skipped")]
+Resume = Annotated[bool, _Opt("--resume", help="continue OUT: complete stages are skipped, an interrupted training "
+                              "continues from its last checkpoint")]
+SaveSteps = Annotated[Optional[int], _Opt("--save-steps", min=1, help="also checkpoint every N optimizer steps "
+                                          "(what --resume continues from; default: each epoch end)")]
 Overwrite = Annotated[bool, _Opt("--overwrite", help="replace a non-empty OUT")]
 Out = Annotated[Optional[Path], _Opt("--out", help="run directory (OUT/model, OUT/metrics.json, OUT/manifest.json)")]
 _NOT_FLAGS = ("model", "print_recipe", "resume", "overwrite", "out")
@@ -699,8 +702,8 @@ def finetune(
     eval_samples: EvalSamples = None, test_samples: TestSamples = None, seed: Seed = None,
     split_seed: SplitSeed = None, mix: Mix = None, mix_source: MixSource = None, mix_strategy: MixStrategy = None,
     mix_sampling: MixSampling = None, data_dir: DataDir = None, retention: Retention = None,
-    retention_windows: RetentionWindows = None, print_recipe: PrintRecipe = False, resume: Resume = False,
-    overwrite: Overwrite = False, out: Out = None,
+    retention_windows: RetentionWindows = None, save_steps: SaveSteps = None, print_recipe: PrintRecipe = False,
+    resume: Resume = False, overwrite: Overwrite = False, out: Out = None,
 ) -> None:
     """Fine-tune (LoRA/rsLoRA or full) with knowledge distillation; pruned weights stay zero."""
     _quiet_libraries()
@@ -733,7 +736,7 @@ def payt(
     eval_samples: EvalSamples = None, test_samples: TestSamples = None, seed: Seed = None,
     split_seed: SplitSeed = None, mix: Mix = None, mix_source: MixSource = None, mix_strategy: MixStrategy = None,
     mix_sampling: MixSampling = None, data_dir: DataDir = None, retention: Retention = None,
-    retention_windows: RetentionWindows = None,
+    retention_windows: RetentionWindows = None, save_steps: SaveSteps = None,
     full_evaluate: bool = typer.Option(False, "--full-evaluate/--no-full-evaluate", help="run the seed's eight configurations (dense full/LoRA FT, prune without FT, prune -> full/LoRA FT, PAYT, PAYT without KD, other LoRA scaling) into one table"),
     paper_defaults: bool = typer.Option(False, "--paper-defaults", help="start from the payt-paper preset (the seed's defaults: rank 32, alpha 32, dropout 0.1, rsLoRA, linear from 0, 5 epochs, 512 tokens, 1,000 samples)"),
     print_recipe: PrintRecipe = False, resume: Resume = False, overwrite: Overwrite = False, out: Out = None,
@@ -825,7 +828,7 @@ def losparse(
 def run(
     recipe: str = typer.Argument("quickstart", help="preset name (see `prunetune recipes`) or a recipe YAML file"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<recipe>-<timestamp>)"),
-    resume: bool = typer.Option(False, "--resume", help="continue OUT: complete stages are skipped"),
+    resume: bool = typer.Option(False, "--resume", help="continue OUT: complete stages are skipped, an interrupted training stage continues from its last checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUT"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a recipe key: section.key=value (repeatable)"),
 ) -> None:

@@ -179,6 +179,9 @@ class TuneSpec(_Spec):
     mix: MixOptions = Field(default_factory=MixOptions)
     retention: bool = Field(False, description="also measure knowledge retention against the untuned model")
     retention_windows: int = Field(8, ge=1)
+    save_steps: int | None = Field(None, ge=1, description="also checkpoint every N optimizer steps, so a killed "
+                                   "run resumed with --resume continues from its last checkpoint inside the "
+                                   "stage; None = at each epoch end only")
 
     @model_validator(mode="before")
     @classmethod

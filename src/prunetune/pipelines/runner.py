@@ -11,6 +11,13 @@ Layout of a run directory::
 Why the model is *reloaded* from the last saved stage before each stage: an uninterrupted run and a run
 killed (even by SIGKILL) and resumed then start every stage from the same bytes, so they end with the same
 metrics by construction, not by luck. Each stage also reseeds every RNG from the recipe seed and its index.
+
+A stage that trains (finetune, payt) checkpoints inside its `.partial` directory
+(`NN-stage.partial/tune/checkpoints/checkpoint-N`, every `tune.save_steps` steps and at each epoch end).
+`--resume` keeps such a directory when it holds a complete checkpoint and the stage continues from the last
+one (weights, optimizer, scheduler, RNG, data position, masks and the running loss sums), so it ends with
+the same bytes as an uninterrupted run; a checkpoint cut short by the kill is passed over for the one
+before it, and a stage with none starts over. Every other `.partial` directory is never trusted.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class RunState:
     spec: Any
     model_dir: Path | None  # the last saved model (None: the recipe's original model)
     history: list[dict] = field(default_factory=list)  # manifests of the completed stages before this one
+    resume: bool = False  # continue the training in out_dir from its last complete checkpoint
     _loaded: Any = None
 
     @property
@@ -132,8 +140,10 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, lo
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stages").mkdir(exist_ok=True)
-    for partial in (out / "stages").glob("*.partial"):  # left by a killed run: never trusted
-        shutil.rmtree(partial)
+    ours = {d.name + ".partial" for d in _stage_dirs(out, recipe)} if resume else set()
+    for partial in (out / "stages").glob("*.partial"):  # left by a killed run: a stage's own is judged by it
+        if partial.name not in ours:
+            shutil.rmtree(partial)
     atomic_write_text(saved, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
@@ -155,7 +165,7 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
     runner does not import it (layers point down); `prunetune run` writes it after this returns.
     """
     from prunetune.pipelines.compose import run_compose
-    from prunetune.pipelines.stages import STAGES, produces_model
+    from prunetune.pipelines.stages import STAGES, produces_model, resumable_checkpoint
 
     stages = {**STAGES, "compose": run_compose}  # compose builds on stages' helpers, so it is joined here
 
@@ -164,7 +174,7 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
     fresh = not (resume and (out / "recipe.yaml").is_file())
     prepare_run_dir(out, recipe, resume, overwrite, log)
     try:
-        return _run_stages(recipe, out, stages, produces_model, log)
+        return _run_stages(recipe, out, stages, produces_model, log, resumable_checkpoint if resume else None)
     except BaseException:
         if fresh and not any(is_complete(d) for d in _stage_dirs(out, recipe)):
             _remove_run_files(out)  # nothing to resume: a first stage that fails leaves no half-made run
@@ -188,7 +198,20 @@ def _remove_run_files(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _run_stages(recipe: Recipe, out: Path, stages: dict, produces_model, log) -> dict:
+def _resume_point(tmp: Path, stage_type: str, resumable_checkpoint, log, label: str) -> bool:
+    """Whether the interrupted stage in `tmp` continues from a checkpoint (else its `tmp` is cleared)."""
+    if resumable_checkpoint is None or not tmp.is_dir():
+        return False
+    ckpt, skipped = resumable_checkpoint(stage_type, tmp)
+    for why in skipped:
+        log(f"{label}: {why}; passed over")
+    if ckpt is None:
+        return False
+    log(f"{label}: resuming the interrupted stage from {ckpt.name}")
+    return True
+
+
+def _run_stages(recipe: Recipe, out: Path, stages: dict, produces_model, log, resumable_checkpoint=None) -> dict:
     names = recipe.stage_names()
     dirs = _stage_dirs(out, recipe)
     model_dir: Path | None = None
@@ -203,10 +226,12 @@ def _run_stages(recipe: Recipe, out: Path, stages: dict, produces_model, log) ->
         else:
             log(f"[{i + 1}/{len(names)}] {name} ...")
             tmp = sdir.with_name(sdir.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            resumed = _resume_point(tmp, st.type, resumable_checkpoint, log, f"[{i + 1}/{len(names)}] {name}")
+            if not resumed:
+                shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
             seed_everything(recipe.seed + i)
-            state = RunState(recipe, out, i, name, recipe.stage_spec(i), model_dir, list(history))
+            state = RunState(recipe, out, i, name, recipe.stage_spec(i), model_dir, list(history), resume=resumed)
             _reset_peak_rss()
             t0 = time.perf_counter()
             result = stages[st.type](state, tmp) or {}

@@ -17,10 +17,24 @@ import torch
 from prunetune.errors import PrunetuneError
 
 MODEL_STAGES = ("prune", "finetune", "payt", "structured", "losparse")
+#: stages that continue an interrupted training from their last checkpoint on --resume. LoSparse is not one:
+#: its PLATON importance averages live outside the Trainer's checkpoint, so its stage starts over.
+RESUMABLE_STAGES = ("finetune", "payt")
+TUNE_DIR = "tune"  # a training stage's tuning run: out_dir/tune (logs, metrics, checkpoints/)
 
 
 def produces_model(stage_type: str) -> bool:
     return stage_type in MODEL_STAGES
+
+
+def resumable_checkpoint(stage_type: str, out_dir: Path) -> tuple[Path | None, list[str]]:
+    """The last complete checkpoint of an interrupted stage's training in `out_dir` (None: the stage starts
+    over) and why newer checkpoints were passed over."""
+    if stage_type not in RESUMABLE_STAGES:
+        return None, []
+    from prunetune.tuning.finetune import CHECKPOINTS, last_good_checkpoint
+
+    return last_good_checkpoint(out_dir / TUNE_DIR / CHECKPOINTS)
 
 
 def _dump(path: Path, payload) -> None:
@@ -280,8 +294,10 @@ def _test_protocol(test: dict, res: dict, recipe) -> dict:
 
 
 def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, task: str | None = None,
-                   tokenizer=None) -> dict:
-    """Fine-tune `model_spec` with the tuning module; returns {model, tokenizer, curves, metrics}."""
+                   tokenizer=None, resume: bool = False) -> dict:
+    """Fine-tune `model_spec` with the tuning module; returns {model, tokenizer, curves, metrics}.
+
+    `resume`: continue the tuning run in `work` from its last complete checkpoint."""
     from prunetune.pruning.masks import MaskSet
     from prunetune.tuning.finetune import finetune
 
@@ -289,7 +305,7 @@ def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, 
     if cfg.task == "causal-lm":
         cfg.data = str(sized_training_text(recipe, tokenizer, cfg.n_samples, cfg.max_length,
                                            work.with_name(work.name + "-train.txt")))
-    res = finetune(model_spec, cfg, work, masks=masks if masks is not None else MaskSet())
+    res = finetune(model_spec, cfg, work, masks=masks if masks is not None else MaskSet(), resume=resume)
     test = res.get("test_after_merge", {})
     metrics: dict = {"train_loss": {"value": res["train_loss"], "protocol": {
         "steps": res["global_step"], "examples": res["train_examples"], "mode": spec.mode,
@@ -310,9 +326,9 @@ def run_finetune(state, out_dir: Path) -> dict:
     import shutil
 
     masks = state.masks()
-    work = out_dir / "tune"
+    work = out_dir / TUNE_DIR
     res = finetune_model(state.model_spec(), state.recipe, state.spec, masks, state.seed + state.index, work,
-                         tokenizer=state.tokenizer())
+                         tokenizer=state.tokenizer(), resume=state.resume)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the stage is the checkpoint; keep logs only
     _dump(out_dir / "curves.json", res["curves"])
     metric, layers = sparsity_metric(res["model"])
@@ -332,13 +348,13 @@ def run_payt(state, out_dir: Path) -> dict:
     recipe, spec = state.recipe, state.spec
     tspec = recipe.tune
     cfg = tune_config(recipe, tspec, state.seed + state.index)
-    work = out_dir / "tune"
+    work = out_dir / TUNE_DIR
     if cfg.task == "causal-lm":
         cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
                                            out_dir / "tune-train.txt"))
     masks = state.masks() or MaskSet()
     pspec = payt_spec(spec)
-    res = payt_run(state.model_spec(), cfg, pspec, work, masks=masks)
+    res = payt_run(state.model_spec(), cfg, pspec, work, masks=masks, resume=state.resume)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     model, tok = res["_model"], res["_tokenizer"]
     _dump(out_dir / "curves.json", read_curves(work / "train_log.csv"))

@@ -100,19 +100,6 @@ class MaskEnforcer(TrainerCallback):
                 "overhead_fraction": self.enforce_s / self.step_s if self.step_s else 0.0}
 
 
-class MaskSaver(TrainerCallback):
-    """Store the current masks inside each checkpoint: a resumed LoRA run re-applies them to the base."""
-
-    def __init__(self, masks: MaskSet) -> None:
-        self.masks = masks
-
-    def on_save(self, args, state, control, **kw):
-        if state.is_world_process_zero and len(self.masks):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                self.masks.save(ckpt / MASKS_FILE, {"step": state.global_step})
-
-
 # ------------------------------------------------------------------------------------------------ logs
 #: the CSV's fixed columns: what the Trainer logs in training, evaluation and its final summary
 CSV_COLUMNS = ("step", "epoch", "loss", "grad_norm", "learning_rate", "eval_loss", "eval_accuracy", "eval_macro_f1",
@@ -145,3 +132,17 @@ class CsvLogger(TrainerCallback):
             if new:
                 w.writeheader()
             w.writerow(row)
+
+
+def trim_logs(csv_path: Path, step: int) -> None:
+    """Drop the CSV and JSONL log lines after `step` (a resumed run logs those steps again)."""
+    for path in (Path(csv_path), Path(csv_path).with_suffix(".jsonl")):
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        if path.suffix == ".jsonl":
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        else:
+            rows = list(csv.DictReader(lines))
+            kept = lines[:1] + [ln for ln, r in zip(lines[1:], rows) if int(float(r["step"])) <= step]
+        path.write_text("".join(kept))

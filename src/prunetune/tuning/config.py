@@ -38,7 +38,7 @@ def recipe_fields(spec: TuneSpec, data: DataSpec, seed: int = 0) -> dict[str, An
         kd_alpha=spec.kd_alpha, kd_temp=spec.kd_temp, teacher=spec.teacher, epochs=epochs, lr=spec.lr,
         batch_size=spec.batch_size, max_length=spec.seqlen, n_samples=n_samples, eval_samples=spec.eval_samples,
         test_samples=spec.test_samples, split_seed=data.split_seed, mix=mix, data_dir=data.data_dir,
-        retention=spec.retention, retention_windows=spec.retention_windows,
+        retention=spec.retention, retention_windows=spec.retention_windows, save_steps=spec.save_steps,
     )
 
 
@@ -83,6 +83,7 @@ class TuneConfig:
     data_dir: str | None = _D["data_dir"]
     retention: bool = _D["retention"]
     retention_windows: int = _D["retention_windows"]
+    save_steps: int | None = _D["save_steps"]  # checkpoint every N steps too (None: each epoch end)
     export: bool = True
     mask_lora: bool = True  # mask the LoRA update in the forward pass (export == trained model)
 

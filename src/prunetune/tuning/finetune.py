@@ -13,7 +13,8 @@ every training-time method (`methods.base.Method`: PAYT, LoSparse, VIB, ...), wh
 
 It writes
 
-    out/checkpoints/checkpoint-N/   Trainer checkpoints (+ masks.safetensors, so a resumed run re-applies them)
+    out/checkpoints/checkpoint-N/   Trainer checkpoints (+ masks.safetensors, so a resumed run re-applies them, and
+                                    prunetune_state.json, written last: the checkpoint is complete)
     out/train_log.csv, .jsonl, tb/  logs (fixed-column CSV, every key in JSONL, TensorBoard)
     out/model/                      plain HF dir (LoRA merged as W' = (W + s*BA) ⊙ M) + masks.safetensors
     out/adapter/                    (LoRA) sparse base + peft adapter
@@ -31,6 +32,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -48,35 +50,35 @@ from prunetune.models.loading import load_model
 from prunetune.progress import enabled as progress_enabled
 from prunetune.pruning.masks import MASKS_FILE, MaskSet, sparsity_report
 from prunetune.rundir import atomic_write_json
-from prunetune.tuning.callbacks import (CsvLogger, MaskEnforcer, MaskSaver, MethodStepHook, broadcast_masks,
-                                        masks_digest)
+from prunetune.tuning.callbacks import CsvLogger, MaskEnforcer, MethodStepHook, broadcast_masks, masks_digest, trim_logs
 from prunetune.tuning.config import TuneConfig
 from prunetune.tuning.data import encode_cls, encode_lm, load_task_data
 from prunetune.tuning.evaluate import compute_metrics, task_eval
-from prunetune.tuning.kd_trainer import KDTrainer
+from prunetune.tuning.kd_trainer import CHECKPOINT_STATE, KDTrainer
 from prunetune.tuning.lifecycle import Method, MethodContext
 from prunetune.tuning.lora import apply_lora, mask_lora_updates
 
+CHECKPOINTS = "checkpoints"  # out/checkpoints/checkpoint-N: what --resume continues from
+
 
 # ------------------------------------------------------------------------------------------------ helpers
-def find_resume_checkpoint(ckpt_dir: Path) -> Path:
-    """The last checkpoint, verified readable; missing or corrupt -> one-line error."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if last is None:
-        raise PrunetuneError(f"--resume: no checkpoint in {ckpt_dir} (run without --resume first)")
-    last = Path(last)
+def _checkpoint_problem(last: Path) -> str | None:
+    """Why checkpoint `last` cannot be resumed from (None: it is complete and readable)."""
     try:
         state = json.loads((last / "trainer_state.json").read_text())
         int(state["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise PrunetuneError(f"--resume: checkpoint {last} is corrupt (unreadable trainer_state.json)") from None
+        return f"checkpoint {last} is corrupt (unreadable trainer_state.json)"
     weights = list(last.glob("*.safetensors")) + list(last.glob("*.bin"))
     if not any(p.name != MASKS_FILE for p in weights):
-        raise PrunetuneError(f"--resume: checkpoint {last} is corrupt (no model or adapter weights)")
-    if (last / MASKS_FILE).exists():
-        MaskSet.load(last / MASKS_FILE)  # raises a one-line error when unreadable
+        return f"checkpoint {last} is corrupt (no model or adapter weights)"
+    try:
+        marks = json.loads((last / CHECKPOINT_STATE).read_text())
+        int(marks["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"checkpoint {last} is incomplete (no {CHECKPOINT_STATE}: the run stopped while saving it)"
+    if marks.get("masks") and not (last / MASKS_FILE).is_file():
+        return f"checkpoint {last} is corrupt (its masks are missing)"
     for p in weights:
         if p.suffix == ".safetensors":
             try:
@@ -85,8 +87,43 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Path:
                 with safe_open(str(p), "pt") as fh:
                     list(fh.keys())
             except Exception:
-                raise PrunetuneError(f"--resume: checkpoint file {p} is corrupt") from None
-    return last
+                return f"checkpoint file {p} is corrupt"
+    if (last / MASKS_FILE).exists():
+        try:
+            MaskSet.load(last / MASKS_FILE)
+        except PrunetuneError as e:
+            return str(e)
+    return None
+
+
+def checkpoints_newest_first(ckpt_dir: Path) -> list[Path]:
+    """`checkpoint-N` directories, highest N first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+
+
+def last_good_checkpoint(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint (None if there is none) and why each newer one was passed over: a run
+    killed while writing checkpoint N resumes from the one before it."""
+    skipped: list[str] = []
+    for ckpt in checkpoints_newest_first(ckpt_dir):
+        problem = _checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, skipped
+        skipped.append(problem)
+    return None, skipped
+
+
+def find_resume_checkpoint(ckpt_dir: Path) -> Path:
+    """The last complete checkpoint; none at all, or only corrupt ones -> one-line error."""
+    last, skipped = last_good_checkpoint(ckpt_dir)
+    if last is not None:
+        return last
+    if skipped:
+        raise PrunetuneError(f"--resume: {skipped[0]}")
+    raise PrunetuneError(f"--resume: no checkpoint in {ckpt_dir} (run without --resume first)")
 
 
 def existing_masks(model_spec: str | None, model: nn.Module) -> MaskSet:
@@ -110,7 +147,7 @@ def _freeze(model: nn.Module) -> nn.Module:
 def training_args(out: Path, cfg: TuneConfig, steps_per_epoch: int, task: str, show: bool,
                   world: int) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(out / CHECKPOINTS),
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=max(cfg.batch_size, 16),
@@ -119,7 +156,8 @@ def training_args(out: Path, cfg: TuneConfig, steps_per_epoch: int, task: str, s
         weight_decay=cfg.weight_decay,
         warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
         eval_strategy="epoch",
-        save_strategy="epoch",
+        save_strategy="steps" if cfg.save_steps else "epoch",
+        **({"save_steps": cfg.save_steps} if cfg.save_steps else {}),
         save_total_limit=2,
         metric_for_best_model="accuracy" if task == "seq-cls" else "loss",
         greater_is_better=task == "seq-cls",
@@ -228,7 +266,14 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     out = Path(out)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if resume:
-        ckpt = find_resume_checkpoint(out / "checkpoints")
+        ckpt = find_resume_checkpoint(out / CHECKPOINTS)
+        for newer in checkpoints_newest_first(out / CHECKPOINTS):  # incomplete ones after it: redone
+            if newer == ckpt:
+                break
+            if rank0:
+                shutil.rmtree(newer, ignore_errors=True)
+        if rank0:  # log lines written after the checkpoint are written again by the resumed steps
+            trim_logs(out / "train_log.csv", int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"]))
     else:
         ckpt = None
         if rank0:
@@ -295,19 +340,22 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     cbs: list = []
     if method is not None:  # the method's own callbacks, then its step hook: both act before masks are enforced
         cbs += list(method.callbacks(ctx)) + [MethodStepHook(method, ctx, model_ref)]
-    cbs += [enforcer, MaskSaver(masks), CsvLogger(out / "train_log.csv"), *callbacks]
+    cbs += [enforcer, CsvLogger(out / "train_log.csv"), *callbacks]
     trainer = KDTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
                         processing_class=tok, compute_metrics=compute_metrics if task == "seq-cls" else None,
                         callbacks=cbs, teacher=teacher, kd_alpha=cfg.kd_alpha, kd_temp=cfg.kd_temp,
                         causal=task == "causal-lm", method=method, method_ctx=ctx,
-                        sequential_train=cfg.mix.strategy == "old_first" and mix_summary.get("mixed", 0) > 0)
+                        sequential_train=cfg.mix.strategy == "old_first" and mix_summary.get("mixed", 0) > 0,
+                        masks=masks)
     if not progress_enabled():  # the CSV and TensorBoard logs hold what PrinterCallback would print
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    if ckpt is not None and (ckpt / MASKS_FILE).is_file():
-        masks.update(MaskSet.load(ckpt / MASKS_FILE))
-        masks.apply(model)
+    if ckpt is not None:
+        trainer.resume_state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
+        if (ckpt / MASKS_FILE).is_file():
+            masks.update(MaskSet.load(ckpt / MASKS_FILE))
+            masks.apply(model)
     t0 = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     timings["train_s"] = time.perf_counter() - t0

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from prunetune.evaluation.perplexity import causal_lm_loss
+from prunetune.pruning.masks import MASKS_FILE
+from prunetune.rundir import atomic_write_json
 from prunetune.tuning.distill import kd_loss
+
+#: written last into every checkpoint: its presence marks the checkpoint complete; it holds what the Trainer
+#: does not save but a resumed run needs to end exactly like an uninterrupted one (the running loss sums)
+CHECKPOINT_STATE = "prunetune_state.json"
 
 
 class KDTrainer(Trainer):
@@ -23,8 +30,11 @@ class KDTrainer(Trainer):
 
     def __init__(self, *a, teacher: Any = None, kd_alpha: float = 0.5, kd_temp: float = 4.0,
                  causal: bool = False, method: Any = None, method_ctx: Any = None,
-                 sequential_train: bool = False, **kw) -> None:
+                 sequential_train: bool = False, masks: Any = None, **kw) -> None:
         super().__init__(*a, **kw)
+        self.masks = masks  # saved inside each checkpoint: a resumed run re-applies them
+        self.resume_state: dict | None = None  # a checkpoint's CHECKPOINT_STATE, restored at train begin
+        self.add_callback(_RestoreLossSums(self))
         self.teacher = teacher  # nn.Module, "shared" (LoRA base with adapters disabled) or None
         self.kd_alpha, self.kd_temp, self.causal = kd_alpha, kd_temp, causal
         self.method, self.method_ctx = method, method_ctx
@@ -78,7 +88,45 @@ class KDTrainer(Trainer):
             self._method_sums, self._method_n = {}, 0
         super().log(logs, *args, **kw)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then the masks, then CHECKPOINT_STATE (last: the completeness mark).
+
+        The loss sums are the Trainer's own running totals (`_total_loss_scalar`, the not yet logged
+        `_tr_loss`, the step of the last log line): restored at resume, the final `train_loss` and every
+        logged loss equal the uninterrupted run's to the bit (transformers only averages a resumed call's
+        own steps).
+        """
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        ckpt = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.masks is not None and len(self.masks):
+            self.masks.save(os.path.join(ckpt, MASKS_FILE), {"step": self.state.global_step})
+        atomic_write_json(os.path.join(ckpt, CHECKPOINT_STATE), {
+            "global_step": self.state.global_step, "total_loss_scalar": self._total_loss_scalar,
+            "tr_loss": float(self._tr_loss.item()), "globalstep_last_logged": self._globalstep_last_logged,
+            "masks": bool(self.masks is not None and len(self.masks))})
+
+    def _restore_loss_sums(self) -> None:
+        st = self.resume_state
+        if st is None or int(st["global_step"]) != self.state.global_step:
+            return
+        self._total_loss_scalar = float(st["total_loss_scalar"])
+        self._tr_loss = torch.tensor(float(st["tr_loss"]), device=self._tr_loss.device, dtype=self._tr_loss.dtype)
+        self._globalstep_last_logged = int(st["globalstep_last_logged"])
+        self._initial_global_step = 0  # train_loss = all steps' loss sum / all steps, as without the interruption
+
     def _get_train_sampler(self, train_dataset=None):
         if self.sequential_train:
             return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
         return super()._get_train_sampler(train_dataset)
+
+
+class _RestoreLossSums(TrainerCallback):
+    """At train begin (after transformers zeroes its loss sums for this call), put back a checkpoint's."""
+
+    def __init__(self, trainer: KDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.trainer._restore_loss_sums()
