@@ -151,65 +151,89 @@ def patched(self, *a, **kw):
     init(self, *a, **kw)
     self.add_callback(Kill())
 kt.KDTrainer.__init__ = patched
-from prunetune.cli import app
+from prunetune.cli import main
 sys.argv = ["prunetune", "run", sys.argv[1], "--out", sys.argv[2]]
-app()
+main()
 """
 
 
-@pytest.fixture(scope="module")
-def train_recipe(recipe_file) -> Path:
-    text = str(recipe_file.parent / "text.txt")
-    p = recipe_file.parent / "train.yaml"
-    p.write_text(yaml.safe_dump(json.loads(json.dumps(TRAIN).replace("TEXT", text))))
+# PAYT: LoRA + KD while the base is pruned to 50% by L1 at every step from 20% of training (the masks move)
+PAYT = {"payt": {"sparsity": 0.5, "schedule": "agp", "start": 0.2, "every": 1, "unit": "step",
+                 "criterion": "l1-global"}, "tune": {**TRAIN["tune"], "kd": True}, "stages": ["payt", "evaluate"]}
+
+
+def _write_recipe(recipe_file: Path, kind: str) -> Path:
+    data = {**TRAIN, **(PAYT if kind == "payt" else {}), "name": f"tiny-{kind}"}
+    p = recipe_file.parent / f"{kind}.yaml"
+    if not p.is_file():
+        p.write_text(yaml.safe_dump(json.loads(json.dumps(data).replace("TEXT", str(recipe_file.parent / "text.txt")))))
     return p
 
 
 @pytest.fixture(scope="module")
-def train_reference(train_recipe, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("train-ref") / "run"
-    return out, run_recipe(load_recipe(str(train_recipe)), out, log=lambda *_: None)
+def train_reference(recipe_file, tmp_path_factory):
+    """kind -> (run dir, manifest) of its uninterrupted run, made once per module."""
+    made: dict[str, tuple[Path, dict]] = {}
+
+    def get(kind: str) -> tuple[Path, dict]:
+        if kind not in made:
+            out = tmp_path_factory.mktemp(f"{kind}-ref") / "run"
+            made[kind] = out, run_recipe(load_recipe(str(_write_recipe(recipe_file, kind))), out, log=lambda *_: None)
+        return made[kind]
+
+    return get
 
 
-def _stage_bytes(out: Path) -> dict:
-    """What the fine-tuning stage published: its model's weights and masks, its curves."""
-    st = out / "stages" / "01-finetune"
-    return {p.name: p.read_bytes() for p in [*sorted((st / "model").glob("*.safetensors")), st / "curves.json"]}
+def _stage_bytes(out: Path, stage: str) -> dict:
+    """What the training stage published: its model's weights and masks (each tensor's bytes and the file's
+    metadata: safetensors orders a header's metadata keys differently from one process to the next), its curves."""
+    from safetensors import safe_open
+
+    st = out / "stages" / stage
+    got: dict = {"curves.json": (st / "curves.json").read_bytes()}
+    for p in sorted((st / "model").glob("*.safetensors")):
+        with safe_open(str(p), "pt") as fh:
+            got[p.name] = (fh.metadata(), {k: fh.get_tensor(k).numpy().tobytes() for k in sorted(fh.keys())})
+    return got
 
 
-@pytest.mark.parametrize("newest", ["complete", "cut-short"])
-def test_training_stage_killed_mid_stage_resumes_from_its_last_checkpoint(train_recipe, train_reference, tmp_path,
-                                                                         newest):
+@pytest.mark.parametrize("kind,newest", [("finetune", "complete"), ("finetune", "cut-short"), ("payt", "complete")])
+def test_training_stage_killed_mid_stage_resumes_from_its_last_checkpoint(recipe_file, train_reference, tmp_path,
+                                                                         kind, newest):
+    recipe = _write_recipe(recipe_file, kind)
+    ref_out, ref = train_reference(kind)
+    stage = f"01-{kind}"
     out = tmp_path / "run"
     env = {**os.environ, "KILL_AT": "5", "PRUNETUNE_PROGRESS": "0"}
-    proc = subprocess.run([sys.executable, "-c", _KILLER, str(train_recipe), str(out)], env=env,
+    proc = subprocess.run([sys.executable, "-c", _KILLER, str(recipe), str(out)], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    ckpts = out / "stages" / "01-finetune.partial" / "tune" / "checkpoints"
+    ckpts = out / "stages" / f"{stage}.partial" / "tune" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     if newest == "cut-short":  # killed while writing checkpoint-4: its completion mark never came
         (ckpts / "checkpoint-4" / "prunetune_state.json").unlink()
 
     logs: list[str] = []
-    man = run_recipe(load_recipe(str(train_recipe)), out, resume=True, log=logs.append)
+    man = run_recipe(load_recipe(str(recipe)), out, resume=True, log=logs.append)
     start = "checkpoint-4" if newest == "complete" else "checkpoint-2"
     assert any(f"resuming the interrupted stage from {start}" in m for m in logs), logs
     assert any("incomplete" in m and "passed over" in m for m in logs) == (newest == "cut-short")
     assert not list((out / "stages").glob("*.partial"))
-    ref_out, ref = train_reference
-    assert values(man) == values(ref)  # train loss, held-out loss and perplexity to the bit
-    steps = man["metrics"]["01-finetune"]["train_loss"]["protocol"]["steps"]
-    assert steps == ref["metrics"]["01-finetune"]["train_loss"]["protocol"]["steps"] == 6
-    assert _stage_bytes(out) == _stage_bytes(ref_out)  # the same weights and training curves
-    tune = json.loads((out / "stages" / "01-finetune" / "tune" / "metrics.json").read_text())
+    assert values(man) == values(ref)  # train loss, held-out loss, sparsity and perplexity to the bit
+    steps = man["metrics"][stage]["train_loss"]["protocol"]["steps"]
+    assert steps == ref["metrics"][stage]["train_loss"]["protocol"]["steps"] == 6
+    assert _stage_bytes(out, stage) == _stage_bytes(ref_out, stage)  # the same weights, masks and curves
+    tune = json.loads((out / "stages" / stage / "tune" / "metrics.json").read_text())
     assert tune["resumed_from"].endswith(start) and tune["global_step"] == 6
+    if kind == "payt":  # the masks moved during training, and were carried across the kill
+        assert man["metrics"][stage]["sparsity"]["value"] == pytest.approx(0.5, abs=0.01)
 
 
-def test_resume_with_nothing_to_resume_says_so_in_one_line(train_recipe, tmp_path):
+def test_resume_with_nothing_to_resume_says_so_in_one_line(recipe_file, tmp_path):
     from prunetune.pipelines.runner import prepare_run_dir
 
     logs: list[str] = []
     out = tmp_path / "new"
-    prepare_run_dir(out, load_recipe(str(train_recipe)), resume=True, overwrite=False, log=logs.append)
+    prepare_run_dir(out, load_recipe(str(_write_recipe(recipe_file, "finetune"))), resume=True, overwrite=False, log=logs.append)
     assert len(logs) == 1 and "nothing to resume" in logs[0] and "\n" not in logs[0]
     assert (out / "recipe.yaml").is_file()

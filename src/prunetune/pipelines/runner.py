@@ -176,9 +176,18 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
     try:
         return _run_stages(recipe, out, stages, produces_model, log, resumable_checkpoint if resume else None)
     except BaseException:
-        if fresh and not any(is_complete(d) for d in _stage_dirs(out, recipe)):
+        if fresh and not _anything_to_resume(out, recipe, resumable_checkpoint):
             _remove_run_files(out)  # nothing to resume: a first stage that fails leaves no half-made run
         raise
+
+
+def _anything_to_resume(out: Path, recipe: Recipe, resumable_checkpoint) -> bool:
+    """A complete stage, or a training stage's checkpoint (an interrupted hours-long fine-tuning, Ctrl-C
+    included, keeps what --resume continues from)."""
+    for st, d in zip(recipe.stages, _stage_dirs(out, recipe)):
+        if is_complete(d) or resumable_checkpoint(st.type, d.with_name(d.name + ".partial"))[0] is not None:
+            return True
+    return False
 
 
 def check_recipe(recipe: Recipe) -> None:

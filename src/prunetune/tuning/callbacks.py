@@ -146,3 +146,11 @@ def trim_logs(csv_path: Path, step: int) -> None:
             rows = list(csv.DictReader(lines))
             kept = lines[:1] + [ln for ln, r in zip(lines[1:], rows) if int(float(r["step"])) <= step]
         path.write_text("".join(kept))
+
+
+class EpochEndSave(TrainerCallback):
+    """Checkpoint at each epoch end as well, when `save_steps` makes the Trainer save by steps only."""
+
+    def on_epoch_end(self, args, state, control, **kw):
+        control.should_save = True
+        return control

@@ -50,7 +50,8 @@ from prunetune.models.loading import load_model
 from prunetune.progress import enabled as progress_enabled
 from prunetune.pruning.masks import MASKS_FILE, MaskSet, sparsity_report
 from prunetune.rundir import atomic_write_json
-from prunetune.tuning.callbacks import CsvLogger, MaskEnforcer, MethodStepHook, broadcast_masks, masks_digest, trim_logs
+from prunetune.tuning.callbacks import (CsvLogger, EpochEndSave, MaskEnforcer, MethodStepHook, broadcast_masks,
+                                        masks_digest, trim_logs)
 from prunetune.tuning.config import TuneConfig
 from prunetune.tuning.data import encode_cls, encode_lm, load_task_data
 from prunetune.tuning.evaluate import compute_metrics, task_eval
@@ -340,7 +341,7 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     cbs: list = []
     if method is not None:  # the method's own callbacks, then its step hook: both act before masks are enforced
         cbs += list(method.callbacks(ctx)) + [MethodStepHook(method, ctx, model_ref)]
-    cbs += [enforcer, CsvLogger(out / "train_log.csv"), *callbacks]
+    cbs += [enforcer, CsvLogger(out / "train_log.csv"), *([EpochEndSave()] if cfg.save_steps else []), *callbacks]
     trainer = KDTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
                         processing_class=tok, compute_metrics=compute_metrics if task == "seq-cls" else None,
                         callbacks=cbs, teacher=teacher, kd_alpha=cfg.kd_alpha, kd_temp=cfg.kd_temp,
