@@ -237,3 +237,18 @@ def test_resume_with_nothing_to_resume_says_so_in_one_line(recipe_file, tmp_path
     prepare_run_dir(out, load_recipe(str(_write_recipe(recipe_file, "finetune"))), resume=True, overwrite=False, log=logs.append)
     assert len(logs) == 1 and "nothing to resume" in logs[0] and "\n" not in logs[0]
     assert (out / "recipe.yaml").is_file()
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    """An interrupted command (a long fine-tuning stopped with Ctrl-C) says so and fails; it used to exit 0."""
+    import prunetune.config
+    from prunetune.cli import main
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prunetune.config, "preset_names", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["recipes"])
+    assert exc.value.code == 130
+    assert capsys.readouterr().err.strip() == "prunetune: interrupted"

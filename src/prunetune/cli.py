@@ -1008,7 +1008,9 @@ def main(argv: list[str] | None = None) -> None:
     _NEW_OUTPUTS.clear()
     try:
         args = _expand_multi_value(list(sys.argv[1:] if argv is None else argv))
-        app(args=args, prog_name="prunetune", standalone_mode=False)
+        code = app(args=args, prog_name="prunetune", standalone_mode=False)
+        if code == 130:  # Ctrl-C: typer turns it into exit code 130, which this mode returns instead of exiting
+            raise KeyboardInterrupt
     except PrunetuneError as exc:
         _remove_empty_outputs()
         print(f"prunetune: error: {exc}", file=sys.stderr)
