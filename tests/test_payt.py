@@ -157,3 +157,28 @@ def test_cli_bad_task_data_is_one_line_exit_2(tmp_path, capsys):
     empty.write_text("text,label\n ,a\n,b\n")
     cli_error(["finetune", "tiny-llama", "--task", str(empty), "--out", str(tmp_path / "o2")], capsys,
               needle="no non-empty text")
+
+
+def test_wanda_events_tokenise_the_training_text_once_and_masks_are_unchanged(tiny_llama, monkeypatch):
+    """PAYT's callback cuts the calibration windows at its first event and reuses them: same masks, one tokenising."""
+    from prunetune.data import calibration
+    from prunetune.methods.payt import PaytCallback
+
+    text = " ".join(f"article {i} about markets, football and elections." for i in range(400))
+    import copy
+
+    model = copy.deepcopy(tiny_llama.model)  # prune() zeroes what it prunes: each path starts from the same weights
+    first = copy.deepcopy(model)
+    want = [compute_masks(first, "wanda", s, tokenizer=tiny_llama.tokenizer, calib_text=text, nsamples=4, seqlen=32)
+            for s in (0.3, 0.6)]
+    calls = []
+    real = calibration.calibration_samples
+    monkeypatch.setattr(calibration, "calibration_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = PaytSpec(sparsity=0.6, criterion="wanda", nsamples=4, seqlen=32)
+    cb = PaytCallback(spec, MaskSet(), {"model": model}, tokenizer=tiny_llama.tokenizer, calib_text=text)
+    got = []
+    for s in (0.3, 0.6):
+        got.append(compute_masks(model, "wanda", s, MaskSet(), tiny_llama.tokenizer, cb._calib(), 4, 32))
+    assert len(calls) == 1, "the training text was tokenised more than once"
+    for w, g in zip(want, got):
+        assert set(w.names()) == set(g.names()) and all(torch.equal(w[n], g[n]) for n in w.names())
