@@ -1,6 +1,6 @@
 """VIB search proxy (not a benchmark: underscored): one prune_structured row on SmolLM2, ppl on the first N
 test windows of 512; appends a JSON line to $VIB_SEARCH_LOG (default vib_search.jsonl)."""
-import json, os, sys, time, copy, argparse
+import json, os, time, argparse
 import torch
 ap = argparse.ArgumentParser()
 ap.add_argument("--method", default="vib")

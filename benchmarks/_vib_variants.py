@@ -1,7 +1,6 @@
 """VIB search (not a benchmark: underscored): train gates once on SmolLM2 at 30%, then evaluate selection
 variants from the same gates (uniform/learned widths, with/without the μ fold and FLAP compensation)."""
-import json, os, sys, time, copy, argparse
-import torch
+import json, os, time, copy, argparse
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=16); ap.add_argument("--batch", type=int, default=2)
 ap.add_argument("--lr", type=float, default=0.2); ap.add_argument("--mu-lr", type=float, default=0.01)
@@ -10,7 +9,7 @@ ap.add_argument("--init", type=float, default=-2.0); ap.add_argument("--loss", d
 ap.add_argument("--windows", type=int, default=8); ap.add_argument("--tag", default="")
 a = ap.parse_args()
 from prunetune.models.loading import load_model
-from prunetune.methods.structured_prune import calibration_windows, geometry, select, collect_moments, flap_compensate, shrink_selection, allocate_widths
+from prunetune.methods.structured_prune import calibration_windows, geometry, select, collect_moments, flap_compensate, shrink_selection
 from prunetune.methods.vib import VibConfig, VibMethod, train_gates
 from prunetune.data.sources import load_wikitext2
 from prunetune.evaluation.perplexity import perplexity

@@ -103,7 +103,7 @@ def compact_run(r: dict) -> dict:
 
 
 def write_results(a, seeds: list[int], summary: dict) -> None:
-    import subprocess as sp
+    from _machine import commit as code_commit  # benchmarks/ is on sys.path (main)
 
     for model in a.models.split(","):
         per_seed = {}
@@ -115,8 +115,7 @@ def write_results(a, seeds: list[int], summary: dict) -> None:
                                        "tune": {k: res["tune"].get(k) for k in ("split_seed", "seed", "lr", "kd_alpha", "lora_dropout",
                                                                                  "n_samples", "epochs")}}
         ns = {r["test_n"] for s in per_seed.values() for r in s["runs"].values() if r.get("test_n")}
-        commit = os.environ.get("PRUNETUNE_BENCH_COMMIT") or sp.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = os.environ.get("PRUNETUNE_BENCH_COMMIT") or code_commit() or ""
         payload = {"model": model, "command": f"python benchmarks/payt.py --models {model} --seeds {a.seeds} "
                    f"--out {a.out} --results {a.results}", "commit": commit, "machine": a.machine,
                    "test_set": f"BBC News test split, split seed 0, the same {sorted(ns)} articles for every seed "

@@ -23,15 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_model, load_average  # noqa: E402
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from _machine import commit, cpu_model, load_average  # noqa: E402
 
 
 def main() -> None:
@@ -61,7 +53,7 @@ def main() -> None:
     result = {
         "command": "python benchmarks/quickstart.py " + " ".join(sys.argv[1:]),
         "runs": " ".join(["prunetune", *cmd[1:]]),
-        "commit": _git_rev(),
+        "commit": commit() or "unknown",
         "machine": f"{cpu_model()}, {os.cpu_count()} cores; load average (1/5/15 min) "
                    f"{tuple(round(x, 2) for x in load0)} at the start, {tuple(round(x, 2) for x in load1)} at the end",
         "threads": a.threads or "torch default",

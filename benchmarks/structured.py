@@ -190,7 +190,6 @@ def main() -> None:
         print(table(json.loads(Path(args.out).read_text())))
         return
 
-    import torch  # noqa: F401  (the table needs no torch)
     from safetensors.torch import load_file, save_file
 
     from prunetune.methods.structured import prune_structured

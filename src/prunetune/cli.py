@@ -461,9 +461,7 @@ def shrink_cmd(
 ) -> None:
     """Structured pruning that shrinks the model (VIB or L1/L2/Wanda/FLAP): fewer heads, neurons, hidden channels."""
     _quiet_libraries()
-    import yaml
-
-    from prunetune.config import recipe_to_dict, validate_recipe
+    from prunetune.config import validate_recipe
     from prunetune.pruning.api import default_calib_split
 
     stages = ["structured", "export"]
@@ -480,7 +478,7 @@ def shrink_cmd(
             "eval": {"ppl_seqlen": 512, "max_windows": max_windows}, "stages": stages}
     rec = validate_recipe(data, "prunetune shrink")
     if print_recipe:
-        typer.echo(yaml.safe_dump(recipe_to_dict(rec), sort_keys=False))
+        _print_recipe(rec)
         return
     out = _claim_out(out)
     con = _console()
@@ -811,7 +809,7 @@ def losparse(
     """LoSparse: every projection becomes U·V + S (SVD init), S pruned by PLATON while fine-tuning; exports a
     plain HF dir and the factorised form (prunetune.load_model rebuilds it). Seed option names are aliases."""
     _quiet_libraries()
-    flags = {k: v for k, v in locals().items() if k not in ("model", "print_recipe", "resume", "overwrite", "out")}
+    flags = {k: v for k, v in locals().items() if k not in _NOT_FLAGS}
     recipe = command_recipe("losparse", model, flags)
     if print_recipe:
         _print_recipe(recipe)
@@ -946,8 +944,6 @@ def compose(
     _quiet_libraries()
     import datetime as _dt
 
-    import yaml
-
     from prunetune.config import validate_recipe
 
     comp: dict = {"attention": attention or [0.25, 0.5], "linear": linear or [0.3, 0.5], "n": n, "grid": grid,
@@ -969,9 +965,7 @@ def compose(
 
     check_recipe(rec)
     if print_recipe:
-        from prunetune.config import recipe_to_dict
-
-        print(yaml.safe_dump(recipe_to_dict(rec), sort_keys=False), end="")
+        _print_recipe(rec)
         return
     if out is None:
         out = Path("runs") / f"compose-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from prunetune.pruning.masks import MASKS_FILE, MaskSet
+from prunetune.pruning.masks import MaskSet
 
 
 # ------------------------------------------------------------------------------------------------ masks across ranks
