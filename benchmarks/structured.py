@@ -105,6 +105,73 @@ def _speed_pair(dense, pruned, reps, gen_tokens, b8_reps, speed_threads) -> dict
     return out
 
 
+def _ppl_row(data: dict, name: str, windows: int, dense, tok, work: Path) -> None:
+    """Perplexity of an earlier row's export (and of its LoRA recovery, when there is one) at `windows` windows,
+    kept beside the row's first measurement under ppl_at[windows]."""
+    from transformers import AutoModelForCausalLM
+
+    r = data["rows"].get(name)
+    if r is None:
+        print("cannot measure", name, "(row missing)", flush=True)
+        return
+    if name == "dense":
+        r.setdefault("ppl_at", {})[str(windows)] = ppl(dense, tok, windows)
+    else:
+        d = work / name.replace("@", "_")
+        if not d.exists():
+            print("cannot measure", name, "(its export is gone: re-run the row)", flush=True)
+            return
+        r.setdefault("ppl_at", {})[str(windows)] = ppl(AutoModelForCausalLM.from_pretrained(d).eval(), tok, windows)
+        rec = work / f"{d.name}-lora" / "model"
+        if "recovered" in r and rec.exists():
+            model, _ = load(str(rec))
+            r["recovered"].setdefault("ppl_at", {})[str(windows)] = ppl(model, tok, windows)
+    print(name, windows, "windows:", r["ppl_at"][str(windows)]["ppl"],
+          r.get("recovered", {}).get("ppl_at", {}).get(str(windows), {}).get("ppl"), flush=True)
+
+
+def _gguf(src: Path, work: Path, converter: Path) -> Path:
+    """An f32 GGUF of an HF export, made once with llama.cpp's own converter (no change to the export)."""
+    import subprocess
+    import sys
+
+    out = work / f"{src.name}-f32.gguf"
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([sys.executable, str(converter), str(src), "--outfile", str(tmp), "--outtype", "f32"],
+                       check=True, capture_output=True)  # the converter's own gguf-py, beside it
+        tmp.replace(out)
+    return out
+
+
+def llama_bench_pair(dense_dir: Path, pruned_dir: Path, work: Path, args) -> dict:
+    """llama.cpp prompt processing (256 tokens) and generation (32 tokens) in tokens/s, dense and pruned
+    alternately: each repetition runs llama-bench once per model (-r 1), so load drift hits both alike."""
+    import subprocess
+
+    converter, bench = Path(args.llama_converter), Path(args.llama_bench)
+    if not converter.is_file() or not bench.is_file():
+        raise SystemExit(f"llama.cpp rows need --llama-converter and --llama-bench (got {converter}, {bench})")
+    models = {"dense": _gguf(dense_dir, work, converter), "pruned": _gguf(pruned_dir, work, converter)}
+    tps: dict[str, dict[str, list[float]]] = {k: {"pp": [], "tg": []} for k in models}
+    for _ in range(args.reps):
+        for k, m in models.items():
+            r = subprocess.run([str(bench), "-m", str(m), "-t", str(args.speed_threads), "-p", "256", "-n", "32",
+                                "-r", "1", "-o", "json"], check=True, capture_output=True, text=True)
+            for test in json.loads(r.stdout):
+                kind = "pp" if test["n_prompt"] > 0 else "tg"
+                tps[k][kind].append(test["avg_ts"])
+    out: dict = {}
+    for kind in ("pp", "tg"):
+        med = {k: statistics.median(v[kind]) for k, v in tps.items()}
+        out[kind] = {"dense_tokens_per_s": med["dense"], "pruned_tokens_per_s": med["pruned"],
+                     "speedup": med["pruned"] / med["dense"], "dense_all": tps["dense"][kind],
+                     "pruned_all": tps["pruned"][kind]}
+    out.update({"reps": args.reps, "threads": args.speed_threads, "type": "f32", "prompt": 256, "generate": 32,
+                "loadavg": os.getloadavg()})
+    return out
+
+
 def save(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
@@ -115,40 +182,53 @@ def _cell(x, fmt: str = "{:.2f}x") -> str:
     return "n/m" if x is None else fmt.format(x)
 
 
+def _ppl_cell(r: dict, windows: str, dense: dict | None) -> str:
+    """`ppl` at `windows` ("first" = the row's own measurement), with its ratio to dense at the same windows."""
+    m = r if windows == "first" else r.get("ppl_at", {}).get(windows)
+    if not m:
+        return "n/m"
+    d = None if not dense else (dense if windows == "first" else dense.get("ppl_at", {}).get(windows))
+    return f"{m['ppl']:.2f}" + (f" ({m['ppl'] / d['ppl']:.2f}x)" if d and r is not dense else "")
+
+
 def table(data: dict) -> str:
     """Markdown tables of the rows (for BENCHMARKS.md): the main table, then what each VIB row trained."""
     rows = data["rows"]
     dense = rows.get("dense", {})
     out = ["| row | widths kv/neurons/hidden | block params removed | params (M) | disk (MB) | compute ratio | "
-           "b1x256 | b8x256 | generate | gen ÷ ratio | ppl | ppl after LoRA (x dense) |", "|" + "---|" * 12]
+           "b1x256 | b8x256 | generate | gen ÷ ratio | llama.cpp pp256 / tg32 | ppl, 8 windows | ppl, 64 windows | "
+           "after LoRA, 8 windows | after LoRA, 64 windows |", "|" + "---|" * 15]
     dw = next((r["dense_widths"] for r in rows.values() if "dense_widths" in r), None)
     if dense:
         dws = f"{dw['kv']}/{dw['neurons']}/{dw['hidden']}" if dw else "-"
         out.append(f"| dense | {dws} | 0 | {dense['params'] / 1e6:.1f} | {dense['disk_bytes'] / 2**20:.0f} | 1.00 | "
-                   f"1.00 | 1.00 | 1.00 | 1.00 | {dense['ppl']:.2f} | |")
+                   f"1.00 | 1.00 | 1.00 | 1.00 | 1.00 / 1.00 | {_ppl_cell(dense, 'first', None)} | "
+                   f"{_ppl_cell(dense, '64', None)} | | |")
     vib = []
     for name, r in rows.items():
         if name == "dense" or "widths" not in r:
             continue
-        w, sp = r["widths"], r.get("speed", {})
-        rec = r.get("recovered", {}).get("ppl")
-        rec_s = "" if rec is None else (f"{rec:.2f} ({rec / dense['ppl']:.2f}x)" if dense else f"{rec:.2f}")
+        w, sp, lc = r["widths"], r.get("speed", {}), r.get("llama_cpp")
+        rec = r.get("recovered", {})
+        lcs = f"{lc['pp']:.2f}x / {lc['tg']:.2f}x" if lc else "n/m"
         out.append(f"| {name} | {w['kv']}/{w['neurons']}/{w['hidden']} | {r['block_sparsity']:.3f} | "
                    f"{r['params'] / 1e6:.1f} | {r['disk_bytes'] / 2**20:.0f} | {r['compute_ratio']:.2f} | "
                    f"{_cell(sp.get('b1x256'))} | {_cell(sp.get('b8x256'))} | {_cell(sp.get('generate'))} | "
-                   f"{_cell(r.get('gen_speedup_over_ratio'), '{:.2f}')} | {r['ppl']:.2f} | {rec_s} |")
+                   f"{_cell(r.get('gen_speedup_over_ratio'), '{:.2f}')} | {lcs} | {_ppl_cell(r, 'first', dense)} | "
+                   f"{_ppl_cell(r, '64', dense)} | {_ppl_cell(rec, 'first', dense) if rec else ''} | "
+                   f"{_ppl_cell(rec, '64', dense) if rec else ''} |")
         if "vib" in r:
             v = r["vib"]
             c, last = v.get("config", {}), v.get("last", {})
             mu = v.get("mu", {})
             mus = ", ".join(f"{k} {m['min']:.2f}-{m['max']:.2f}" for k, m in mu.items()) or "n/r"
-            vib.append(f"| {name} | {v.get('budget', '')} | {c.get('loss', 'lm')} | {c.get('vib_lr')} / "
-                       f"{c.get('mu_lr') if c.get('mu_lr') is not None else c.get('vib_lr')} | {c.get('init_log_sigma2')} | "
-                       f"{v.get('thresholded_sparsity', float('nan')):.3f} | {mus} | "
+            vib.append(f"| {name} | {v.get('budget', '')} | {c.get('loss', 'lm')} | {c.get('optimizer', 'adam')} | "
+                       f"{c.get('vib_lr')} / {c.get('mu_lr') if c.get('mu_lr') is not None else c.get('vib_lr')} | "
+                       f"{c.get('init_log_sigma2')} | {v.get('thresholded_sparsity', float('nan')):.3f} | {mus} | "
                        f"{last.get('seconds', float('nan')):.0f} |")
     if vib:
-        out += ["", "| VIB row | gate budget | objective | lr log σ² / μ | init log σ² | removed after thresholding "
-                "| μ range | gate training (s) |", "|" + "---|" * 8, *vib]
+        out += ["", "| VIB row | gate budget | objective | gate optimizer | lr log σ² / μ | init log σ² | "
+                "removed after thresholding | μ range | gate training (s) |", "|" + "---|" * 9, *vib]
     return "\n".join(out)
 
 
@@ -174,6 +254,7 @@ def main() -> None:
     ap.add_argument("--vib-seqlen", type=int, default=256, help="tokens per gate-training window")
     ap.add_argument("--vib-widths", default="learned", choices=("learned", "uniform"),
                     help="VIB widths: learned KV count from thresholding, or the baselines' uniform rule")
+    ap.add_argument("--vib-optimizer", default="adam", choices=("adam", "nsgd"), help="gate optimizer (VibConfig.optimizer)")
     ap.add_argument("--vib-lr-decay", type=float, default=1.0, help="gate lr factor reached at the last step")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
@@ -183,6 +264,8 @@ def main() -> None:
     ap.add_argument("--speed-threads", type=int, default=2, help="torch threads while timing (the rest runs on 1)")
     ap.add_argument("--recover", default="", help="rows to LoRA-recover, e.g. vib@0.3,flap@0.3")
     ap.add_argument("--recover-samples", type=int, default=32, help="LoRA steps = samples / batch 2, 256 tokens")
+    ap.add_argument("--llama-bench", default="", help="llama.cpp's llama-bench binary (llama:ROW rows)")
+    ap.add_argument("--llama-converter", default="", help="llama.cpp's convert_hf_to_gguf.py (llama:ROW rows)")
     ap.add_argument("--out", default="benchmarks/results/structured.json")
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args()
@@ -249,6 +332,29 @@ def main() -> None:
             print(row, {k: v["speedup"] for k, v in data["speed"][ref["speed_key"]].items() if isinstance(v, dict)},
                   flush=True)
             continue
+        if row.startswith("ppl") and ":" in row:  # pplN:ROW = ROW's export (and its LoRA recovery) at N windows
+            n, _, ref_row = row[3:].partition(":")
+            _ppl_row(data, ref_row, int(n), dense, tok, work)
+            data["rows"][row] = {"done": True, "seconds": time.perf_counter() - t0}
+            save(path, data)
+            continue
+        if row.startswith("llama:"):  # llama:ROW = llama.cpp's llama-bench, ROW's export against dense
+            ref = data["rows"].get(row[6:])
+            src = work / row[6:].replace("@", "_")
+            if ref is None or not src.exists():
+                print("cannot time", row, "(row missing or its export is gone)", flush=True)
+                continue
+            key = ref["speed_key"]
+            if key not in data.setdefault("llama_cpp", {}):
+                data["llama_cpp"][key] = llama_bench_pair(work / "dense", src, work, args)
+            for r in data["rows"].values():
+                if r.get("speed_key") in data["llama_cpp"]:
+                    lc = data["llama_cpp"][r["speed_key"]]
+                    r["llama_cpp"] = {k: lc[k]["speedup"] for k in ("pp", "tg")}
+            data["rows"][row] = {"done": True, "seconds": time.perf_counter() - t0}
+            save(path, data)
+            print(row, data["rows"][row[6:]]["llama_cpp"], flush=True)
+            continue
         if row == "dense":
             res = {"params": sum(p.numel() for p in dense.parameters()), **ppl(dense, tok, args.ppl_windows)}
             d = work / "dense"
@@ -277,7 +383,7 @@ def main() -> None:
                    "init_log_sigma2": args.vib_init, "lagrangian_warmup": args.vib_warmup,
                    "lagrangian_lr": args.vib_lag_lr, "beta": args.vib_beta, "loss": args.vib_loss,
                    "antithetic": args.vib_antithetic, "widths": args.vib_widths,
-                   "lr_decay": args.vib_lr_decay, "compensate": comp}
+                   "lr_decay": args.vib_lr_decay, "compensate": comp, "optimizer": args.vib_optimizer}
             gate_file = work / f"gates_{structs.replace(',', '-')}_{sparsity}_{vib_steps}.safetensors"
             gate_state = load_file(gate_file) if method == "vib" and gate_file.exists() else None
             gates_out: dict = {}

@@ -107,6 +107,28 @@ def test_multipliers_ascend_and_gates_descend():
     assert all(not p.requires_grad for p in model.parameters())  # weights frozen while gates train
 
 
+def test_nsgd_moves_each_gate_by_its_normalised_gradient_clipped_at_three_lr():
+    from prunetune.methods.vib import NSGD_CLIP
+
+    model = tiny()
+    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=1, batch_size=2, optimizer="nsgd", vib_lr=0.1,
+                               mu_lr=0.1, lagrangian_warmup=0.0))
+    meth.prepare(model)
+    bank = meth.gates.banks["neurons"]
+    with torch.no_grad():
+        bank.log_sigma2.zero_()  # float32 resolves the small steps near 0, not near the init (-9)
+    before = bank.log_sigma2.detach().clone()
+    grad = torch.full_like(before, 1e-3)
+    grad[0, 0] = 1e3  # one spike: ~0.7 million RMS of the others
+    bank.log_sigma2.grad = grad.clone()
+    meth.after_step(model)
+    step = before - bank.log_sigma2.detach()
+    rms = grad.pow(2).mean().sqrt()
+    assert torch.isclose(step[0, 0], torch.tensor(0.1 * NSGD_CLIP))  # clipped
+    assert torch.allclose(step.flatten()[1:], 0.1 * grad.flatten()[1:] / rms)  # the rest: gradient / RMS
+    assert torch.isfinite(bank.log_sigma2).all()
+
+
 # --------------------------------------------------------------------------------------- Lagrangian
 @pytest.mark.parametrize("structures", [("heads", "neurons"), ("neurons", "hidden")])
 def test_lagrangian_brings_thresholded_sparsity_to_target(structures):

@@ -61,6 +61,7 @@ from prunetune.methods.structured_prune import (
 from prunetune.models.arch import get_adapter, unwrap
 
 EPS = 1e-8
+NSGD_CLIP = 3.0  # "nsgd": a gate moves at most 3 x lr per step (unclipped, one spike sent log σ² to inf)
 
 
 @dataclass
@@ -320,8 +321,8 @@ class VibMethod(Method):
         if self.cfg.optimizer == "nsgd":  # keep each gate's gradient size relative to its kind's: the score
             for group in self._opt.param_groups:  # accumulates the mean gradient, not its sign (Adam would)
                 for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.div_(p.grad.pow(2).mean().sqrt().clamp_min(1e-30))
+                    if p.grad is not None:  # a spike on one of 46k neurons can be ~200 RMS: clipped at
+                        p.grad.div_(p.grad.pow(2).mean().sqrt().clamp_min(1e-30)).clamp_(-NSGD_CLIP, NSGD_CLIP)
         scale = self.lr_scale(self.step)
         for group, lr in zip(self._opt.param_groups, self._base_lrs):
             group["lr"] = lr * scale
