@@ -21,7 +21,9 @@ The pieces, each usable alone:
   entry (unstructured) or per row / column (`structured_method` mean|sum|max|min pools the entry scores).
 - `Losparse(Method)`: the lifecycle glue: prepare swaps the layers, after_step scores and prunes (after
   `optimizer.step()`, before `zero_grad()`; before the step Adam would revive what was just pruned),
-  extra_loss distils from a dense teacher, finalize materialises W' = U·V + S⊙M.
+  extra_loss distils from a dense teacher, finalize materialises W' = U·V + S⊙M, and `state_dict` /
+  `load_state_dict` carry the PLATON averages, the schedule's step and the fixed mask through every training
+  checkpoint (`--resume` continues mid-stage exactly as the uninterrupted run would).
 
 While the cubic schedule runs, each recomputed mask may keep an entry an earlier one pruned (its EMA score
 decides; that is PLATON). Once the final warm-up begins the mask is computed one last time at exactly
@@ -474,8 +476,6 @@ class Losparse(Method):
     def after_step(self, model: nn.Module, ctx: MethodContext) -> None:
         self.t += 1
         params = {n: m.weight for n, m in self.layers.items()}
-        if self.fixed is None and self.t > self.schedule.fix_step and all(n in ctx.masks for n in params):
-            self.fixed = MaskSet({n: ctx.masks[n] for n in params})  # resumed after the mask was fixed
         if self.fixed is not None:
             self._apply(self.fixed)
             return
@@ -545,6 +545,46 @@ class Losparse(Method):
 
     def to_dict(self) -> dict:
         return {"name": self.name, **self.spec.to_dict()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything `after_step` carries from one step to the next, so that a run resumed from a checkpoint
+        ends exactly like an uninterrupted one: the step of the cubic schedule, the PLATON averages Ī and Ū of
+        every S (restarting them would rank S on a few steps of evidence), the fixed mask once the final
+        warm-up has begun, and the mask events so far (for the summary). The schedule is recorded to refuse a
+        resume under other settings. Between mask events no other mask is in force: a pruned entry may come back
+        (PLATON), so its zeros in S, saved with the weights, are the whole of it."""
+        state: dict[str, Any] = {"t": self.t, "platon_updates": self.scores.updates, "events": self.events,
+                                 "schedule": asdict(self.schedule) if self.schedule is not None else None,
+                                 "fixed": sorted(self.fixed.names()) if self.fixed is not None else None}
+        for n in self.scores.avg:
+            state[f"platon_avg/{n}"] = self.scores.avg[n]
+            state[f"platon_unc/{n}"] = self.scores.unc[n]
+        for n in (self.fixed.names() if self.fixed is not None else ()):
+            state[f"fixed_mask/{n}"] = self.fixed[n].to(torch.uint8)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.schedule is None:
+            raise PrunetuneError("LoSparse: load_state_dict needs the prepared model (call prepare first)")
+        if state.get("schedule") != asdict(self.schedule):
+            raise PrunetuneError("--resume: the checkpoint's LoSparse schedule differs from this run's "
+                                 f"({state.get('schedule')} vs {asdict(self.schedule)}): resume with the same settings")
+        for key, v in state.items():
+            if "/" in key and key.split("/", 1)[1] not in self.layers:
+                raise PrunetuneError(f"--resume: the checkpoint's LoSparse state names layer "
+                                     f"'{key.split('/', 1)[1]}', which this model does not factorise")
+        self.t = int(state["t"])
+        self.scores.updates = int(state["platon_updates"])
+        self.events = [dict(e) for e in state["events"]]
+        self.scores.avg, self.scores.unc = {}, {}
+        for n, mod in self.layers.items():
+            if f"platon_avg/{n}" in state:
+                self.scores.avg[n] = state[f"platon_avg/{n}"].to(mod.weight.device, torch.float32)
+                self.scores.unc[n] = state[f"platon_unc/{n}"].to(mod.weight.device, torch.float32)
+        self.fixed = None
+        if state["fixed"] is not None:
+            self.fixed = MaskSet({n: state[f"fixed_mask/{n}"].to(self.layers[n].weight.device).bool()
+                                  for n in state["fixed"]})
 
     # -- helpers -----------------------------------------------------------------------------------
     @torch.no_grad()

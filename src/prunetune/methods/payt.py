@@ -248,6 +248,15 @@ class PaytMethod(Method):
     def summary(self) -> dict:
         return {"pruning_events": self.callback.events if self.callback is not None else []}
 
+    def state_dict(self) -> dict:
+        """The pruning events so far (the summary's record). The masks are the driver's, saved in each
+        checkpoint with it, and the schedule's position is the step, so the events are all PAYT adds."""
+        return {"pruning_events": self.callback.events if self.callback is not None else []}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.callback is not None:
+            self.callback.events = [dict(e) for e in state.get("pruning_events", [])]
+
     def to_dict(self) -> dict:
         return self.spec.to_dict()
 

@@ -17,9 +17,9 @@ import torch
 from prunetune.errors import PrunetuneError
 
 MODEL_STAGES = ("prune", "finetune", "payt", "structured", "losparse")
-#: stages that continue an interrupted training from their last checkpoint on --resume. LoSparse is not one:
-#: its PLATON importance averages live outside the Trainer's checkpoint, so its stage starts over.
-RESUMABLE_STAGES = ("finetune", "payt")
+#: stages that continue an interrupted training from their last checkpoint on --resume (a method's own state,
+#: such as LoSparse's PLATON averages, is saved in each checkpoint through the method lifecycle)
+RESUMABLE_STAGES = ("finetune", "payt", "losparse")
 TUNE_DIR = "tune"  # a training stage's tuning run: out_dir/tune (logs, metrics, checkpoints/)
 
 
@@ -488,12 +488,12 @@ def run_losparse(state, out_dir: Path) -> dict:
     if recipe.tune.mode != "full":
         raise PrunetuneError("losparse trains U, V and S itself: set tune.mode: full (the command's --full)")
     cfg = tune_config(recipe, recipe.tune, state.seed + state.index)
-    work = out_dir / "tune"
+    work = out_dir / TUNE_DIR
     if cfg.task == "causal-lm":
         cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
                                            out_dir / "tune-train.txt"))
     lspec = losparse_spec(spec)
-    res = finetune(state.model_spec(), cfg, work, method=Losparse(lspec), kind="losparse")
+    res = finetune(state.model_spec(), cfg, work, method=Losparse(lspec), kind="losparse", resume=state.resume)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     if (work / "factorized").is_dir():
         shutil.move(str(work / "factorized"), str(out_dir / "factorized"))

@@ -13,7 +13,8 @@ every training-time method (`methods.base.Method`: PAYT, LoSparse, VIB, ...), wh
 
 It writes
 
-    out/checkpoints/checkpoint-N/   Trainer checkpoints (+ masks.safetensors, so a resumed run re-applies them, and
+    out/checkpoints/checkpoint-N/   Trainer checkpoints (+ masks.safetensors, so a resumed run re-applies them,
+                                    the method's state: method_state.safetensors + .json, and
                                     prunetune_state.json, written last: the checkpoint is complete)
     out/train_log.csv, .jsonl, tb/  logs (fixed-column CSV, every key in JSONL, TensorBoard)
     out/model/                      plain HF dir (LoRA merged as W' = (W + s*BA) ⊙ M) + masks.safetensors
@@ -56,7 +57,8 @@ from prunetune.tuning.config import TuneConfig
 from prunetune.tuning.data import encode_cls, encode_lm, load_task_data
 from prunetune.tuning.evaluate import compute_metrics, task_eval
 from prunetune.tuning.kd_trainer import CHECKPOINT_STATE, KDTrainer
-from prunetune.tuning.lifecycle import Method, MethodContext
+from prunetune.tuning.lifecycle import (METHOD_STATE_JSON, Method, MethodContext, load_method_state,
+                                        method_state_problem)
 from prunetune.tuning.lora import apply_lora, mask_lora_updates
 
 CHECKPOINTS = "checkpoints"  # out/checkpoints/checkpoint-N: what --resume continues from
@@ -80,6 +82,11 @@ def _checkpoint_problem(last: Path) -> str | None:
         return f"checkpoint {last} is incomplete (no {CHECKPOINT_STATE}: the run stopped while saving it)"
     if marks.get("masks") and not (last / MASKS_FILE).is_file():
         return f"checkpoint {last} is corrupt (its masks are missing)"
+    if marks.get("method_state") and not (last / METHOD_STATE_JSON).is_file():
+        return f"checkpoint {last} is corrupt (its method state is missing)"
+    problem = method_state_problem(last)
+    if problem is not None:
+        return problem
     for p in weights:
         if p.suffix == ".safetensors":
             try:
@@ -357,6 +364,8 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
         if (ckpt / MASKS_FILE).is_file():
             masks.update(MaskSet.load(ckpt / MASKS_FILE))
             masks.apply(model)
+        if method is not None:  # after prepare and callbacks, before the first resumed step
+            load_method_state(method, ckpt, ctx.resumed_from)
     t0 = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     timings["train_s"] = time.perf_counter() - t0

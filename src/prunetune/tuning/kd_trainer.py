@@ -13,6 +13,7 @@ from prunetune.evaluation.perplexity import causal_lm_loss
 from prunetune.pruning.masks import MASKS_FILE
 from prunetune.rundir import atomic_write_json
 from prunetune.tuning.distill import kd_loss
+from prunetune.tuning.lifecycle import save_method_state
 
 #: written last into every checkpoint: its presence marks the checkpoint complete; it holds what the Trainer
 #: does not save but a resumed run needs to end exactly like an uninterrupted one (the running loss sums)
@@ -89,7 +90,8 @@ class KDTrainer(Trainer):
         super().log(logs, *args, **kw)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, then the masks, then CHECKPOINT_STATE (last: the completeness mark).
+        """The Trainer's checkpoint, then the masks and the method's state, then CHECKPOINT_STATE (last: the
+        completeness mark).
 
         The loss sums are the Trainer's own running totals (`_total_loss_scalar`, the not yet logged
         `_tr_loss`, the step of the last log line): restored at resume, the final `train_loss` and every
@@ -102,10 +104,13 @@ class KDTrainer(Trainer):
         ckpt = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         if self.masks is not None and len(self.masks):
             self.masks.save(os.path.join(ckpt, MASKS_FILE), {"step": self.state.global_step})
+        if self.method is not None:  # what the method keeps between steps (lifecycle.save_method_state)
+            save_method_state(self.method, ckpt, self.state.global_step)
         atomic_write_json(os.path.join(ckpt, CHECKPOINT_STATE), {
             "global_step": self.state.global_step, "total_loss_scalar": self._total_loss_scalar,
             "tr_loss": float(self._tr_loss.item()), "globalstep_last_logged": self._globalstep_last_logged,
-            "masks": bool(self.masks is not None and len(self.masks))})
+            "masks": bool(self.masks is not None and len(self.masks)),
+            "method_state": self.method.name if self.method is not None else None})
 
     def _restore_loss_sums(self) -> None:
         st = self.resume_state
