@@ -163,10 +163,18 @@ from prunetune.cli import main
 main(sys.argv[1:])
 """
 
-#: 24 examples / batch 4 = 6 steps an epoch, 2 epochs; checkpoint at step 6; S pruned at 4, 6, 8, fixed at 10
+#: 24 examples / batch 4 = 6 steps an epoch, 2 epochs; checkpoints at steps 4, 6 (epoch end), 8 and 12, the last
+#: two kept; S pruned at 4, 6, 8, its mask fixed at 10
 CLI_ARGS = ["losparse", "tiny-bert", "--task", "bbc-news", "--n-samples", "24", "--epochs", "2", "--batch-size", "4",
             "--max-length", "24", "--eval-samples", "4", "--test-samples", "12", "--rank-ratio", "0.2", "--keep",
-            "0.3", "--initial-warmup-steps", "2", "--final-warmup-steps", "3", "--delta-t", "2"]
+            "0.3", "--initial-warmup-steps", "2", "--final-warmup-steps", "3", "--delta-t", "2", "--save-steps", "4"]
+
+
+def test_losparse_command_takes_save_steps(capsys):
+    import yaml
+
+    rec = yaml.safe_load(cli_ok([*CLI_ARGS, "--print-recipe"], capsys))
+    assert rec["tune"]["save_steps"] == 4 and rec["stages"][0] == "losparse"
 
 
 def _published(out: Path) -> dict:
@@ -191,15 +199,16 @@ def test_losparse_command_killed_mid_stage_resumes_from_its_checkpoint(tmp_path,
     ref = tmp_path / "ref"
     cli_ok([*CLI_ARGS, "--out", ref], capsys)
     out = tmp_path / "run"
-    env = {**os.environ, "KILL_AT": "8", "PRUNETUNE_PROGRESS": "0"}
+    env = {**os.environ, "KILL_AT": "9", "PRUNETUNE_PROGRESS": "0"}  # mid-schedule: after the event at 8
     proc = subprocess.run([sys.executable, "-c", _KILLER, *CLI_ARGS, "--out", str(out)], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     partial = next((out / "stages").glob("*-losparse.partial"))
-    assert sorted(p.name for p in (partial / "tune" / "checkpoints").iterdir()) == ["checkpoint-6"]
+    assert sorted(p.name for p in (partial / "tune" / "checkpoints").iterdir()) == ["checkpoint-6", "checkpoint-8"]
 
     said = cli_ok([*CLI_ARGS, "--out", out, "--resume"], capsys)
-    assert "resuming the interrupted stage from checkpoint-6" in said
+    assert "resuming the interrupted stage from checkpoint-8" in said
     tune = json.loads((out / "stages" / partial.name.removesuffix(".partial") / "tune" / "metrics.json").read_text())
-    assert tune["resumed_from"].endswith("checkpoint-6") and tune["global_step"] == 12
+    assert tune["resumed_from"].endswith("checkpoint-8") and tune["global_step"] == 12
+    assert [e["step"] for e in tune["losparse_events"]] == [4, 6, 8, 10]
     assert _published(out) == _published(ref)  # the same weights (both exports), masks, curves and metrics

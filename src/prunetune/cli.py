@@ -801,6 +801,7 @@ def losparse(
     seed: Optional[int] = typer.Option(None, "--seed", help="training seed; not the split"),
     split_seed: Optional[int] = typer.Option(None, "--split-seed", help="seed of the fixed train/validation/test split"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    save_steps: SaveSteps = None,
     print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe this command runs (YAML) and exit"),
     resume: bool = typer.Option(False, "--resume"),
     overwrite: bool = typer.Option(False, "--overwrite"),

@@ -10,6 +10,8 @@ every training-time method (`methods.base.Method`: PAYT, LoSparse, VIB, ...), wh
                               and before masks are enforced
     finalize(model, ctx)      after training, before evaluation and export
     summary()                 merged into metrics.json
+    state_dict()              saved in every checkpoint (method_state.safetensors + .json); on resume
+    load_state_dict(state)    gets it back after prepare and callbacks, before the first resumed step
 
 It writes
 
