@@ -367,7 +367,8 @@ def main() -> None:
         method, _, target = row.partition("@")
         method, _, steps = method.partition(":")  # vib:64@0.3 = VIB with a 64-step gate budget
         comp = method.endswith("+comp")  # vib+comp@0.3 = the same gates as vib@0.3, plus FLAP's bias compensation
-        method = method.removesuffix("+comp")
+        center = method.endswith("+center")  # vib+center@0.3 = gates on the deviation from the mean (VibConfig.center)
+        method = method.removesuffix("+comp").removesuffix("+center")
         vib_steps = int(steps) if steps else args.vib_steps
         structs = args.structures
         if target.startswith("flops"):
@@ -383,8 +384,9 @@ def main() -> None:
                    "init_log_sigma2": args.vib_init, "lagrangian_warmup": args.vib_warmup,
                    "lagrangian_lr": args.vib_lag_lr, "beta": args.vib_beta, "loss": args.vib_loss,
                    "antithetic": args.vib_antithetic, "widths": args.vib_widths,
-                   "lr_decay": args.vib_lr_decay, "compensate": comp, "optimizer": args.vib_optimizer}
-            gate_file = work / f"gates_{structs.replace(',', '-')}_{sparsity}_{vib_steps}.safetensors"
+                   "lr_decay": args.vib_lr_decay, "compensate": comp, "center": center, "optimizer": args.vib_optimizer}
+            gate_file = work / (f"gates_{structs.replace(',', '-')}_{sparsity}_{vib_steps}"
+                                + ("_center" if center else "") + ".safetensors")
             gate_state = load_file(gate_file) if method == "vib" and gate_file.exists() else None
             gates_out: dict = {}
             t_p = time.perf_counter()

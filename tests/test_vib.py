@@ -160,10 +160,16 @@ def test_target_ramps_over_the_warmup_fraction():
 # --------------------------------------------------------------------------------------------- fold
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("structures", [("heads", "neurons"), ("heads", "neurons", "hidden")])
-def test_folding_mu_keeps_the_gated_models_eval_outputs(tie, structures):
+@pytest.mark.parametrize("center", [False, True])
+def test_folding_mu_keeps_the_gated_models_eval_outputs(tie, structures, center):
+    from prunetune.methods.structured_prune import collect_moments
+
     model = tiny(tie=tie)
     meth = VibMethod(VibConfig(target_sparsity=0.3, structures=structures, steps=6, batch_size=2, vib_lr=0.3,
-                               round_to=8))
+                               round_to=8, center=center))
+    if center:
+        meth.set_means(model, collect_moments(model, ids()))
+        assert meth.means["neurons"].abs().sum() > 0
     train_gates(model, meth, ids())
     assert not torch.allclose(meth.gates.banks["neurons"].mu, torch.ones(1))  # μ moved: the fold is not trivial
     geom = geometry(model)
@@ -175,16 +181,18 @@ def test_folding_mu_keeps_the_gated_models_eval_outputs(tie, structures):
     apply_masks(model, sel)
     assert not meth._hooks
     assert (logits(model, x) - gated).abs().max().item() <= 1e-5
+    assert (model.model.layers[0].mlp.down_proj.bias is not None) == center  # centred: the means became biases
 
 
 # ---------------------------------------------------------------------------------- shrink and load
-@pytest.mark.parametrize("method", ["vib", "vib+comp", "l1", "l2", "wanda", "flap"])
+@pytest.mark.parametrize("method", ["vib", "vib+comp", "vib+center", "l1", "l2", "wanda", "flap"])
 def test_shrink_equals_masked_and_loads_in_plain_transformers(method, tmp_path):
     base = tiny(tie=True)
-    comp = method == "vib+comp"
-    method = method.removesuffix("+comp")
+    comp, center = method == "vib+comp", method == "vib+center"
+    method = method.partition("+")[0]
     kw = dict(structures="heads,neurons", round_to=16, ids=ids(),
-              vib={"steps": 4, "batch_size": 2, "compensate": comp, "loss": "kd" if comp else "lm"})
+              vib={"steps": 4, "batch_size": 2, "compensate": comp, "center": center,
+                   "loss": "kd" if comp or center else "lm"})
     masked, fm = prune_structured(copy.deepcopy(base), method, 0.3, shrink=False, **kw)
     shrunk, fs = prune_structured(copy.deepcopy(base), method, 0.3, shrink=True, **kw)
     assert fm["widths"] == fs["widths"]
@@ -203,7 +211,7 @@ def test_shrink_equals_masked_and_loads_in_plain_transformers(method, tmp_path):
     shrunk.save_pretrained(tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no prunetune, no remote code
     assert (logits(plain, x) - logits(shrunk, x)).abs().max().item() <= 1e-6
-    if method == "flap" or comp:  # bias compensation rides on stock config flags
+    if method == "flap" or comp or center:  # bias compensation rides on stock config flags
         assert plain.config.mlp_bias and plain.config.attention_bias
         assert plain.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
 
@@ -283,7 +291,7 @@ def test_family_without_hidden_coupling_is_one_line_error():
 
 
 @pytest.mark.parametrize("bad", [dict(target_sparsity=1.0), dict(vib_lr=0), dict(lagrangian_warmup=2.0),
-                                 dict(structures="heads,layers"), dict(steps=0)])
+                                 dict(structures="heads,layers"), dict(steps=0), dict(center=True, compensate=True)])
 def test_bad_vib_options_are_one_line_errors(bad):
     with pytest.raises(PrunetuneError) as exc:
         VibConfig(**bad)
@@ -330,3 +338,26 @@ def test_finetune_drives_vib_gates_and_exports_a_shrunk_model(tmp_path):
     with pytest.raises(PrunetuneError) as exc:  # LoRA would be frozen with the base weights: refused
         finetune("tiny-llama", lora, tmp_path / "lora", method=VibMethod(VibConfig(target_sparsity=0.3)))
     assert "without LoRA" in _one_line(exc)
+
+
+def test_centred_gates_need_the_calibration_means_and_leave_a_removed_structure_at_its_mean():
+    from prunetune.methods.structured_prune import collect_moments
+
+    with pytest.raises(PrunetuneError) as exc:
+        VibMethod(VibConfig(center=True)).prepare(tiny())
+    assert "set_means" in _one_line(exc)
+    model = tiny()
+    meth = VibMethod(VibConfig(center=True, structures=("neurons",)))
+    stats = collect_moments(model, ids())
+    meth.set_means(model, stats)
+    meth.prepare(model)
+    meth.gates.eval()
+    with torch.no_grad():
+        meth.gates.banks["neurons"].log_sigma2[0] = 20.0  # every neuron of layer 0 removed
+    seen = {}
+    down = model.model.layers[0].mlp.down_proj
+    h = down.register_forward_hook(lambda _m, a, _o: seen.update(x=a[0].detach()))
+    logits(model, ids(1, 8, seed=3))
+    h.remove()
+    mean = stats["model.layers.0.mlp.down_proj"].mean().float()
+    assert torch.allclose(seen["x"], mean.expand_as(seen["x"]), atol=1e-6)  # down_proj sees the mean, not 0

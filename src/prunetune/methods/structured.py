@@ -50,8 +50,10 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
             raise PrunetuneError("vib needs calibration text (token windows) to train its gates")
         cfg = VibConfig(**{**(vib or {}), "target_sparsity": sparsity, "structures": structs, "round_to": round_to})
         meth = VibMethod(cfg)
-        # FLAP's compensation needs the dense model's input means: one pass before the gates go in
-        stats = collect_moments(model, ids[:8], batch_size) if cfg.compensate else None
+        # FLAP's compensation and centred gates need the dense model's input means: one pass before the gates go in
+        stats = collect_moments(model, ids[:8], batch_size) if cfg.compensate or cfg.center else None
+        if cfg.center:
+            meth.set_means(model, stats)
         if gate_state is None:
             train_gates(model, meth, ids)
         else:
@@ -62,7 +64,7 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
             gates_out.update({k: v.detach().cpu().clone() for k, v in meth.gates.state_dict().items()})
         widths, scores = meth.widths(geom), meth.scores()
         sel = select(scores, widths, geom)
-        if stats is not None:  # on the dense weights (before the μ fold): a removed structure's mean output
+        if cfg.compensate:  # on the dense weights (before the μ fold): a removed structure's mean output
             flap_compensate(model, sel, stats)
         meth.fold(model, sel)
         facts["vib"] = meth.summary()

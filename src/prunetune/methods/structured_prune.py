@@ -366,21 +366,28 @@ def flap_compensate(model: nn.Module, sel: Selection, stats: dict[str, MomentSta
     export loads in plain transformers); q/k/v and gate/up get zero biases, as those flags give every
     projection of the module a bias.
     """
+    ensure_biases(model)
     adapter = get_adapter(model)
     geom = geometry(model)
     qchunk = geom.groups * geom.head_dim
     for l, lin in enumerate(_layers(adapter)):
-        for out_role, ins, gone in (("o", ("q", "k", "v"), _removed(sel.kv[l], geom.kv_heads).repeat_interleave(qchunk)),
-                                    ("down", ("gate", "up"), _removed(sel.neurons[l], geom.inter))):
+        for out_role, gone in (("o", _removed(sel.kv[l], geom.kv_heads).repeat_interleave(qchunk)),
+                               ("down", _removed(sel.neurons[l], geom.inter))):
             layer = lin[out_role]
             mean = stats[adapter.name_of(layer)].mean().to(layer.weight.device)
             comp = (layer.weight.double()[:, gone] @ mean[gone]).to(layer.weight.dtype)
-            for r in (*ins, out_role):
-                m = lin[r]
-                if m.bias is None:
-                    m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device),
-                                          requires_grad=False)
             layer.bias += comp
+
+
+def ensure_biases(model: nn.Module) -> None:
+    """Zero biases on every projection that has none, and the stock config flags that make transformers build
+    them (`attention_bias` covers q/k/v/o, `mlp_bias` gate/up/down): what a compensation bias rides on."""
+    adapter = get_adapter(model)
+    for lin in _layers(adapter):
+        for m in lin.values():
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device),
+                                      requires_grad=False)
     cfg = unwrap(model).config
     cfg.attention_bias = True
     cfg.mlp_bias = True

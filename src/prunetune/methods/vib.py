@@ -55,6 +55,7 @@ from prunetune.methods.structured_prune import (
     Selection,
     Widths,
     allocate_widths,
+    ensure_biases,
     geometry,
     parse_structures,
 )
@@ -86,6 +87,7 @@ class VibConfig:
     optimizer: str = "adam"  # gates: "adam" (per gate) or "nsgd" (gradient / its RMS over the gate kind, per step)
     widths: str = "learned"  # "learned": KV groups / hidden width from thresholding; "uniform": the baselines' rule
     compensate: bool = False  # FLAP's bias compensation for the removed structures (prune_structured)
+    center: bool = False  # head/neuron gates scale the deviation from the calibration mean (removed = its mean)
     lr_decay: float = 1.0  # gate lr decays linearly to this fraction of itself after the warmup (1 = constant)
     loss: str = "lm"  # gate-training objective of `train_gates`: "lm" (next-token CE) or "kd" (KL to the dense model)
     seed: int = 0
@@ -107,6 +109,9 @@ class VibConfig:
             raise PrunetuneError(f"vib widths must be 'learned' or 'uniform', got '{self.widths}'")
         if self.loss not in ("lm", "kd"):
             raise PrunetuneError(f"vib loss must be 'lm' or 'kd', got '{self.loss}'")
+        if self.center and self.compensate:
+            raise PrunetuneError("vib center already leaves a removed structure at its mean (its own compensation): "
+                                 "use center or compensate, not both")
         if self.steps < 1 or self.batch_size < 1:
             raise PrunetuneError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
 
@@ -206,6 +211,7 @@ class VibMethod(Method):
         self.step = 0
         self._opt: torch.optim.Optimizer | None = None
         self._lag_opt: torch.optim.Optimizer | None = None
+        self.means: dict[str, torch.Tensor] | None = None  # center: o_proj / down_proj input means [layers, n]
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
@@ -213,6 +219,9 @@ class VibMethod(Method):
             raise PrunetuneError("vib trains only its gates with the model's weights frozen: fine-tune it without "
                                  "LoRA (lora off), then recover the shrunk model with LoRA")
         geom = geometry(model)
+        if self.cfg.center and self.means is None:
+            raise PrunetuneError("vib center needs the calibration means of the o_proj / down_proj inputs: call "
+                                 "set_means(model, collect_moments(...)) first (prune_structured does)")
         if "hidden" in self.cfg.structures and get_adapter(model).family != "llama":
             raise PrunetuneError("hidden-dimension gates need a family with hidden-dimension coupling (Llama)")
         device = next(model.parameters()).device
@@ -242,18 +251,26 @@ class VibMethod(Method):
         geom = self.gates.geom
         banks = self.gates.banks
         qchunk = geom.groups * geom.head_dim
+        device = next(root.parameters()).device
 
         def outer(lin: nn.Module) -> nn.Module:
             return root.get_submodule(adapter.name_of(lin).removesuffix(".base_layer"))
 
-        def scale_in(bank: GateBank, layer: int, chunk: int):
+        def scale_in(bank: GateBank, layer: int, chunk: int, kind: str):
+            means = None if self.means is None else self.means[kind][layer].to(device)
+
             def hook(_m, args):
                 if self.bypass:
                     return None
                 x = args[0]
                 z = bank.z(x.shape[0], layer).to(x.dtype)  # [B or 1, n]
                 shape = (z.shape[0],) + (1,) * (x.dim() - 2) + (z.shape[1], 1)
-                y = (x.unflatten(-1, (z.shape[1], chunk)) * z.view(shape)).flatten(-2)
+                xs = x.unflatten(-1, (z.shape[1], chunk))
+                if means is None:
+                    y = (xs * z.view(shape)).flatten(-2)
+                else:  # centred: m + z·(x − m); z = 0 leaves the structure's mean
+                    m = means.to(x.dtype).view(z.shape[1], chunk)
+                    y = (m + (xs - m) * z.view(shape)).flatten(-2)
                 return (y, *args[1:])
             return hook
 
@@ -269,9 +286,9 @@ class VibMethod(Method):
 
         for l, block in enumerate(adapter.blocks()):
             if "heads" in banks:
-                self._hooks.append(outer(block.linears["o"]).register_forward_pre_hook(scale_in(banks["heads"], l, qchunk)))
+                self._hooks.append(outer(block.linears["o"]).register_forward_pre_hook(scale_in(banks["heads"], l, qchunk, "heads")))
             if "neurons" in banks:
-                self._hooks.append(outer(block.linears["down"]).register_forward_pre_hook(scale_in(banks["neurons"], l, 1)))
+                self._hooks.append(outer(block.linears["down"]).register_forward_pre_hook(scale_in(banks["neurons"], l, 1, "neurons")))
             if "hidden" in banks:
                 for r in ("o", "down"):
                     self._hooks.append(outer(block.linears[r]).register_forward_hook(scale_out_hidden))
@@ -377,11 +394,22 @@ class VibMethod(Method):
         hint = Widths(round(learned.get("heads", geom.kv_heads)), geom.inter, round(learned.get("hidden", geom.hidden)))
         return allocate_widths(geom, self.cfg.target_sparsity, self.cfg.structures, self.cfg.round_to, hint=hint)
 
+    def set_means(self, model: nn.Module, stats: dict) -> None:
+        """Calibration means of every o_proj / down_proj input (`collect_moments` of the dense model), for
+        `center`: the gates then scale each structure's deviation from its mean, so training sees what removal
+        with FLAP's compensation does (the structure's mean stays), and the fold turns the means into biases."""
+        adapter = get_adapter(model)
+        blocks = adapter.blocks()
+        self.means = {kind: torch.stack([stats[adapter.name_of(b.linears[role])].mean().float() for b in blocks])
+                      for kind, role in (("heads", "o"), ("neurons", "down"))}
+
     @torch.no_grad()
     def fold(self, model: nn.Module, sel: Selection) -> None:
         """Fold each kept gate's μ into the weights it scales and drop the hooks.
 
-        Removed structures are not touched here: `shrink` drops them (or `apply_masks` zeroes them).
+        Removed structures are not touched here: `shrink` drops them (or `apply_masks` zeroes them). With
+        `center`, the means become biases: a removed structure leaves W·m (FLAP's compensation), a kept one
+        adds W·(1 − μ)·m to its scaled weights.
         """
         assert self.gates is not None
         self.remove_hooks()
@@ -391,13 +419,20 @@ class VibMethod(Method):
         banks = self.gates.banks
         qchunk = geom.groups * geom.head_dim
         blocks = adapter.blocks()
+        if self.means is not None:
+            ensure_biases(model)
         for l, block in enumerate(blocks):
-            if "heads" in banks:
-                mu = banks["heads"].mu[l].to(block.linears["o"].weight.dtype)
-                block.linears["o"].weight.mul_(mu.repeat_interleave(qchunk)[None, :])
-            if "neurons" in banks:
-                mu = banks["neurons"].mu[l].to(block.linears["down"].weight.dtype)
-                block.linears["down"].weight.mul_(mu[None, :])
+            for kind, role, idx, chunk in (("heads", "o", sel.kv, qchunk), ("neurons", "down", sel.neurons, 1)):
+                if kind not in banks:
+                    continue
+                lin = block.linears[role]
+                mu = banks[kind].mu[l].detach()
+                if self.means is not None:  # W(m + μ·keep·(x − m)) = (μ·keep ⊙ W) x + W((1 − μ·keep) ⊙ m)
+                    keep = torch.zeros_like(mu)
+                    keep[idx[l].to(keep.device)] = 1.0
+                    rest = ((1 - mu * keep).repeat_interleave(chunk) * self.means[kind][l].to(mu.device)).double()
+                    lin.bias += (lin.weight.double() @ rest).to(lin.bias.dtype)
+                lin.weight.mul_(mu.repeat_interleave(chunk)[None, :].to(lin.weight.dtype))
         if "hidden" in banks:
             mu = banks["hidden"].mu.detach()
             safe = torch.where(mu.abs() > EPS, mu, torch.full_like(mu, EPS))
