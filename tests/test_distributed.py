@@ -1,9 +1,12 @@
 """Scale-out on CPU: two processes (gloo) under torchrun and `accelerate launch` keep one set of masks.
 
-Each launch runs the real console entry (`-m prunetune.cli`) in two processes. What must hold: every rank ends
-with the same masks and step count, and the exported model still has exactly the pruned zeros, whether the
-tuning is LoRA (merged as (W + s*BA) * M) or full fine-tuning (weights re-zeroed after every DDP step), and PAYT
-pruning during DDP training computes the same masks on both ranks.
+Each launch runs the real console entry (`-m prunetune.cli`) in two processes, through the same runner as a
+single process: the run directory has the runner's layout (stages/, manifest.json, metrics.json), both ranks
+trained (world size 2 recorded), `--resume` skips complete stages and continues an interrupted training from
+its checkpoint. What must hold besides: every rank ends with the same masks and step count, and the exported
+model still has exactly the pruned zeros, whether the tuning is LoRA (merged as (W + s*BA) * M) or full
+fine-tuning (weights re-zeroed after every DDP step), and PAYT pruning during DDP training computes the same
+masks on both ranks.
 """
 
 from __future__ import annotations
@@ -37,10 +40,22 @@ def _launcher(name: str) -> str:
     return str(exe)
 
 
-def _launch(cmd: list[str]) -> None:
-    env = {**os.environ, "PRUNETUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+def _launch(cmd: list[str], env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PRUNETUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1", **(env or {})}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    if ok:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [_launcher("torchrun"), "--standalone", "--nproc_per_node", "2", *args]
+
+
+def _tune_dir(out: Path) -> Path:
+    """The training stage's tuning run inside the runner's layout (stages/01-finetune/tune, 01-payt/tune)."""
+    (stage,) = [d for d in (out / "stages").iterdir() if d.name.startswith("01-")]
+    return stage / "tune"
 
 
 @pytest.fixture()
@@ -53,7 +68,7 @@ def pruned(tmp_path, capsys) -> Path:
 
 def _rank_states(out: Path) -> tuple[dict, dict]:
     """What each rank wrote at the end of training: global step and masks digest."""
-    return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    return tuple(json.loads((_tune_dir(out) / f"rank{r}.json").read_text()) for r in (0, 1))
 
 
 def _check_two_ranks_kept_masks(out: Path, pruned: Path) -> None:
@@ -62,8 +77,10 @@ def _check_two_ranks_kept_masks(out: Path, pruned: Path) -> None:
     assert r0["masks_digest"] == r1["masks_digest"] == masks_digest(want)  # the input dir's masks, on both ranks
     assert r0["global_step"] == r1["global_step"] == STEPS
     m = json.loads((out / "metrics.json").read_text())
-    assert m["global_step"] == STEPS and m["sparsity"] == 0.5
+    assert m["global_step"] == STEPS and m["sparsity"] == 0.5 and m["world_size"] == 2
     assert MaskSet.load(out / "model").sparsity() == 0.5
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "complete" and man["world_size"] == 2
 
     from transformers import AutoModelForSequenceClassification
 
@@ -87,25 +104,96 @@ def test_accelerate_multi_cpu_lora_keeps_pruned_zeros(tmp_path, pruned):
     _launch([_launcher("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "-m", "prunetune.cli",
              "finetune", str(pruned), *FT_ARGS, "--out", str(out)])
     _check_two_ranks_kept_masks(out, pruned)
-    assert (out / "adapter" / "adapter").is_dir()  # LoRA run: adapter export beside the merged model
+    assert json.loads((out / "manifest.json").read_text())["config"]["tune"]["mode"] == "lora"
+
+
+# a torchrun worker that SIGKILLs its own process at the end of optimizer step KILL_AT (torchrun then stops the other)
+_KILLER = """
+import os, signal, sys
+from transformers import TrainerCallback
+import prunetune.tuning.kd_trainer as kt
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == int(os.environ["KILL_AT"]) and os.environ.get("RANK") == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+init = kt.KDTrainer.__init__
+def patched(self, *a, **kw):
+    init(self, *a, **kw)
+    self.add_callback(Kill())
+kt.KDTrainer.__init__ = patched
+from prunetune.cli import main
+main(sys.argv[1:])
+"""
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_full_finetune_keeps_pruned_zeros(tmp_path, pruned):
+def test_torchrun_ddp_full_finetune_killed_then_resumed_keeps_pruned_zeros(tmp_path, pruned):
+    """Rank 1 dies after step 3 of 4; `--resume` under torchrun continues both ranks from checkpoint-2."""
     out = tmp_path / "ddp"
-    _launch([_launcher("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "prunetune.cli", "finetune",
-             str(pruned), "--full", *FT_ARGS, "--out", str(out)])
-    _check_two_ranks_kept_masks(out, pruned)
-    assert not (out / "adapter").exists()
-    # the export re-applies the masks anyway; the Trainer's own checkpoints show the zeros held at every epoch
+    killer = tmp_path / "killer.py"
+    killer.write_text(_KILLER)
+    args = ["finetune", str(pruned), "--full", *FT_ARGS, "--out", str(out)]
+    p = _launch(_torchrun(str(killer), *args), env={"KILL_AT": "3"}, ok=False)
+    assert p.returncode != 0
+    partial = out / "stages" / "01-finetune.partial"
+    ckpts = sorted((partial / "tune" / "checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in ckpts] == ["checkpoint-2"]  # the epoch-end checkpoint, before the kill
     want = MaskSet.load(pruned)
-    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
-    assert [c.name for c in ckpts] == ["checkpoint-2", f"checkpoint-{STEPS}"]
-    for ckpt in ckpts:
-        weights = load_file(ckpt / "model.safetensors")
-        assert all(torch.equal(weights[f"{n}.weight"] == 0, ~want[n]) for n in want.names()), ckpt.name
+    weights = load_file(ckpts[0] / "model.safetensors")  # the zeros held under DDP in the Trainer's checkpoint
+    assert all(torch.equal(weights[f"{n}.weight"] == 0, ~want[n]) for n in want.names())
+    assert {f.name for f in ckpts[0].glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}  # both ranks
+
+    p = _launch(_torchrun("-m", "prunetune.cli", *args, "--resume"))
+    assert "resuming the interrupted stage from checkpoint-2" in p.stdout
+    _check_two_ranks_kept_masks(out, pruned)
+    tune = json.loads((out / "metrics.json").read_text())
+    assert tune["resumed_from"].endswith("checkpoint-2")
+    assert not (out / "adapter").exists() and not list((out / "stages").glob("*.partial"))
     man = json.loads((out / "manifest.json").read_text())
-    assert man["config"]["tune"]["lora"] is False
+    assert man["config"]["tune"]["mode"] == "full"
+
+
+def _structure(d) -> object:
+    """The shape of a JSON document: its keys (nested) and value types, not its values."""
+    if isinstance(d, dict):
+        return {k: _structure(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_structure(v) for v in d[:1]]
+    return type(d).__name__ if d is not None else None
+
+
+@pytest.mark.slow
+def test_torchrun_finetune_goes_through_the_runner(tmp_path, capsys):
+    """Two ranks run the command's one-stage recipe through the runner: the same layout and manifests as one
+    process, world size 2 recorded, and `--resume` of the finished run skips both stages."""
+    args = ["finetune", "tiny-llama", *FT_ARGS]
+    single = tmp_path / "single"
+    cli_ok([*args, "--out", str(single)], capsys)
+    out = tmp_path / "ddp"
+    _launch(_torchrun("-m", "prunetune.cli", *args, "--out", str(out)))
+
+    def files(d: Path) -> set[str]:
+        return {str(p.relative_to(d)) for p in d.rglob("*") if "rank" not in p.name and "/tb/" not in str(p)}
+
+    assert files(out) == files(single)  # stages/01-finetune/..., 02-export, model/, report.md, recipe.yaml, ...
+    man, ref = (json.loads((d / "manifest.json").read_text()) for d in (out, single))
+    assert man["stages"] == ref["stages"] == ["01-finetune", "02-export"] and man["status"] == "complete"
+    assert man["world_size"] == 2 and ref["world_size"] == 1
+    for stage in man["stages"]:
+        sm, sr = (json.loads((d / "stages" / stage / "manifest.json").read_text()) for d in (out, single))
+        assert _structure(sm) == _structure(sr) and sm["world_size"] == 2
+        assert sm["stage_config"] == sr["stage_config"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_step"] == STEPS  # 16 examples / (2 ranks x 4) x 2 epochs
+    assert json.loads((single / "metrics.json").read_text())["global_step"] == 2 * STEPS
+    assert {r["global_step"] for r in _rank_states(out)} == {STEPS}  # both ranks took every step
+    assert (out / "model" / "model.safetensors").is_file() and (out / "report.md").is_file()
+
+    p = _launch(_torchrun("-m", "prunetune.cli", *args, "--out", str(out), "--resume"))
+    assert p.stdout.count("complete, skipped (resume)") == 2, p.stdout[-2000:]  # rank 0 alone reports
+    assert json.loads((out / "manifest.json").read_text())["metrics"] == man["metrics"]
 
 
 # ------------------------------------------------------------------------------------------------ PAYT
@@ -120,5 +208,6 @@ def test_two_process_gloo_payt_identical_masks(tmp_path):
     # (16 + 1 mixed) examples / (2 ranks x 4) = 3 steps x 2 epochs
     assert r0["global_step"] == r1["global_step"] == 6
     m = json.loads((out / "metrics.json").read_text())
-    assert m["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    assert m["sparsity"] == pytest.approx(0.5, abs=1e-9) and m["world_size"] == 2
+    assert MaskSet.load(out / "model").sparsity() == pytest.approx(0.5, abs=1e-9)
     shutil.rmtree(out, ignore_errors=True)

@@ -518,13 +518,15 @@ ALL_SAMPLES = ("n_samples", "eval_samples", "test_samples")  # 0 on the command 
 
 
 def run_and_report(rec, out: Path, *, resume: bool, overwrite: bool, con) -> dict:
-    """Run a recipe through the runner, then write its report (the runner does not import reporting)."""
-    from prunetune.pipelines.runner import run_recipe
+    """Run a recipe through the runner, then write its report (the runner does not import reporting; under a
+    multi-process launcher, rank 0 writes it)."""
+    from prunetune.pipelines.runner import is_main_process, run_recipe
     from prunetune.reporting.report import write_run_report
 
     man = run_recipe(rec, out, resume=resume, overwrite=overwrite,
                      log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
-    write_run_report(out)
+    if is_main_process():
+        write_run_report(out)
     return man
 
 
@@ -608,45 +610,24 @@ def _print_run(title: str, r: dict) -> None:
     _console().print(_table(title, rows))
 
 
-def _launched_distributed() -> bool:
-    """Several processes under torchrun / accelerate (they train together inside the tuning module)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def run_tuning_command(recipe, title: str, out: Path, *, resume: bool, overwrite: bool) -> dict:
     """A finetune/payt recipe through the runner, like `prunetune run`; OUT/metrics.json is the stage's result.
 
-    Under a multi-process launcher the ranks cannot share the runner's stage directories (it is one process),
-    so there the tuning module runs the same recipe's stage straight into OUT (its own layout: model/,
-    checkpoints/, metrics.json, manifest.json), each rank joining the same training.
+    Under a multi-process launcher (torchrun, accelerate launch) every rank runs the same recipe through the
+    runner, which trains the stage on all ranks together and lets rank 0 alone write, report and print.
     """
+    from prunetune.pipelines.runner import is_main_process
     from prunetune.rundir import atomic_write_json
 
     out = _claim_out(out)
-    if _launched_distributed():
-        r = _run_tuning_stage_directly(recipe, out, resume=resume, overwrite=overwrite)
-    else:
-        run_and_report(recipe, out, resume=resume, overwrite=overwrite, con=_console())
-        stage = out / "stages" / recipe.stage_names()[0]
-        r = json.loads((stage / "tune" / "metrics.json").read_text())
-        atomic_write_json(out / "metrics.json", r)
-    if "timings" in r:  # rank 0 (the only rank that evaluates)
-        _print_run(title, r)
+    run_and_report(recipe, out, resume=resume, overwrite=overwrite, con=_console())
+    if not is_main_process():
+        return {}
+    stage = out / "stages" / recipe.stage_names()[0]
+    r = json.loads((stage / "tune" / "metrics.json").read_text())
+    atomic_write_json(out / "metrics.json", r)
+    _print_run(title, r)
     return r
-
-
-def _run_tuning_stage_directly(recipe, out: Path, *, resume: bool, overwrite: bool) -> dict:
-    from prunetune.pipelines.stages import payt_spec, tune_config
-
-    cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
-    if recipe.stages[0].type == "payt":
-        from prunetune.methods.payt import run_payt
-
-        return run_payt(recipe.model.name, cfg, payt_spec(recipe.stage_spec(0)), out, resume=resume,
-                        overwrite=overwrite)
-    from prunetune.tuning.finetune import finetune as run
-
-    return run(recipe.model.name, cfg, out, resume=resume, overwrite=overwrite)
 
 
 # The options finetune and payt share: one definition each (typer reads the flag names and help from these).
@@ -846,7 +827,10 @@ def run(
     con = _console()
     con.print(f"[bold]prunetune run[/bold] {rec.name} -> {out}")
     man = run_and_report(rec, out, resume=resume, overwrite=overwrite, con=con)
-    con.print(f"report: {out / 'report.md'}  (stage time {sum(man['timings'].get(s, 0) for s in man['stages']):.0f} s)")
+    from prunetune.pipelines.runner import is_main_process
+
+    if is_main_process():  # under a multi-process launcher, rank 0 reports
+        con.print(f"report: {out / 'report.md'}  (stage time {sum(man['timings'].get(s, 0) for s in man['stages']):.0f} s)")
 
 
 @app.command()

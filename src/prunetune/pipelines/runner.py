@@ -18,10 +18,19 @@ A stage that trains (finetune, payt) checkpoints inside its `.partial` directory
 one (weights, optimizer, scheduler, RNG, data position, masks and the running loss sums), so it ends with
 the same bytes as an uninterrupted run; a checkpoint cut short by the kill is passed over for the one
 before it, and a stage with none starts over. Every other `.partial` directory is never trusted.
+
+Several processes (`torchrun`, `accelerate launch`): every rank runs this same runner over the same run
+directory. The training stages (`ALL_RANK_STAGES`) run on every rank, which train together (DDP through the
+HF Trainer); every other stage (evaluation, pruning with its calibration, export, ...) runs on rank 0 alone
+while the others wait. Only rank 0 writes: the run directory, each stage's `.partial` directory and its
+commit (manifest, fsync, rename), the run manifest. The ranks meet at a barrier before a stage starts
+(rank 0 has prepared its directory), and after it is committed, so every rank then sees the same complete
+stages, reads the same saved model and, on `--resume`, continues the same checkpoint.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import shutil
@@ -38,6 +47,59 @@ from prunetune.errors import PrunetuneError
 from prunetune.rundir import atomic_write_json, atomic_write_text, fsync_tree, load_run, umask_modes  # noqa: F401 (load_run re-exported)
 
 PAUSE_ENV = "PRUNETUNE_PAUSE_IN_STAGE"  # test hook: stop inside this stage (before it completes) and wait
+#: stages that every rank of a multi-process launch runs (they train together); the others run on rank 0 only
+ALL_RANK_STAGES = ("finetune", "payt", "losparse")
+#: stages that train inside their own loops (several trainings, each saved and evaluated): one process only,
+#: since a Trainer on rank 0 alone would wait forever for the other ranks' gradients
+SINGLE_PROCESS_STAGES = ("order_study", "compose")
+#: how long the ranks wait for each other (a rank-0-only stage, e.g. calibrating a large model, can take hours)
+DIST_TIMEOUT_ENV = "PRUNETUNE_DIST_TIMEOUT_S"
+
+
+# --------------------------------------------------------------------------------------------- ranks
+def world_size() -> int:
+    """Processes of this launch (torchrun / accelerate set WORLD_SIZE; 1 for a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes the run directory and reports."""
+    return process_rank() == 0
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group before the first stage, through accelerate, exactly as the Trainer's
+    arguments would (gloo on CPU, the accelerator's backend otherwise); the Trainer then reuses the group.
+
+    Initialised here, not by the first Trainer, so that the ranks can wait for each other before any training
+    and with a timeout that fits a long rank-0-only stage (`PRUNETUNE_DIST_TIMEOUT_S`, default 6 hours).
+    """
+    if world_size() < 2:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    from accelerate import PartialState
+
+    cuda = torch.cuda.is_available()
+    timeout = _dt.timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_ENV, 6 * 3600)))
+    PartialState(cpu=not cuda, backend=None if cuda else "gloo", timeout=timeout)
+
+
+def wait_for_everyone() -> None:
+    """A barrier over the launch's ranks (nothing in a single process)."""
+    if world_size() < 2:
+        return
+    import torch.distributed as dist
+
+    init_distributed()
+    dist.barrier()
 
 
 @dataclass
@@ -52,11 +114,17 @@ class RunState:
     model_dir: Path | None  # the last saved model (None: the recipe's original model)
     history: list[dict] = field(default_factory=list)  # manifests of the completed stages before this one
     resume: bool = False  # continue the training in out_dir from its last complete checkpoint
+    rank: int = 0  # this process's rank in a multi-process launch (0: the one that saves and evaluates)
+    world_size: int = 1
     _loaded: Any = None
 
     @property
     def seed(self) -> int:
         return self.recipe.seed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def model_spec(self) -> str:
         return str(self.model_dir) if self.model_dir is not None else self.recipe.model.name
@@ -116,14 +184,13 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, log=print) -> None:
-    """New run: empty dir. Resume: the saved recipe must be the one asked for (else results would mix)."""
+def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """The checks of `prepare_run_dir`, without writing (every rank makes them, so all fail alike)."""
     saved = out / "recipe.yaml"
     if resume:
         if not saved.is_file():
             if out.exists() and any(out.iterdir()):
                 raise PrunetuneError(f"{out} is not a prunetune run directory (no recipe.yaml): cannot resume")
-            log(f"--resume: nothing to resume in {out} (no run there yet): starting a new run")
         else:
             old = yaml.safe_load(saved.read_text())
             new = recipe_to_dict(recipe)
@@ -133,11 +200,19 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, lo
                     f"--resume: the recipe differs from the one that started {out} (keys: {', '.join(diff)}); "
                     "resume with the same recipe and --set values, or use a new --out"
                 )
-    elif out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise PrunetuneError(f"output directory {out} exists and is not empty (pass --resume to continue it, "
-                                 "--overwrite to replace it)")
-        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise PrunetuneError(f"output directory {out} exists and is not empty (pass --resume to continue it, "
+                             "--overwrite to replace it)")
+
+
+def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, log=print) -> None:
+    """New run: empty dir. Resume: the saved recipe must be the one asked for (else results would mix)."""
+    check_run_dir(out, recipe, resume, overwrite)
+    saved = out / "recipe.yaml"
+    if resume and not saved.is_file():
+        log(f"--resume: nothing to resume in {out} (no run there yet): starting a new run")
+    elif not resume and out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)  # --overwrite (checked above)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stages").mkdir(exist_ok=True)
     ours = {d.name + ".partial" for d in _stage_dirs(out, recipe)} if resume else set()
@@ -163,6 +238,9 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
 
     The human report (report.md, plots) is not written here: `reporting` reads run directories and the
     runner does not import it (layers point down); `prunetune run` writes it after this returns.
+
+    Under a multi-process launcher every rank calls this with the same arguments (see the module's
+    docstring); only rank 0 logs and writes, and every rank returns the same manifest.
     """
     from prunetune.pipelines.compose import run_compose
     from prunetune.pipelines.stages import STAGES, produces_model, resumable_checkpoint
@@ -171,14 +249,27 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
 
     out = Path(out)
     check_recipe(recipe)
+    main = is_main_process()
+    if not main:
+        log = _quiet
     fresh = not (resume and (out / "recipe.yaml").is_file())
-    prepare_run_dir(out, recipe, resume, overwrite, log)
+    init_distributed()
+    check_run_dir(out, recipe, resume, overwrite)  # every rank: a refused directory fails on all of them
+    wait_for_everyone()
+    if main:
+        prepare_run_dir(out, recipe, resume, overwrite, log)
+    wait_for_everyone()
     try:
         return _run_stages(recipe, out, stages, produces_model, log, resumable_checkpoint if resume else None)
     except BaseException:
-        if fresh and not _anything_to_resume(out, recipe, resumable_checkpoint):
+        if main and fresh and not _anything_to_resume(out, recipe, resumable_checkpoint):
             _remove_run_files(out)  # nothing to resume: a first stage that fails leaves no half-made run
         raise
+
+
+def _quiet(msg: str) -> None:
+    """The log of ranks other than 0 (rank 0 reports for all)."""
+    del msg
 
 
 def _anything_to_resume(out: Path, recipe: Recipe, resumable_checkpoint) -> bool:
@@ -198,6 +289,9 @@ def check_recipe(recipe: Recipe) -> None:
     for i, st in enumerate(recipe.stages):
         if st.type == "compose":
             check_compose(recipe.stage_spec(i))
+        if st.type in SINGLE_PROCESS_STAGES and world_size() > 1:
+            raise PrunetuneError(f"stage '{st.type}' runs its trainings in one process: launch it without torchrun "
+                                 f"/ accelerate (this launch has {world_size()} processes)")
 
 
 def _remove_run_files(out: Path) -> None:
@@ -225,47 +319,61 @@ def _run_stages(recipe: Recipe, out: Path, stages: dict, produces_model, log, re
     dirs = _stage_dirs(out, recipe)
     model_dir: Path | None = None
     history: list[dict] = []
+    rank, world = process_rank(), world_size()
+    main = rank == 0
     t_run = time.perf_counter()
     for i, (st, name, sdir) in enumerate(zip(recipe.stages, names, dirs)):
-        if is_complete(sdir):
+        label = f"[{i + 1}/{len(names)}] {name}"
+        if is_complete(sdir):  # every rank sees the same: the last commit happened before a barrier
             man = _read_json(sdir / "manifest.json")
             if man.get("stage_config") != _stage_config(recipe, i):
                 raise PrunetuneError(f"stage {name} in {out} was run with other settings; use a new --out")
-            log(f"[{i + 1}/{len(names)}] {name}: complete, skipped (resume)")
+            log(f"{label}: complete, skipped (resume)")
         else:
-            log(f"[{i + 1}/{len(names)}] {name} ...")
+            log(f"{label} ...")
             tmp = sdir.with_name(sdir.name + ".partial")
-            resumed = _resume_point(tmp, st.type, resumable_checkpoint, log, f"[{i + 1}/{len(names)}] {name}")
-            if not resumed:
-                shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True, exist_ok=True)
+            # every rank judges the interrupted stage's checkpoint (read only) before rank 0 touches the directory
+            resumed = _resume_point(tmp, st.type, resumable_checkpoint, log, label)
+            wait_for_everyone()
+            if main:
+                if not resumed:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True, exist_ok=True)
+            wait_for_everyone()
             seed_everything(recipe.seed + i)
-            state = RunState(recipe, out, i, name, recipe.stage_spec(i), model_dir, list(history), resume=resumed)
+            state = RunState(recipe, out, i, name, recipe.stage_spec(i), model_dir, list(history), resume=resumed,
+                             rank=rank, world_size=world)
             _reset_peak_rss()
             t0 = time.perf_counter()
-            result = stages[st.type](state, tmp) or {}
+            result = (stages[st.type](state, tmp) or {}) if main or st.type in ALL_RANK_STAGES else {}
             seconds = time.perf_counter() - t0
             peak = _peak_rss_mb()
             del state
             _release_memory()
-            _pause_if_asked(name, tmp)
-            man = {
-                "stage": name, "type": st.type, "index": i, "stage_config": _stage_config(recipe, i),
-                "seed": recipe.seed + i, "seconds": seconds, "peak_rss_mb": peak, "metrics": result.get("metrics", {}),
-                "artifacts": result.get("artifacts", {}), "model_in": str(model_dir) if model_dir else
-                recipe.model.name, "produces_model": produces_model(st.type),
-            }
-            (tmp / "manifest.json").write_text(json.dumps(man, indent=2, default=str))
-            umask_modes(tmp)
-            fsync_tree(tmp)  # durable before it is published: a crash never leaves a complete-looking stage
-            tmp.rename(sdir)  # the stage is complete exactly when this rename has happened
-            rss = f" (peak RSS {peak:,.0f} MiB)" if peak else ""
-            log(f"[{i + 1}/{len(names)}] {name}: done in {seconds:.1f}s{rss} {_summary(man['metrics'])}")
+            if main:
+                _pause_if_asked(name, tmp)
+                man = {
+                    "stage": name, "type": st.type, "index": i, "stage_config": _stage_config(recipe, i),
+                    "seed": recipe.seed + i, "seconds": seconds, "peak_rss_mb": peak,
+                    "metrics": result.get("metrics", {}), "artifacts": result.get("artifacts", {}),
+                    "model_in": str(model_dir) if model_dir else recipe.model.name,
+                    "produces_model": produces_model(st.type), "world_size": world,
+                }
+                (tmp / "manifest.json").write_text(json.dumps(man, indent=2, default=str))
+                umask_modes(tmp)
+                fsync_tree(tmp)  # durable before it is published: a crash never leaves a complete-looking stage
+                tmp.rename(sdir)  # the stage is complete exactly when this rename has happened
+                rss = f" (peak RSS {peak:,.0f} MiB)" if peak else ""
+                log(f"{label}: done in {seconds:.1f}s{rss} {_summary(man['metrics'])}")
+            wait_for_everyone()  # committed before any rank reads it or starts the next stage
+            if not main:
+                man = _read_json(sdir / "manifest.json")
         history.append(man)
         if produces_model(st.type):
             model_dir = sdir / "model"
-        write_run_manifest(out, recipe, history, complete=(i == len(names) - 1))
-    return write_run_manifest(out, recipe, history, complete=True, wall=time.perf_counter() - t_run)
+        if main:
+            write_run_manifest(out, recipe, history, complete=(i == len(names) - 1))
+    return write_run_manifest(out, recipe, history, complete=True, wall=time.perf_counter() - t_run, write=main)
 
 
 def _reset_peak_rss() -> None:
@@ -316,8 +424,9 @@ def _summary(metrics: dict) -> str:
 
 
 def write_run_manifest(out: Path, recipe: Recipe, history: list[dict], complete: bool,
-                       wall: float | None = None) -> dict:
-    """The run's manifest.json, rebuilt from the stage manifests (so a resumed run records the same metrics)."""
+                       wall: float | None = None, write: bool = True) -> dict:
+    """The run's manifest.json, rebuilt from the stage manifests (so a resumed run records the same metrics);
+    `write=False`: only built (the ranks other than 0)."""
     from prunetune.manifest import build_manifest
 
     timings = {h["stage"]: h["seconds"] for h in history}
@@ -327,9 +436,11 @@ def write_run_manifest(out: Path, recipe: Recipe, history: list[dict], complete:
         "run", recipe_to_dict(recipe), seed=recipe.seed,
         metrics={h["stage"]: h["metrics"] for h in history}, timings=timings,
         extra={"status": "complete" if complete and len(history) == len(recipe.stages) else "running",
-               "stages": [h["stage"] for h in history], "recipe_name": recipe.name},
+               "stages": [h["stage"] for h in history], "recipe_name": recipe.name,
+               "world_size": world_size()},
     )
-    atomic_write_json(out / "manifest.json", man)
+    if write:
+        atomic_write_json(out / "manifest.json", man)
     return man
 
 

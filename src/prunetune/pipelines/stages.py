@@ -3,6 +3,10 @@
 A stage writes only into `out_dir` (a `.partial` directory the runner renames when the stage returns).
 Stages that change the model save it as `out_dir/model/` (plain HF safetensors dir + `masks.safetensors`);
 the next stage loads from there. Every metric carries its protocol.
+
+Under a multi-process launcher the training stages (`runner.ALL_RANK_STAGES`: finetune, payt, losparse) run
+on every rank, which train together; after training, rank 0 alone evaluates, saves and returns the metrics
+(`state.is_main`), the other ranks return nothing. Every other stage runs on rank 0 only.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Callable
 import torch
 
 from prunetune.errors import PrunetuneError
+from prunetune.rundir import atomic_write_text
 
 MODEL_STAGES = ("prune", "finetune", "payt", "structured", "losparse")
 #: stages that continue an interrupted training from their last checkpoint on --resume (a method's own state,
@@ -266,7 +271,7 @@ def sized_training_text(recipe, tokenizer, n_train: int | None, max_length: int,
 
     src = load_text(recipe.data.train, recipe.data.train_split, data_dir=recipe.data.data_dir)
     if n_train is None:
-        path.write_text(src.text)
+        atomic_write_text(path, src.text)
         return path
     need = int(n_train / 0.8) + 4  # pieces: the tuning module keeps 10% + 10% of them out of training
     kept, pieces, cur = [], 0, 0
@@ -280,7 +285,7 @@ def sized_training_text(recipe, tokenizer, n_train: int | None, max_length: int,
             if pieces >= need:
                 break
     docs = ["\n".join(kept)]
-    path.write_text("\n\n".join(docs))
+    atomic_write_text(path, "\n\n".join(docs))  # every rank writes the same text: none reads a half-written file
     return path
 
 
@@ -306,6 +311,8 @@ def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, 
         cfg.data = str(sized_training_text(recipe, tokenizer, cfg.n_samples, cfg.max_length,
                                            work.with_name(work.name + "-train.txt")))
     res = finetune(model_spec, cfg, work, masks=masks if masks is not None else MaskSet(), resume=resume)
+    if "_model" not in res:  # a rank other than 0 of a multi-process launch: rank 0 evaluates and saves
+        return {"model": None, "tokenizer": None, "curves": {}, "metrics": {}}
     test = res.get("test_after_merge", {})
     metrics: dict = {"train_loss": {"value": res["train_loss"], "protocol": {
         "steps": res["global_step"], "examples": res["train_examples"], "mode": spec.mode,
@@ -325,10 +332,16 @@ def run_finetune(state, out_dir: Path) -> dict:
     """LoRA (or full) fine-tuning that keeps the masks; the merged model (W + sBA) * M is saved."""
     import shutil
 
-    masks = state.masks()
+    from prunetune.pruning.masks import MaskSet
+
+    # filled by the tuning module when the input is a pruned model directory (its masks.safetensors): the
+    # stage's model then carries the masks on, as a pruned stage before it would have passed them
+    masks = state.masks() or MaskSet()
     work = out_dir / TUNE_DIR
     res = finetune_model(state.model_spec(), state.recipe, state.spec, masks, state.seed + state.index, work,
                          tokenizer=state.tokenizer(), resume=state.resume)
+    if not state.is_main:  # trained along; rank 0 saves
+        return {}
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the stage is the checkpoint; keep logs only
     _dump(out_dir / "curves.json", res["curves"])
     metric, layers = sparsity_metric(res["model"])
@@ -355,6 +368,8 @@ def run_payt(state, out_dir: Path) -> dict:
     masks = state.masks() or MaskSet()
     pspec = payt_spec(spec)
     res = payt_run(state.model_spec(), cfg, pspec, work, masks=masks, resume=state.resume)
+    if not state.is_main:  # trained along; rank 0 saves
+        return {}
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     model, tok = res["_model"], res["_tokenizer"]
     _dump(out_dir / "curves.json", read_curves(work / "train_log.csv"))
@@ -494,6 +509,8 @@ def run_losparse(state, out_dir: Path) -> dict:
                                            out_dir / "tune-train.txt"))
     lspec = losparse_spec(spec)
     res = finetune(state.model_spec(), cfg, work, method=Losparse(lspec), kind="losparse", resume=state.resume)
+    if not state.is_main:  # trained along; rank 0 saves
+        return {}
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     if (work / "factorized").is_dir():
         shutil.move(str(work / "factorized"), str(out_dir / "factorized"))

@@ -379,6 +379,7 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     result: dict = {"kind": kind, "model": label, "task": task, "data": data["name"],
                     "train_examples": len(train_ds), "mixing": mix_summary, "teacher": teacher_desc,
                     "global_step": trainer.state.global_step, "steps_per_epoch": steps_per_epoch,
+                    "world_size": world,
                     "train_loss": float(train_out.training_loss), "mask_enforcement": enforcer.summary(),
                     "resumed_from": str(ckpt) if ckpt else None,
                     "best_checkpoint": trainer.state.best_model_checkpoint}
