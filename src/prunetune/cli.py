@@ -450,6 +450,8 @@ def shrink_cmd(
     vib_lr: float = typer.Option(0.2, "--vib-lr", help="VIB_LR: learning rate of the gates' log sigma^2"),
     vib_loss: str = typer.Option("kd", "--vib-loss", help="gate objective: kd (KL to the dense model) or lm"),
     vib_widths: str = typer.Option("uniform", "--vib-widths", help="uniform (baselines' rule) or learned (VIB's KV count)"),
+    vib_center: bool = typer.Option(True, "--vib-center/--no-vib-center", help="gates on each structure's deviation "
+                                    "from its calibration mean (a removed one leaves its mean as a bias)"),
     lagrangian_warmup: float = typer.Option(0.3, "--lagrangian-warmup", help="fraction of steps the target ramps over"),
     att_mul: float = typer.Option(1.0, "--att-mul", help="weight of attention parameters in the sparsity count"),
     eval_ppl: bool = typer.Option(False, "--eval-ppl", help="perplexity (WikiText-2 test) before and after"),
@@ -473,7 +475,7 @@ def shrink_cmd(
                            "structures": [s.strip() for s in structures.split(",") if s.strip()],
                            "round_to": round_to, "nsamples": nsamples, "seqlen": seqlen, "vib_steps": vib_steps,
                            "vib_batch": vib_batch, "vib_lr": vib_lr, "lagrangian_warmup": lagrangian_warmup,
-                           "vib_loss": vib_loss, "vib_widths": vib_widths,
+                           "vib_loss": vib_loss, "vib_widths": vib_widths, "vib_center": vib_center,
                            "att_mul": att_mul},
             "eval": {"ppl_seqlen": 512, "max_windows": max_windows}, "stages": stages}
     rec = validate_recipe(data, "prunetune shrink")

@@ -328,6 +328,8 @@ class StructuredSpec(_Spec):
     att_mul: float = Field(1.0, gt=0, description="ATT_MUL: weight of attention parameters in the sparsity count")
     kl_factor: float = Field(1e-6, ge=0, description="weight of the summed VIBNet KL term")
     init_log_sigma2: float = Field(-2.0, description="initial log sigma^2 of the gates (short budgets start nearer 0)")
+    vib_center: bool = Field(True, description="gates scale each head/neuron's deviation from its calibration mean: "
+                                                "a removed structure leaves its mean as a bias (FLAP's removal)")
 
 
 # ------------------------------------------------------------------------------------------ losparse
