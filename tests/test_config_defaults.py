@@ -87,3 +87,24 @@ def test_learning_rate_rule_is_one(mode):
     spec = TuneSpec(mode=mode)
     assert TuneConfig(lora=mode == "lora").learning_rate == spec.learning_rate == {"lora": 1e-3, "full": 1e-4}[mode]
     assert TuneConfig(lora=mode == "lora", lr=3e-4).learning_rate == TuneSpec(mode=mode, lr=3e-4).learning_rate
+
+
+@pytest.mark.parametrize("command, fn", [("prune", "prune_cmd"), ("shrink", "shrink_cmd"), ("finetune", "finetune"),
+                                         ("payt", "payt"), ("losparse", "losparse")])
+def test_command_flags_carry_no_default_of_their_own(command, fn):
+    """A flag that sets a recipe key defaults to None: the command's recipe file and the specs hold the value."""
+    import inspect
+
+    from prunetune import cli
+
+    params = inspect.signature(getattr(cli, fn)).parameters
+    own = {}
+    for flag in cli.COMMAND_FLAGS[command]:
+        if flag not in params:
+            continue
+        default = params[flag].default
+        default = getattr(default, "default", default)  # typer.Option(...) keeps its default inside
+        if default is not None:
+            own[flag] = default
+    assert not own, f"{command} flags with their own defaults: {own}"
+    assert any(f in params for f in cli.COMMAND_FLAGS[command])

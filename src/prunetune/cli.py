@@ -434,54 +434,65 @@ def prune_cmd(
 
 
 # ------------------------------------------------------------------------------------------------ shrink (owner: vib)
-@app.command("shrink")
+SHRINK_FLAGS = {  # flag parameter -> recipe key (no defaults here: commands/shrink.yaml and StructuredSpec hold them)
+    "method": "structured.method", "sparsity": "structured.sparsity", "structures": "structured.structures",
+    "round_to": "structured.round_to", "calib": "data.calib", "calib_split": "data.calib_split",
+    "nsamples": "structured.nsamples", "seqlen": "structured.seqlen", "vib_steps": "structured.vib_steps",
+    "vib_batch": "structured.vib_batch", "vib_lr": "structured.vib_lr", "vib_loss": "structured.vib_loss",
+    "vib_widths": "structured.vib_widths", "vib_center": "structured.vib_center",
+    "lagrangian_warmup": "structured.lagrangian_warmup", "att_mul": "structured.att_mul",
+    "max_windows": "eval.max_windows", "seed": "seed", "data_dir": "data.data_dir",
+}
+
+
+@app.command("shrink", epilog="Flags left out keep the values of the command's recipe; --print-recipe shows every "
+             "value.")
 def shrink_cmd(
     model: str = typer.Argument(..., help="alias, HF dir, .gguf or hub id (Llama family)"),
-    method: str = typer.Option("vib", "--method", help="vib | l1 | l2 | wanda | flap"),
-    sparsity: float = typer.Option(0.3, "--sparsity", help="fraction of block parameters removed, in [0, 1)"),
-    structures: str = typer.Option("heads,neurons", "--structures", help="comma list of heads, neurons, hidden"),
-    round_to: int = typer.Option(64, "--round-to", help="kept neuron / hidden widths are multiples of this"),
-    calib: str = typer.Option("wikitext2", "--calib", help="calibration / gate-training text source"),
+    method: Optional[str] = typer.Option(None, "--method", help="vib | l1 | l2 | wanda | flap"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="fraction of block parameters removed, in [0, 1)"),
+    structures: Optional[str] = typer.Option(None, "--structures", help="comma list of heads, neurons, hidden"),
+    round_to: Optional[int] = typer.Option(None, "--round-to", help="kept neuron / hidden widths are multiples of this"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration / gate-training text source"),
     calib_split: Optional[str] = typer.Option(None, "--calib-split", help="default: valid for wikitext2, else train"),
-    nsamples: int = typer.Option(16, "--nsamples", help="calibration windows"),
-    seqlen: int = typer.Option(256, "--seqlen", help="tokens per window"),
-    vib_steps: int = typer.Option(16, "--vib-steps", help="VIB gate-training steps"),
-    vib_batch: int = typer.Option(2, "--vib-batch", help="windows per VIB step"),
-    vib_lr: float = typer.Option(0.2, "--vib-lr", help="VIB_LR: learning rate of the gates' log sigma^2"),
-    vib_loss: str = typer.Option("kd", "--vib-loss", help="gate objective: kd (KL to the dense model) or lm"),
-    vib_widths: str = typer.Option("uniform", "--vib-widths", help="uniform (baselines' rule) or learned (VIB's KV count)"),
-    vib_center: bool = typer.Option(True, "--vib-center/--no-vib-center", help="gates on each structure's deviation "
-                                    "from its calibration mean (a removed one leaves its mean as a bias)"),
-    lagrangian_warmup: float = typer.Option(0.3, "--lagrangian-warmup", help="fraction of steps the target ramps over"),
-    att_mul: float = typer.Option(1.0, "--att-mul", help="weight of attention parameters in the sparsity count"),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="calibration windows"),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="tokens per window"),
+    vib_steps: Optional[int] = typer.Option(None, "--vib-steps", help="VIB gate-training steps"),
+    vib_batch: Optional[int] = typer.Option(None, "--vib-batch", help="windows per VIB step"),
+    vib_lr: Optional[float] = typer.Option(None, "--vib-lr", help="VIB_LR: learning rate of the gates' log sigma^2"),
+    vib_loss: Optional[str] = typer.Option(None, "--vib-loss", help="gate objective: kd (KL to the dense model) or lm"),
+    vib_widths: Optional[str] = typer.Option(None, "--vib-widths", help="uniform (baselines' rule) or learned (VIB's KV count)"),
+    vib_center: Optional[bool] = typer.Option(None, "--vib-center/--no-vib-center", help="gates on each structure's "
+                                              "deviation from its calibration mean (a removed one leaves its mean as a bias)"),
+    lagrangian_warmup: Optional[float] = typer.Option(None, "--lagrangian-warmup", help="fraction of steps the target ramps over"),
+    att_mul: Optional[float] = typer.Option(None, "--att-mul", help="weight of attention parameters in the sparsity count"),
     eval_ppl: bool = typer.Option(False, "--eval-ppl", help="perplexity (WikiText-2 test) before and after"),
-    max_windows: int = typer.Option(16, "--max-windows", help="--eval-ppl: first N windows of 512 tokens"),
-    out: Path = typer.Option(..., "--out", help="run directory; the shrunk plain HF model lands in OUT/model"),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="--eval-ppl: first N windows of 512 tokens"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of the calibration sample and the gates"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local WikiText-2 dir (else PRUNETUNE_DATA_DIR or hub)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory; the shrunk plain HF model lands in OUT/model"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
     resume: bool = typer.Option(False, "--resume", help="continue OUT: complete stages are skipped"),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="print the recipe this command runs and exit"),
 ) -> None:
     """Structured pruning that shrinks the model (VIB or L1/L2/Wanda/FLAP): fewer heads, neurons, hidden channels."""
     _quiet_libraries()
-    from prunetune.config import validate_recipe
     from prunetune.pruning.api import default_calib_split
 
-    stages = ["structured", "export"]
+    flags = {k: v for k, v in locals().items() if k in SHRINK_FLAGS}
+    if structures is not None:
+        flags["structures"] = [s.strip() for s in structures.split(",") if s.strip()]
+    data = command_data("shrink", model, flags)
+    if calib is not None and calib_split is None:
+        data["data"]["calib_split"] = default_calib_split(calib)
     if eval_ppl:
-        stages = ["evaluate", "structured", "evaluate", "export"]
-    data = {"name": "shrink", "seed": 0, "model": {"name": model},
-            "data": {"calib": calib, "calib_split": calib_split or default_calib_split(calib), "ppl": ["wikitext2"]},
-            "structured": {"method": method, "sparsity": sparsity,
-                           "structures": [s.strip() for s in structures.split(",") if s.strip()],
-                           "round_to": round_to, "nsamples": nsamples, "seqlen": seqlen, "vib_steps": vib_steps,
-                           "vib_batch": vib_batch, "vib_lr": vib_lr, "lagrangian_warmup": lagrangian_warmup,
-                           "vib_loss": vib_loss, "vib_widths": vib_widths, "vib_center": vib_center,
-                           "att_mul": att_mul},
-            "eval": {"ppl_seqlen": 512, "max_windows": max_windows}, "stages": stages}
-    rec = validate_recipe(data, "prunetune shrink")
+        data["stages"] = ["evaluate", "structured", "evaluate", "export"]
+    rec = validated_command_recipe("shrink", data, flags)
     if print_recipe:
         _print_recipe(rec)
         return
+    if out is None:
+        raise PrunetuneError("shrink needs --out (or --print-recipe)")
     out = _claim_out(out)
     con = _console()
     run_and_report(rec, out, resume=resume, overwrite=overwrite, con=con)
@@ -515,7 +526,7 @@ LOSPARSE_FLAGS = {"rank_ratio": "losparse.rank_ratio", "keep": "losparse.keep",
                   "kd_weight": "losparse.kd_weight", "layer_weight": "losparse.layer_weight",
                   "distill_temp": "losparse.kd_temp"}
 COMMAND_FLAGS = {"prune": PRUNE_FLAGS, "finetune": TUNE_FLAGS, "payt": {**TUNE_FLAGS, **PAYT_FLAGS},
-                 "losparse": {**TUNE_FLAGS, **LOSPARSE_FLAGS}}
+                 "losparse": {**TUNE_FLAGS, **LOSPARSE_FLAGS}, "shrink": SHRINK_FLAGS}
 ALL_SAMPLES = ("n_samples", "eval_samples", "test_samples")  # 0 on the command line = all of them
 
 
