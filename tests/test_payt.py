@@ -95,31 +95,6 @@ def test_merged_export_reloads_with_plain_transformers_same_predictions(tmp_path
     assert predict_classes(peft, tok, [e["text"] for e in r["_test"]], 32) == preds
 
 
-def test_full_evaluate_table_has_the_seeds_eight_rows(tmp_path):
-    from prunetune.data.mixing import MixSpec
-    from prunetune.methods.payt import full_evaluate
-
-    res = full_evaluate("tiny-llama", _cfg(epochs=1, n_samples=8, retention=True, retention_windows=1,
-                                           mix=MixSpec(fraction=0.25)),
-                        PaytSpec(sparsity=0.5, start=0.0), tmp_path / "fe")
-    labels = [row[0] for row in res["table"]["rows"]]
-    assert labels == ["original (no tuning)", "dense full FT", "dense LoRA FT", "prune (no FT)", "prune -> full FT",
-                      "prune -> LoRA FT", "PAYT", "PAYT without KD", "PAYT rsLoRA"]
-    assert all(row[4] is not None and row[4] > 1 for row in res["table"]["rows"])  # perplexities, all measured
-    sp = {row[0]: row[3] for row in res["table"]["rows"]}
-    assert sp["dense full FT"] == 0.0 and sp["dense LoRA FT"] == 0.0
-    assert all(sp[k] == pytest.approx(0.5) for k in labels if k.startswith(("prune", "PAYT")))
-    kd = {row[0]: row[6] for row in res["table"]["rows"]}
-    mixing = {row[0]: row[7] for row in res["table"]["rows"]}
-    assert kd["PAYT"] == "yes" and kd["PAYT without KD"] == "no" and kd["prune (no FT)"] == "no"
-    assert mixing["PAYT"] == "2 (25%)" and mixing["prune (no FT)"] == "no"
-    assert res["runs"]["PAYT rsLoRA"]["train_loss"] != res["runs"]["PAYT"]["train_loss"]
-    assert res["runs"]["prune (no FT)"]["timings"]["train_s"] == 0.0
-    md = (tmp_path / "fe" / "full_evaluate.md").read_text()
-    assert md.count("\n") == 11 and "macro-F1" in md and "| KD | mixing |" in md
-    assert json.loads((tmp_path / "fe" / "full_evaluate.json").read_text())["runs"]["PAYT"]["sparsity"] == pytest.approx(0.5)
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_accepts_original_payt_option_names(tmp_path, capsys):
     out = tmp_path / "cli"
@@ -182,3 +157,144 @@ def test_wanda_events_tokenise_the_training_text_once_and_masks_are_unchanged(ti
     assert len(calls) == 1, "the training text was tokenised more than once"
     for w, g in zip(want, got):
         assert set(w.names()) == set(g.names()) and all(torch.equal(w[n], g[n]) for n in w.names())
+
+
+# ------------------------------------------------------------------------------------------------ --full-evaluate
+# tiny-llama on BBC News: 8 training examples, one epoch, 25% general text mixed in, retention on 1 window
+FE_ARGS = ["--n-samples", "8", "--epochs", "1", "--eval-samples", "8", "--test-samples", "40", "--batch-size", "8",
+           "--max-length", "32", "--kd", "--sparsity", "0.5", "--start", "0"]
+FE_LABELS = ["dense full FT", "dense LoRA FT", "prune (no FT)", "prune -> full FT", "prune -> LoRA FT", "PAYT",
+             "PAYT without KD", "PAYT rsLoRA"]
+
+
+def _old_driver(recipe, out) -> dict:
+    """The eight configurations exactly as `prunetune payt --full-evaluate` ran them before it became a recipe
+    (the method's own driver, kept here as the reference): one process, one run after the other, each from
+    the original model with the command's settings at the recipe's seed."""
+    import copy
+
+    from prunetune.methods.payt import PaytMethod, prune_only
+    from prunetune.pipelines.stages import payt_spec, tune_config
+    from prunetune.tuning.finetune import finetune
+
+    cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
+    spec = payt_spec(recipe.payt)
+    model = recipe.model.name
+    full_cfg = copy.deepcopy(cfg)
+    full_cfg.lora, full_cfg.lr = False, None
+    lora_cfg = copy.deepcopy(cfg)
+    lora_cfg.lora = True
+    nokd_cfg = copy.deepcopy(cfg)
+    nokd_cfg.kd = False
+    other_cfg = copy.deepcopy(cfg)
+    other_cfg.rslora = not cfg.rslora
+    oneshot = PaytSpec(sparsity=spec.sparsity, schedule="oneshot", start=0.0, every=1, unit="step",
+                       criterion=spec.criterion, nsamples=spec.nsamples, seqlen=spec.seqlen)
+    plan = [
+        ("dense full FT", lambda d: finetune(model, full_cfg, d, kind="dense-full")),
+        ("dense LoRA FT", lambda d: finetune(model, lora_cfg, d, kind="dense-lora")),
+        ("prune (no FT)", lambda d: prune_only(model, cfg, spec)),
+        ("prune -> full FT", lambda d: finetune(model, full_cfg, d, method=PaytMethod(oneshot), kind="prune-full")),
+        ("prune -> LoRA FT", lambda d: finetune(model, cfg, d, method=PaytMethod(oneshot), kind="prune-lora")),
+        ("PAYT", lambda d: finetune(model, cfg, d, method=PaytMethod(spec), kind="payt")),
+        ("PAYT without KD", lambda d: finetune(model, nokd_cfg, d, method=PaytMethod(spec), kind="payt-nokd")),
+        ("PAYT rsLoRA", lambda d: finetune(model, other_cfg, d, method=PaytMethod(spec), kind="payt-other-scaling")),
+    ]
+    return {label: fn(out / str(i)) for i, (label, fn) in enumerate(plan)}
+
+
+def _untimed(v):
+    """`v` without its wall-clock entries (`seconds`), at any depth."""
+    if isinstance(v, dict):
+        return {k: _untimed(x) for k, x in v.items() if k != "seconds"}
+    if isinstance(v, list):
+        return [_untimed(x) for x in v]
+    return v
+
+
+def _comparable(r: dict) -> dict:
+    """A run's numbers (not its timings, paths or provenance)."""
+    keys = ("accuracy", "macro_f1", "sparsity", "train_loss", "global_step", "train_examples", "teacher", "mixing",
+            "masks_digest", "test_after_merge", "test_before_merge", "retention", "pruning_events")
+    return _untimed({k: r.get(k) for k in keys})
+
+
+@pytest.mark.slow  # the eight configurations twice: through the recipe, then directly
+def test_full_evaluate_is_a_recipe_with_the_old_drivers_numbers(tmp_path, capsys):
+    """`payt --full-evaluate` runs one stage per configuration through the runner; every row's numbers equal the
+    same configuration run directly (the former driver), and the table has the seed's rows and columns."""
+    import yaml
+
+    from prunetune.config import validate_recipe
+
+    args = ["payt", "tiny-llama", "--full-evaluate", *FE_ARGS, "--retention", "--retention-windows", "1",
+            "--mix", "0.25"]
+    printed = yaml.safe_load(cli_ok([*args, "--print-recipe"], capsys))
+    recipe = validate_recipe(printed, "printed")
+    names = ["original", "dense-full", "dense-lora", "prune-only", "prune-full", "prune-lora", "payt", "payt-nokd",
+             "payt-other-scaling", "table"]
+    assert [s["name"] for s in printed["stages"]] == names and {s["type"] for s in printed["stages"]} == {"full_evaluate"}
+    out = tmp_path / "fe"
+    text = cli_ok([*args, "--out", str(out)], capsys)
+    assert "| PAYT |" in text
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "complete" and man["stages"] == [f"{i + 1:02d}-{n}" for i, n in enumerate(names)]
+    res = json.loads((out / "full_evaluate.json").read_text())
+    labels = [row[0] for row in res["table"]["rows"]]
+    assert labels == ["original (no tuning)", *FE_LABELS]
+    for stage in man["stages"][1:-1]:  # every configuration from the recipe's model, at the recipe's seed
+        sm = json.loads((out / "stages" / stage / "manifest.json").read_text())
+        assert sm["model_in"] == "tiny-llama" and not sm["produces_model"]
+        assert (out / "stages" / stage / "result.json").is_file()
+
+    ref = _old_driver(recipe, tmp_path / "old")
+    for label in FE_LABELS:
+        assert _comparable(res["runs"][label]) == _comparable(json.loads(json.dumps(ref[label], default=str))), label
+    assert res["runs"]["PAYT"]["accuracy"] == man["metrics"]["07-payt"]["task/accuracy"]["value"]
+
+    rows = res["table"]["rows"]
+    assert all(row[4] is not None and row[4] > 1 for row in rows)  # perplexities, all measured
+    sp = {row[0]: row[3] for row in rows}
+    assert sp["dense full FT"] == 0.0 and sp["dense LoRA FT"] == 0.0
+    assert all(sp[k] == pytest.approx(0.5) for k in labels if k.startswith(("prune", "PAYT")))
+    kd = {row[0]: row[6] for row in rows}
+    mixing = {row[0]: row[7] for row in rows}
+    assert kd["PAYT"] == "yes" and kd["PAYT without KD"] == "no" and kd["prune (no FT)"] == "no"
+    assert mixing["PAYT"] == "2 (25%)" and mixing["prune (no FT)"] == "no"
+    assert res["runs"]["PAYT rsLoRA"]["train_loss"] != res["runs"]["PAYT"]["train_loss"]
+    assert res["runs"]["prune (no FT)"]["timings"]["train_s"] == 0.0
+    assert res["tune"]["seed"] == 0 and res["full_ft_learning_rate"] == 1e-4
+    md = (out / "full_evaluate.md").read_text()
+    assert md.count("\n") == 11 and "macro-F1" in md and "| KD | mixing |" in md
+
+
+def test_full_evaluate_interrupted_resumes_and_skips_completed_configurations(tmp_path, capsys, monkeypatch):
+    from cli_helpers import run_cli
+    from prunetune.pipelines import stages
+
+    real = stages.STAGES["full_evaluate"]
+
+    def interrupted(state, out_dir):
+        if state.spec.run == "prune-only":
+            raise KeyboardInterrupt  # Ctrl-C during the third configuration
+        return real(state, out_dir)
+
+    out = tmp_path / "fe"
+    args = ["payt", "tiny-llama", "--full-evaluate", *FE_ARGS, "--no-retention", "--out", str(out)]
+    monkeypatch.setitem(stages.STAGES, "full_evaluate", interrupted)
+    code, _, err = run_cli(args, capsys)
+    assert code == 130 and "interrupted" in err
+    assert sorted(d.name for d in (out / "stages").iterdir()) == ["01-dense-full", "02-dense-lora", "03-prune-only.partial"]
+    done = {d: (out / "stages" / d / "manifest.json").read_text() for d in ("01-dense-full", "02-dense-lora")}
+    assert not (out / "full_evaluate.json").exists()
+
+    monkeypatch.setitem(stages.STAGES, "full_evaluate", real)
+    text = cli_ok([*args, "--resume"], capsys)
+    assert text.count("complete, skipped (resume)") == 2
+    assert all((out / "stages" / d / "manifest.json").read_text() == m for d, m in done.items())  # not rerun
+    res = json.loads((out / "full_evaluate.json").read_text())
+    assert [row[0] for row in res["table"]["rows"]] == FE_LABELS
+    first = json.loads(done["01-dense-full"])["metrics"]
+    assert res["runs"]["dense full FT"]["accuracy"] == first["task/accuracy"]["value"]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert not list((out / "stages").glob("*.partial"))

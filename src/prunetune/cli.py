@@ -643,6 +643,25 @@ def run_tuning_command(recipe, title: str, out: Path, *, resume: bool, overwrite
     return r
 
 
+def full_evaluate_recipe(recipe, full_lr: float | None):
+    """`payt --full-evaluate`: the payt command's recipe with one stage per configuration of the comparison
+    (`methods.payt.CONFIGURATIONS`; "original" only when retention is measured), each from the recipe's model,
+    then the table stage. Same settings, same seed: `--print-recipe` prints it, `--resume` continues it."""
+    from prunetune.config import recipe_to_dict, validate_recipe
+    from prunetune.methods.payt import CONFIGURATIONS
+
+    data = recipe_to_dict(recipe)
+    runs = [r for r in CONFIGURATIONS if r != "original" or recipe.tune.retention]
+    data.update(name=f"{recipe.name}-full-evaluate",
+                description="`prunetune payt --full-evaluate`: the seed's eight configurations (dense full/LoRA FT, "
+                            "prune without FT, prune -> full/LoRA FT, PAYT, PAYT without KD, the other LoRA scaling) "
+                            "from the same model, data, split, seed and budget, then one table (full_evaluate.md / "
+                            ".json in the run directory).",
+                full_evaluate={"full_lr": full_lr},
+                stages=[{"type": "full_evaluate", "name": r, "run": r} for r in (*runs, "table")])
+    return validate_recipe(data, "payt --full-evaluate")
+
+
 # The options finetune and payt share: one definition each (typer reads the flag names and help from these).
 _Opt = typer.Option
 Task = Annotated[Optional[str], _Opt("--task", help="task data: bbc-news | .csv/.jsonl (text,label) | text source")]
@@ -740,24 +759,22 @@ def payt(
     flags = {k: v for k, v in locals().items() if k not in (*_NOT_FLAGS, "full_lr", "full_evaluate", "paper_defaults")}
     extra = {"payt.every": every_steps, "payt.unit": "step"} if every_steps else {}
     recipe = command_recipe("payt", model, flags, extra, base="payt-paper" if paper_defaults else None)
+    if full_evaluate:
+        recipe = full_evaluate_recipe(recipe, full_lr)
     if print_recipe:
-        if full_evaluate:
-            raise PrunetuneError("--print-recipe shows one run; --full-evaluate is a comparison of several")
         _print_recipe(recipe)
         return
     if out is None:
         raise PrunetuneError("payt needs --out (or --print-recipe)")
-    if full_evaluate:  # eight runs compared in one table: the method's own driver, not a one-stage recipe
-        from prunetune.methods.payt import full_evaluate as run_all
-        from prunetune.pipelines.stages import payt_spec, tune_config
+    if full_evaluate:  # eight runs compared in one table: a multi-stage recipe, run like any other
+        from prunetune.pipelines.runner import is_main_process
 
-        if resume:
-            raise PrunetuneError("--resume is not supported with --full-evaluate; rerun it or resume one run dir")
-        cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
-        res = run_all(recipe.model.name, cfg, payt_spec(recipe.stage_spec(0)), _claim_out(out), overwrite=overwrite,
-                      full_lr=full_lr)
-        _console().print(res["table"]["markdown"])
-        _console().print(f"written: {out / 'full_evaluate.md'} and {out / 'full_evaluate.json'}")
+        out = _claim_out(out)
+        con = _console()
+        run_and_report(recipe, out, resume=resume, overwrite=overwrite, con=con)
+        if is_main_process():
+            con.print((out / "full_evaluate.md").read_text(), markup=False, highlight=False)
+            con.print(f"written: {out / 'full_evaluate.md'} and {out / 'full_evaluate.json'}")
         return
     run_tuning_command(recipe, f"payt {model} -> {out}", out, resume=resume, overwrite=overwrite)
 

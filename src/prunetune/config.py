@@ -31,7 +31,7 @@ RECIPES_DIR = Path(__file__).resolve().parent / "pipelines" / "recipes"
 COMMANDS_DIR = RECIPES_DIR / "commands"  # each command's starting recipe (`prunetune finetune`, `payt`)
 
 StageType = Literal["evaluate", "prune", "finetune", "payt", "export", "order_study", "compose", "structured",
-                    "losparse"]
+                    "losparse", "full_evaluate"]
 STAGE_TYPES: tuple[str, ...] = get_args(StageType)
 
 
@@ -235,6 +235,18 @@ class PaytSpec(_Spec):
         return self
 
 
+class FullEvaluateSpec(_Spec):
+    """One stage of PAYT's comparison (`prunetune payt --full-evaluate`): a configuration trained with the recipe's
+    `tune` and `payt` settings from the run's model, or `table`, the comparison of the configurations before it."""
+
+    run: Literal["original", "dense-full", "dense-lora", "prune-only", "prune-full", "prune-lora", "payt",
+                 "payt-nokd", "payt-other-scaling", "table"] = Field(
+        "payt", description="original (untuned, retention only) | dense-full | dense-lora | prune-only | prune-full "
+        "| prune-lora | payt | payt-nokd | payt-other-scaling | table")
+    full_lr: float | None = Field(None, gt=0, description="learning rate of the full fine-tuning configurations "
+                                  "(None: the full-FT default); tune.lr is the LoRA ones'")
+
+
 class EvalSpec(_Spec):
     """What every `evaluate` stage measures."""
 
@@ -407,6 +419,7 @@ class Stage(_Spec):
 SECTION_OF: dict[str, str | None] = {
     "evaluate": "eval", "prune": "prune", "finetune": "tune", "payt": "payt", "export": None,
     "order_study": "order", "compose": "compose", "structured": "structured", "losparse": "losparse",
+    "full_evaluate": "full_evaluate",
 }
 
 
@@ -426,6 +439,7 @@ class Recipe(_Spec):
     compose: ComposeSpec = Field(default_factory=ComposeSpec)
     structured: StructuredSpec = Field(default_factory=StructuredSpec)
     losparse: LosparseSpec = Field(default_factory=LosparseSpec)
+    full_evaluate: FullEvaluateSpec = Field(default_factory=FullEvaluateSpec)
     stages: list[Stage] = Field(min_length=1)
     notes: str = Field("", description="free text copied into the report (e.g. how the run was sized)")
 

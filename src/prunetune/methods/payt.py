@@ -15,6 +15,7 @@ a superset of the pruned set before it and the sparsity is exactly the event's t
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -311,73 +312,83 @@ def prune_only(model_spec: str, cfg, spec: PaytSpec) -> dict:
     return out
 
 
-def full_evaluate(model_spec: str, cfg, spec: PaytSpec, out: Path | str, overwrite: bool = False,
-                  only: tuple[str, ...] | None = None, full_lr: float | None = None) -> dict:
-    """The seed's eight runs on the same data, split and budget; one table as markdown + JSON.
+# ------------------------------------------------------------------------------------------------ full evaluation
+#: the configurations `prunetune payt --full-evaluate` compares, in the table's order: the seed's eight runs on the
+#: same data, split, seed and budget, preceded by the untuned model ("original", retention's reference point)
+#: when retention is measured. Each is one stage of the command's recipe (`pipelines.stages.run_full_evaluate`).
+CONFIGURATIONS = ("original", "dense-full", "dense-lora", "prune-only", "prune-full", "prune-lora", "payt",
+                  "payt-nokd", "payt-other-scaling")
+_LABELS = {"original": "original (no tuning)", "dense-full": "dense full FT", "dense-lora": "dense LoRA FT",
+           "prune-only": "prune (no FT)", "prune-full": "prune -> full FT", "prune-lora": "prune -> LoRA FT",
+           "payt": "PAYT", "payt-nokd": "PAYT without KD"}
 
-    dense full FT, dense LoRA FT, prune (no FT), prune -> full FT, prune -> LoRA FT, PAYT, PAYT without KD,
-    and PAYT with the other LoRA scaling (plain LoRA when `cfg.rslora`, else rsLoRA). Every run uses `cfg`'s
-    KD and data mixing unless its name says otherwise; the table says which rows used them.
 
-    `cfg.lr` is the LoRA runs' learning rate; the full-FT runs get `full_lr` (None: the full-FT default),
-    since a rate that suits a rank-8 adapter would wreck every weight of the model at once.
+def configuration_label(run: str, cfg) -> str:
+    """The configuration's row label in the table (the other-scaling row names the scaling it uses)."""
+    return _other_scaling(cfg) if run == "payt-other-scaling" else _LABELS[run]
 
-    prune -> X FT is PAYT with a one-shot schedule at step 0 (same criterion, same teacher: the dense
-    initial model), so the only difference to PAYT is *when* the pruning happens.
-    """
-    import copy
 
-    from prunetune.models.export import prepare_out_dir
-    from prunetune.rundir import atomic_write_json, atomic_write_text
-
-    out = prepare_out_dir(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, dict] = {}
+def _full_ft(cfg, full_lr: float | None):
     full_cfg = copy.deepcopy(cfg)
     full_cfg.lora = False
     full_cfg.lr = full_lr
-    lora_cfg = copy.deepcopy(cfg)
-    lora_cfg.lora = True
-    nokd_cfg = copy.deepcopy(cfg)
-    nokd_cfg.kd = False
-    other_cfg = copy.deepcopy(cfg)
-    other_cfg.rslora = not cfg.rslora
+    return full_cfg
+
+
+def run_configuration(run: str, model_spec: str, cfg, spec: PaytSpec, out: Path | str,
+                      full_lr: float | None = None, resume: bool = False) -> dict:
+    """One configuration of the comparison, from `model_spec`; the tuning result (`finetune`'s dict).
+
+    Every run uses `cfg`'s KD and data mixing unless its name says otherwise. `cfg.lr` is the LoRA runs'
+    learning rate; the full-FT runs get `full_lr` (None: the full-FT default), since a rate that suits a
+    rank-8 adapter would wreck every weight of the model at once. prune -> X FT is PAYT with a one-shot schedule
+    at step 0 (same criterion, same teacher: the dense initial model), so the only difference to PAYT is *when*
+    the pruning happens. "payt-other-scaling" is PAYT with plain LoRA when `cfg.rslora`, else rsLoRA.
+    `resume`: a trained configuration continues from its last checkpoint in `out`.
+    """
+    if run not in CONFIGURATIONS:
+        raise PrunetuneError(f"unknown full-evaluate configuration '{run}'; choose one of: {', '.join(CONFIGURATIONS)}")
     oneshot = PaytSpec(sparsity=spec.sparsity, schedule="oneshot", start=0.0, every=1, unit="step",
                        criterion=spec.criterion, nsamples=spec.nsamples, seqlen=spec.seqlen)
-    plan = [
-        ("dense full FT", "dense-full", lambda d: finetune(model_spec, full_cfg, d, kind="dense-full")),
-        ("dense LoRA FT", "dense-lora", lambda d: finetune(model_spec, lora_cfg, d, kind="dense-lora")),
-        ("prune (no FT)", "prune-only", lambda d: prune_only(model_spec, cfg, spec)),
-        ("prune -> full FT", "prune-full",
-         lambda d: finetune(model_spec, full_cfg, d, method=PaytMethod(oneshot), kind="prune-full")),
-        ("prune -> LoRA FT", "prune-lora", lambda d: finetune(model_spec, cfg, d, method=PaytMethod(oneshot), kind="prune-lora")),
-        ("PAYT", "payt", lambda d: finetune(model_spec, cfg, d, method=PaytMethod(spec), kind="payt")),
-        ("PAYT without KD", "payt-nokd", lambda d: finetune(model_spec, nokd_cfg, d, method=PaytMethod(spec), kind="payt-nokd")),
-        (_other_scaling(cfg), "payt-other-scaling",
-         lambda d: finetune(model_spec, other_cfg, d, method=PaytMethod(spec), kind="payt-other-scaling")),
-    ]
-    if cfg.retention:  # the untuned model's value, so the retention column has its reference point
-        from prunetune.evaluation.retention import retention
-        from prunetune.models.loading import load_model
+    if run == "original":
+        return original_retention(model_spec, cfg)
+    if run == "prune-only":
+        return prune_only(model_spec, cfg, spec)
+    if run in ("dense-full", "dense-lora"):
+        run_cfg = _full_ft(cfg, full_lr) if run == "dense-full" else copy.deepcopy(cfg)
+        run_cfg.lora = run == "dense-lora"
+        return finetune(model_spec, run_cfg, out, kind=run, resume=resume)
+    if run in ("prune-full", "prune-lora"):
+        run_cfg = _full_ft(cfg, full_lr) if run == "prune-full" else cfg
+        return finetune(model_spec, run_cfg, out, method=PaytMethod(oneshot), kind=run, resume=resume)
+    run_cfg = copy.deepcopy(cfg)
+    if run == "payt-nokd":
+        run_cfg.kd = False
+    elif run == "payt-other-scaling":
+        run_cfg.rslora = not cfg.rslora
+    return finetune(model_spec, run_cfg, out, method=PaytMethod(spec), kind=run, resume=resume)
 
-        ref = load_model(model_spec, "seq-cls" if cfg.task == "seq-cls" else "causal-lm", num_labels=2)
-        runs["original (no tuning)"] = {"retention": retention(ref.model, model_spec, ref.tokenizer,
-                                                               data_dir=cfg.data_dir,
-                                                               max_windows=cfg.retention_windows,
-                                                               max_length=cfg.max_length),
-                                        "sparsity": 0.0}
-        del ref
-    for label, sub, fn in plan:
-        if only and sub not in only:
-            continue
-        r = fn(out / sub)
-        runs[label] = {k: v for k, v in r.items() if not k.startswith("_") and k not in ("predictions", "layer_sparsity")}
-    table = comparison_table(runs)
-    payload = {"model": model_spec, "tune": cfg.to_dict(), "full_ft_learning_rate": full_cfg.learning_rate,
-               "payt": spec.to_dict(), "runs": runs, "table": table}
-    atomic_write_json(out / "full_evaluate.json", payload)
-    atomic_write_text(out / "full_evaluate.md", table["markdown"])
-    return payload
+
+def original_retention(model_spec: str, cfg) -> dict:
+    """The untuned model's retention value: the reference point of the table's retention column."""
+    from prunetune.evaluation.retention import retention
+    from prunetune.models.loading import load_model
+
+    ref = load_model(model_spec, "seq-cls" if cfg.task == "seq-cls" else "causal-lm", num_labels=2)
+    return {"retention": retention(ref.model, model_spec, ref.tokenizer, data_dir=cfg.data_dir,
+                                   max_windows=cfg.retention_windows, max_length=cfg.max_length), "sparsity": 0.0}
+
+
+def table_row(result: dict) -> dict:
+    """What the comparison keeps of a configuration's result (no model, predictions or per-layer detail)."""
+    return {k: v for k, v in result.items() if not k.startswith("_") and k not in ("predictions", "layer_sparsity")}
+
+
+def comparison_payload(model_spec: str, cfg, spec: PaytSpec, runs: dict[str, dict],
+                       full_lr: float | None = None) -> dict:
+    """full_evaluate.json: the settings, every configuration's result (label -> `table_row`) and the table."""
+    return {"model": model_spec, "tune": cfg.to_dict(), "full_ft_learning_rate": _full_ft(cfg, full_lr).learning_rate,
+            "payt": spec.to_dict(), "runs": runs, "table": comparison_table(runs)}
 
 
 def _kd_cell(r: dict) -> str | None:

@@ -48,7 +48,7 @@ from prunetune.rundir import atomic_write_json, atomic_write_text, fsync_tree, l
 
 PAUSE_ENV = "PRUNETUNE_PAUSE_IN_STAGE"  # test hook: stop inside this stage (before it completes) and wait
 #: stages that every rank of a multi-process launch runs (they train together); the others run on rank 0 only
-ALL_RANK_STAGES = ("finetune", "payt", "losparse")
+ALL_RANK_STAGES = ("finetune", "payt", "losparse", "full_evaluate")
 #: stages that train inside their own loops (several trainings, each saved and evaluated): one process only,
 #: since a Trainer on rank 0 alone would wait forever for the other ranks' gradients
 SINGLE_PROCESS_STAGES = ("order_study", "compose")

@@ -21,10 +21,10 @@ import torch
 from prunetune.errors import PrunetuneError
 from prunetune.rundir import atomic_write_text
 
-MODEL_STAGES = ("prune", "finetune", "payt", "structured", "losparse")
+MODEL_STAGES = ("prune", "finetune", "payt", "structured", "losparse")  # full_evaluate: every stage from one model
 #: stages that continue an interrupted training from their last checkpoint on --resume (a method's own state,
 #: such as LoSparse's PLATON averages, is saved in each checkpoint through the method lifecycle)
-RESUMABLE_STAGES = ("finetune", "payt", "losparse")
+RESUMABLE_STAGES = ("finetune", "payt", "losparse", "full_evaluate")
 TUNE_DIR = "tune"  # a training stage's tuning run: out_dir/tune (logs, metrics, checkpoints/)
 
 
@@ -225,7 +225,7 @@ def tune_config(recipe, spec, seed: int, task: str | None = None, *, retention: 
                 export: bool = False):
     """The tuning module's `TuneConfig` for a recipe's pydantic `tune` settings (`tuning.config.recipe_fields`,
     the one conversion, which also gives `TuneConfig` its defaults). Stages save the model themselves
-    (`export=False`); the distributed path of the commands lets the tuning module export.
+    (`export=False`); the full-evaluate configurations let the tuning module export theirs.
     """
     from prunetune.tuning.config import TuneConfig, recipe_fields
 
@@ -435,6 +435,76 @@ def run_order_study(state, out_dir: Path) -> dict:
     return {"metrics": metrics, "artifacts": {"rows": "ordering.json"}}
 
 
+# --------------------------------------------------------------------------------------------- full evaluate (PAYT)
+def run_full_evaluate(state, out_dir: Path) -> dict:
+    """One configuration of PAYT's comparison (`prunetune payt --full-evaluate`, `methods.payt.CONFIGURATIONS`),
+    or (`run: table`) the comparison table of the configuration stages before it.
+
+    The stage does not produce a model for the next one, so every configuration starts from the same model,
+    the run's current one (the recipe's model in the command's recipe). Every configuration trains with the
+    recipe's `tune` and `payt` sections at the recipe's seed (not the stage's: the rows are compared at one
+    seed, as the command's own driver ran them), and the tuning module exports its model into `tune/model`.
+    Its result is kept in `result.json`; the table stage reads them and writes `full_evaluate.md` and
+    `full_evaluate.json` into the run directory (and its own stage directory).
+
+    Under a multi-process launcher the trained configurations run on every rank; the untrained ones
+    ("original", "prune-only": evaluation only) and the table on rank 0.
+    """
+    import shutil
+
+    from prunetune.methods.payt import configuration_label, run_configuration, table_row
+
+    recipe, spec = state.recipe, state.spec
+    cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
+    pspec = payt_spec(recipe.payt)
+    if spec.run == "table":
+        return _full_evaluate_table(state, out_dir, cfg, pspec) if state.is_main else {}
+    if not state.is_main and spec.run in ("original", "prune-only"):
+        return {}
+    work = out_dir / TUNE_DIR
+    res = run_configuration(spec.run, state.model_spec(), cfg, pspec, work, full_lr=spec.full_lr,
+                            resume=state.resume)
+    if not state.is_main:  # trained along; rank 0 evaluates and saves
+        return {}
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the stage is the checkpoint
+    label = configuration_label(spec.run, cfg)
+    row = table_row(res)
+    _dump(out_dir / "result.json", {"configuration": spec.run, "label": label, "result": row})
+    proto = {"configuration": spec.run, "label": label, "kind": row.get("kind"), "seed": cfg.seed,
+             "steps": row.get("global_step"), "teacher": row.get("teacher"), "model": "merged (the exported weights)"}
+    metrics: dict = {}
+    for key, name in (("accuracy", "task/accuracy"), ("macro_f1", "task/macro_f1"), ("sparsity", "sparsity"),
+                      ("train_loss", "train_loss")):
+        if row.get(key) is not None:
+            metrics[name] = {"value": row[key], "protocol": proto}
+    if row.get("retention"):
+        ret = row["retention"]
+        metrics["retention"] = {"value": ret.get("value"), "protocol": {k: v for k, v in ret.items() if k != "value"}}
+    if row.get("timings", {}).get("train_s") is not None:
+        metrics["train_seconds"] = {"value": row["timings"]["train_s"], "protocol": {"what": "Trainer.train wall time"}}
+    return {"metrics": metrics, "artifacts": {"result": "result.json"}}
+
+
+def _full_evaluate_table(state, out_dir: Path, cfg, pspec) -> dict:
+    """The comparison of the configuration stages run so far, from their results (nothing is recomputed)."""
+    from prunetune.methods.payt import comparison_payload
+    from prunetune.rundir import atomic_write_json
+
+    runs: dict[str, dict] = {}
+    for h in state.history:
+        if h["type"] == "full_evaluate" and h["stage_config"]["settings"].get("run") != "table":
+            done = json.loads((state.out / "stages" / h["stage"] / "result.json").read_text())
+            runs[done["label"]] = done["result"]
+    if not runs:
+        raise PrunetuneError(f"stage {state.name}: the full-evaluate table needs configuration stages before it")
+    payload = comparison_payload(state.model_spec(), cfg, pspec, runs, state.spec.full_lr)
+    for where in (out_dir, state.out):
+        atomic_write_json(where / "full_evaluate.json", payload)
+        atomic_write_text(where / "full_evaluate.md", payload["table"]["markdown"])
+    return {"metrics": {"configurations": {"value": len(runs), "protocol": {"rows": list(runs)}}},
+            "artifacts": {"table": str(state.out / "full_evaluate.md"), "json": str(state.out / "full_evaluate.json")}}
+
+
 # --------------------------------------------------------------------------------------------- structured (owner: vib)
 def run_structured(state, out_dir: Path) -> dict:
     """VIB or a baseline to a fraction of block parameters, then physical shrink; saves the smaller model."""
@@ -537,4 +607,5 @@ def run_losparse(state, out_dir: Path) -> dict:
 STAGES: dict[str, Callable] = {
     "evaluate": run_evaluate, "prune": run_prune, "finetune": run_finetune, "payt": run_payt,
     "export": run_export, "order_study": run_order_study, "structured": run_structured, "losparse": run_losparse,
+    "full_evaluate": run_full_evaluate,
 }
