@@ -261,6 +261,8 @@ def main() -> None:
     ap.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                     help="time every row as it is made (else only speed:ROW rows time, once per distinct widths)")
     ap.add_argument("--b8-reps", type=int, default=None, help="repetitions of the 8 x 256 latency (default --reps; 0 = skip)")
+    ap.add_argument("--force-speed", action="store_true", help="speed:/llama: rows re-time widths already timed "
+                    "(the new timing replaces the old one)")
     ap.add_argument("--speed-threads", type=int, default=2, help="torch threads while timing (the rest runs on 1)")
     ap.add_argument("--recover", default="", help="rows to LoRA-recover, e.g. vib@0.3,flap@0.3")
     ap.add_argument("--recover-samples", type=int, default=32, help="LoRA steps = samples / batch 2, 256 tokens")
@@ -305,7 +307,8 @@ def main() -> None:
         return best[1]
 
     for row in todo:
-        if row in data["rows"] and (row not in recover or "recovered" in data["rows"][row]):
+        timing = row.startswith(("speed:", "llama:")) and args.force_speed
+        if row in data["rows"] and (row not in recover or "recovered" in data["rows"][row]) and not timing:
             print("skip", row, flush=True)
             continue
         t0 = time.perf_counter()
@@ -315,7 +318,7 @@ def main() -> None:
             if ref is None or not src.exists():
                 print("cannot time", row, "(row missing or its export is gone)", flush=True)
                 continue
-            if ref["speed_key"] not in data["speed"]:
+            if ref["speed_key"] not in data["speed"] or args.force_speed:
                 from transformers import AutoModelForCausalLM
 
                 model = AutoModelForCausalLM.from_pretrained(src).eval()
@@ -345,7 +348,7 @@ def main() -> None:
                 print("cannot time", row, "(row missing or its export is gone)", flush=True)
                 continue
             key = ref["speed_key"]
-            if key not in data.setdefault("llama_cpp", {}):
+            if key not in data.setdefault("llama_cpp", {}) or args.force_speed:
                 data["llama_cpp"][key] = llama_bench_pair(work / "dense", src, work, args)
             for r in data["rows"].values():
                 if r.get("speed_key") in data["llama_cpp"]:
