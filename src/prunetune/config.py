@@ -335,7 +335,8 @@ class StructuredSpec(_Spec):
     vib_loss: Literal["kd", "lm"] = Field("kd", description="gate objective: KL to the dense model, or the LM loss")
     vib_widths: Literal["uniform", "learned"] = Field(
         "uniform", description="uniform: the baselines' width rule; learned: KV groups from VIB's thresholding")
-    lagrangian_lr: float = Field(1.0, gt=0, description="learning rate of the Lagrange multipliers (ascent)")
+    lagrangian_lr: float = Field(10.0, gt=0, description="learning rate of the Lagrange multipliers (ascent); at a "
+                                 "16-step budget a fast one is what pushes the gates to the threshold")
     lagrangian_warmup: float = Field(0.3, ge=0.0, le=1.0, description="LAGRANGIAN_WARMUP: fraction of steps the target ramps over")
     att_mul: float = Field(1.0, gt=0, description="ATT_MUL: weight of attention parameters in the sparsity count")
     kl_factor: float = Field(1e-6, ge=0, description="weight of the summed VIBNet KL term")
