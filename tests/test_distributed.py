@@ -211,3 +211,53 @@ def test_two_process_gloo_payt_identical_masks(tmp_path):
     assert m["sparsity"] == pytest.approx(0.5, abs=1e-9) and m["world_size"] == 2
     assert MaskSet.load(out / "model").sparsity() == pytest.approx(0.5, abs=1e-9)
     shutil.rmtree(out, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ prunetune run
+@pytest.mark.slow
+def test_torchrun_recipe_prunes_on_rank0_and_finetunes_on_both(tmp_path, wikitext_dir):
+    """`prunetune run RECIPE` under torchrun: evaluate and prune (Wanda calibration) run on rank 0 while rank 1
+    waits, the fine-tuning on both ranks; the stages before the training give exactly the one-process numbers."""
+    import yaml
+
+    from prunetune.config import load_recipe
+    from prunetune.pipelines.runner import run_recipe
+
+    text = tmp_path / "text.txt"
+    text.write_text((wikitext_dir / "test.txt").read_text()[:60_000])
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny", "seed": 3, "model": {"name": "tiny-llama"},
+        "data": {"calib": str(text), "train": str(text), "ppl": [str(text)]},
+        "prune": {"method": "wanda", "sparsity": 0.5, "nsamples": 4, "seqlen": 64},
+        "tune": {"steps": 4, "batch_size": 2, "seqlen": 64, "eval_samples": 2, "lr": 0.01},
+        "eval": {"ppl_seqlen": 64, "max_windows": 4},
+        "stages": ["evaluate", "prune", "evaluate", "finetune", "evaluate", "export"]}))
+    ref = run_recipe(load_recipe(str(recipe)), tmp_path / "single", log=lambda *_: None)
+    out = tmp_path / "ddp"
+    p = _launch(_torchrun("-m", "prunetune.cli", "run", str(recipe), "--out", str(out)))
+    assert p.stdout.count("02-prune: done") == 1  # rank 0 alone logs
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["stages"] == ref["stages"] and man["status"] == "complete" and man["world_size"] == 2
+    for stage in ("01-evaluate", "02-prune", "03-evaluate"):  # rank 0's work, the same as one process's
+        assert {k: v["value"] for k, v in man["metrics"][stage].items() if "seconds" not in k} == \
+            {k: v["value"] for k, v in ref["metrics"][stage].items() if "seconds" not in k}, stage
+    ranks = [json.loads((out / "stages" / "04-finetune" / "tune" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["global_step"] == 2  # 4 x 2 examples over 2 ranks x batch 2
+    assert man["metrics"]["04-finetune"]["sparsity"]["value"] == pytest.approx(0.5, abs=1e-3)
+    assert MaskSet.load(out / "model").sparsity() == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["order-study", "composable"])
+def test_stages_with_their_own_trainings_refuse_a_multi_process_launch(preset, monkeypatch):
+    """The ordering study and composable pruning train several models inside one stage: under a launcher they
+    would train on rank 0 alone while the others wait, so the recipe is refused before anything runs."""
+    from prunetune.config import load_recipe
+    from prunetune.errors import PrunetuneError
+    from prunetune.pipelines.runner import check_recipe
+
+    recipe = load_recipe(preset)
+    check_recipe(recipe)  # one process: fine
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PrunetuneError, match="runs its trainings in one process.*2 processes"):
+        check_recipe(recipe)

@@ -61,7 +61,10 @@ class KDTrainer(Trainer):
         labels = inputs["labels"]
         feats = {k: v for k, v in inputs.items() if k != "labels"}
         use_kd = self.teacher is not None and model.training and self.kd_alpha < 1.0
-        if self.causal and not use_kd and self.method is None:
+        # A data-parallel wrapper (DDP) must run the forward itself, or the ranks' gradients are not reduced:
+        # the chunked path calls the backbone and head directly, so a wrapped model (which does not pass
+        # `get_output_embeddings` through) takes the full-logits path, the same loss at more memory.
+        if self.causal and not use_kd and self.method is None and hasattr(model, "get_output_embeddings"):
             # next-token CE with the LM head applied in token chunks: the full-vocabulary logits (and their
             # log-softmax and gradient) are never held at once; the loss is the same (tests/test_tuning.py)
             loss, _ = causal_lm_loss(model, labels=labels, **feats)
