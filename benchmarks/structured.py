@@ -348,6 +348,8 @@ def main() -> None:
                 print("cannot time", row, "(row missing or its export is gone)", flush=True)
                 continue
             key = ref["speed_key"]
+            if not (work / "dense" / "tokenizer_config.json").exists():  # the converter reads the tokenizer
+                tok.save_pretrained(work / "dense")
             if key not in data.setdefault("llama_cpp", {}) or args.force_speed:
                 data["llama_cpp"][key] = llama_bench_pair(work / "dense", src, work, args)
             for r in data["rows"].values():
@@ -362,6 +364,7 @@ def main() -> None:
             res = {"params": sum(p.numel() for p in dense.parameters()), **ppl(dense, tok, args.ppl_windows)}
             d = work / "dense"
             dense.save_pretrained(d)
+            tok.save_pretrained(d)
             res["disk_bytes"] = sum(f.stat().st_size for f in d.glob("*.safetensors"))
             res["flops_per_token"] = geom.flops_per_token(geom.dense())
             data["rows"][row] = res

@@ -74,3 +74,30 @@ def labelled_csv(path, labels: Sequence[str], *, seed: int, words_per_text: int 
                              + f",{label}" for i, label in enumerate(labels)]
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def cli_killer(*, rank: str | None = None, call: str = "main(sys.argv[1:])") -> str:
+    """Python source that runs the CLI (`call`) with a Trainer that SIGKILLs its own process at the end of
+    optimizer step $KILL_AT (on RANK `rank` only, when given): how the resume tests cut a run between
+    checkpoints, as a crash or an OOM kill would."""
+    when = 'state.global_step == int(os.environ["KILL_AT"])'
+    if rank is not None:
+        when += f' and os.environ.get("RANK") == "{rank}"'
+    return f"""
+import os, signal, sys
+from transformers import TrainerCallback
+import prunetune.tuning.kd_trainer as kt
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if {when}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+init = kt.KDTrainer.__init__
+def patched(self, *a, **kw):
+    init(self, *a, **kw)
+    self.add_callback(Kill())
+kt.KDTrainer.__init__ = patched
+from prunetune.cli import main
+{call}
+"""

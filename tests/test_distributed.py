@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import cli_ok
+from cli_helpers import cli_killer, cli_ok
 from prunetune.pruning.masks import MaskSet
 from prunetune.tuning.callbacks import masks_digest
 
@@ -108,24 +108,7 @@ def test_accelerate_multi_cpu_lora_keeps_pruned_zeros(tmp_path, pruned):
 
 
 # a torchrun worker that SIGKILLs its own process at the end of optimizer step KILL_AT (torchrun then stops the other)
-_KILLER = """
-import os, signal, sys
-from transformers import TrainerCallback
-import prunetune.tuning.kd_trainer as kt
-
-class Kill(TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == int(os.environ["KILL_AT"]) and os.environ.get("RANK") == "1":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-init = kt.KDTrainer.__init__
-def patched(self, *a, **kw):
-    init(self, *a, **kw)
-    self.add_callback(Kill())
-kt.KDTrainer.__init__ = patched
-from prunetune.cli import main
-main(sys.argv[1:])
-"""
+_KILLER = cli_killer(rank="1")
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from cli_helpers import cli_ok
+from cli_helpers import cli_killer, cli_ok
 from prunetune.errors import PrunetuneError
 from prunetune.methods.losparse import Losparse, LosparseSpec
 from prunetune.tuning.config import TuneConfig
@@ -144,24 +144,7 @@ def test_checkpoint_holds_the_method_state_as_safetensors_and_json_and_no_pickle
 
 # ------------------------------------------------------------------------------------------------ the command
 # the CLI in a subprocess whose Trainer SIGKILLs its own process at the end of optimizer step KILL_AT
-_KILLER = """
-import os, signal, sys
-from transformers import TrainerCallback
-import prunetune.tuning.kd_trainer as kt
-
-class Kill(TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == int(os.environ["KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-init = kt.KDTrainer.__init__
-def patched(self, *a, **kw):
-    init(self, *a, **kw)
-    self.add_callback(Kill())
-kt.KDTrainer.__init__ = patched
-from prunetune.cli import main
-main(sys.argv[1:])
-"""
+_KILLER = cli_killer()
 
 #: 24 examples / batch 4 = 6 steps an epoch, 2 epochs; checkpoints at steps 4, 6 (epoch end), 8 and 12, the last
 #: two kept; S pruned at 4, 6, 8, its mask fixed at 10

@@ -16,6 +16,7 @@ import yaml
 from prunetune.config import load_recipe
 from prunetune.errors import PrunetuneError
 from prunetune.pipelines.runner import PAUSE_ENV, run_recipe
+from cli_helpers import cli_killer
 
 TINY = {
     "name": "tiny",
@@ -136,25 +137,7 @@ TRAIN = {
 }
 
 # runs the CLI in a subprocess whose Trainer SIGKILLs its own process at the end of optimizer step KILL_AT
-_KILLER = """
-import os, signal, sys
-from transformers import TrainerCallback
-import prunetune.tuning.kd_trainer as kt
-
-class Kill(TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == int(os.environ["KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-init = kt.KDTrainer.__init__
-def patched(self, *a, **kw):
-    init(self, *a, **kw)
-    self.add_callback(Kill())
-kt.KDTrainer.__init__ = patched
-from prunetune.cli import main
-sys.argv = ["prunetune", "run", sys.argv[1], "--out", sys.argv[2]]
-main()
-"""
+_KILLER = cli_killer(call='sys.argv = ["prunetune", "run", sys.argv[1], "--out", sys.argv[2]]\nmain()')
 
 
 # PAYT: LoRA + KD while the base is pruned to 50% by L1 at every step from 20% of training (the masks move)
