@@ -24,8 +24,9 @@ directory. The training stages (`ALL_RANK_STAGES`) run on every rank, which trai
 HF Trainer); every other stage (evaluation, pruning with its calibration, export, ...) runs on rank 0 alone
 while the others wait. Only rank 0 writes: the run directory, each stage's `.partial` directory and its
 commit (manifest, fsync, rename), the run manifest. The ranks meet at a barrier before a stage starts
-(rank 0 has prepared its directory), and after it is committed, so every rank then sees the same complete
-stages, reads the same saved model and, on `--resume`, continues the same checkpoint.
+(rank 0 has prepared its directory), before it is committed (every rank is done with it), and after it is
+committed, so every rank then sees the same complete stages, reads the same saved model and, on
+`--resume`, continues the same checkpoint.
 """
 
 from __future__ import annotations
@@ -350,6 +351,7 @@ def _run_stages(recipe: Recipe, out: Path, stages: dict, produces_model, log, re
             peak = _peak_rss_mb()
             del state
             _release_memory()
+            wait_for_everyone()  # every rank has written its part of the stage (e.g. its rank file) before commit
             if main:
                 _pause_if_asked(name, tmp)
                 man = {
