@@ -130,6 +130,18 @@ def _ppl_row(data: dict, name: str, windows: int, dense, tok, work: Path) -> Non
           r.get("recovered", {}).get("ppl_at", {}).get(str(windows), {}).get("ppl"), flush=True)
 
 
+def _ensure_dense_export(dense, tok, d: Path) -> None:
+    """The dense model as an HF directory with its tokenizer (the converter reads both), re-saved when the
+    directory holds another model (the work dir is shared with other runs of this script)."""
+    cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+    same = all(cfg.get(k) == getattr(dense.config, k) for k in ("hidden_size", "vocab_size", "num_hidden_layers"))
+    if not same or not (d / "tokenizer_config.json").exists():
+        dense.save_pretrained(d)
+        tok.save_pretrained(d)
+        for stale in d.parent.glob(f"{d.name}-f32.gguf"):
+            stale.unlink()
+
+
 def _gguf(src: Path, work: Path, converter: Path) -> Path:
     """An f32 GGUF of an HF export, made once with llama.cpp's own converter (no change to the export)."""
     import subprocess
@@ -222,13 +234,15 @@ def table(data: dict) -> str:
             c, last = v.get("config", {}), v.get("last", {})
             mu = v.get("mu", {})
             mus = ", ".join(f"{k} {m['min']:.2f}-{m['max']:.2f}" for k, m in mu.items()) or "n/r"
-            vib.append(f"| {name} | {v.get('budget', '')} | {c.get('loss', 'lm')} | {c.get('optimizer', 'adam')} | "
+            vib.append(f"| {name} | {v.get('budget', '')} | {c.get('loss', 'lm')} | {'yes' if c.get('center') else 'no'} | "
+                       f"{c.get('optimizer', 'adam')} | "
                        f"{c.get('vib_lr')} / {c.get('mu_lr') if c.get('mu_lr') is not None else c.get('vib_lr')} | "
-                       f"{c.get('init_log_sigma2')} | {v.get('thresholded_sparsity', float('nan')):.3f} | {mus} | "
+                       f"{c.get('lagrangian_lr')} | {c.get('init_log_sigma2')} | "
+                       f"{v.get('thresholded_sparsity', float('nan')):.3f} | {mus} | "
                        f"{last.get('seconds', float('nan')):.0f} |")
     if vib:
-        out += ["", "| VIB row | gate budget | objective | gate optimizer | lr log σ² / μ | init log σ² | "
-                "removed after thresholding | μ range | gate training (s) |", "|" + "---|" * 9, *vib]
+        out += ["", "| VIB row | gate budget | objective | centred | gate optimizer | lr log σ² / μ | multiplier lr | "
+                "init log σ² | removed after thresholding | μ range | gate training (s) |", "|" + "---|" * 11, *vib]
     return "\n".join(out)
 
 
@@ -348,8 +362,7 @@ def main() -> None:
                 print("cannot time", row, "(row missing or its export is gone)", flush=True)
                 continue
             key = ref["speed_key"]
-            if not (work / "dense" / "tokenizer_config.json").exists():  # the converter reads the tokenizer
-                tok.save_pretrained(work / "dense")
+            _ensure_dense_export(dense, tok, work / "dense")
             if key not in data.setdefault("llama_cpp", {}) or args.force_speed:
                 data["llama_cpp"][key] = llama_bench_pair(work / "dense", src, work, args)
             for r in data["rows"].values():
