@@ -76,7 +76,8 @@ def test_kd_teacher_pass_is_the_dense_model_and_its_loss_starts_near_zero():
     model = tiny()
     x = ids(4, 16)
     dense = logits(model, x)
-    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=1, batch_size=4, loss="kd", init_log_sigma2=-12.0))
+    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=1, batch_size=4, loss="kd", init_log_sigma2=-12.0,
+                               center=False))
     meth.prepare(model)
     meth.gates.train()
     meth.bypass = True  # the hooks pass through: what train_gates uses as the teacher
@@ -95,7 +96,7 @@ def test_kd_teacher_pass_is_the_dense_model_and_its_loss_starts_near_zero():
 
 def test_multipliers_ascend_and_gates_descend():
     model = tiny()
-    meth = VibMethod(VibConfig(target_sparsity=0.5, steps=1, lagrangian_warmup=0.0, batch_size=2))
+    meth = VibMethod(VibConfig(target_sparsity=0.5, steps=1, lagrangian_warmup=0.0, batch_size=2, center=False))
     meth.prepare(model)
     loss, logs = meth.extra_loss(model, None, None)
     assert logs["target"] == 0.5 and logs["thresholded_sparsity"] == 0.0
@@ -111,7 +112,7 @@ def test_nsgd_moves_each_gate_by_its_normalised_gradient_clipped_at_three_lr():
     from prunetune.methods.vib import NSGD_CLIP
 
     model = tiny()
-    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=1, batch_size=2, optimizer="nsgd", vib_lr=0.1,
+    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=1, batch_size=2, optimizer="nsgd", vib_lr=0.1, center=False,
                                mu_lr=0.1, lagrangian_warmup=0.0))
     meth.prepare(model)
     bank = meth.gates.banks["neurons"]
@@ -135,7 +136,8 @@ def test_lagrangian_brings_thresholded_sparsity_to_target(structures):
     model = tiny(hidden=64 if "hidden" in structures else 32)
     target = 0.4
     meth = VibMethod(VibConfig(target_sparsity=target, structures=structures, steps=120, batch_size=4,
-                               vib_lr=0.1, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0))
+                               vib_lr=0.1, mu_lr=None, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0,
+                               loss="lm", widths="learned", center=False))
     train_gates(model, meth, ids(16, 16))
     # what thresholding actually removes (structures with log σ² − log μ² ≥ 0), not the expected value
     removed = meth.summary()["thresholded_sparsity"]
@@ -320,7 +322,7 @@ def test_finetune_drives_vib_gates_and_exports_a_shrunk_model(tmp_path):
     cfg = TuneConfig(task="causal-lm", data="wikitext2", n_samples=16, eval_samples=2, test_samples=4, epochs=1,
                      batch_size=2, max_length=32, retention=False, kd=False, lora=False)
     meth = VibMethod(VibConfig(target_sparsity=0.3, structures=("heads", "neurons"), round_to=16, vib_lr=0.1,
-                               lagrangian_lr=0.1, init_log_sigma2=-2.0))
+                               mu_lr=None, lagrangian_lr=0.1, init_log_sigma2=-2.0, center=False))
     r = finetune("tiny-llama", cfg, tmp_path / "vib", method=meth)
     assert r["method"] == "vib" and meth.step == r["global_step"] == 8  # one gate step per trainer step
     assert abs(r["thresholded_sparsity"] - 0.3) < 0.05  # the multipliers pulled the kept count to the target
@@ -361,3 +363,20 @@ def test_centred_gates_need_the_calibration_means_and_leave_a_removed_structure_
     h.remove()
     mean = stats["model.layers.0.mlp.down_proj"].mean().float()
     assert torch.allclose(seen["x"], mean.expand_as(seen["x"]), atol=1e-6)  # down_proj sees the mean, not 0
+
+
+def test_vib_config_defaults_are_the_recipe_schemas():
+    """Every VibConfig option the recipe's `structured` section also has defaults to StructuredSpec's value."""
+    from prunetune.config import StructuredSpec
+
+    spec, cfg = StructuredSpec(), VibConfig()
+    pairs = {"target_sparsity": "sparsity", "vib_lr": "vib_lr", "mu_lr": "vib_mu_lr", "lagrangian_lr": "lagrangian_lr",
+             "lagrangian_warmup": "lagrangian_warmup", "att_mul": "att_mul", "kl_factor": "kl_factor",
+             "structures": "structures", "round_to": "round_to", "steps": "vib_steps", "batch_size": "vib_batch",
+             "init_log_sigma2": "init_log_sigma2", "widths": "vib_widths", "loss": "vib_loss", "center": "vib_center"}
+    for mine, theirs in pairs.items():
+        want = getattr(spec, theirs)
+        assert getattr(cfg, mine) == (tuple(want) if isinstance(want, list) else want), mine
+    vib_fields = {f for f in StructuredSpec.model_fields if f.startswith("vib_")} | {"lagrangian_lr", "lagrangian_warmup",
+                                                                                   "att_mul", "kl_factor", "init_log_sigma2"}
+    assert vib_fields <= set(pairs.values())  # no VIB option of the recipe is left without its twin here

@@ -48,14 +48,14 @@ steps, same 8 windows) it took VIB from 99.1 to 90.6 (FLAP 87.5); BENCHMARKS.md 
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunetune.config import StructuredSpec
 from prunetune.errors import PrunetuneError
 from prunetune.methods.base import Method, MethodContext
 from prunetune.methods.structured_prune import (
@@ -63,6 +63,7 @@ from prunetune.methods.structured_prune import (
     Selection,
     Widths,
     allocate_widths,
+    collect_moments,
     ensure_biases,
     geometry,
     parse_structures,
@@ -73,31 +74,36 @@ EPS = 1e-8
 NSGD_CLIP = 3.0  # "nsgd": a gate moves at most 3 x lr per step (unclipped, one spike sent log σ² to inf)
 
 
+_SPEC = StructuredSpec()  # the recipe schema: every option shared with it takes its default from there
+
+
 @dataclass
 class VibConfig:
-    """VIB options; names and meanings of TVA-Prune's seed where it has them."""
+    """VIB options; names and meanings of TVA-Prune's seed where it has them. An option the recipe's
+    `structured` section also has takes its default from `StructuredSpec` (the one place defaults live);
+    the rest are this class's own (no recipe key)."""
 
-    target_sparsity: float = 0.3  # TARGET_SPARSITY: fraction of block parameters removed
-    vib_lr: float = 0.1  # VIB_LR: Adam learning rate of the gates' log σ²
-    mu_lr: float | None = None  # learning rate of the gates' μ (None = vib_lr); small keeps μ near 1 for the fold
-    lagrangian_lr: float = 0.1  # learning rate of the multipliers (ascent)
-    lagrangian_warmup: float = 0.2  # LAGRANGIAN_WARMUP: fraction of steps over which the target ramps up
-    att_mul: float = 1.0  # ATT_MUL: weight of attention parameters in the sparsity count
-    kl_factor: float = 1e-6  # weight of the summed KL term
+    target_sparsity: float = _SPEC.sparsity  # TARGET_SPARSITY: fraction of block parameters removed
+    vib_lr: float = _SPEC.vib_lr  # VIB_LR: Adam learning rate of the gates' log σ²
+    mu_lr: float | None = _SPEC.vib_mu_lr  # learning rate of the gates' μ (None = vib_lr); small keeps μ near 1
+    lagrangian_lr: float = _SPEC.lagrangian_lr  # learning rate of the multipliers (ascent)
+    lagrangian_warmup: float = _SPEC.lagrangian_warmup  # LAGRANGIAN_WARMUP: fraction of steps the target ramps over
+    att_mul: float = _SPEC.att_mul  # ATT_MUL: weight of attention parameters in the sparsity count
+    kl_factor: float = _SPEC.kl_factor  # weight of the summed KL term
     beta: float = 1.0  # sharpness of the soft keep-probability sigmoid(−β·log α)
     straight_through: bool = True  # constrain the thresholded sparsity (value), with the expected one's gradient
-    structures: tuple[str, ...] = ("heads", "neurons")
-    round_to: int = 64
-    steps: int = 200  # gate-training budget: steps x batch_size x seqlen tokens
-    batch_size: int = 2
-    init_log_sigma2: float = -9.0
+    structures: tuple[str, ...] = tuple(_SPEC.structures)
+    round_to: int = _SPEC.round_to
+    steps: int = _SPEC.vib_steps  # gate-training budget: steps x batch_size x seqlen tokens
+    batch_size: int = _SPEC.vib_batch
+    init_log_sigma2: float = _SPEC.init_log_sigma2
     antithetic: bool = False  # pair every example with a copy under the negated noise (variance reduction)
     optimizer: str = "adam"  # gates: "adam" (per gate) or "nsgd" (gradient / its RMS over the gate kind, per step)
-    widths: str = "learned"  # "learned": KV groups / hidden width from thresholding; "uniform": the baselines' rule
+    widths: str = _SPEC.vib_widths  # "learned": KV groups / hidden width from thresholding; "uniform": baselines' rule
     compensate: bool = False  # FLAP's bias compensation for the removed structures (prune_structured)
-    center: bool = False  # head/neuron gates scale the deviation from the calibration mean (removed = its mean)
+    center: bool = _SPEC.vib_center  # head/neuron gates scale the deviation from the calibration mean
     lr_decay: float = 1.0  # gate lr decays linearly to this fraction of itself after the warmup (1 = constant)
-    loss: str = "lm"  # gate-training objective of `train_gates`: "lm" (next-token CE) or "kd" (KL to the dense model)
+    loss: str = _SPEC.vib_loss  # gate-training objective of `train_gates`: "lm" (next-token CE) or "kd" (KL to dense)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -480,6 +486,8 @@ def train_gates(model: nn.Module, method: VibMethod, ids: torch.Tensor, *, log_e
     cfg = method.cfg
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise PrunetuneError(f"gate training needs token windows [n, seqlen >= 2], got {tuple(ids.shape)}")
+    if cfg.center and method.means is None:  # centred gates: the dense model's means, from the same text
+        method.set_means(model, collect_moments(model, ids[:8]))
     method.prepare(model)
     root = unwrap(model)
     was_training = root.training
