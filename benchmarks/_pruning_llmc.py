@@ -15,39 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import threading
 import time
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE
-
-
-class PeakRSS:
-    """The benchmark's sampler (benchmarks/pruning.py), read from /proc so that psutil is not needed here."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        self.interval, self.peak = interval, rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss())
+from _machine import PeakRSS, rss  # standard library only: importable in llm-compressor's venv
 
 
 def main() -> None:

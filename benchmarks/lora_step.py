@@ -28,14 +28,13 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _lora_step_baseline as base  # noqa: E402
-from _machine import commit, cpu_model, load_average  # noqa: E402
+from _machine import PeakRSS, commit, cpu_model, load_average, rss  # noqa: E402
 
 VARIANTS = ("peft", "prunetune")
 
@@ -101,33 +100,19 @@ def run_time(reps: int, dropout: float, data_dir: str | None) -> dict:
 
 def rss_child(variant: str, dropout: float, data_dir: str | None) -> dict:
     """In a fresh process: peak RSS over load + build + one step, and the rise during the step."""
-    import psutil
-
-    proc = psutil.Process()
-    peak = [proc.memory_info().rss]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.01)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    pruned, tok = base.pruned_smollm2()
-    ids = base.batch(tok, data_dir)
-    model = build(variant, pruned, dropout)
-    del pruned
     import gc
 
-    gc.collect()
-    before = proc.memory_info().rss
-    peak_before = peak[0]
-    peak[0] = before
-    base.step(model, ids)
-    stop.set()
-    t.join()
-    step_peak = max(peak[0], proc.memory_info().rss)
+    with PeakRSS(interval=0.01) as setup:
+        pruned, tok = base.pruned_smollm2()
+        ids = base.batch(tok, data_dir)
+        model = build(variant, pruned, dropout)
+        del pruned
+        gc.collect()
+        before = rss()
+    peak_before = setup.peak
+    with PeakRSS(interval=0.01) as step:
+        base.step(model, ids)
+    step_peak = step.peak
     return {"variant": variant, "rss_before_step_mb": before / 2**20, "step_peak_mb": step_peak / 2**20,
             "step_rise_mb": (step_peak - before) / 2**20, "setup_peak_mb": peak_before / 2**20,
             "process_peak_mb": max(step_peak, peak_before) / 2**20}

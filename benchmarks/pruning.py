@@ -25,9 +25,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from _machine import PeakRSS, rss  # PeakRSS is also imported from here by _pruning_baseline.py
 
 ROWS: dict[str, dict] = {
     "dense": {},
@@ -44,36 +45,8 @@ ROWS: dict[str, dict] = {
 }
 
 
-class PeakRSS:
-    """Samples this process's resident set size in a thread; `peak` is the maximum seen."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
 def run_row(name: str, args: argparse.Namespace) -> dict:
     """One row, in this process: load, (calibrate +) prune, evaluate."""
-    import psutil
     import torch
 
     from prunetune.data.calibration import calibration_samples
@@ -90,7 +63,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
 
     bound_heap_growth()  # as the `prunetune prune` command does: prune() itself leaves malloc settings alone
     _trim()
-    rss_before_model = psutil.Process().memory_info().rss
+    rss_before_model = rss()
     loaded = load_model("smollm2-135m", "causal-lm")
     model, tok = loaded.model, loaded.tokenizer
     seen, fp32_bytes = set(), 0
@@ -103,20 +76,20 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
         ids = calibration_samples(tok, load_text("wikitext2", "valid").text, args.nsamples, args.seqlen, 0,
                                   "wikitext2/valid")
         _trim()  # hand freed heap (model conversion, tokenisation) back to the OS so RSS means what is in use
-        rss_before_prune = psutil.Process().memory_info().rss
-        with PeakRSS() as rss:
+        rss_before_prune = rss()
+        with PeakRSS() as sampler:
             t0 = time.perf_counter()
             prune(model, calib=ids, device=args.device, progress=args.progress, batch_size=args.calib_batch, **cfg)
             row["prune_seconds"] = time.perf_counter() - t0
         _trim()
-        rss_after = psutil.Process().memory_info().rss
+        rss_after = rss()
         row["calib_batch"] = args.calib_batch
         row["resident_after_prune_ratio"] = (rss_after - rss_before_model) / fp32_bytes
-        row["calib_transient_bytes"] = rss.peak - rss_after
-        row["peak_rss_bytes"] = rss.peak
-        row["peak_rss_ratio"] = rss.peak / fp32_bytes
-        row["peak_rss_above_start_ratio"] = (rss.peak - rss_before_model) / fp32_bytes
-        row["prune_extra_rss_bytes"] = rss.peak - rss_before_prune
+        row["calib_transient_bytes"] = sampler.peak - rss_after
+        row["peak_rss_bytes"] = sampler.peak
+        row["peak_rss_ratio"] = sampler.peak / fp32_bytes
+        row["peak_rss_above_start_ratio"] = (sampler.peak - rss_before_model) / fp32_bytes
+        row["prune_extra_rss_bytes"] = sampler.peak - rss_before_prune
         row["sparsity"] = sparsity_report(model)["sparsity"]
     if args.no_ppl:
         row["ppl"] = float("nan")

@@ -81,11 +81,10 @@ def torch_equal(a, b) -> bool:
 
 # ------------------------------------------------------------------------------------------------ prunetune child
 def prunetune_child(args: argparse.Namespace) -> dict:
-    import psutil
     import torch
     from safetensors.torch import load_file
 
-    from pruning import PeakRSS  # the sampler of benchmarks/pruning.py
+    from _machine import PeakRSS, rss
     from prunetune.data.sources import load_text
     from prunetune.evaluation.perplexity import perplexity
     from prunetune.models.loading import load_model
@@ -93,7 +92,7 @@ def prunetune_child(args: argparse.Namespace) -> dict:
     from prunetune.pruning.masks import sparsity_report
 
     cfg = METHODS[args.method]
-    rss_before_model = psutil.Process().memory_info().rss
+    rss_before_model = rss()
     loaded = load_model(str(args.model), "causal-lm")
     model, tok = loaded.model, loaded.tokenizer
     ids = load_file(str(args.calib))["input_ids"]
@@ -108,7 +107,7 @@ def prunetune_child(args: argparse.Namespace) -> dict:
                 params[k].copy_(v)
         row: dict = {}
     else:
-        rss_before_prune = psutil.Process().memory_info().rss
+        rss_before_prune = rss()
         with PeakRSS() as peak:
             t0, c0 = time.perf_counter(), time.process_time()
             masks = prune(model, calib=ids, progress=False, **cfg)
