@@ -184,6 +184,19 @@ def llama_bench_pair(dense_dir: Path, pruned_dir: Path, work: Path, args) -> dic
     return out
 
 
+def _share_timings(data: dict) -> None:
+    """Speed depends on the widths (and bias flag) only: every row gets the ratios of the timings measured for
+    its `speed_key`, in transformers and in llama.cpp."""
+    for r in data["rows"].values():
+        key = r.get("speed_key")
+        if key in data.get("speed", {}):
+            sp = data["speed"][key]
+            r["speed"] = {k: sp[k]["speedup"] for k in ("b1x256", "b8x256", "generate") if k in sp}
+            r["gen_speedup_over_ratio"] = sp["generate"]["speedup"] / r["compute_ratio"]
+        if key in data.get("llama_cpp", {}):
+            r["llama_cpp"] = {k: data["llama_cpp"][key][k]["speedup"] for k in ("pp", "tg")}
+
+
 def save(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
@@ -339,11 +352,7 @@ def main() -> None:
                 data["speed"][ref["speed_key"]] = speed_pair(dense, model, args.reps, b8_reps=args.b8_reps,
                                                               speed_threads=args.speed_threads)
                 del model
-            for r in data["rows"].values():  # every row with these widths shares the timing
-                if r.get("speed_key") in data["speed"]:
-                    sp = data["speed"][r["speed_key"]]
-                    r["speed"] = {k: sp[k]["speedup"] for k in ("b1x256", "b8x256", "generate") if k in sp}
-                    r["gen_speedup_over_ratio"] = sp["generate"]["speedup"] / r["compute_ratio"]
+            _share_timings(data)
             data["rows"][row] = {"done": True, "seconds": time.perf_counter() - t0}
             save(path, data)
             print(row, {k: v["speedup"] for k, v in data["speed"][ref["speed_key"]].items() if isinstance(v, dict)},
@@ -365,10 +374,7 @@ def main() -> None:
             _ensure_dense_export(dense, tok, work / "dense")
             if key not in data.setdefault("llama_cpp", {}) or args.force_speed:
                 data["llama_cpp"][key] = llama_bench_pair(work / "dense", src, work, args)
-            for r in data["rows"].values():
-                if r.get("speed_key") in data["llama_cpp"]:
-                    lc = data["llama_cpp"][r["speed_key"]]
-                    r["llama_cpp"] = {k: lc[k]["speedup"] for k in ("pp", "tg")}
+            _share_timings(data)
             data["rows"][row] = {"done": True, "seconds": time.perf_counter() - t0}
             save(path, data)
             print(row, data["rows"][row[6:]]["llama_cpp"], flush=True)
@@ -439,12 +445,9 @@ def main() -> None:
             if args.speed and key not in data["speed"]:
                 data["speed"][key] = speed_pair(dense, model, args.reps, b8_reps=args.b8_reps,
                                                               speed_threads=args.speed_threads)
-            if key in data["speed"]:
-                sp = data["speed"][key]
-                res["speed"] = {k: sp[k]["speedup"] for k in ("b1x256", "b8x256", "generate") if k in sp}
-                res["gen_speedup_over_ratio"] = sp["generate"]["speedup"] / res["compute_ratio"]
             res["seconds"] = time.perf_counter() - t0
             data["rows"][row] = res
+            _share_timings(data)
             save(path, data)
             print(row, {k: res[k] for k in ("widths", "block_sparsity", "compute_ratio", "ppl")},
                   res.get("speed"), flush=True)

@@ -339,6 +339,16 @@ PRUNE_FLAGS = {  # flag parameter -> recipe key (no defaults here: commands/prun
 }
 
 
+def _default_calib_split(data: dict, calib_split: str | None) -> None:
+    """Without `--calib-split`, the calibration source's usual split (WikiText-2 has no train split: valid)."""
+    if calib_split is None:
+        from prunetune.config import DataSpec
+        from prunetune.pruning.api import default_calib_split
+
+        d = data.setdefault("data", {})
+        d["calib_split"] = default_calib_split(d.get("calib", DataSpec.model_fields["calib"].default))
+
+
 @app.command("prune", epilog="Flags left out keep the values of the command's recipe; --print-recipe shows every "
              "value.")
 def prune_cmd(
@@ -370,10 +380,10 @@ def prune_cmd(
     _quiet_libraries()
     from prunetune.data.sources import load_text
     from prunetune.models.loading import natural_task
-    from prunetune.pruning.api import default_calib_split, validate
+    from prunetune.pruning.api import validate
     from prunetune.pruning.criteria import get_criterion
 
-    from prunetune.config import DataSpec, PruneSpec
+    from prunetune.config import PruneSpec
 
     flags = {k: v for k, v in locals().items() if k in PRUNE_FLAGS}
     flags["skip"] = list(skip) if skip else None
@@ -383,9 +393,8 @@ def prune_cmd(
     # everything that can be checked without the model is checked first (the engine's own messages)
     p = {**{k: f.default for k, f in PruneSpec.model_fields.items()}, **data.get("prune", {})}
     validate(p["method"], p["sparsity"], p["pattern"], p["granularity"])
-    d = data.setdefault("data", {})
-    if calib_split is None:
-        d["calib_split"] = default_calib_split(d.get("calib", DataSpec.model_fields["calib"].default))
+    _default_calib_split(data, calib_split)
+    d = data["data"]
     if eval_ppl:
         d.update(ppl=[eval_ppl], ppl_split="test")
         data.setdefault("eval", {})["ppl_seqlen"] = p["seqlen"]
@@ -479,14 +488,11 @@ def shrink_cmd(
 ) -> None:
     """Structured pruning that shrinks the model (VIB or L1/L2/Wanda/FLAP): fewer heads, neurons, hidden channels."""
     _quiet_libraries()
-    from prunetune.pruning.api import default_calib_split
-
     flags = {k: v for k, v in locals().items() if k in SHRINK_FLAGS}
     if structures is not None:
         flags["structures"] = [s.strip() for s in structures.split(",") if s.strip()]
     data = command_data("shrink", model, flags)
-    if calib is not None and calib_split is None:
-        data["data"]["calib_split"] = default_calib_split(calib)
+    _default_calib_split(data, calib_split)
     if eval_ppl:
         data["stages"] = ["evaluate", "structured", "evaluate", "export"]
     rec = validated_command_recipe("shrink", data, flags)
