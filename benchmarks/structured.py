@@ -70,8 +70,8 @@ def _speed_pair(dense, pruned, reps, gen_tokens, b8_reps, speed_threads) -> dict
         inp = _dummy_inputs(m, b, 256)
         return lambda: m(**inp)
 
-    def gen(m):
-        inp = _dummy_inputs(m, 1, 16, seed=1)
+    def gen(m, batch=1):
+        inp = _dummy_inputs(m, batch, 16, seed=1)
         pad = m.config.eos_token_id if isinstance(m.config.eos_token_id, int) else 0
         return lambda: m.generate(**inp, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False,
                                   pad_token_id=pad)
@@ -79,8 +79,9 @@ def _speed_pair(dense, pruned, reps, gen_tokens, b8_reps, speed_threads) -> dict
     out = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(speed_threads)
-    for name, make in (("b1x256", lambda m: fwd(m, 1)), ("b8x256", lambda m: fwd(m, 8)), ("generate", gen)):
-        n = reps if name != "b8x256" or b8_reps is None else b8_reps
+    for name, make in (("b1x256", lambda m: fwd(m, 1)), ("b8x256", lambda m: fwd(m, 8)), ("generate", gen),
+                       ("generate_b8", lambda m: gen(m, 8))):
+        n = reps if name not in ("b8x256", "generate_b8") or b8_reps is None else b8_reps
         if n < 1:
             continue
         fns = {"dense": make(dense), "pruned": make(pruned)}
@@ -95,14 +96,34 @@ def _speed_pair(dense, pruned, reps, gen_tokens, b8_reps, speed_threads) -> dict
         med = {k: statistics.median(v) for k, v in times.items()}
         out[name] = {"dense_s": med["dense"], "pruned_s": med["pruned"], "speedup": med["dense"] / med["pruned"],
                      "dense_all": times["dense"], "pruned_all": times["pruned"], "reps": n}
-        if name == "generate":
-            out[name]["dense_tokens_per_s"] = gen_tokens / med["dense"]
-            out[name]["pruned_tokens_per_s"] = gen_tokens / med["pruned"]
+        if name.startswith("generate"):
+            rows = 8 if name == "generate_b8" else 1
+            out[name]["dense_tokens_per_s"] = rows * gen_tokens / med["dense"]
+            out[name]["pruned_tokens_per_s"] = rows * gen_tokens / med["pruned"]
+    if reps >= 1:
+        out["generate_profile"] = {k: matmul_split(f) for k, f in (("dense", gen(dense)), ("pruned", gen(pruned)))}
     torch.set_num_threads(threads)
     out["reps"] = reps
     out["threads"] = speed_threads
     out["loadavg"] = os.getloadavg()
     return out
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def matmul_split(fn) -> dict:
+    """One profiled call of `fn`: seconds inside matrix products (self CPU time of the ops above, so nothing is
+    counted twice) and the rest of the wall time (attention kernels, norms, Python, generate's own loop). Why a
+    generation speedup stays below the compute ratio: only the first part shrinks with the widths."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
+    return {"matmul_s": mm, "other_s": wall - mm, "wall_s": wall}
 
 
 def _ppl_row(data: dict, name: str, windows: int, dense, tok, work: Path) -> None:
@@ -114,20 +135,31 @@ def _ppl_row(data: dict, name: str, windows: int, dense, tok, work: Path) -> Non
     if r is None:
         print("cannot measure", name, "(row missing)", flush=True)
         return
+    key = str(windows)
     if name == "dense":
-        r.setdefault("ppl_at", {})[str(windows)] = ppl(dense, tok, windows)
+        r.setdefault("ppl_at", {})[key] = ppl(dense, tok, windows)
     else:
         d = work / name.replace("@", "_")
-        if not d.exists():
-            print("cannot measure", name, "(its export is gone: re-run the row)", flush=True)
-            return
-        r.setdefault("ppl_at", {})[str(windows)] = ppl(AutoModelForCausalLM.from_pretrained(d).eval(), tok, windows)
+        if key not in r.get("ppl_at", {}):  # a row recovered later keeps its export's earlier measurement
+            if not d.exists():
+                print("cannot measure", name, "(its export is gone: re-run the row)", flush=True)
+                return
+            r.setdefault("ppl_at", {})[key] = ppl(AutoModelForCausalLM.from_pretrained(d).eval(), tok, windows)
         rec = work / f"{d.name}-lora" / "model"
         if "recovered" in r and rec.exists():
             model, _ = load(str(rec))
-            r["recovered"].setdefault("ppl_at", {})[str(windows)] = ppl(model, tok, windows)
+            r["recovered"].setdefault("ppl_at", {})[key] = ppl(model, tok, windows)
     print(name, windows, "windows:", r["ppl_at"][str(windows)]["ppl"],
           r.get("recovered", {}).get("ppl_at", {}).get(str(windows), {}).get("ppl"), flush=True)
+
+
+def _ppl_missing(data: dict, row: str) -> bool:
+    """A pplN:ROW row already run is due again when ROW was LoRA-recovered after it (no recovered value at N)."""
+    if not (row.startswith("ppl") and ":" in row):
+        return False
+    n, _, ref = row[3:].partition(":")
+    r = data["rows"].get(ref, {})
+    return "recovered" in r and n not in r["recovered"].get("ppl_at", {})
 
 
 def _ensure_dense_export(dense, tok, d: Path) -> None:
@@ -191,10 +223,36 @@ def _share_timings(data: dict) -> None:
         key = r.get("speed_key")
         if key in data.get("speed", {}):
             sp = data["speed"][key]
-            r["speed"] = {k: sp[k]["speedup"] for k in ("b1x256", "b8x256", "generate") if k in sp}
+            r["speed"] = {k: sp[k]["speedup"] for k in ("b1x256", "b8x256", "generate", "generate_b8") if k in sp}
             r["gen_speedup_over_ratio"] = sp["generate"]["speedup"] / r["compute_ratio"]
         if key in data.get("llama_cpp", {}):
             r["llama_cpp"] = {k: data["llama_cpp"][key][k]["speedup"] for k in ("pp", "tg")}
+
+
+def timing_table(data: dict) -> str:
+    """Generation per distinct widths: batch 1 and batch 8 against the compute ratio, and the profiled split of
+    a batch-1 generation into matrix products (which shrink with the widths) and the rest (which does not)."""
+    out = ["| widths kv/neurons/hidden, biases | rows | compute ratio | generate b1 | b1 ÷ ratio | matmul s dense / pruned "
+           "(speedup) | other s dense / pruned | generate b8 | b8 ÷ ratio | load (1 min) |", "|" + "---|" * 10]
+    for key, sp in data.get("speed", {}).items():
+        rows = [n for n, r in data["rows"].items() if r.get("speed_key") == key and "widths" in r]
+        if not rows:
+            continue
+        ratio = data["rows"][rows[0]]["compute_ratio"]
+        w = json.loads(key.split(" bias=")[0])
+        g1, g8, prof = sp.get("generate"), sp.get("generate_b8"), sp.get("generate_profile")
+        load = f"{sp['loadavg'][0]:.1f}" if sp.get("loadavg") else "n/r"
+        if prof:
+            d, q = prof["dense"], prof["pruned"]
+            mm = f"{d['matmul_s']:.2f} / {q['matmul_s']:.2f} ({d['matmul_s'] / q['matmul_s']:.2f}x)"
+            other = f"{d['other_s']:.2f} / {q['other_s']:.2f}"
+        else:
+            mm = other = "n/m"
+        out.append(f"| {w['kv']}/{w['neurons']}/{w['hidden']}, {key.split('bias=')[1]} | {', '.join(rows)} | "
+                   f"{ratio:.2f} | {_cell(g1 and g1['speedup'])} | {_cell(g1 and g1['speedup'] / ratio, '{:.2f}')} | "
+                   f"{mm} | {other} | {_cell(g8 and g8['speedup'])} | "
+                   f"{_cell(g8 and g8['speedup'] / ratio, '{:.2f}')} | {load} |")
+    return "\n".join(out)
 
 
 def save(path: Path, data: dict) -> None:
@@ -256,6 +314,8 @@ def table(data: dict) -> str:
     if vib:
         out += ["", "| VIB row | gate budget | objective | centred | gate optimizer | lr log σ² / μ | multiplier lr | "
                 "init log σ² | removed after thresholding | μ range | gate training (s) |", "|" + "---|" * 11, *vib]
+    if any("generate_b8" in sp or "generate_profile" in sp for sp in data.get("speed", {}).values()):
+        out += ["", timing_table(data)]
     return "\n".join(out)
 
 
@@ -335,7 +395,8 @@ def main() -> None:
 
     for row in todo:
         timing = row.startswith(("speed:", "llama:")) and args.force_speed
-        if row in data["rows"] and (row not in recover or "recovered" in data["rows"][row]) and not timing:
+        if row in data["rows"] and (row not in recover or "recovered" in data["rows"][row]) and not timing \
+                and not _ppl_missing(data, row):
             print("skip", row, flush=True)
             continue
         t0 = time.perf_counter()
