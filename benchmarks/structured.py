@@ -8,11 +8,13 @@ HF directory, reloads it with stock `AutoModelForCausalLM` and measures:
 * the compute ratio: per-token weight FLOPs of dense ÷ pruned (blocks + the tied 49k LM head);
 * speed against dense, measured alternately in one run (--reps repetitions each, medians): forward latency
   at batch 1 x 256 and batch 8 x 256 tokens, and greedy generation tokens/s (32 new tokens, KV cache) in
-  transformers; speedup ÷ compute ratio. Speed depends only on the widths, so it is measured once per
-  distinct widths and shared by the rows that have them.
+  transformers, at batch 1 and batch 8 (prompts of 16 tokens); speedup ÷ compute ratio; and one profiled
+  batch-1 generation of each model, split into matrix-product time (shrinks with the widths) and the rest
+  (norms, attention kernels, Python and generate's loop: it does not). Speed depends only on the widths, so
+  it is measured once per distinct widths and shared by the rows that have them.
 
 Optional LoRA recovery (--recover vib,flap@0.3 ...) fine-tunes the shrunk export on WikiText-2 valid and
-re-measures perplexity. Rows are resumable: results/structured.json is rewritten after every row, and a row
+re-measures perplexity (--recover-samples windows of 256, batch 2; a row named METHOD+rN@S uses N instead). Rows are resumable: results/structured.json is rewritten after every row, and a row
 already there is skipped. Run it in the background with `nice`; the CPU is shared.
 
     PRUNETUNE_DATA_DIR=... nice python benchmarks/structured.py --out benchmarks/results/structured.json
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -452,6 +455,9 @@ def main() -> None:
             continue
         method, _, target = row.partition("@")
         method, _, steps = method.partition(":")  # vib:64@0.3 = VIB with a 64-step gate budget
+        budget = re.search(r"\+r(\d+)$", method)  # flap+r64@0.3 = flap@0.3 recovered on 64 samples (--recover)
+        samples = int(budget.group(1)) if budget else args.recover_samples
+        method = method[: budget.start()] if budget else method
         comp = method.endswith("+comp")  # vib+comp@0.3 = the same gates as vib@0.3, plus FLAP's bias compensation
         center = method.endswith("+center")  # vib+center@0.3 = gates on the deviation from the mean (VibConfig.center)
         method = method.removesuffix("+comp").removesuffix("+center")
@@ -521,13 +527,13 @@ def main() -> None:
             from prunetune.tuning.finetune import finetune
 
             t_r = time.perf_counter()
-            cfg = TuneConfig(task="causal-lm", data="wikitext2", kd=False, epochs=1, n_samples=args.recover_samples,
+            cfg = TuneConfig(task="causal-lm", data="wikitext2", kd=False, epochs=1, n_samples=samples,
                              batch_size=2, max_length=256, eval_samples=2, test_samples=2, retention=False, lora_rank=8,
                              lora_alpha=16, lora_dropout=0.0, lr=1e-3)
             fin = finetune(str(d), cfg, work / f"{d.name}-lora", overwrite=True)
             model, _ = load(str(work / f"{d.name}-lora" / "model"))
             res["recovered"] = {**ppl(model, tok, args.ppl_windows), "lora": {
-                "rank": 8, "samples": args.recover_samples, "batch": 2, "seqlen": 256, "lr": 1e-3,
+                "rank": 8, "samples": samples, "batch": 2, "seqlen": 256, "lr": 1e-3,
                 "data": "wikitext2/valid"}, "seconds": time.perf_counter() - t_r,
                 "train_loss": fin.get("train_loss")}
             data["rows"][row] = res
