@@ -345,6 +345,8 @@ def main() -> None:
     ap.add_argument("--vib-widths", default="learned", choices=("learned", "uniform"),
                     help="VIB widths: learned KV count from thresholding, or the baselines' uniform rule")
     ap.add_argument("--vib-optimizer", default="adam", choices=("adam", "nsgd"), help="gate optimizer (VibConfig.optimizer)")
+    ap.add_argument("--vib-constraint", default="global", choices=("global", "per_layer"),
+                    help="Lagrangian on the global kept fraction, or on every layer's count (VibConfig.constraint)")
     ap.add_argument("--vib-lr-decay", type=float, default=1.0, help="gate lr factor reached at the last step")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
@@ -476,7 +478,8 @@ def main() -> None:
                    "init_log_sigma2": args.vib_init, "lagrangian_warmup": args.vib_warmup,
                    "lagrangian_lr": args.vib_lag_lr, "beta": args.vib_beta, "loss": args.vib_loss,
                    "antithetic": args.vib_antithetic, "widths": args.vib_widths,
-                   "lr_decay": args.vib_lr_decay, "compensate": comp, "center": center, "optimizer": args.vib_optimizer}
+                   "lr_decay": args.vib_lr_decay, "compensate": comp, "center": center, "optimizer": args.vib_optimizer,
+                   "constraint": args.vib_constraint}
             gate_file = work / (f"gates_{structs.replace(',', '-')}_{sparsity}_{vib_steps}"
                                 + ("_center" if center else "") + ".safetensors")
             gate_state = load_file(gate_file) if method == "vib" and gate_file.exists() else None

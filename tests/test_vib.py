@@ -154,6 +154,29 @@ def test_lagrangian_brings_thresholded_sparsity_to_target(structures):
     assert 1 - by_hand / geom.block_params(geom.dense()) == pytest.approx(removed)
 
 
+def test_per_layer_constraint_brings_every_layer_to_the_uniform_widths():
+    model = tiny()
+    target = 0.4
+    cfg = VibConfig(target_sparsity=target, structures=("heads", "neurons"), steps=120, batch_size=4, vib_lr=0.1,
+                    mu_lr=None, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0, loss="lm",
+                    widths="uniform", center=False, constraint="per_layer", round_to=8)
+    meth = train_gates(model, VibMethod(cfg), ids(16, 16))
+    geom = meth.gates.geom
+    want = allocate_widths(geom, target, ("heads", "neurons"), 8)
+    assert meth.lambdas.shape == (2 * geom.layers, 2)  # one pair per (kind, layer)
+    kept = meth.gates.hard()
+    # what thresholding removes in each layer, not the expected value: the widths the export keeps
+    assert kept["heads"].sum(-1).tolist() == [want.kv] * geom.layers, meth.history[-3:]
+    assert (kept["neurons"].sum(-1) - want.neurons).abs().max().item() <= 0.02 * geom.inter, kept["neurons"].sum(-1)
+    removed = 1 - geom.block_params(want) / geom.block_params(geom.dense())
+    assert meth.summary()["thresholded_sparsity"] == pytest.approx(removed, abs=0.01)
+
+
+def test_per_layer_constraint_needs_uniform_widths():
+    with pytest.raises(PrunetuneError, match="uniform"):
+        VibConfig(constraint="per_layer", widths="learned")
+
+
 def test_target_ramps_over_the_warmup_fraction():
     meth = VibMethod(VibConfig(target_sparsity=0.3, steps=100, lagrangian_warmup=0.5))
     assert meth.target_at(0) == 0 and meth.target_at(25) == pytest.approx(0.15) and meth.target_at(80) == 0.3

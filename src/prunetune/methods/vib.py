@@ -103,6 +103,7 @@ class VibConfig:
     compensate: bool = False  # FLAP's bias compensation for the removed structures (prune_structured)
     center: bool = _SPEC.vib_center  # head/neuron gates scale the deviation from the calibration mean
     lr_decay: float = 1.0  # gate lr decays linearly to this fraction of itself after the warmup (1 = constant)
+    constraint: str = "global"  # "global": one kept fraction; "per_layer": every layer's count of each kind
     loss: str = _SPEC.vib_loss  # gate-training objective of `train_gates`: "lm" (next-token CE) or "kd" (KL to dense)
     seed: int = 0
 
@@ -121,6 +122,11 @@ class VibConfig:
             raise PrunetuneError(f"vib optimizer must be 'adam' or 'nsgd', got '{self.optimizer}'")
         if self.widths not in ("learned", "uniform"):
             raise PrunetuneError(f"vib widths must be 'learned' or 'uniform', got '{self.widths}'")
+        if self.constraint not in ("global", "per_layer"):
+            raise PrunetuneError(f"vib constraint must be 'global' or 'per_layer', got '{self.constraint}'")
+        if self.constraint == "per_layer" and self.widths != "uniform":
+            raise PrunetuneError("vib constraint 'per_layer' drives every layer to the uniform widths: it needs "
+                                 "widths 'uniform' (learned widths come from the global constraint)")
         if self.loss not in ("lm", "kd"):
             raise PrunetuneError(f"vib loss must be 'lm' or 'kd', got '{self.loss}'")
         if self.center and self.compensate:
@@ -226,6 +232,7 @@ class VibMethod(Method):
         self._opt: torch.optim.Optimizer | None = None
         self._lag_opt: torch.optim.Optimizer | None = None
         self.means: dict[str, torch.Tensor] | None = None  # center: o_proj / down_proj input means [layers, n]
+        self._layer_targets: dict[str, tuple[float, torch.Tensor]] | None = None  # constraint "per_layer"
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
@@ -240,7 +247,9 @@ class VibMethod(Method):
             raise PrunetuneError("hidden-dimension gates need a family with hidden-dimension coupling (Llama)")
         device = next(model.parameters()).device
         self.gates = VibGates(geom, self.cfg.structures, self.cfg.init_log_sigma2, self.cfg.seed).to(device)
-        self.lambdas = nn.Parameter(torch.zeros(2, device=device))
+        self._layer_targets = self._per_layer_targets(geom) if self.cfg.constraint == "per_layer" else None
+        n_terms = 1 if self._layer_targets is None else sum(w.numel() for _, w in self._layer_targets.values())
+        self.lambdas = nn.Parameter(torch.zeros(n_terms, 2, device=device).squeeze(0))
         for p in model.parameters():
             if p.requires_grad:
                 p.requires_grad_(False)
@@ -315,9 +324,46 @@ class VibMethod(Method):
         self._hooks.clear()
         self._z_hidden = None
 
-    def target_at(self, step: int) -> float:
+    def ramp(self, step: int) -> float:
+        """Fraction of the target in force at `step` (LAGRANGIAN_WARMUP: linear from 0, then 1)."""
         warm = self.cfg.lagrangian_warmup * self.total_steps
-        return self.cfg.target_sparsity * (min(1.0, step / warm) if warm > 0 else 1.0)
+        return min(1.0, step / warm) if warm > 0 else 1.0
+
+    def target_at(self, step: int) -> float:
+        return self.cfg.target_sparsity * self.ramp(step)
+
+    def _per_layer_targets(self, geom: Geometry) -> dict[str, tuple[float, torch.Tensor]]:
+        """Per gated kind: the removed fraction the uniform widths leave in every layer, and each constraint's
+        weight = the share of (ATT_MUL-weighted) block parameters it governs, so that one multiplier moves a
+        gate as far as the global constraint's would: the same multiplier lr serves both."""
+        w = allocate_widths(geom, self.cfg.target_sparsity, self.cfg.structures, self.cfg.round_to)
+        dense = geom.layers * (self.cfg.att_mul * geom.attn_params(geom.kv_heads, geom.hidden)
+                               + geom.mlp_params(geom.inter, geom.hidden))
+        out = {}
+        for kind, kept, n, params in (
+                ("heads", w.kv, geom.kv_heads, self.cfg.att_mul * geom.attn_params(geom.kv_heads, geom.hidden)),
+                ("neurons", w.neurons, geom.inter, geom.mlp_params(geom.inter, geom.hidden))):
+            if kind in self.cfg.structures:
+                out[kind] = (1.0 - kept / n, torch.full((geom.layers,), params / dense))
+        if "hidden" in self.cfg.structures:
+            out["hidden"] = (1.0 - w.hidden / geom.hidden, torch.ones(1))
+        return out
+
+    def _per_layer_lagrangian(self, step: int) -> torch.Tensor:
+        """Σ weight·(λ₁·gap + λ₂·gap²) over every (kind, layer): gap = removed fraction of that layer's gates
+        (thresholded value, expected gradient) − its uniform target, ramped like the global one."""
+        assert self.gates is not None and self._layer_targets is not None
+        soft, hard = self.gates.soft(self.cfg.beta), self.gates.hard()
+        lag, i = self.lambdas.new_zeros(()), 0
+        for kind, (target, weight) in self._layer_targets.items():
+            expected = 1.0 - soft[kind].mean(-1).reshape(-1)
+            thresholded = 1.0 - hard[kind].mean(-1).reshape(-1)
+            r = thresholded + (expected - expected.detach()) if self.cfg.straight_through else expected
+            gap = r - target * self.ramp(step)
+            lam = self.lambdas[i:i + gap.numel()]
+            lag = lag + (weight.to(gap.device) * (lam[:, 0] * gap + lam[:, 1] * gap * gap)).sum()
+            i += gap.numel()
+        return lag
 
     def lr_scale(self, step: int) -> float:
         """Gate lr factor: 1 while the target ramps up, then linear to `lr_decay` at the last step, so the gates
@@ -338,11 +384,15 @@ class VibMethod(Method):
         # the value is what thresholding removes, the gradient the expected count's (straight-through)
         s = hard + (expected - expected.detach()) if self.cfg.straight_through else expected
         t = self.target_at(step)
-        gap = s - t
-        lag = self.lambdas[0] * gap + self.lambdas[1] * gap * gap
+        if self._layer_targets is None:
+            gap = s - t
+            lag = self.lambdas[0] * gap + self.lambdas[1] * gap * gap
+        else:
+            lag = self._per_layer_lagrangian(step)
+        lam = self.lambdas.detach().reshape(-1, 2).mean(0)  # per-layer: the mean multiplier
         logs = {"kl": float(kl.detach()), "expected_sparsity": float(expected.detach()),
                 "thresholded_sparsity": float(hard),
-                "target": t, "lambda1": float(self.lambdas[0].detach()), "lambda2": float(self.lambdas[1].detach())}
+                "target": t, "lambda1": float(lam[0]), "lambda2": float(lam[1])}
         return self.cfg.kl_factor * kl + lag, logs
 
     def after_step(self, model: nn.Module, ctx: MethodContext | None = None) -> None:
