@@ -60,14 +60,15 @@ def main() -> None:
         geom = geometry(model)
         meth = VibMethod(VibConfig(target_sparsity=args.sparsity, structures=("heads", "neurons"), round_to=64,
                                    center=True, widths="uniform"))
-        meth.set_means(model, collect_moments(model, calib, 4))
+        stats = collect_moments(model, calib, 4)  # the dense model's: before the gates go in
+        meth.set_means(model, stats)
+        flap = baseline_scores(model, "flap", stats)
         meth.prepare(model)
         meth.gates.load_state_dict(state)
         meth.gates.eval()
         widths = meth.widths(geom)
         sel = select(meth.scores(), widths, geom)
         if var != "vib" and var != "mu1":
-            flap = baseline_scores(model, "flap", collect_moments(model, calib, 4))
             fsel = select({k: v for k, v in flap.items() if k in ("heads", "neurons")}, widths, geom)
             sel = {"flap": fsel, "vibheads": replace(sel, neurons=fsel.neurons),
                    "vibneurons": replace(sel, kv=fsel.kv)}[var]

@@ -14,8 +14,8 @@ HF directory, reloads it with stock `AutoModelForCausalLM` and measures:
   it is measured once per distinct widths and shared by the rows that have them.
 
 Optional LoRA recovery (--recover vib,flap@0.3 ...) fine-tunes the shrunk export on WikiText-2 valid and
-re-measures perplexity (--recover-samples windows of 256, batch 2; a row named METHOD+rN@S uses N instead). Rows are resumable: results/structured.json is rewritten after every row, and a row
-already there is skipped. Run it in the background with `nice`; the CPU is shared.
+re-measures perplexity (--recover-samples windows of 256, batch 2; a row named METHOD+rN@S uses N instead).
+Rows are resumable: results/structured.json is rewritten after every row, and a row already there is skipped. Run it in the background with `nice`; the CPU is shared.
 
     PRUNETUNE_DATA_DIR=... nice python benchmarks/structured.py --out benchmarks/results/structured.json
 """
@@ -481,7 +481,8 @@ def main() -> None:
                    "lr_decay": args.vib_lr_decay, "compensate": comp, "center": center, "optimizer": args.vib_optimizer,
                    "constraint": args.vib_constraint}
             gate_file = work / (f"gates_{structs.replace(',', '-')}_{sparsity}_{vib_steps}"
-                                + ("_center" if center else "") + ".safetensors")
+                                + ("_center" if center else "")
+                                + ("" if args.vib_constraint == "global" else f"_{args.vib_constraint}") + ".safetensors")
             gate_state = load_file(gate_file) if method == "vib" and gate_file.exists() else None
             gates_out: dict = {}
             t_p = time.perf_counter()
