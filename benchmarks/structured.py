@@ -309,14 +309,16 @@ def table(data: dict) -> str:
             mu = v.get("mu", {})
             mus = ", ".join(f"{k} {m['min']:.2f}-{m['max']:.2f}" for k, m in mu.items()) or "n/r"
             vib.append(f"| {name} | {v.get('budget', '')} | {c.get('loss', 'lm')} | {'yes' if c.get('center') else 'no'} | "
-                       f"{c.get('optimizer', 'adam')} | "
+                       f"{c.get('optimizer', 'adam')} | {c.get('constraint', 'global')} | "
+                       f"{'FLAP' if c.get('neuron_ranking') == 'flap' else 'gates'} | "
                        f"{c.get('vib_lr')} / {c.get('mu_lr') if c.get('mu_lr') is not None else c.get('vib_lr')} | "
                        f"{c.get('lagrangian_lr')} | {c.get('init_log_sigma2')} | "
                        f"{v.get('thresholded_sparsity', float('nan')):.3f} | {mus} | "
                        f"{last.get('seconds', float('nan')):.0f} |")
     if vib:
-        out += ["", "| VIB row | gate budget | objective | centred | gate optimizer | lr log σ² / μ | multiplier lr | "
-                "init log σ² | removed after thresholding | μ range | gate training (s) |", "|" + "---|" * 11, *vib]
+        out += ["", "| VIB row | gate budget | objective | centred | gate optimizer | constraint | neurons ranked by | "
+                "lr log σ² / μ | multiplier lr | init log σ² | removed after thresholding | μ range | gate training (s) |",
+                "|" + "---|" * 13, *vib]
     if any("generate_b8" in sp or "generate_profile" in sp for sp in data.get("speed", {}).values()):
         out += ["", timing_table(data)]
     return "\n".join(out)
@@ -460,6 +462,8 @@ def main() -> None:
         budget = re.search(r"\+r(\d+)$", method)  # flap+r64@0.3 = flap@0.3 recovered on 64 samples (--recover)
         samples = int(budget.group(1)) if budget else args.recover_samples
         method = method[: budget.start()] if budget else method
+        hybrid = method.endswith("+flapneurons")  # vib+center+flapneurons@0.5: KV groups from the gates, neurons
+        method = method.removesuffix("+flapneurons")  # by FLAP (VibConfig.neuron_ranking; the same gates)
         comp = method.endswith("+comp")  # vib+comp@0.3 = the same gates as vib@0.3, plus FLAP's bias compensation
         center = method.endswith("+center")  # vib+center@0.3 = gates on the deviation from the mean (VibConfig.center)
         method = method.removesuffix("+comp").removesuffix("+center")
@@ -479,7 +483,7 @@ def main() -> None:
                    "lagrangian_lr": args.vib_lag_lr, "beta": args.vib_beta, "loss": args.vib_loss,
                    "antithetic": args.vib_antithetic, "widths": args.vib_widths,
                    "lr_decay": args.vib_lr_decay, "compensate": comp, "center": center, "optimizer": args.vib_optimizer,
-                   "constraint": args.vib_constraint}
+                   "constraint": args.vib_constraint, "neuron_ranking": "flap" if hybrid else "vib"}
             gate_file = work / (f"gates_{structs.replace(',', '-')}_{sparsity}_{vib_steps}"
                                 + ("_center" if center else "")
                                 + ("" if args.vib_constraint == "global" else f"_{args.vib_constraint}") + ".safetensors")

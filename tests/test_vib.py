@@ -241,6 +241,33 @@ def test_shrink_equals_masked_and_loads_in_plain_transformers(method, tmp_path):
         assert plain.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
 
 
+def _kept(model) -> tuple[list, list]:
+    """KV groups and neurons a masked (shrink=False) tiny model keeps: its nonzero o_proj / down_proj columns."""
+    heads, neurons = [], []
+    for layer in model.model.layers:
+        o = layer.self_attn.o_proj.weight.abs().sum(0).view(4, -1).sum(1)  # 4 KV groups x (2 heads x head_dim)
+        heads.append((o > 0).nonzero().flatten().tolist())
+        neurons.append((layer.mlp.down_proj.weight.abs().sum(0) > 0).nonzero().flatten().tolist())
+    return heads, neurons
+
+
+def test_flap_neuron_ranking_takes_kv_groups_from_the_gates_and_neurons_from_flap():
+    base, x = tiny(), ids()
+    vib = {"steps": 6, "batch_size": 2, "center": True, "widths": "uniform", "loss": "kd", "lagrangian_lr": 10.0}
+    kw = dict(structures="heads,neurons", round_to=16, ids=x, shrink=False)
+    gates: dict = {}
+    own, _ = prune_structured(copy.deepcopy(base), "vib", 0.5, vib=vib, gates_out=gates, **kw)
+    hybrid, facts = prune_structured(copy.deepcopy(base), "vib", 0.5, vib={**vib, "neuron_ranking": "flap"},
+                                     gate_state=gates, **kw)
+    flap, _ = prune_structured(copy.deepcopy(base), "flap", 0.5, **kw)
+    (h_own, n_own), (h_hyb, n_hyb), (h_flap, n_flap) = _kept(own), _kept(hybrid), _kept(flap)
+    assert h_hyb == h_own and n_hyb == n_flap  # the same trained gates, FLAP's neurons
+    assert n_own != n_flap  # the two rankings differ here, so the check above can fail
+    assert facts["vib"]["config"]["neuron_ranking"] == "flap"
+    with pytest.raises(PrunetuneError, match="center"):
+        VibConfig(neuron_ranking="flap", center=False)
+
+
 def test_hidden_dimension_shrink_within_1e_3_with_rmsnorm_rescale(tmp_path):
     base = tiny(tie=True, hidden=64)
     kw = dict(structures="heads,neurons,hidden", round_to=16, ids=ids())

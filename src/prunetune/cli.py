@@ -449,6 +449,7 @@ SHRINK_FLAGS = {  # flag parameter -> recipe key (no defaults here: commands/shr
     "nsamples": "structured.nsamples", "seqlen": "structured.seqlen", "vib_steps": "structured.vib_steps",
     "vib_batch": "structured.vib_batch", "vib_lr": "structured.vib_lr", "vib_loss": "structured.vib_loss",
     "vib_widths": "structured.vib_widths", "vib_center": "structured.vib_center",
+    "vib_neuron_ranking": "structured.vib_neuron_ranking",
     "lagrangian_warmup": "structured.lagrangian_warmup", "lagrangian_lr": "structured.lagrangian_lr",
     "att_mul": "structured.att_mul",
     "max_windows": "eval.max_windows", "seed": "seed", "data_dir": "data.data_dir",
@@ -474,6 +475,8 @@ def shrink_cmd(
     vib_widths: Optional[str] = typer.Option(None, "--vib-widths", help="uniform (baselines' rule) or learned (VIB's KV count)"),
     vib_center: Optional[bool] = typer.Option(None, "--vib-center/--no-vib-center", help="gates on each structure's "
                                               "deviation from its calibration mean (a removed one leaves its mean as a bias)"),
+    vib_neuron_ranking: Optional[str] = typer.Option(None, "--vib-neuron-ranking", help="vib (the gates) or flap "
+                                                     "(FLAP's fluctuation ranks neurons, the gates KV groups)"),
     lagrangian_warmup: Optional[float] = typer.Option(None, "--lagrangian-warmup", help="fraction of steps the target ramps over"),
     lagrangian_lr: Optional[float] = typer.Option(None, "--lagrangian-lr", help="learning rate of the Lagrange multipliers"),
     att_mul: Optional[float] = typer.Option(None, "--att-mul", help="weight of attention parameters in the sparsity count"),

@@ -343,6 +343,9 @@ class StructuredSpec(_Spec):
     init_log_sigma2: float = Field(-2.0, description="initial log sigma^2 of the gates (short budgets start nearer 0)")
     vib_center: bool = Field(True, description="gates scale each head/neuron's deviation from its calibration mean: "
                                                 "a removed structure leaves its mean as a bias (FLAP's removal)")
+    vib_neuron_ranking: Literal["vib", "flap"] = Field(
+        "vib", description="vib: the gates rank KV groups and neurons; flap: the gates rank KV groups, FLAP's "
+                           "fluctuation ranks neurons (the hybrid; needs vib_center and uniform widths)")
 
 
 # ------------------------------------------------------------------------------------------ losparse

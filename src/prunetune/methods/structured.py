@@ -63,6 +63,8 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
         if gates_out is not None:
             gates_out.update({k: v.detach().cpu().clone() for k, v in meth.gates.state_dict().items()})
         widths, scores = meth.widths(geom), meth.scores()
+        if cfg.neuron_ranking == "flap":  # the hybrid: KV groups from the gates, neurons by FLAP's fluctuation
+            scores["neurons"] = baseline_scores(model, "flap", stats)["neurons"]
         sel = select(scores, widths, geom)
         if cfg.compensate:  # on the dense weights (before the μ fold): a removed structure's mean output
             flap_compensate(model, sel, stats)

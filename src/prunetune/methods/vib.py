@@ -52,6 +52,14 @@ the share of block parameters it governs, so a multiplier pushes a gate as hard 
 same multiplier lr serves both. On SmolLM2 at 16 steps (8 windows) it gave 224.7 against 243.4 at 50% and 81.1
 against 79.3 at 30%; 16 steps do not bring every layer to its width (kept neurons ranged 580-1,453 for a
 width of 704), so the global constraint stays the default.
+
+At this budget the gates rank KV groups far better than neurons: 90 head gates and 46,080 neuron gates learn
+from the same 8,192 tokens. With the same trained gates (benchmarks/_vib_selection.py, 8 windows), VIB's KV
+groups with FLAP's neurons gave 73.1 at 30% and 125.8 at 50% of block parameters, against 79.3 / 243.4 for
+VIB's own selection and 87.5 / 179.8 for FLAP's. `neuron_ranking="flap"` is that hybrid: the gates still
+train on both kinds (the neuron noise is part of what the head gates learn under), the KV groups come from
+the gates, the neurons from FLAP's fluctuation of the dense model, and the fold is unchanged (kept
+structures scaled by μ, removed ones left at their means).
 """
 
 from __future__ import annotations
@@ -112,6 +120,7 @@ class VibConfig:
     center: bool = _SPEC.vib_center  # head/neuron gates scale the deviation from the calibration mean
     lr_decay: float = 1.0  # gate lr decays linearly to this fraction of itself after the warmup (1 = constant)
     constraint: str = "global"  # "global": one kept fraction; "per_layer": every layer's count of each kind
+    neuron_ranking: str = "vib"  # "flap": neurons ranked by FLAP's fluctuation, KV groups by the gates (hybrid)
     loss: str = _SPEC.vib_loss  # gate-training objective of `train_gates`: "lm" (next-token CE) or "kd" (KL to dense)
     seed: int = 0
 
@@ -135,6 +144,11 @@ class VibConfig:
         if self.constraint == "per_layer" and self.widths != "uniform":
             raise PrunetuneError("vib constraint 'per_layer' drives every layer to the uniform widths: it needs "
                                  "widths 'uniform' (learned widths come from the global constraint)")
+        if self.neuron_ranking not in ("vib", "flap"):
+            raise PrunetuneError(f"vib neuron_ranking must be 'vib' or 'flap', got '{self.neuron_ranking}'")
+        if self.neuron_ranking == "flap" and not (self.center and self.widths == "uniform"):
+            raise PrunetuneError("vib neuron_ranking 'flap' ranks neurons by FLAP's fluctuation at the uniform widths, "
+                                 "with removed neurons left at their means: it needs center and widths 'uniform'")
         if self.loss not in ("lm", "kd"):
             raise PrunetuneError(f"vib loss must be 'lm' or 'kd', got '{self.loss}'")
         if self.center and self.compensate:

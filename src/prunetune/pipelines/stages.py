@@ -524,7 +524,8 @@ def run_structured(state, out_dir: Path) -> dict:
     vib = {"steps": spec.vib_steps, "batch_size": spec.vib_batch, "vib_lr": spec.vib_lr,
            "lagrangian_lr": spec.lagrangian_lr, "lagrangian_warmup": spec.lagrangian_warmup, "att_mul": spec.att_mul,
            "kl_factor": spec.kl_factor, "init_log_sigma2": spec.init_log_sigma2, "seed": state.seed,
-           "mu_lr": spec.vib_mu_lr, "loss": spec.vib_loss, "widths": spec.vib_widths, "center": spec.vib_center}
+           "mu_lr": spec.vib_mu_lr, "loss": spec.vib_loss, "widths": spec.vib_widths, "center": spec.vib_center,
+           "neuron_ranking": spec.vib_neuron_ranking}
     t0 = time.perf_counter()
     model, facts = prune_structured(loaded.model, spec.method, spec.sparsity, structures=tuple(spec.structures),
                                     round_to=spec.round_to, ids=ids, vib=vib)
