@@ -423,7 +423,8 @@ def test_vib_config_defaults_are_the_recipe_schemas():
     pairs = {"target_sparsity": "sparsity", "vib_lr": "vib_lr", "mu_lr": "vib_mu_lr", "lagrangian_lr": "lagrangian_lr",
              "lagrangian_warmup": "lagrangian_warmup", "att_mul": "att_mul", "kl_factor": "kl_factor",
              "structures": "structures", "round_to": "round_to", "steps": "vib_steps", "batch_size": "vib_batch",
-             "init_log_sigma2": "init_log_sigma2", "widths": "vib_widths", "loss": "vib_loss", "center": "vib_center"}
+             "init_log_sigma2": "init_log_sigma2", "widths": "vib_widths", "loss": "vib_loss", "center": "vib_center",
+             "neuron_ranking": "vib_neuron_ranking"}
     for mine, theirs in pairs.items():
         want = getattr(spec, theirs)
         assert getattr(cfg, mine) == (tuple(want) if isinstance(want, list) else want), mine

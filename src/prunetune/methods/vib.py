@@ -120,7 +120,7 @@ class VibConfig:
     center: bool = _SPEC.vib_center  # head/neuron gates scale the deviation from the calibration mean
     lr_decay: float = 1.0  # gate lr decays linearly to this fraction of itself after the warmup (1 = constant)
     constraint: str = "global"  # "global": one kept fraction; "per_layer": every layer's count of each kind
-    neuron_ranking: str = "vib"  # "flap": neurons ranked by FLAP's fluctuation, KV groups by the gates (hybrid)
+    neuron_ranking: str = _SPEC.vib_neuron_ranking  # "flap": neurons ranked by FLAP's fluctuation, KV groups by the gates (hybrid)
     loss: str = _SPEC.vib_loss  # gate-training objective of `train_gates`: "lm" (next-token CE) or "kd" (KL to dense)
     seed: int = 0
 
