@@ -423,7 +423,8 @@ def main() -> None:
             _share_timings(data)
             data["rows"][row] = {"done": True, "seconds": time.perf_counter() - t0}
             save(path, data)
-            print(row, {k: v["speedup"] for k, v in data["speed"][ref["speed_key"]].items() if isinstance(v, dict) and "speedup" in v},
+            timed = data["speed"][ref["speed_key"]]
+            print(row, {k: v["speedup"] for k, v in timed.items() if isinstance(v, dict) and "speedup" in v},
                   flush=True)
             continue
         if row.startswith("ppl") and ":" in row:  # pplN:ROW = ROW's export (and its LoRA recovery) at N windows
