@@ -306,6 +306,11 @@ def table(data: dict) -> str:
         if "vib" in r:
             v = r["vib"]
             c, last = v.get("config", {}), v.get("last", {})
+            trained = last.get("seconds")
+            if v.get("reused_gates"):  # the gates of another row: name it (its time is in its own line)
+                twin = next((n for n, o in rows.items() if o.get("vib", {}).get("gate_file") == v.get("gate_file")
+                             and not o["vib"].get("reused_gates")), None)
+                trained = f"reused ({twin})" if twin else "reused"
             mu = v.get("mu", {})
             mus = ", ".join(f"{k} {m['min']:.2f}-{m['max']:.2f}" for k, m in mu.items()) or "n/r"
             vib.append(f"| {name} | {v.get('budget', '')} | {c.get('loss', 'lm')} | {'yes' if c.get('center') else 'no'} | "
@@ -314,7 +319,7 @@ def table(data: dict) -> str:
                        f"{c.get('vib_lr')} / {c.get('mu_lr') if c.get('mu_lr') is not None else c.get('vib_lr')} | "
                        f"{c.get('lagrangian_lr')} | {c.get('init_log_sigma2')} | "
                        f"{v.get('thresholded_sparsity', float('nan')):.3f} | {mus} | "
-                       f"{last.get('seconds', float('nan')):.0f} |")
+                       f"{trained if isinstance(trained, str) else _cell(trained, '{:.0f}')} |")
     if vib:
         out += ["", "| VIB row | gate budget | objective | centred | gate optimizer | constraint | neurons ranked by | "
                 "lr log σ² / μ | multiplier lr | init log σ² | removed after thresholding | μ range | gate training (s) |",
