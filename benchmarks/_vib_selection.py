@@ -43,7 +43,8 @@ VARIANTS = ("vib", "mu1", "flap", "vibheads", "vibneurons")
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gates", required=True, help="safetensors of trained centred heads+neurons gates")
-    ap.add_argument("--sparsity", type=float, required=True, help="the fraction of block parameters they were trained for")
+    ap.add_argument("--sparsity", type=float, required=True,
+                    help="the fraction of block parameters they were trained for")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--out", default="", help="append the results as one JSON line")
@@ -53,22 +54,26 @@ def main() -> None:
     state = load_file(args.gates)
     res: dict = {"gates": Path(args.gates).name, "sparsity": args.sparsity, "windows": args.windows,
                  "loadavg": os.getloadavg()}
-    for var in args.variants.split(","):
-        if var not in VARIANTS:
-            raise SystemExit(f"unknown variant '{var}'; choose from {', '.join(VARIANTS)}")
+    variants = args.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant '{bad[0]}'; choose from {', '.join(VARIANTS)}")
+    dense, _ = load("smollm2-135m")
+    geom = geometry(dense)
+    stats = collect_moments(dense, calib, 4)  # the dense model's (every variant starts from it): means and FLAP
+    flap = baseline_scores(dense, "flap", stats)
+    del dense
+    for var in variants:
         model, _ = load("smollm2-135m")
-        geom = geometry(model)
         meth = VibMethod(VibConfig(target_sparsity=args.sparsity, structures=("heads", "neurons"), round_to=64,
                                    center=True, widths="uniform"))
-        stats = collect_moments(model, calib, 4)  # the dense model's: before the gates go in
         meth.set_means(model, stats)
-        flap = baseline_scores(model, "flap", stats)
         meth.prepare(model)
         meth.gates.load_state_dict(state)
         meth.gates.eval()
         widths = meth.widths(geom)
         sel = select(meth.scores(), widths, geom)
-        if var != "vib" and var != "mu1":
+        if var not in ("vib", "mu1"):
             fsel = select({k: v for k, v in flap.items() if k in ("heads", "neurons")}, widths, geom)
             sel = {"flap": fsel, "vibheads": replace(sel, neurons=fsel.neurons),
                    "vibneurons": replace(sel, kv=fsel.kv)}[var]

@@ -15,7 +15,8 @@ HF directory, reloads it with stock `AutoModelForCausalLM` and measures:
 
 Optional LoRA recovery (--recover vib,flap@0.3 ...) fine-tunes the shrunk export on WikiText-2 valid and
 re-measures perplexity (--recover-samples windows of 256, batch 2; a row named METHOD+rN@S uses N instead).
-Rows are resumable: results/structured.json is rewritten after every row, and a row already there is skipped. Run it in the background with `nice`; the CPU is shared.
+Rows are resumable: results/structured.json is rewritten after every row, and a row already there is skipped.
+Run it in the background with `nice`; the CPU is shared.
 
     PRUNETUNE_DATA_DIR=... nice python benchmarks/structured.py --out benchmarks/results/structured.json
 """
@@ -152,8 +153,8 @@ def _ppl_row(data: dict, name: str, windows: int, dense, tok, work: Path) -> Non
         if "recovered" in r and rec.exists():
             model, _ = load(str(rec))
             r["recovered"].setdefault("ppl_at", {})[key] = ppl(model, tok, windows)
-    print(name, windows, "windows:", r["ppl_at"][str(windows)]["ppl"],
-          r.get("recovered", {}).get("ppl_at", {}).get(str(windows), {}).get("ppl"), flush=True)
+    print(name, windows, "windows:", r["ppl_at"][key]["ppl"],
+          r.get("recovered", {}).get("ppl_at", {}).get(key, {}).get("ppl"), flush=True)
 
 
 def _ppl_missing(data: dict, row: str) -> bool:
@@ -235,14 +236,14 @@ def _share_timings(data: dict) -> None:
 def timing_table(data: dict) -> str:
     """Generation per distinct widths: batch 1 and batch 8 against the compute ratio, and the profiled split of
     a batch-1 generation into matrix products (which shrink with the widths) and the rest (which does not)."""
-    out = ["| widths kv/neurons/hidden, biases | rows | compute ratio | generate b1 | b1 ÷ ratio | matmul s dense / pruned "
-           "(speedup) | other s dense / pruned | generate b8 | b8 ÷ ratio | load (1 min) |", "|" + "---|" * 10]
+    out = ["| widths kv/neurons/hidden, biases | rows | compute ratio | generate b1 | b1 ÷ ratio | "
+           "matmul s dense / pruned (speedup) | other s dense / pruned | generate b8 | b8 ÷ ratio | load (1 min) |",
+           "|" + "---|" * 10]
     for key, sp in data.get("speed", {}).items():
         rows = [n for n, r in data["rows"].items() if r.get("speed_key") == key and "widths" in r]
         if not rows:
             continue
-        ratio = data["rows"][rows[0]]["compute_ratio"]
-        w = json.loads(key.split(" bias=")[0])
+        ratio, w = data["rows"][rows[0]]["compute_ratio"], data["rows"][rows[0]]["widths"]
         g1, g8, prof = sp.get("generate"), sp.get("generate_b8"), sp.get("generate_profile")
         load = f"{sp['loadavg'][0]:.1f}" if sp.get("loadavg") else "n/r"
         if prof:

@@ -120,7 +120,7 @@ class VibConfig:
     center: bool = _SPEC.vib_center  # head/neuron gates scale the deviation from the calibration mean
     lr_decay: float = 1.0  # gate lr decays linearly to this fraction of itself after the warmup (1 = constant)
     constraint: str = "global"  # "global": one kept fraction; "per_layer": every layer's count of each kind
-    neuron_ranking: str = _SPEC.vib_neuron_ranking  # "flap": neurons ranked by FLAP's fluctuation, KV groups by the gates (hybrid)
+    neuron_ranking: str = _SPEC.vib_neuron_ranking  # "flap": KV groups from the gates, neurons by FLAP (hybrid)
     loss: str = _SPEC.vib_loss  # gate-training objective of `train_gates`: "lm" (next-token CE) or "kd" (KL to dense)
     seed: int = 0
 
@@ -270,8 +270,8 @@ class VibMethod(Method):
         device = next(model.parameters()).device
         self.gates = VibGates(geom, self.cfg.structures, self.cfg.init_log_sigma2, self.cfg.seed).to(device)
         self._layer_targets = self._per_layer_targets(geom) if self.cfg.constraint == "per_layer" else None
-        n_terms = 1 if self._layer_targets is None else sum(w.numel() for _, w in self._layer_targets.values())
-        self.lambdas = nn.Parameter(torch.zeros(n_terms, 2, device=device).squeeze(0))
+        shape = (2,) if self._layer_targets is None else (sum(w.numel() for _, w in self._layer_targets.values()), 2)
+        self.lambdas = nn.Parameter(torch.zeros(shape, device=device))  # (λ₁, λ₂), per (kind, layer) if per-layer
         for p in model.parameters():
             if p.requires_grad:
                 p.requires_grad_(False)
