@@ -51,11 +51,15 @@ def prepare_out_dir(out: Path | str, overwrite: bool = False) -> Path:
 
 
 def save_hf_dir(model: torch.nn.Module, tokenizer: Any, out: Path | str, manifest: dict | None = None,
-                extra: Any = None) -> Path:
-    """Save weights (safetensors), config, tokenizer and manifest atomically: temp dir, then rename.
+                extra: Any = None, card: dict | None = None) -> Path:
+    """Save weights (safetensors), config, tokenizer, manifest and model card atomically: temp dir, then rename.
 
     `extra(tmp_dir)`, when given, writes more files (e.g. masks) before the rename: all appear or none.
+    `card` (base model, method, sparsity, ...; see `models.card`) completes the `README.md` model card that
+    every export carries, so the directory can be pushed to a model hub as it is.
     """
+    from prunetune.models.card import write_model_card
+
     with atomic_dir(out, manifest) as tmp:
         strip_quantization_config(model)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -63,6 +67,7 @@ def save_hf_dir(model: torch.nn.Module, tokenizer: Any, out: Path | str, manifes
             tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)
+        write_model_card(tmp, manifest, card, getattr(model, "config", None))
     return Path(out)
 
 
@@ -82,7 +87,7 @@ def merge_lora_keep_masks(peft_model: torch.nn.Module, masks: Any = None) -> tor
 
 
 def save_adapter_export(peft_model: torch.nn.Module, tokenizer: Any, out: Path | str, masks: Any = None,
-                        manifest: dict | None = None) -> Path:
+                        manifest: dict | None = None, card: dict | None = None) -> Path:
     """Adapter export: the sparse base as a plain HF dir in `out/base`, the peft adapter in `out/adapter`.
 
     Users who keep several task adapters on one sparse base load the base with transformers and attach an
@@ -113,4 +118,7 @@ def save_adapter_export(peft_model: torch.nn.Module, tokenizer: Any, out: Path |
             tokenizer.save_pretrained(tmp / "base")
         if masks is not None and len(masks):
             masks.save(tmp / "base")
+        from prunetune.models.card import write_model_card
+
+        write_model_card(tmp / "base", manifest, card, cfg)
     return Path(out)

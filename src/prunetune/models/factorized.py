@@ -122,7 +122,8 @@ def is_factorized_dir(path: Path | str) -> bool:
 
 @torch.no_grad()
 def write_factorized(root: nn.Module, tokenizer: Any, out: Path | str, layers: dict[str, dict[str, torch.Tensor]],
-                     desc: dict[str, dict], marker_extra: dict | None = None, manifest: dict | None = None) -> Path:
+                     desc: dict[str, dict], marker_extra: dict | None = None, manifest: dict | None = None,
+                     card: dict | None = None) -> Path:
     """Write the format above atomically. `layers[name]` holds that layer's tensors (U, V, bias?, index?,
     values?, crow?, col?), `desc[name]` its kind/rank/shape; every other weight of `root` goes to
     model.safetensors."""
@@ -144,6 +145,10 @@ def write_factorized(root: nn.Module, tokenizer: Any, out: Path | str, layers: d
         marker = {"format": "prunetune-losparse", "version": FORMAT_VERSION, "layers": desc,
                   "loader": "prunetune.load_model(dir) rebuilds FactorizedLinear layers", **(marker_extra or {})}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, default=str))
+        from prunetune.models.card import write_model_card
+
+        write_model_card(tmp, manifest, {"method": "losparse", "tags": ["low-rank", "factorized"],
+                                         **(card or {})}, root.config)
     return Path(out)
 
 

@@ -58,17 +58,56 @@ def sparsity_metric(model) -> tuple[dict, dict]:
     return metric, layers
 
 
-def save_model(state, out_dir: Path, model, tokenizer, masks, extra: dict | None = None) -> Path:
-    """The stage's model as a plain HF dir with its masks beside the weights."""
+def card_info(recipe, upto: int, model=None) -> dict:
+    """What the model card of a model made by stages 0..`upto` of `recipe` says: the original model, the
+    methods in order ("wanda+payt-l1-global"), N:M pattern, whether structures were removed, the real-zero
+    sparsity of `model` (when given). Derived from the recipe, so every export of a run describes it alike."""
+    methods: list[str] = []
+    tags: list[str] = []
+    pattern = None
+    structured = False
+    for i, st in enumerate(recipe.stages[: upto + 1]):
+        spec = recipe.stage_spec(i)
+        if st.type == "prune":
+            methods.append(spec.method)
+            pattern = spec.pattern or pattern
+            structured |= (spec.granularity or "") in ("rows", "cols", "heads", "neurons")
+        elif st.type == "structured":
+            methods.append(f"{spec.method}-structured")
+            structured = True
+            tags.append("shrunk")
+        elif st.type == "payt":
+            methods.append(f"payt-{spec.criterion}")
+        elif st.type == "losparse":
+            methods.append("losparse")
+        elif st.type == "compose":
+            methods.append("composable")
+            structured = True
+        elif st.type == "finetune":
+            tags.append("lora" if spec.mode == "lora" else "fine-tuned")
+    card = {"base_model": recipe.model.name, "method": "+".join(methods) or None, "pattern": pattern,
+            "structured": structured, "tags": tags, "title": f"{recipe.name}: {recipe.model.name}",
+            "details": {"recipe": recipe.name, "stages": [st.name or st.type for st in recipe.stages[: upto + 1]]}}
+    if model is not None:
+        from prunetune.pruning.masks import sparsity_report
+
+        card["sparsity"] = sparsity_report(model)["sparsity"]
+    return card
+
+
+def save_model(state, out_dir: Path, model, tokenizer, masks, extra: dict | None = None,
+               metrics: dict | None = None) -> Path:
+    """The stage's model as a plain HF dir with its masks and model card beside the weights (all atomic)."""
     from prunetune.manifest import build_manifest
     from prunetune.models.export import save_hf_dir
 
     target = out_dir / "model"
     man = build_manifest(f"stage:{state.name}", {"recipe": state.recipe.name, "stage": state.name},
-                         seed=state.seed + state.index, extra=extra)
-    save_hf_dir(model, tokenizer, target, man)
-    if masks is not None and len(masks):
-        masks.save(target)
+                         seed=state.seed + state.index, extra=extra,
+                         metrics={h["stage"]: h["metrics"] for h in getattr(state, "history", [])} | (metrics or {}))
+    keep = masks if masks is not None and len(masks) else None
+    save_hf_dir(model, tokenizer, target, man, extra=(lambda tmp: keep.save(tmp)) if keep is not None else None,
+                card=card_info(state.recipe, state.index, model))
     return target
 
 
@@ -399,10 +438,10 @@ def run_export(state, out_dir: Path) -> dict:
     target = state.out / "model"
     man = build_manifest("export", {"recipe": state.recipe.name, "from": state.model_spec()},
                          seed=state.recipe.seed, metrics={h["stage"]: h["metrics"] for h in state.history})
-    save_hf_dir(loaded.model, loaded.tokenizer, target, man)
     masks = state.masks()
-    if masks is not None:
-        masks.save(target)
+    save_hf_dir(loaded.model, loaded.tokenizer, target, man,  # masks and card inside the atomic write
+                extra=(lambda tmp: masks.save(tmp)) if masks is not None else None,
+                card=card_info(state.recipe, state.index, loaded.model))
     from prunetune.pruning.masks import MASKS_FILE
 
     size = size_on_disk(target)

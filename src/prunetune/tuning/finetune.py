@@ -407,10 +407,12 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     manifest_cfg = {"model": label, "tune": cfg.to_dict(), "method": method.name if method is not None else None}
     if method is not None:
         manifest_cfg[method.name] = method.to_dict()
+    card = {"base_model": spec, "method": method.name if method is not None else None,
+            "tags": ["lora" if cfg.lora else "fine-tuned"], "title": f"{kind}: {label}"}
     if cfg.lora:
         if cfg.export:
             save_adapter_export(model, tok, out / "adapter", masks,
-                                build_manifest(f"{kind}-adapter", manifest_cfg, seed=cfg.seed))
+                                build_manifest(f"{kind}-adapter", manifest_cfg, seed=cfg.seed), card=card)
         plain = merge_lora_keep_masks(model, masks)
     else:
         plain = model
@@ -438,10 +440,9 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     man = build_manifest(kind, manifest_cfg, seed=cfg.seed, metrics={k: v for k, v in result.items()
                                                                         if k not in ("predictions", "layer_sparsity")},
                          timings=timings)
-    if cfg.export:
-        save_hf_dir(plain, tok, out / "model", man)
-        if len(masks):
-            masks.save(out / "model" / MASKS_FILE)
+    if cfg.export:  # masks and model card inside the atomic write: all appear or none
+        save_hf_dir(plain, tok, out / "model", man, extra=(lambda tmp: masks.save(tmp / MASKS_FILE)) if len(masks)
+                    else None, card={**card, "sparsity": rep["sparsity"]})
     atomic_write_json(out / "metrics.json", result)
     write_manifest(out / "manifest.json", man)
     result["_model"] = plain
