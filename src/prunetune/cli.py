@@ -28,6 +28,28 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _options(
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickle checkpoints (pytorch_model.bin), "
+                                      "which can run code when loaded: only for sources you trust"),
+) -> None:
+    """Options of every command (also accepted after the command name)."""
+    if allow_pickle:
+        from prunetune.models.loading import ALLOW_PICKLE_ENV
+
+        os.environ[ALLOW_PICKLE_ENV] = "1"  # read by the loader, inherited by the ranks of a launch
+
+
+GLOBAL_FLAGS = ("--allow-pickle",)
+
+
+def _global_flags_first(argv: list[str]) -> list[str]:
+    """`prunetune eval DIR --allow-pickle` as `prunetune --allow-pickle eval DIR`: click reads a group's
+    options before the command name only, users write them anywhere."""
+    flags = [a for a in argv if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv if a not in GLOBAL_FLAGS]
+
+
 QUIET_LOGGERS = ("huggingface_hub", "datasets", "httpx", "httpcore", "urllib3", "filelock", "fsspec")
 
 
@@ -1027,7 +1049,7 @@ def main(argv: list[str] | None = None) -> None:
     abort_types = tuple({getattr(m, "Abort", typer.Abort) for m in _click_modules()} | {typer.Abort})
     _NEW_OUTPUTS.clear()
     try:
-        args = _expand_multi_value(list(sys.argv[1:] if argv is None else argv))
+        args = _global_flags_first(_expand_multi_value(list(sys.argv[1:] if argv is None else argv)))
         code = app(args=args, prog_name="prunetune", standalone_mode=False)
         if code == 130:  # Ctrl-C: typer turns it into exit code 130, which this mode returns instead of exiting
             raise KeyboardInterrupt

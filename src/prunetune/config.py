@@ -19,6 +19,7 @@ A stage is a bare type name, or a mapping with `type` plus overrides of that typ
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -33,6 +34,16 @@ COMMANDS_DIR = RECIPES_DIR / "commands"  # each command's starting recipe (`prun
 StageType = Literal["evaluate", "prune", "finetune", "payt", "export", "order_study", "compose", "structured",
                     "losparse", "full_evaluate"]
 STAGE_TYPES: tuple[str, ...] = get_args(StageType)
+#: recipe and stage names become directory names (`OUT/stages/01-<name>`, `runs/<name>-<time>`): one plain path
+#: component, so that no recipe, however its names are written, makes a stage write outside its run directory
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def _safe_name(v: str | None) -> str | None:
+    if v is not None and not SAFE_NAME.fullmatch(v):
+        raise ValueError(f"{v!r} is not a plain name (letters, digits and . _ + - only, no path separators; it "
+                         "names a directory)")
+    return v
 
 
 class _Spec(BaseModel):
@@ -406,6 +417,11 @@ class Stage(_Spec):
     name: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        return _safe_name(v)
+
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
@@ -432,6 +448,11 @@ class Recipe(_Spec):
 
     name: str = "custom"
     description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        return _safe_name(v)
     seed: int = 0
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)

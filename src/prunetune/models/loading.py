@@ -1,7 +1,9 @@
 """Load any model prunetune can work on, with the head a task needs, from one spec string.
 
 A spec is, in order of precedence: an alias (`smollm2-135m`, `minilm-l6`, `tiny-llama`, `tiny-bert`,
-`tiny-t5`), a local HF directory, a local `.gguf` file, or a hub id. Online users get the normal
+`tiny-t5`), a prunetune run directory (its exported `model/`), a local HF directory, a local `.gguf` file, or a
+hub id. Loading never runs code from a model directory (no `trust_remote_code`) and reads weights from
+safetensors only, unless the user opts in to pickle (`--allow-pickle`). Online users get the normal
 `from_pretrained` path; offline, a hub id fails with one readable line instead of a network traceback.
 
 GGUF files are dequantised to fp32 once and cached as a plain HF directory under the user cache dir, so the
@@ -245,20 +247,22 @@ def _load_dir(path: Path, task: str, dtype: torch.dtype, **kw):
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as exc:  # corrupt / unreadable config.json
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # corrupt / unreadable config.json, or one that asks to run the directory's code
         raise PrunetuneError(f"cannot read a model config in {path}: {type(exc).__name__}: {exc}") from None
     if task == "masked-lm":
         _check_mlm_head(path, config)
     cls = _auto_class(task, bool(getattr(config, "is_encoder_decoder", False)))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
         raise PrunetuneError(f"cannot load a tokenizer from {path}: {type(exc).__name__}: {exc}") from None
     if task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
         kw["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    try:
-        model = cls.from_pretrained(path, dtype=dtype, **kw)
+    _check_no_pickle(path)
+    try:  # never trust_remote_code: a model directory's own Python files are not run
+        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False,
+                                    use_safetensors=None if pickle_allowed() else True, **kw)
     except Exception as exc:
         raise PrunetuneError(f"cannot load model weights from {path}: {type(exc).__name__}: {exc}") from None
     return model, tokenizer
@@ -320,6 +324,42 @@ def _load_alias(alias: str, task: str, dtype: torch.dtype, **kw):
     return model, tiny_tokenizer(kind)
 
 
+# ------------------------------------------------------------------------------------------ spec resolution
+RUN_MODEL = "model"  # where a run directory's export stage writes the final model (pipelines.stages.run_export)
+ALLOW_PICKLE_ENV = "PRUNETUNE_ALLOW_PICKLE"  # `prunetune --allow-pickle ...` sets it (child processes inherit it)
+
+
+def resolve_spec(spec: str) -> str:
+    """A run directory stands for the model it exported (`runs/a` -> `runs/a/model`), as users chain commands
+    (`prunetune prune runs/a ...`, `eval runs/a`); every other spec is returned unchanged."""
+    from prunetune.rundir import RECIPE, is_run_dir
+
+    path = Path(os.path.expanduser(spec))
+    if not path.is_dir() or (path / "config.json").is_file() or not (is_run_dir(path) or (path / RECIPE).is_file()):
+        return spec
+    model = path / RUN_MODEL
+    if (model / "config.json").is_file():
+        return str(model)
+    raise PrunetuneError(f"{path} is a prunetune run directory without an exported model (no {model}/config.json: "
+                         "the run has no export stage or has not finished; `--resume` it first)")
+
+
+def pickle_allowed() -> bool:
+    return os.environ.get(ALLOW_PICKLE_ENV, "").lower() in ("1", "true", "yes", "on")
+
+
+def _check_no_pickle(path: Path) -> None:
+    """Weights are read from safetensors only: a pickle checkpoint (`pytorch_model.bin`) can run code when it
+    is loaded, so a directory that has nothing else is refused unless the user opts in (`--allow-pickle`)."""
+    if any(path.glob("*.safetensors")) or pickle_allowed():
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
+                     and p.name not in ("training_args.bin",))
+    if pickles:
+        raise PrunetuneError(f"{path} holds only pickle weights ({', '.join(pickles[:3])}), which can run code when "
+                             "loaded; convert them to safetensors, or pass --allow-pickle if you trust the source")
+
+
 def load_model(
     spec: str,
     task: str = "causal-lm",
@@ -337,7 +377,7 @@ def load_model(
     # baseline and its competitor) start from the same head.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, tok, source = _load_any(spec, task, dtype, kw)
+        model, tok, source = _load_any(resolve_spec(spec), task, dtype, kw)
     return Loaded(_finish(model, tok, task), tok, spec, source, task)
 
 
@@ -399,12 +439,13 @@ def _load_hub(spec: str, task: str, dtype: torch.dtype, **kw):
     hub_log.setLevel(logging.ERROR)  # its retry warnings would break the one-line error contract
     try:
         local = {"local_files_only": True} if offline else {}  # offline: the local HF cache may still have it
-        config = AutoConfig.from_pretrained(spec, **local)
-        tokenizer = AutoTokenizer.from_pretrained(spec, **local)
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=False, **local)
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False, **local)
         cls = _auto_class(task, bool(getattr(config, "is_encoder_decoder", False)))
         if task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
             kw["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model = cls.from_pretrained(spec, dtype=dtype, **local, **kw)
+        model = cls.from_pretrained(spec, dtype=dtype, trust_remote_code=False,
+                                    use_safetensors=None if pickle_allowed() else True, **local, **kw)
     except PrunetuneError:
         raise
     except Exception as exc:
@@ -445,7 +486,7 @@ def natural_task(spec: str) -> tuple[str, dict]:
     """
     if spec in ALIAS_TASKS:
         return ALIAS_TASKS[spec], {}
-    path = Path(os.path.expanduser(spec))
+    path = Path(os.path.expanduser(resolve_spec(spec)))
     if not (path.is_dir() and (path / "config.json").is_file()):
         return "causal-lm", {}
     cfg = read_config_json(path)
@@ -473,7 +514,7 @@ def weights_path(spec: str) -> Path | None:
         return gguf_to_hf_dir(smollm2_gguf_path())
     if spec == "minilm-l6":
         return minilm_dir()
-    path = Path(os.path.expanduser(spec))
+    path = Path(os.path.expanduser(resolve_spec(spec)))
     if path.is_dir() or (path.suffix == ".gguf" and path.is_file()):
         return path
     return None
