@@ -357,7 +357,8 @@ PRUNE_FLAGS = {  # flag parameter -> recipe key (no defaults here: commands/prun
     "granularity": "prune.granularity", "calib": "data.calib", "calib_split": "data.calib_split",
     "nsamples": "prune.nsamples", "seqlen": "prune.seqlen", "skip": "prune.skip", "device": "prune.device",
     "calib_batch": "prune.calib_batch", "max_windows": "eval.max_windows", "seed": "seed",
-    "data_dir": "data.data_dir",
+    "data_dir": "data.data_dir", "stream": "prune.stream", "max_memory": "prune.max_memory",
+    "dtype": "model.dtype",
 }
 
 
@@ -384,8 +385,11 @@ def prune_cmd(
     nsamples: Optional[int] = typer.Option(None, "--nsamples", min=1, help="calibration windows (recipe default: 32)"),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", min=2, help="tokens per calibration (and --eval-ppl) window (recipe default: 512)"),
     skip: Optional[list[str]] = typer.Option(None, "--skip", help="regex of module names to leave dense (repeatable)"),
-    device: Optional[str] = typer.Option(None, "--device", help="calibration device: cpu | cuda (the model stays on CPU)"),
+    device: Optional[str] = typer.Option(None, "--device", help="calibration device: cpu | cuda (the model stays on CPU; streaming: one block at a time on it)"),
     calib_batch: Optional[int] = typer.Option(None, "--calib-batch", min=1, help="calibration windows per block forward (memory vs speed; recipe default: 4)"),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="read, prune and write one block at a time from a local safetensors dir (default: when the model would not fit --max-memory)"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="memory budget that decides streaming, e.g. 16GB (default: what the machine has free)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bf16 | fp16 | fp32: load, prune and export dtype (recipe default: auto, the checkpoint's)"),
     eval_ppl: Optional[str] = typer.Option(None, "--eval-ppl", help="perplexity before and after (windows of --seqlen) on wikitext2 | bbc-news | FILE"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="--eval-ppl: first N windows only"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the calibration sample"),
@@ -441,6 +445,11 @@ def prune_cmd(
         nat_task, _ = natural_task(model)
         if nat_task != "causal-lm":
             raise PrunetuneError(f"--eval-ppl needs a causal LM; {model} is a {nat_task} model")
+    from prunetune.pipelines.stages import streaming_checkpoint
+
+    if not resume and streaming_checkpoint(model, recipe, spec, out) is not None and eval_ppl:
+        raise PrunetuneError("--eval-ppl loads the whole model, which this run streams because it does not fit "
+                             "(or --stream); evaluate the pruned model with `prunetune eval` where it fits")
     out = _claim_out(out)
     from prunetune.pruning.calibrate import bound_heap_growth
 

@@ -56,6 +56,9 @@ class ModelSpec(_Spec):
     name: str = Field("smollm2-135m", description="alias, local HF dir, .gguf or hub id")
     task: Literal["causal-lm", "seq-cls", "auto"] = Field(
         "causal-lm", description="auto = the head the checkpoint was saved with (what `prunetune prune` keeps)")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="dtype to load, prune and export in; auto = the checkpoint's own (what `prunetune "
+        "prune` keeps); statistics (norms, Hessians) accumulate in float32 whatever it is")
 
 
 class DataSpec(_Spec):
@@ -100,6 +103,24 @@ class PruneSpec(_Spec):
                                "cuda:N (the model stays on the CPU); None = cpu")
     calib_batch: int = Field(4, ge=1, description="calibration windows per block forward (memory vs speed; "
                              "Wanda's masks are identical across batch sizes)")
+    stream: bool | None = Field(
+        None, description="read, prune and write one block at a time from a local safetensors directory (models "
+        "larger than memory); None = stream when the in-memory path would not fit max_memory")
+    max_memory: str | None = Field(None, description="memory budget such as 24GB that decides streaming; None = "
+                                   "what the machine has free")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from prunetune.pruning.stream import parse_bytes
+
+        try:
+            parse_bytes(v)
+        except PrunetuneError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("method")
     @classmethod

@@ -360,18 +360,51 @@ def _check_no_pickle(path: Path) -> None:
                              "loaded; convert them to safetensors, or pass --allow-pickle if you trust the source")
 
 
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CHOICES: tuple[str, ...] = ("auto", *DTYPES)
+
+
+def resolve_dtype(name: str | torch.dtype, checkpoint: torch.dtype | None) -> torch.dtype:
+    """`auto` keeps the checkpoint's dtype (fp32 when it has none, as for GGUF conversions and tiny models)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return checkpoint if checkpoint in DTYPES.values() else torch.float32
+    if name not in DTYPES:
+        raise PrunetuneError(f"unknown dtype '{name}'; choose one of: {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
+
+
+def checkpoint_dtype(spec: str) -> torch.dtype | None:
+    """The dtype a local HF directory's config says its weights are stored in (None: not known here)."""
+    path = Path(os.path.expanduser(spec))
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        raw = json.loads(cfg.read_text())
+    except ValueError:
+        return None
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
 def load_model(
     spec: str,
     task: str = "causal-lm",
     *,
     num_labels: int | None = None,
     label_names: list[str] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     seed: int = 0,
 ) -> Loaded:
-    """Load `spec` with the head for `task`; a new classification head gets `num_labels` from the data."""
+    """Load `spec` with the head for `task`; a new classification head gets `num_labels` from the data.
+
+    `dtype`: a torch dtype or fp32 | bf16 | fp16 | auto (the checkpoint's own dtype).
+    """
     if task not in TASKS:
         raise PrunetuneError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    dtype = resolve_dtype(dtype, checkpoint_dtype(spec) if dtype == "auto" else None)
     kw = _task_kwargs(task, num_labels, label_names)
     # A new task head is randomly initialised: seed it so that two loads (two ranks, a resumed run, a
     # baseline and its competitor) start from the same head.
@@ -379,6 +412,23 @@ def load_model(
         torch.manual_seed(seed)
         model, tok, source = _load_any(resolve_spec(spec), task, dtype, kw)
     return Loaded(_finish(model, tok, task), tok, spec, source, task)
+
+
+def local_hf_dir(spec: str) -> Path | None:
+    """The local HF directory a spec loads from (an alias's or a GGUF's cached conversion included), without
+    loading the weights; None for what has no such directory (tiny models built in code, hub ids)."""
+    path = Path(os.path.expanduser(spec))
+    if spec == "smollm2-135m":
+        return gguf_to_hf_dir(smollm2_gguf_path())
+    if spec == "minilm-l6":
+        return minilm_dir()
+    if spec in ALIASES:
+        return None
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "losparse.json").is_file():
+        return path
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf_to_hf_dir(path)
+    return None
 
 
 def _load_any(spec: str, task: str, dtype: torch.dtype, kw: dict):

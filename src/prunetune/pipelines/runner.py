@@ -145,7 +145,7 @@ class RunState:
                 from prunetune.data.sources import load_labelled
 
                 kw["label_names"] = load_labelled(self.recipe.data.train).label_names
-            self._loaded = load_model(self.model_spec(), task, **kw)
+            self._loaded = load_model(self.model_spec(), task, dtype=self.recipe.model.dtype, **kw)
         return self._loaded
 
     def tokenizer(self):

@@ -193,13 +193,15 @@ def _attr_path(block, role: str) -> str:
 
 
 @torch.no_grad()
-def weight_histograms(model, names: list[str], edges: dict[str, list[float]] | None = None) -> dict:
-    """|w| histograms (exact zeros counted apart) of the named linears; `edges` reuses the dense bins."""
+def weight_histograms(model, names: list[str], edges: dict[str, list[float]] | None = None,
+                      read: Callable[[str], torch.Tensor] | None = None) -> dict:
+    """|w| histograms (exact zeros counted apart) of the named linears; `edges` reuses the dense bins.
+    `read(name)` gives a layer's weight when the model is not in memory (streaming reads it from disk)."""
     from prunetune.pruning.masks import _module
 
     out = {}
     for n in names:
-        w = _module(model, n).weight.detach().abs().flatten().float()
+        w = (read(n) if read is not None else _module(model, n).weight).detach().abs().flatten().float()
         e = torch.tensor(edges[n]) if edges else torch.linspace(0, float(torch.quantile(w[:1_000_000], 0.999)) * 1.05,
                                                                  HIST_BINS + 1)
         nz = w[w != 0]
@@ -234,11 +236,98 @@ def prune_model(loaded, recipe, spec, seed: int, previous=None) -> tuple:
     return masks, seconds, desc
 
 
+def streaming_checkpoint(model_spec: str, recipe, spec, out: Path | None = None):
+    """The checkpoint to stream when this prune stage streams (asked, or the model does not fit the budget),
+    else None. Refuses, before any work, a budget below one block and (with `out`) a disk without room for
+    the output."""
+    from prunetune.models.loading import local_hf_dir, resolve_dtype
+    from prunetune.pruning.criteria import get_criterion
+    from prunetune.pruning.stream import check_disk, decide, open_checkpoint, output_bytes, parse_bytes, plan_memory
+
+    if spec.stream is False:
+        return None
+    path = local_hf_dir(model_spec)
+    if path is None:
+        if spec.stream:
+            raise PrunetuneError(f"--stream reads a local Hugging Face directory of safetensors; '{model_spec}' "
+                                 "is not one (download it first, or prune in memory)")
+        return None
+    try:
+        ckpt = open_checkpoint(path)
+    except PrunetuneError:
+        if spec.stream:
+            raise
+        return None  # auto: what streaming cannot read (.bin) loads in memory as before
+    crit = get_criterion(spec.method)
+    plan = plan_memory(ckpt, resolve_dtype(recipe.model.dtype, ckpt.dtype()), nsamples=spec.nsamples,
+                       seqlen=spec.seqlen, calib_batch=spec.calib_batch, hessian=crit.statistics == "hessian")
+    budget = parse_bytes(spec.max_memory) if spec.max_memory else None
+    if not decide(ckpt, spec.stream, budget, plan):
+        return None
+    if out is not None:
+        check_disk(out, output_bytes(ckpt, recipe.model.dtype))
+    return ckpt
+
+
+def _stream_prune(state, out_dir: Path, ckpt) -> dict:
+    """Prune `ckpt` block by block into out_dir/model (the in-memory stage's outputs, from disk)."""
+    from transformers import AutoTokenizer
+
+    from prunetune.data.calibration import calibration_samples
+    from prunetune.data.sources import load_text
+    from prunetune.manifest import build_manifest
+    from prunetune.pruning.api import resolve_granularity
+    from prunetune.pruning.criteria import get_criterion
+    from prunetune.pruning.stream import prune_checkpoint, read_tensor, skeleton
+    from prunetune.rundir import atomic_dir
+
+    spec, recipe, seed = state.spec, state.recipe, state.seed
+    target = out_dir / "model"
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    calib = None
+    if get_criterion(spec.method).needs_calibration:
+        src = load_text(recipe.data.calib, recipe.data.calib_split, data_dir=recipe.data.data_dir)
+        calib = calibration_samples(tokenizer, src.text, spec.nsamples, spec.seqlen, seed, src.name)
+    names = chosen_layers(skeleton(ckpt, torch.float32))
+    dense_hist = weight_histograms(None, names, read=lambda n: read_tensor(ckpt.tensors[f"{n}.weight"]))
+    man = build_manifest(f"stage:{state.name}", {"recipe": recipe.name, "stage": state.name}, seed=seed + state.index)
+    t0 = time.perf_counter()
+    with atomic_dir(target, man) as tmp:
+        res = prune_checkpoint(ckpt.path, tmp, spec.method, spec.sparsity, dtype=recipe.model.dtype,
+                               device=spec.device, calib=calib, tokenizer=tokenizer, nsamples=spec.nsamples,
+                               seqlen=spec.seqlen, seed=seed, batch_size=spec.calib_batch, pattern=spec.pattern,
+                               granularity=spec.granularity, skip=spec.skip, previous=state.masks())
+    seconds = time.perf_counter() - t0
+    from prunetune.pruning.stream import open_checkpoint
+
+    pruned = open_checkpoint(target)
+    pruned_hist = weight_histograms(None, names, {n: h["edges"] for n, h in dense_hist.items()},
+                                    read=lambda n: read_tensor(pruned.tensors[f"{n}.weight"]))
+    _dump(out_dir / "histograms.json", {"dense": dense_hist, "pruned": pruned_hist,
+                                        "label_before": "before pruning", "label_after": "after pruning"})
+    _dump(out_dir / "layer_sparsity.json", res["layers"])
+    desc = (f"{spec.nsamples} x {spec.seqlen} tokens of {recipe.data.calib}/{recipe.data.calib_split}, seed {seed}"
+            if calib is not None else f"none ({spec.method})")
+    return {"metrics": {
+        "sparsity": {"value": res["sparsity"], "protocol": {
+            "what": "share of exact zeros in the weights of the prunable linear layers (attention + MLP)",
+            "zeros": res["zeros"], "numel": res["numel"]}},
+        "prune_seconds": {"value": seconds, "protocol": {
+            "method": spec.method, "pattern": spec.pattern,
+            "granularity": resolve_granularity(spec.method, spec.granularity, spec.pattern),
+            "calibration": desc, "device": spec.device or "cpu", "calib_batch": spec.calib_batch,
+            "threads": torch.get_num_threads(), "streamed": True, "dtype": res["dtype"]}},
+    }}
+
+
 def run_prune(state, out_dir: Path) -> dict:
     """One-shot pruning through the engine; saves the pruned model, masks and dense/pruned histograms."""
     from prunetune.pruning.api import resolve_granularity
 
     spec = state.spec
+    ckpt = streaming_checkpoint(state.model_spec(), state.recipe, spec, out_dir)
+    if ckpt is not None:
+        return _stream_prune(state, out_dir, ckpt)
     loaded = state.load()
     names = chosen_layers(loaded.model)
     dense_hist = weight_histograms(loaded.model, names)
@@ -255,7 +344,9 @@ def run_prune(state, out_dir: Path) -> dict:
                                                          "granularity": resolve_granularity(spec.method, spec.granularity, spec.pattern),
                                                          "calibration": calib_desc, "device": spec.device or "cpu",
                                                          "calib_batch": spec.calib_batch,
-                                                         "threads": torch.get_num_threads()}},
+                                                         "threads": torch.get_num_threads(), "streamed": False,
+                                                         "dtype": str(next(loaded.model.parameters()).dtype)
+                                                         .removeprefix("torch.")}},
     }}
 
 
@@ -434,28 +525,72 @@ def run_export(state, out_dir: Path) -> dict:
     from prunetune.models.arch import nonzero_count, parameter_count
     from prunetune.models.export import save_hf_dir
 
-    loaded = state.load()
     target = state.out / "model"
     man = build_manifest("export", {"recipe": state.recipe.name, "from": state.model_spec()},
                          seed=state.recipe.seed, metrics={h["stage"]: h["metrics"] for h in state.history})
-    masks = state.masks()
-    save_hf_dir(loaded.model, loaded.tokenizer, target, man,  # masks and card inside the atomic write
-                extra=(lambda tmp: masks.save(tmp)) if masks is not None else None,
-                card=card_info(state.recipe, state.index, loaded.model))
+    if _model_streamed(state):  # too large to load: the streamed stage's files are the export
+        metric, counts = _export_files(state.model_dir, target, man, card_info(state.recipe, state.index))
+    else:
+        loaded = state.load()
+        masks = state.masks()
+        save_hf_dir(loaded.model, loaded.tokenizer, target, man,  # masks and card inside the atomic write
+                    extra=(lambda tmp: masks.save(tmp)) if masks is not None else None,
+                    card=card_info(state.recipe, state.index, loaded.model))
+        metric, _ = sparsity_metric(loaded.model)
+        counts = {"value": nonzero_count(loaded.model), "protocol": {"parameters": parameter_count(loaded.model)}}
     from prunetune.pruning.masks import MASKS_FILE
 
     size = size_on_disk(target)
     mask_bytes = (target / MASKS_FILE).stat().st_size if (target / MASKS_FILE).is_file() else 0
-    metric, _ = sparsity_metric(loaded.model)
     (out_dir / "exported_to").write_text(str(target))
     return {"metrics": {
         "sparsity": metric,
         "size_on_disk_mb": {"value": (size["bytes"] - mask_bytes) / 2**20, "protocol": {
             "format": size["format"], "what": "model weights (dense safetensors holding the zeros)",
             "masks_mb": mask_bytes / 2**20}},
-        "nonzero_parameters": {"value": nonzero_count(loaded.model),
-                               "protocol": {"parameters": parameter_count(loaded.model)}},
+        "nonzero_parameters": counts,
     }, "artifacts": {"model": str(target)}}
+
+
+def _model_streamed(state) -> bool:
+    """Whether the current model was written by a streaming prune stage (so it is not loaded whole)."""
+    for h in reversed(state.history):
+        if h.get("produces_model"):
+            return bool(h["metrics"].get("prune_seconds", {}).get("protocol", {}).get("streamed"))
+    return False
+
+
+@torch.no_grad()
+def _export_files(src: Path, target: Path, manifest: dict) -> tuple[dict, dict]:
+    """Export a streamed model by linking (or copying) its files; zeros counted one tensor at a time."""
+    import os
+    import shutil
+
+    from prunetune.models.arch import get_adapter
+    from prunetune.pruning.stream import open_checkpoint, read_tensor, skeleton
+    from prunetune.rundir import atomic_dir
+
+    with atomic_dir(target, manifest) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name != "manifest.json":
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+    ckpt = open_checkpoint(target)
+    linears = {f"{n}.weight" for n in get_adapter(skeleton(ckpt, torch.float32)).linears()}
+    params = nonzero = zeros = numel = 0
+    for name, info in ckpt.tensors.items():
+        t = read_tensor(info)
+        nz = int(torch.count_nonzero(t))
+        params, nonzero = params + t.numel(), nonzero + nz
+        if name in linears:
+            zeros, numel = zeros + t.numel() - nz, numel + t.numel()
+        del t
+    metric = {"value": zeros / numel if numel else 0.0, "protocol": {
+        "what": "share of exact zeros in the weights of the prunable linear layers (attention + MLP)",
+        "zeros": zeros, "numel": numel}}
+    return metric, {"value": nonzero, "protocol": {"parameters": params}}
 
 
 # --------------------------------------------------------------------------------------------- order study

@@ -88,6 +88,18 @@ def select_targets(model: nn.Module, skip: list[str] | None) -> dict[str, nn.Lin
     return out
 
 
+def masked_layers(model: nn.Module, targets: dict[str, nn.Linear], granularity: str) -> list[str]:
+    """The layers `prune` gives a mask, known before pruning: every target, except that heads / neurons
+    pruning masks only the targets inside a coupling of that kind (the MLP has no heads)."""
+    if granularity not in STRUCTURES:
+        return list(targets)
+    from prunetune.pruning.structured import couplings
+
+    adapter = get_adapter(model)
+    inside = {m.name for b in adapter.blocks() for c in couplings(adapter, b, granularity) for m in c.members}
+    return [n for n in targets if n in inside]
+
+
 def default_calib_split(source: str) -> str:
     """WikiText-2 calibrates on `valid` (test is for perplexity); other sources on their training part."""
     return "valid" if source == "wikitext2" else "train"
@@ -129,7 +141,8 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
           skip: list[str] | None = None, device: str | torch.device | None = None, seed: int = 0,
           progress: bool | None = None, batch_size: int = 1,
           stats_hook: Callable[[str, object], None] | None = None,
-          previous: MaskSet | dict[str, torch.Tensor] | None = None) -> MaskSet:
+          previous: MaskSet | dict[str, torch.Tensor] | None = None, io: calibrate.BlockIO | None = None,
+          masks: MaskSet | None = None) -> MaskSet:
     """Prune `model` in place and return its MaskSet (keyed by module name of the unwrapped model).
 
     `calib`: LongTensor [n, seqlen] of token ids, a `TextSource`, or a source name (`wikitext2`, `bbc-news`,
@@ -151,6 +164,9 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     `previous`: keep-masks of an earlier pruning. Pruning only ever adds zeros: weights outside `previous`,
     and weights that are already exactly zero, stay pruned and count towards `sparsity` (SparseGPT treats
     them as pruned in its OBS updates, so its compensation accounts for them).
+    `io`: where blocks live between their turns (`calibrate.BlockIO`; default in the model). A streaming io
+    (`stream.StreamIO`) reads each block from disk before its turn and writes it, with its masks taken out
+    of `masks` (the MaskSet to fill; a new one by default), after it; `stream.prune_checkpoint` sets this up.
     """
     nm = validate(method, sparsity, pattern, granularity)
     crit = get_criterion(method)
@@ -177,9 +193,13 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
         if int(ids.max()) >= vocab or int(ids.min()) < 0:
             raise PrunetuneError(f"calibration token ids fall outside the model's vocabulary of {vocab}")
 
+    if io is not None and (granularity == "global" or getattr(root.config, "is_encoder_decoder", False)):
+        raise PrunetuneError("granularity 'global' ranks every layer's scores at once and encoder-decoder models "
+                             "calibrate both stacks together: neither can stream; prune them in memory (--no-stream)")
     prior = _prior(targets, previous)
-    masks = MaskSet()
+    masks = masks if masks is not None else MaskSet()
     blocks = adapter.blocks()
+    io = io if io is not None else calibrate.InMemory(None, None)  # weight-only criteria: blocks stay put
 
     def prune_layers(names_stats: dict[str, object], blocks_of: list) -> None:
         """Prune these layers from their statistics (None for weight-only criteria)."""
@@ -211,7 +231,9 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
         else:  # block by block, so only one block's scores exist at a time
             for b in blocks:
                 names = [k for k in (calibrate.layer_key(adapter, x) for x in b.linears.values()) if k in targets]
+                io.load(b.module)
                 prune_layers(dict.fromkeys(names), [b])
+                io.release(b.module)
         return masks
 
     def factory(_name: str, lin: nn.Linear, dev: torch.device):
@@ -223,7 +245,8 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
         prune_layers(stats, blocks)
     else:
         calibrate.sequential(model, ids, factory, lambda block, stats: prune_layers(stats, [block]),
-                             targets=set(targets), device=device, batch_size=batch_size, progress=progress)
+                             targets=set(targets), device=device, batch_size=batch_size, progress=progress,
+                             io=None if isinstance(io, calibrate.InMemory) else io)
     return masks
 
 

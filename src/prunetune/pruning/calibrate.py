@@ -173,26 +173,53 @@ def _hooks(named: dict[str, nn.Linear], stats: dict[str, Stats]) -> list:
     return [lin.register_forward_hook(make(n)) for n, lin in named.items()]
 
 
+class BlockIO(Protocol):
+    """Where a block's weights are between its turns. In memory (the default) they stay in the model;
+    `stream.StreamIO` reads them from the checkpoint before the turn and writes them out after it."""
+
+    def load(self, module: nn.Module) -> None: ...
+
+    def release(self, module: nn.Module) -> None: ...
+
+
+class InMemory:
+    """Blocks live in the model; with a calibration device, one block at a time visits it (None: no move)."""
+
+    def __init__(self, home: torch.device | None, device: torch.device | None) -> None:
+        self.home, self.device = home, device
+
+    def load(self, module: nn.Module) -> None:
+        if self.device is not None:
+            module.to(self.device)
+
+    def release(self, module: nn.Module) -> None:
+        if self.home is not None:
+            module.to(self.home)
+            release_freed_memory()
+
+
 @torch.no_grad()
 def sequential(model: nn.Module, ids: torch.Tensor, make_stats: StatFactory, on_block: OnBlock, *,
                targets: set[str] | None = None, device: str | torch.device | None = None, batch_size: int = 1,
-               progress: bool | None = None) -> None:
+               progress: bool | None = None, io: BlockIO | None = None) -> None:
     """Walk the blocks in order: collect statistics, let `on_block` prune, propagate the pruned outputs.
 
     `targets` limits statistics (and so pruning) to these module names; blocks without targets are still run
     to produce the next block's inputs. `make_stats(name, layer, device)` builds one statistics object.
+    `io` brings each block's weights before its turn and takes them after (default: `InMemory`).
     """
     root = unwrap(model)
     adapter = get_adapter(root)
     blocks = adapter.blocks()
     home = next(root.parameters()).device
     device = torch.device(device) if device is not None else home
+    io = io if io is not None else InMemory(home, device)
     was_training = root.training
     root.eval()
     try:
         inputs = capture_block_inputs(model, blocks[0].module, ids, batch_size, device)
         for block in track(blocks, "prune blocks", total=len(blocks), show=progress):
-            block.module.to(device)
+            io.load(block.module)
             named = {layer_key(adapter, lin): lin for lin in block.linears.values()}
             if targets is not None:
                 named = {n: lin for n, lin in named.items() if n in targets}
@@ -210,8 +237,7 @@ def sequential(model: nn.Module, ids: torch.Tensor, make_stats: StatFactory, on_
             for i, (hidden, args, kwargs) in enumerate(inputs):  # in place: each input freed once replaced
                 inputs[i] = (_first(block.module(hidden, *args, **kwargs)), args, kwargs)
                 del hidden
-            block.module.to(home)
-            release_freed_memory()
+            io.release(block.module)
     finally:
         root.train(was_training)
 

@@ -52,6 +52,16 @@ class PackedMask:
         self.bits = (flat.view(-1, 8) << self._shifts(flat.device)).sum(1, dtype=torch.uint8)
 
     @classmethod
+    def from_bits(cls, bits: torch.Tensor, shape: Iterable[int]) -> PackedMask:
+        """A mask read back from its bits (as `masks.safetensors` stores them when written packed)."""
+        out = cls.__new__(cls)
+        out.shape = tuple(int(d) for d in shape)
+        if bits.dtype != torch.uint8 or bits.numel() != -(-math.prod(out.shape) // 8):
+            raise PrunetuneError(f"packed mask of {bits.numel()} bytes does not hold shape {out.shape}")
+        out.bits = bits.reshape(-1)
+        return out
+
+    @classmethod
     def _shifts(cls, device: torch.device) -> torch.Tensor:
         if device not in cls._SHIFTS:
             cls._SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
@@ -220,15 +230,24 @@ class MaskSet:
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
             path = path / MASKS_FILE
-        meta = {"format": "prunetune-masks", "convention": "1 = keep"}
+        meta = self.file_metadata(packed=False)
         if metadata:
             meta["info"] = json.dumps(metadata, default=str)
         tensors = {k: self.masks.peek(k).to(torch.uint8).contiguous().cpu() for k in self.masks}
         save_file(tensors, str(path), metadata=meta)
         return path
 
+    @staticmethod
+    def file_metadata(packed: bool, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, str]:
+        """The safetensors metadata of a mask file; a packed one stores one bit per weight and the shapes."""
+        meta = {"format": "prunetune-masks", "convention": "1 = keep"}
+        if packed:
+            meta.update(packing="bits, least significant first, row-major", shapes=json.dumps(shapes or {}))
+        return meta
+
     @classmethod
     def load(cls, path: Path | str) -> MaskSet:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -238,9 +257,24 @@ class MaskSet:
             raise PrunetuneError(f"mask file {path} does not exist")
         try:
             tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
         except Exception as exc:
             raise PrunetuneError(f"cannot read mask file {path}: {exc}") from None
-        return cls({k: v.to(torch.bool) for k, v in tensors.items()})
+        if "packing" not in meta:
+            return cls({k: v.to(torch.bool) for k, v in tensors.items()})
+        shapes = json.loads(meta.get("shapes", "{}"))
+        out = cls()
+        for k, bits in tensors.items():
+            if k not in shapes:
+                raise PrunetuneError(f"mask file {path}: no shape recorded for packed mask '{k}'")
+            out.masks[k] = PackedMask.from_bits(bits, shapes[k])
+        return out
+
+
+def packed_masks_header(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of each tensor of a packed mask file, known before any mask exists."""
+    return [(n, torch.uint8, (-(-math.prod(s) // 8),)) for n, s in shapes.items()]
 
 
 @torch.no_grad()
