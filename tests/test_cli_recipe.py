@@ -34,7 +34,7 @@ def test_printed_recipe_run_reproduces_the_command(command, flags, task_csv, tmp
     text = cli_ok([command, *common, "--print-recipe"], capfd)
     recipe = yaml.safe_load(text)
     assert recipe["stages"] == [command, "export"] and recipe["seed"] == 3 and recipe["data"]["split_seed"] == 0
-    assert recipe["model"] == {"name": "tiny-bert", "task": "seq-cls"} and recipe["tune"]["lr"] == 0.01
+    assert recipe["model"] == {"name": "tiny-bert", "task": "seq-cls", "dtype": "fp32"} and recipe["tune"]["lr"] == 0.01
     f = tmp_path / "recipe.yaml"
     f.write_text(text)
     cli_ok([command, *common, "--out", str(tmp_path / "cmd")], capfd)
@@ -72,7 +72,7 @@ def test_prune_printed_recipe_run_reproduces_the_command(tmp_path, wikitext_dir,
     recipe = yaml.safe_load(text)
     assert recipe["stages"] == ["evaluate", "prune", "evaluate", "export"] and recipe["seed"] == 5
     assert recipe["prune"]["calib_batch"] == 2 and recipe["prune"]["device"] is None
-    assert recipe["model"] == {"name": "tiny-llama", "task": "auto"} and recipe["data"]["calib"] == str(calib)
+    assert recipe["model"] == {"name": "tiny-llama", "task": "auto", "dtype": "auto"} and recipe["data"]["calib"] == str(calib)
     assert (recipe["eval"]["ppl_seqlen"], recipe["eval"]["max_windows"]) == (64, 2)
     f = tmp_path / "prune.yaml"
     f.write_text(text)

@@ -15,8 +15,8 @@ def __getattr__(name: str):
         from prunetune.models.loading import load_model
 
         return load_model
-    if name == "prune":
-        from prunetune.pruning.api import prune
+    if name == "prune":  # a model prunes in memory, a checkpoint path streams
+        from prunetune.pruning.stream import prune
 
         return prune
     raise AttributeError(name)

@@ -46,14 +46,19 @@ def _dump(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str))
 
 
+def zeros_metric(zeros: int, numel: int) -> dict:
+    """The `sparsity` metric from counted zeros (in memory or, for a streamed model, tensor by tensor)."""
+    return {"value": zeros / numel if numel else 0.0, "protocol": {
+        "what": "share of exact zeros in the weights of the prunable linear layers (attention + MLP)",
+        "zeros": zeros, "numel": numel}}
+
+
 def sparsity_metric(model) -> tuple[dict, dict]:
     """Real-zero sparsity of the prunable linears (the metric) and the per-layer report (for plots)."""
     from prunetune.pruning.masks import sparsity_report
 
     rep = sparsity_report(model)
-    metric = {"value": rep["sparsity"], "protocol": {
-        "what": "share of exact zeros in the weights of the prunable linear layers (attention + MLP)",
-        "zeros": rep["zeros"], "numel": rep["numel"]}}
+    metric = zeros_metric(rep["zeros"], rep["numel"])
     layers = {n: {"role": r["role"], "sparsity": r["sparsity"]} for n, r in rep["layers"].items()}
     return metric, layers
 
@@ -309,9 +314,7 @@ def _stream_prune(state, out_dir: Path, ckpt) -> dict:
     desc = (f"{spec.nsamples} x {spec.seqlen} tokens of {recipe.data.calib}/{recipe.data.calib_split}, seed {seed}"
             if calib is not None else f"none ({spec.method})")
     return {"metrics": {
-        "sparsity": {"value": res["sparsity"], "protocol": {
-            "what": "share of exact zeros in the weights of the prunable linear layers (attention + MLP)",
-            "zeros": res["zeros"], "numel": res["numel"]}},
+        "sparsity": zeros_metric(res["zeros"], res["numel"]),
         "prune_seconds": {"value": seconds, "protocol": {
             "method": spec.method, "pattern": spec.pattern,
             "granularity": resolve_granularity(spec.method, spec.granularity, spec.pattern),
@@ -587,10 +590,7 @@ def _export_files(src: Path, target: Path, manifest: dict) -> tuple[dict, dict]:
         if name in linears:
             zeros, numel = zeros + t.numel() - nz, numel + t.numel()
         del t
-    metric = {"value": zeros / numel if numel else 0.0, "protocol": {
-        "what": "share of exact zeros in the weights of the prunable linear layers (attention + MLP)",
-        "zeros": zeros, "numel": numel}}
-    return metric, {"value": nonzero, "protocol": {"parameters": params}}
+    return zeros_metric(zeros, numel), {"value": nonzero, "protocol": {"parameters": params}}
 
 
 # --------------------------------------------------------------------------------------------- order study

@@ -508,3 +508,18 @@ def _write_side_files(ckpt: Checkpoint, out: Path, dtype: torch.dtype) -> None:
         index = {"metadata": {"total_size": size},
                  "weight_map": {n: i.file.name for n, i in sorted(ckpt.tensors.items())}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def prune(model: torch.nn.Module | str | Path, method: str = "wanda", sparsity: float = 0.5, *,
+          out: str | Path | None = None, dtype: str = "auto", **kw):
+    """`prunetune.prune`: an in-memory model is pruned in place (`api.prune`, returns its MaskSet); a path (a
+    local HF directory of safetensors) is pruned by streaming into the new directory `out` in `dtype` and
+    returns `prune_checkpoint`'s summary (real zeros per layer, dtypes), not a MaskSet, which would hold a
+    bit per weight of a model that need not fit in memory (the masks are in `out/masks.safetensors`)."""
+    from prunetune.pruning.api import prune as prune_in_memory
+
+    if not isinstance(model, (str, Path)):
+        return prune_in_memory(model, method, sparsity, **kw)
+    if out is None:
+        raise PrunetuneError("pruning a checkpoint on disk writes a new directory: pass out=...")
+    return prune_checkpoint(model, out, method, sparsity, dtype=dtype, **kw)
