@@ -177,6 +177,10 @@ def test_cli_streams_when_the_model_does_not_fit_the_budget(tmp_path, capsys):
     a, b = _weights(out_s / "model"), _weights(out_m / "model")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert (out_s / "model" / "manifest.json").is_file() and (out_s / "report.md").is_file()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out_s / "model" / "README.md")  # the export's model card, as in memory
+    assert card.data.to_dict()["sparsity"] == pytest.approx(0.5)
 
 
 def test_cli_streaming_bad_inputs_leave_nothing_behind(tmp_path, capsys):

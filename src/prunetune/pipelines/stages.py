@@ -302,6 +302,12 @@ def _stream_prune(state, out_dir: Path, ckpt) -> dict:
                                device=spec.device, calib=calib, tokenizer=tokenizer, nsamples=spec.nsamples,
                                seqlen=spec.seqlen, seed=seed, batch_size=spec.calib_batch, pattern=spec.pattern,
                                granularity=spec.granularity, skip=spec.skip, previous=state.masks())
+        from transformers import AutoConfig
+
+        from prunetune.models.card import write_model_card
+
+        write_model_card(tmp, man, {**card_info(recipe, state.index), "sparsity": res["sparsity"]},
+                         AutoConfig.from_pretrained(tmp))
     seconds = time.perf_counter() - t0
     from prunetune.pruning.stream import open_checkpoint
 
@@ -564,23 +570,19 @@ def _model_streamed(state) -> bool:
 
 
 @torch.no_grad()
-def _export_files(src: Path, target: Path, manifest: dict) -> tuple[dict, dict]:
+def _export_files(src: Path, target: Path, manifest: dict, card: dict) -> tuple[dict, dict]:
     """Export a streamed model by linking (or copying) its files; zeros counted one tensor at a time."""
     import os
     import shutil
 
+    from transformers import AutoConfig
+
     from prunetune.models.arch import get_adapter
+    from prunetune.models.card import CARD_FILE, write_model_card
     from prunetune.pruning.stream import open_checkpoint, read_tensor, skeleton
     from prunetune.rundir import atomic_dir
 
-    with atomic_dir(target, manifest) as tmp:
-        for f in sorted(src.iterdir()):
-            if f.is_file() and f.name != "manifest.json":
-                try:
-                    os.link(f, tmp / f.name)
-                except OSError:
-                    shutil.copy2(f, tmp / f.name)
-    ckpt = open_checkpoint(target)
+    ckpt = open_checkpoint(src)
     linears = {f"{n}.weight" for n in get_adapter(skeleton(ckpt, torch.float32)).linears()}
     params = nonzero = zeros = numel = 0
     for name, info in ckpt.tensors.items():
@@ -590,7 +592,16 @@ def _export_files(src: Path, target: Path, manifest: dict) -> tuple[dict, dict]:
         if name in linears:
             zeros, numel = zeros + t.numel() - nz, numel + t.numel()
         del t
-    return zeros_metric(zeros, numel), {"value": nonzero, "protocol": {"parameters": params}}
+    metric = zeros_metric(zeros, numel)
+    with atomic_dir(target, manifest) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in ("manifest.json", CARD_FILE):
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        write_model_card(tmp, manifest, {**card, "sparsity": metric["value"]}, AutoConfig.from_pretrained(src))
+    return metric, {"value": nonzero, "protocol": {"parameters": params}}
 
 
 # --------------------------------------------------------------------------------------------- order study
