@@ -49,9 +49,11 @@ class Block:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain transformers model under a peft wrapper (module names then match the saved checkpoint)."""
+    """The plain transformers model under a peft wrapper (module names then match the saved checkpoint).
+
+    The wrapper is recognised by its class or a base class (FSDP2 swaps in a subclass, `FSDPPeftModel...`)."""
     get_base = getattr(model, "get_base_model", None)
-    if callable(get_base) and model.__class__.__name__.startswith("Peft"):
+    if callable(get_base) and any(c.__name__.startswith("Peft") for c in type(model).__mro__):
         return get_base()
     return model
 

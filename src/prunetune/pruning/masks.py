@@ -23,6 +23,15 @@ from prunetune.models.arch import base_linear, get_adapter, unwrap
 MASKS_FILE = "masks.safetensors"
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a distributed tensor (an FSDP2-sharded parameter)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _module(model: nn.Module, name: str) -> nn.Linear:
     root = unwrap(model)
     try:
@@ -136,6 +145,7 @@ class MaskSet:
 
     def __init__(self, masks: dict[str, torch.Tensor] | None = None) -> None:
         self.masks = _MaskStore()
+        self._shards: dict[str, tuple[object, torch.Tensor]] = {}  # name -> (the mask it was cut from, shard)
         for k, v in (masks or {}).items():
             self.masks[k] = v
 
@@ -185,13 +195,37 @@ class MaskSet:
             w = _module(model, name).weight
             raw = self.masks.raw(name)
             if tuple(w.shape) != tuple(raw.shape):
-                raise PrunetuneError(f"mask for '{name}' has shape {tuple(raw.shape)}, weight {tuple(w.shape)}")
+                flat = " (FSDP1 flattens parameters: use FSDP2, fsdp_version: 2)" if w.dim() < len(raw.shape) else ""
+                raise PrunetuneError(f"mask for '{name}' has shape {tuple(raw.shape)}, weight {tuple(w.shape)}{flat}")
+            if w.device.type == "meta":  # a rank whose weights arrive later (FSDP's RAM-efficient loading)
+                continue
+            if _is_dtensor(w):
+                w.to_local().mul_(self._shard(name, w))
+                continue
             mask = self.masks[name]  # unpacked once and kept: enforcing every step unpacks nothing
             if mask.device != w.device:
                 mask = self.masks[name] = mask.to(w.device)
             w.mul_(mask)
 
     enforce = apply
+
+    def _shard(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """This rank's part of mask `name`, laid out like the sharded weight `w` (an FSDP2 DTensor).
+
+        Under FSDP2 each rank holds a shard of every weight (rows split across ranks, as `torch.chunk` splits
+        them). Re-zeroing multiplies that local shard by the same rows of the mask, so no rank ever gathers
+        a weight, and only the shard of the mask sits on the device (the full masks stay where they were:
+        checkpoints and the export save them). Cut once per mask; cut again when the mask is replaced.
+        """
+        from torch.distributed.tensor import distribute_tensor
+
+        raw = self.masks.raw(name)
+        cached = self._shards.get(name)
+        if cached is None or cached[0] is not raw:
+            full = self.masks.peek(name).to(w.device)
+            local = distribute_tensor(full, w.device_mesh, w.placements, src_data_rank=None).to_local()
+            cached = self._shards[name] = (raw, local.contiguous())
+        return cached[1]
 
     @classmethod
     @torch.no_grad()

@@ -24,20 +24,27 @@ def _is_dist() -> bool:
 def broadcast_masks(masks: MaskSet) -> None:
     """Make every rank hold rank 0's masks (they are computed identically; this makes it a guarantee).
 
+    The names and shapes come from rank 0 first, so a rank that could not derive a mask (under FSDP's
+    RAM-efficient loading only rank 0 has real weights to read zeros from) receives it whole.
     accelerate's `broadcast` puts nothing on the wrong device by itself, so each mask travels as uint8 on
     the device of the process group's backend (NCCL accepts only CUDA tensors, gloo CPU ones) and comes back
-    to the device it lived on (masks live on their weight's device).
+    to the device it lived on (masks live on their weight's device; a new one on the CPU).
     """
     if not _is_dist() or torch.distributed.get_world_size() < 2:
         return
     from accelerate.utils import broadcast
 
     backend = torch.distributed.get_backend()
-    comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    for name in sorted(masks.names()):
-        home = masks[name].device
-        t = broadcast(masks[name].to(device=comm, dtype=torch.uint8).contiguous(), from_process=0)
+    comm = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    listing = [[(n, tuple(masks.masks.raw(n).shape)) for n in sorted(masks.names())]]
+    torch.distributed.broadcast_object_list(listing, src=0, device=comm)
+    for name, shape in listing[0]:
+        home = masks[name].device if name in masks else torch.device("cpu")
+        local = masks[name] if name in masks else torch.zeros(shape, dtype=torch.bool)
+        t = broadcast(local.to(device=comm, dtype=torch.uint8).contiguous(), from_process=0)
         masks[name] = t.to(home).bool()
+    for name in set(masks.names()) - {n for n, _ in listing[0]}:  # rank 0 has no such mask: neither do we
+        del masks.masks[name]
 
 
 def masks_digest(masks: MaskSet) -> str:

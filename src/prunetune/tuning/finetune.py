@@ -58,6 +58,8 @@ from prunetune.tuning.callbacks import (CsvLogger, EpochEndSave, MaskEnforcer, M
 from prunetune.tuning.config import TuneConfig
 from prunetune.tuning.data import encode_cls, encode_lm, load_task_data
 from prunetune.tuning.evaluate import compute_metrics, task_eval
+from prunetune.tuning.fsdp import (check_fsdp_run, fsdp_requested, gather_full_model, model_on_meta,
+                                   weightless_copy)
 from prunetune.tuning.kd_trainer import CHECKPOINT_STATE, KDTrainer
 from prunetune.tuning.lifecycle import (METHOD_STATE_JSON, Method, MethodContext, load_method_state,
                                         method_state_problem)
@@ -142,6 +144,8 @@ def existing_masks(model_spec: str | None, model: nn.Module) -> MaskSet:
         p = Path(os.path.expanduser(model_spec))
         if p.is_dir() and (p / MASKS_FILE).is_file():
             return MaskSet.load(p / MASKS_FILE)
+    if model_on_meta(model):  # no weights on this rank yet (FSDP): rank 0 shares its masks (broadcast_masks)
+        return MaskSet()
     if sparsity_report(model)["sparsity"] > 0.01:
         return MaskSet.from_model(model)
     return MaskSet()
@@ -259,6 +263,8 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     """
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     cfg.validate()
+    check_fsdp_run(method=method, kd=cfg.kd, lora=cfg.lora, teacher=cfg.teacher, teacher_model=teacher_model,
+                   mix=cfg.mix.fraction, task=cfg.task)
     if cfg.task == "seq2seq":  # (source, target) pairs: Seq2SeqTrainer, generation and BLEU live in tuning.seq2seq
         if method is not None:
             raise PrunetuneError(f"method '{method.name}' does not support seq2seq fine-tuning yet")
@@ -301,6 +307,8 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
         masks = MaskSet()
     if not len(masks):  # filled in place: callers holding this MaskSet see a method's final masks
         masks.update(existing_masks(spec if not in_memory else None, model))
+    if fsdp_requested():
+        broadcast_masks(masks)
     if len(masks):
         masks.apply(model)
 
@@ -368,6 +376,9 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
             masks.apply(model)
         if method is not None:  # after prepare and callbacks, before the first resumed step
             load_method_state(method, ckpt, ctx.resumed_from)
+    # under FSDP the model is sharded in place when training starts: rank 0 keeps a weightless copy to load
+    # the gathered weights into afterwards
+    skeleton = (weightless_copy(model, share=(masks,)) if trainer.is_fsdp_enabled and rank0 else None)
     t0 = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     timings["train_s"] = time.perf_counter() - t0
@@ -375,11 +386,17 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     if len(masks):
         broadcast_masks(masks)
         masks.apply(model)
+    if trainer.is_fsdp_enabled:  # every rank sends its shards; rank 0 continues with the whole plain model
+        t0 = time.perf_counter()
+        model = gather_full_model(model, skeleton) or model  # (the other ranks keep their shards)
+        timings["gather_s"] = time.perf_counter() - t0
+        if len(masks):
+            masks.apply(model)
 
     result: dict = {"kind": kind, "model": label, "task": task, "data": data["name"],
                     "train_examples": len(train_ds), "mixing": mix_summary, "teacher": teacher_desc,
                     "global_step": trainer.state.global_step, "steps_per_epoch": steps_per_epoch,
-                    "world_size": world,
+                    "world_size": world, "fsdp": bool(trainer.is_fsdp_enabled),
                     "train_loss": float(train_out.training_loss), "mask_enforcement": enforcer.summary(),
                     "resumed_from": str(ckpt) if ckpt else None,
                     "best_checkpoint": trainer.state.best_model_checkpoint}

@@ -9,6 +9,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from prunetune.errors import PrunetuneError
 from prunetune.evaluation.perplexity import causal_lm_loss
 from prunetune.pruning.masks import MASKS_FILE
 from prunetune.rundir import atomic_write_json
@@ -44,6 +45,20 @@ class KDTrainer(Trainer):
         self._method_sums: dict[str, float] = {}
         self._method_n = 0
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; an FSDP launch that accelerate did not turn into FSDP stops here.
+
+        accelerate enables FSDP only on accelerators (GPUs and the like): on CPU processes it silently runs
+        data parallel instead, whose ranks other than 0 hold no weights under FSDP's RAM-efficient loading.
+        """
+        super().create_accelerator_and_postprocess()
+        from prunetune.tuning.fsdp import fsdp_requested
+
+        if fsdp_requested() and not self.is_fsdp_enabled:
+            raise PrunetuneError(f"the launch asks for FSDP but accelerate runs it as "
+                                 f"{self.accelerator.distributed_type.value} (FSDP needs GPUs): launch CPU "
+                                 "processes with torchrun or `accelerate launch --multi_gpu` instead")
+
     @torch.no_grad()
     def _teacher_logits(self, inputs: dict) -> torch.Tensor:
         if self.teacher == "shared":
@@ -63,8 +78,10 @@ class KDTrainer(Trainer):
         use_kd = self.teacher is not None and model.training and self.kd_alpha < 1.0
         # A data-parallel wrapper (DDP) must run the forward itself, or the ranks' gradients are not reduced:
         # the chunked path calls the backbone and head directly, so a wrapped model (which does not pass
-        # `get_output_embeddings` through) takes the full-logits path, the same loss at more memory.
-        if self.causal and not use_kd and self.method is None and hasattr(model, "get_output_embeddings"):
+        # `get_output_embeddings` through) takes the full-logits path, the same loss at more memory. So does an
+        # FSDP model: its outer module gathers the embeddings and head only when its own forward runs.
+        if (self.causal and not use_kd and self.method is None and not self.is_fsdp_enabled
+                and hasattr(model, "get_output_embeddings")):
             # next-token CE with the LM head applied in token chunks: the full-vocabulary logits (and their
             # log-softmax and gradient) are never held at once; the loss is the same (tests/test_tuning.py)
             loss, _ = causal_lm_loss(model, labels=labels, **feats)
