@@ -42,6 +42,23 @@ ROWS: dict[str, dict] = {
     "sparsegpt 70% row": {"method": "sparsegpt", "sparsity": 0.7, "granularity": "row"},
     "wanda 2:4": {"method": "wanda", "pattern": "2:4"},
     "sparsegpt 2:4": {"method": "sparsegpt", "pattern": "2:4"},
+    # issue 28: OWL layer sparsity, the ADMM weight update, DSnoT refinement, and their combinations
+    "wanda 60%": {"method": "wanda", "sparsity": 0.6, "granularity": "row"},
+    "wanda 70%": {"method": "wanda", "sparsity": 0.7, "granularity": "row"},
+    "owl wanda 70%": {"method": "wanda", "sparsity": 0.7, "granularity": "row", "layer_sparsity": "owl"},
+    "owl sparsegpt 70%": {"method": "sparsegpt", "sparsity": 0.7, "layer_sparsity": "owl"},
+    "owl sparsegpt 60%": {"method": "sparsegpt", "sparsity": 0.6, "layer_sparsity": "owl"},
+    "sparsegpt dsnot 60%": {"method": "sparsegpt", "sparsity": 0.6, "refine": "dsnot"},
+    "admm 50%": {"method": "admm", "sparsity": 0.5},
+    "admm 60%": {"method": "admm", "sparsity": 0.6},
+    "admm 70%": {"method": "admm", "sparsity": 0.7},
+    "admm 2:4": {"method": "admm", "pattern": "2:4"},
+    "owl admm 50%": {"method": "admm", "sparsity": 0.5, "layer_sparsity": "owl"},
+    "owl admm 60%": {"method": "admm", "sparsity": 0.6, "layer_sparsity": "owl"},
+    "owl admm 70%": {"method": "admm", "sparsity": 0.7, "layer_sparsity": "owl"},
+    "admm dsnot 70%": {"method": "admm", "sparsity": 0.7, "refine": "dsnot"},
+    "admm dsnot 2:4": {"method": "admm", "pattern": "2:4", "refine": "dsnot"},
+    "owl admm dsnot 70%": {"method": "admm", "sparsity": 0.7, "layer_sparsity": "owl", "refine": "dsnot"},
 }
 
 

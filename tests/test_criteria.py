@@ -23,6 +23,8 @@ TABLE = {
     "l2-cols": ("none", "cols", lambda r, c, s: r * math.floor(s * c)),
     "wanda": ("column_norms", "row", lambda r, c, s: r * math.floor(s * c)),
     "sparsegpt": ("hessian", "layer", lambda r, c, s: math.floor(s * r * c)),
+    "admm": ("hessian", "layer", lambda r, c, s: math.floor(s * r * c)),
+    "owl-admm": ("hessian", "layer", "owl"),  # per-block sparsities; their weighted mean is the target
 }
 SPARSITY = 0.3
 
@@ -61,7 +63,7 @@ def test_criterion(name):
         w, keep = lin.weight.detach(), masks[n]
         assert torch.equal(keep, w != 0), n  # the mask is the real zeros
         rows, cols = w.shape
-        if count is not None:
+        if callable(count):
             assert int((~keep).sum()) == count(rows, cols, SPARSITY), n
         if name == "l2-cols":  # whole input columns
             assert torch.equal(keep, keep[:1].expand_as(keep)), n
@@ -73,6 +75,8 @@ def test_criterion(name):
         numel_total += w.numel()
     if count is None:
         assert zeros_total == math.floor(SPARSITY * numel_total)
+    if count == "owl":  # each layer floors its own block's share: at most one weight per layer below the mean
+        assert 0 <= math.floor(SPARSITY * numel_total) - zeros_total <= len(before)
 
     if not crit.needs_calibration:  # calibration data, when given anyway, changes nothing
         again = load_model("tiny-llama", "causal-lm").model

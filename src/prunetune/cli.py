@@ -359,6 +359,8 @@ PRUNE_FLAGS = {  # flag parameter -> recipe key (no defaults here: commands/prun
     "calib_batch": "prune.calib_batch", "max_windows": "eval.max_windows", "seed": "seed",
     "data_dir": "data.data_dir", "stream": "prune.stream", "max_memory": "prune.max_memory",
     "dtype": "model.dtype",
+    "data_dir": "data.data_dir", "layer_sparsity": "prune.layer_sparsity", "owl_lambda": "prune.owl_lambda",
+    "owl_m": "prune.owl_m", "refine": "prune.refine", "admm_iters": "prune.admm_iters", "admm_damp": "prune.admm_damp",
 }
 
 
@@ -376,7 +378,7 @@ def _default_calib_split(data: dict, calib_split: str | None) -> None:
              "value.")
 def prune_cmd(
     model: str = typer.Argument(..., help="alias, HF dir, .gguf or hub id"),
-    method: Optional[str] = typer.Option(None, "--method", help="a registered criterion: magnitude | wanda | sparsegpt | l1-global | l2-cols (recipe default: wanda)"),
+    method: Optional[str] = typer.Option(None, "--method", help="a registered criterion: magnitude | wanda | sparsegpt | admm | owl-admm | l1-global | l2-cols (recipe default: wanda)"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="fraction of weights to prune, in [0, 1) (recipe default: 0.5)"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured pattern, e.g. 2:4 (overrides --sparsity)"),
     granularity: Optional[str] = typer.Option(None, "--granularity", help="row | layer | global | rows | cols | heads | neurons (default: sparsegpt layer, others row)"),
@@ -390,6 +392,12 @@ def prune_cmd(
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="read, prune and write one block at a time from a local safetensors dir (default: when the model would not fit --max-memory)"),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="memory budget that decides streaming, e.g. 16GB (default: what the machine has free)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bf16 | fp16 | fp32: load, prune and export dtype (recipe default: auto, the checkpoint's)"),
+    layer_sparsity: Optional[str] = typer.Option(None, "--layer-sparsity", help="uniform | owl: each block its own sparsity from its activation outliers, the mean kept (default: the method's, owl for owl-admm)"),
+    owl_lambda: Optional[float] = typer.Option(None, "--owl-lambda", help="OWL: half-width of the per-block sparsity band (recipe default: 0.08)"),
+    owl_m: Optional[float] = typer.Option(None, "--owl-m", help="OWL: an outlier scores above M x its block's mean (recipe default: 5)"),
+    refine: Optional[str] = typer.Option(None, "--refine", help="none | dsnot: prune-and-grow swaps after the criterion (calibrated criteria)"),
+    admm_iters: Optional[int] = typer.Option(None, "--admm-iters", help="ADMM iterations (recipe default: 20)"),
+    admm_damp: Optional[float] = typer.Option(None, "--admm-damp", help="ADMM dampening, fraction of mean(diag XᵀX) (recipe default: 0.1)"),
     eval_ppl: Optional[str] = typer.Option(None, "--eval-ppl", help="perplexity before and after (windows of --seqlen) on wikitext2 | bbc-news | FILE"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="--eval-ppl: first N windows only"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the calibration sample"),
@@ -418,7 +426,9 @@ def prune_cmd(
     data = command_data("prune", model, flags)
     # everything that can be checked without the model is checked first (the engine's own messages)
     p = {**{k: f.default for k, f in PruneSpec.model_fields.items()}, **data.get("prune", {})}
-    validate(p["method"], p["sparsity"], p["pattern"], p["granularity"])
+    opts = {"iters": p["admm_iters"], "damp": p["admm_damp"]} if hasattr(get_criterion(p["method"]), "check") else None
+    validate(p["method"], p["sparsity"], p["pattern"], p["granularity"], layer_sparsity=p["layer_sparsity"],
+             owl_lambda=p["owl_lambda"], owl_m=p["owl_m"], refine=p["refine"], options=opts)
     _default_calib_split(data, calib_split)
     d = data["data"]
     if eval_ppl:
@@ -438,7 +448,7 @@ def prune_cmd(
         if not torch.cuda.is_available():
             raise PrunetuneError("--device cuda asked but no CUDA device is available")
     dd = recipe.data.data_dir
-    if get_criterion(spec.method).needs_calibration:
+    if get_criterion(spec.method).needs_calibration or spec.extras()["layer_sparsity"] == "owl":
         load_text(recipe.data.calib, recipe.data.calib_split, data_dir=dd)
     if eval_ppl:
         load_text(eval_ppl, "test", data_dir=dd)

@@ -90,7 +90,7 @@ class PruneSpec(_Spec):
     """One-shot pruning with the engine (`prunetune.pruning.api.prune`)."""
 
     method: str = Field("wanda", description="a registered pruning criterion (prunetune.pruning.criteria): "
-                        "wanda | magnitude | sparsegpt | l1-global | l2-cols")
+                        "wanda | magnitude | sparsegpt | admm | owl-admm | l1-global | l2-cols")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     pattern: str | None = Field(None, description="N:M pattern such as '2:4' (overrides sparsity)")
     granularity: str | None = Field(
@@ -121,6 +121,27 @@ class PruneSpec(_Spec):
         except PrunetuneError as exc:
             raise ValueError(str(exc)) from None
         return v
+    layer_sparsity: str | None = Field(None, description="uniform | owl (each block its own sparsity from its "
+                                       "activation outliers, mean = sparsity); None = the method's own (owl for "
+                                       "owl-admm, else uniform)")
+    owl_lambda: float = Field(0.08, description="OWL: half-width of the per-block sparsity band")
+    owl_m: float = Field(5.0, description="OWL: an outlier scores above M x its block's mean Wanda score")
+    refine: str | None = Field(None, description="none | dsnot (mask refinement after the criterion, calibrated "
+                               "criteria only); None = the method's own (none)")
+    admm_iters: int = Field(20, description="ADMM iterations (admm, owl-admm), in [1, 10000]")
+    admm_damp: float = Field(0.1, description="ADMM dampening, a fraction of mean(diag XᵀX), in (0, 10]")
+
+    def method_options(self) -> dict | None:
+        """The criterion's own options (ADMM's), None for criteria that take none."""
+        from prunetune.pruning.criteria import get_criterion
+
+        return {"iters": self.admm_iters, "damp": self.admm_damp} if hasattr(get_criterion(self.method), "check") \
+            else None
+
+    def extras(self) -> dict:
+        """The keyword arguments of `prune()` beyond method, sparsity, pattern and granularity."""
+        return {"layer_sparsity": self.layer_sparsity, "owl_lambda": self.owl_lambda, "owl_m": self.owl_m,
+                "refine": self.refine, "options": self.method_options()}
 
     @field_validator("method")
     @classmethod
@@ -155,7 +176,7 @@ class PruneSpec(_Spec):
         from prunetune.pruning.api import validate
 
         try:
-            validate(self.method, self.sparsity, self.pattern, self.granularity)
+            validate(self.method, self.sparsity, self.pattern, self.granularity, **self.extras())
         except PrunetuneError as exc:
             raise ValueError(str(exc)) from None
         return self

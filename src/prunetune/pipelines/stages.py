@@ -224,13 +224,14 @@ def prune_model(loaded, recipe, spec, seed: int, previous=None) -> tuple:
     from prunetune.pruning.criteria import get_criterion
 
     calib = None
-    if get_criterion(spec.method).needs_calibration:
+    if get_criterion(spec.method).needs_calibration or spec.extras()["layer_sparsity"] == "owl":
         src = load_text(recipe.data.calib, recipe.data.calib_split, data_dir=recipe.data.data_dir)
         calib = calibration_samples(loaded.tokenizer, src.text, spec.nsamples, spec.seqlen, seed, src.name)
     t0 = time.perf_counter()
     masks = prune(loaded.model, spec.method, spec.sparsity, pattern=spec.pattern, granularity=spec.granularity,
                   calib=calib, tokenizer=loaded.tokenizer, nsamples=spec.nsamples, seqlen=spec.seqlen,
-                  skip=spec.skip, seed=seed, previous=previous, device=spec.device, batch_size=spec.calib_batch)
+                  skip=spec.skip, seed=seed, previous=previous, device=spec.device, batch_size=spec.calib_batch,
+                  **spec.extras())
     seconds = time.perf_counter() - t0
     if previous is not None:  # prune() kept what was pruned before; layers it skipped keep their masks too
         for k, m in previous.items():

@@ -22,6 +22,12 @@ Which granularity does what:
 * `heads` / `neurons`: coupled structures (GQA KV groups with their query heads and o columns; MLP channels
   across gate/up/down), see `structured.py`.
 * `pattern="2:4"` (N:M) keeps N of every M consecutive inputs in each row; sparsity is then 1 − N/M.
+
+Beyond one criterion: `layer_sparsity="owl"` gives each block its own sparsity from its share of activation
+outliers, the mean kept at `sparsity` (`allocation.py`, one extra dense pass over the blocks; any criterion);
+`refine="dsnot"` swaps pruned and kept weights of each layer after its criterion to shrink the expected output
+shift (`refine.py`, any calibrated criterion, from moments collected in the same passes); `method="admm"` is a
+weight-updating criterion like SparseGPT (`criteria/admm.py`), with `options` (iters, gradual, damp, rho, refit).
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ from torch import nn
 from prunetune.errors import PrunetuneError
 from prunetune.models.arch import get_adapter, unwrap
 from prunetune.pruning import calibrate
+from prunetune.pruning.allocation import LAYER_SPARSITY, OWL_LAMBDA, OWL_M, check_owl, owl_block_ratios, owl_sparsities
 from prunetune.pruning.criteria import ALL_GRANULARITIES, Criterion, criterion_names, get_criterion
 from prunetune.pruning.granularity import check_sparsity, global_masks, mask_from_scores, parse_nm
 from prunetune.pruning.masks import MaskSet
+from prunetune.pruning.refine import WithMoments, check_refine, dsnot
 from prunetune.pruning.structured import STRUCTURES, structured_masks
 
 
@@ -50,9 +58,20 @@ def resolve_granularity(method: str, granularity: str | None, pattern: str | Non
     return "row" if parse_nm(pattern) is not None and default not in ("row", "layer") else default
 
 
-def validate(method: str, sparsity: float, pattern: str | None, granularity: str | None) -> tuple[int, int] | None:
+def resolve_extras(method: str, layer_sparsity: str | None, refine: str | None) -> tuple[str, str | None]:
+    """(layer sparsity, refinement) with None = the method's own (a preset such as `owl-admm` names both)."""
+    preset = getattr(get_criterion(method), "preset", {})
+    ls = layer_sparsity if layer_sparsity is not None else preset.get("layer_sparsity", "uniform")
+    rf = refine if refine is not None else preset.get("refine")
+    return str(ls).strip().lower(), (None if rf in (None, "", "none") else str(rf).strip().lower())
+
+
+def validate(method: str, sparsity: float, pattern: str | None, granularity: str | None, *,
+             layer_sparsity: str | None = None, refine: str | None = None, owl_lambda: float | None = None,
+             owl_m: float | None = None, options: dict | None = None) -> tuple[int, int] | None:
     """Check options without a model (the CLI calls this before loading anything); returns the N:M pair."""
     crit = get_criterion(method)
+    layer_sparsity, refine = resolve_extras(method, layer_sparsity, refine)
     check_sparsity(sparsity)
     nm = parse_nm(pattern)
     granularity = resolve_granularity(method, granularity, pattern)
@@ -65,6 +84,23 @@ def validate(method: str, sparsity: float, pattern: str | None, granularity: str
                              f"not '{granularity}'")
     if crit.statistics == "gradients":
         raise PrunetuneError(f"{crit.name} scores from gradients during training; one-shot pruning cannot use it")
+    if layer_sparsity not in LAYER_SPARSITY:
+        raise PrunetuneError(f"unknown layer sparsity '{layer_sparsity}'; choose one of: {', '.join(LAYER_SPARSITY)}")
+    if layer_sparsity == "owl":
+        check_owl(OWL_LAMBDA if owl_lambda is None else owl_lambda, OWL_M if owl_m is None else owl_m)
+        if nm is not None:
+            raise PrunetuneError("OWL allocates a sparsity per block; an N:M pattern fixes it in every layer")
+        if granularity == "global":
+            raise PrunetuneError("OWL allocates a sparsity per block; a global threshold chooses its own")
+    if refine is not None:
+        check_refine(refine, crit.statistics, crit.name)
+        if granularity not in ("row", "layer"):
+            raise PrunetuneError(f"--refine {refine} swaps weights inside each row; granularity '{granularity}' "
+                                 "prunes whole structures")
+    if options:
+        if not hasattr(crit, "check"):
+            raise PrunetuneError(f"{crit.name} takes no options, got {sorted(options)}")
+        crit.check(**options)
     return nm
 
 
@@ -142,7 +178,8 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
           progress: bool | None = None, batch_size: int = 1,
           stats_hook: Callable[[str, object], None] | None = None,
           previous: MaskSet | dict[str, torch.Tensor] | None = None, io: calibrate.BlockIO | None = None,
-          masks: MaskSet | None = None) -> MaskSet:
+          masks: MaskSet | None = None, layer_sparsity: str | None = None, owl_lambda: float | None = None,
+          owl_m: float | None = None, refine: str | None = None, options: dict | None = None) -> MaskSet:
     """Prune `model` in place and return its MaskSet (keyed by module name of the unwrapped model).
 
     `calib`: LongTensor [n, seqlen] of token ids, a `TextSource`, or a source name (`wikitext2`, `bbc-news`,
@@ -167,9 +204,16 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     `io`: where blocks live between their turns (`calibrate.BlockIO`; default in the model). A streaming io
     (`stream.StreamIO`) reads each block from disk before its turn and writes it, with its masks taken out
     of `masks` (the MaskSet to fill; a new one by default), after it; `stream.prune_checkpoint` sets this up.
+    `layer_sparsity`: "uniform" or "owl" (each block its own sparsity, `owl_lambda` / `owl_m`, mean = `sparsity`);
+    None = the method's own (uniform unless a preset says otherwise). `refine`: None / "dsnot" (after the
+    criterion, per layer). `options`: the criterion's own settings (ADMM: iters, gradual, damp, rho, refit).
     """
-    nm = validate(method, sparsity, pattern, granularity)
+    nm = validate(method, sparsity, pattern, granularity, layer_sparsity=layer_sparsity, refine=refine,
+                  owl_lambda=owl_lambda, owl_m=owl_m, options=options)
     crit = get_criterion(method)
+    layer_sparsity, refine = resolve_extras(method, layer_sparsity, refine)
+    owl = layer_sparsity == "owl"
+    opts = crit.check(**(options or {})) if hasattr(crit, "check") else {}
     granularity = resolve_granularity(method, granularity, pattern)
     if nm is not None:
         sparsity = 1.0 - nm[0] / nm[1]
@@ -184,9 +228,10 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
         raise PrunetuneError("--device cuda asked but no CUDA device is available")
     ids = None
-    if crit.needs_calibration:
+    if crit.needs_calibration or owl:
         if calib is None:
-            raise PrunetuneError(f"{crit.name} needs calibration data: pass calib (token ids, a TextSource or a "
+            who = crit.name if crit.needs_calibration else "OWL (layer sparsity from activation outliers)"
+            raise PrunetuneError(f"{who} needs calibration data: pass calib (token ids, a TextSource or a "
                                  "source name)")
         ids = calibration_ids(calib, tokenizer, nsamples, seqlen, seed)
         vocab = root.get_input_embeddings().num_embeddings
@@ -200,29 +245,49 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     masks = masks if masks is not None else MaskSet()
     blocks = adapter.blocks()
     io = io if io is not None else calibrate.InMemory(None, None)  # weight-only criteria: blocks stay put
+    encdec = bool(getattr(root.config, "is_encoder_decoder", False))
+    layer_sp: dict[str, float] = {}  # layer -> its block's sparsity (OWL); absent = `sparsity`
+    if owl:
+        lam, m = OWL_LAMBDA if owl_lambda is None else owl_lambda, OWL_M if owl_m is None else owl_m
+        ratios, sizes = owl_block_ratios(model, ids, targets, m, device=device, batch_size=batch_size,
+                                         progress=progress, encoder_decoder=encdec,
+                                         io=None if isinstance(io, calibrate.InMemory) else io)
+        with_targets = [b for b in blocks if any(calibrate.layer_key(adapter, x) in targets
+                                                 for x in b.linears.values())]
+        for b, s in zip(with_targets, owl_sparsities(ratios, sizes, sparsity, lam)):
+            for x in b.linears.values():
+                layer_sp[calibrate.layer_key(adapter, x)] = s
 
     def prune_layers(names_stats: dict[str, object], blocks_of: list) -> None:
         """Prune these layers from their statistics (None for weight-only criteria)."""
         if stats_hook:
             for n, st in names_stats.items():
                 if st is not None:
-                    stats_hook(n, st)
+                    stats_hook(n, st.inner if isinstance(st, WithMoments) else st)
         if crit.updates_weights or granularity in ("row", "layer"):
             # one layer at a time, its statistics released as soon as it is pruned: at most one layer's
             # scores / updated weights exist besides the model
             for n in list(names_stats):
                 st = names_stats.pop(n)
+                moments = None
+                if isinstance(st, WithMoments):
+                    st, moments = st.inner, st.moments
+                s_n = layer_sp.get(n, sparsity)
+                dense = targets[n].weight.detach().clone() if moments is not None else None
                 if crit.updates_weights:
-                    _update_layer(crit, n, targets[n], st, sparsity, nm, granularity, masks, prior)
+                    _update_layer(crit, n, targets[n], st, s_n, nm, granularity, masks, prior, opts)
                 else:
                     score = _floor(crit.score(targets[n].weight, st), targets[n].weight, prior, n, granularity)
-                    _apply(targets, {n: mask_from_scores(score, sparsity, granularity, nm)}, masks, prior)
-                del st
+                    _apply(targets, {n: mask_from_scores(score, s_n, granularity, nm)}, masks, prior)
+                if moments is not None:
+                    _refine_layer(n, targets[n], dense, moments, nm, masks, prior)
+                del st, dense
             return
         scores = {n: _floor(crit.score(targets[n].weight, st), targets[n].weight, prior, n, granularity)
                   for n, st in names_stats.items()}
+        sp = layer_sp.get(next(iter(scores)), sparsity) if len(blocks_of) == 1 and scores else sparsity
         new = global_masks(scores, sparsity) if granularity == "global" else \
-            _masks_from_scores(adapter, blocks_of, scores, sparsity, granularity, nm)
+            _masks_from_scores(adapter, blocks_of, scores, sp, granularity, nm)
         _apply(targets, new, masks, prior)
 
     if not crit.needs_calibration:
@@ -237,9 +302,10 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
         return masks
 
     def factory(_name: str, lin: nn.Linear, dev: torch.device):
-        return crit.make_stats(lin.in_features, dev)
+        st = crit.make_stats(lin.in_features, dev)
+        return WithMoments(st, lin.in_features, dev) if refine else st
 
-    if granularity == "global" or getattr(root.config, "is_encoder_decoder", False):
+    if granularity == "global" or encdec:
         # every layer's statistics before any pruning: one pass over the dense model
         stats = calibrate.collect_all(model, ids, factory, set(targets), batch_size=batch_size, progress=progress)
         prune_layers(stats, blocks)
@@ -297,10 +363,22 @@ def _apply(targets: dict[str, nn.Linear], new: dict[str, torch.Tensor], masks: M
 
 
 def _update_layer(crit: Criterion, name: str, lin: nn.Linear, stats, sparsity: float, nm, granularity: str,
-                  masks: MaskSet, prior: dict[str, torch.Tensor]) -> None:
+                  masks: MaskSet, prior: dict[str, torch.Tensor], opts: dict | None = None) -> None:
     """A weight-updating criterion (SparseGPT) rewrites the layer; zeros already in it are forced by it."""
     w = lin.weight
-    new_w, keep = crit.update(w, stats, sparsity, pattern=nm, granularity=granularity, keep=prior.get(name))
+    new_w, keep = crit.update(w, stats, sparsity, pattern=nm, granularity=granularity, keep=prior.get(name),
+                              **(opts or {}))
     w.copy_(new_w.to(device=w.device, dtype=w.dtype))
     del new_w
+    masks.set_packed(name, keep.cpu())
+
+
+def _refine_layer(name: str, lin: nn.Linear, dense: torch.Tensor, moments, nm, masks: MaskSet,
+                  prior: dict[str, torch.Tensor]) -> None:
+    """DSnoT after the criterion: swap weights of the just-pruned layer against its dense copy (same counts)."""
+    w = lin.weight
+    keep = masks[name].to(w.device)
+    allowed = None if name not in prior else prior[name].to(w.device)
+    new_w, keep = dsnot(dense, w.detach(), keep, moments, pattern=nm, allowed=allowed)
+    w.copy_(new_w.to(device=w.device, dtype=w.dtype))
     masks.set_packed(name, keep.cpu())

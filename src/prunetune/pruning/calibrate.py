@@ -201,12 +201,14 @@ class InMemory:
 @torch.no_grad()
 def sequential(model: nn.Module, ids: torch.Tensor, make_stats: StatFactory, on_block: OnBlock, *,
                targets: set[str] | None = None, device: str | torch.device | None = None, batch_size: int = 1,
-               progress: bool | None = None, io: BlockIO | None = None) -> None:
+               progress: bool | None = None, io: BlockIO | None = None, propagate: bool = True) -> None:
     """Walk the blocks in order: collect statistics, let `on_block` prune, propagate the pruned outputs.
 
     `targets` limits statistics (and so pruning) to these module names; blocks without targets are still run
     to produce the next block's inputs. `make_stats(name, layer, device)` builds one statistics object.
     `io` brings each block's weights before its turn and takes them after (default: `InMemory`).
+    `propagate=False` is a measuring pass (OWL's outlier ratios): `on_block` must leave the block unchanged,
+    and the outputs of the statistics forward are the next block's inputs (one forward per block, not two).
     """
     root = unwrap(model)
     adapter = get_adapter(root)
@@ -227,16 +229,20 @@ def sequential(model: nn.Module, ids: torch.Tensor, make_stats: StatFactory, on_
                 stats = {n: make_stats(n, lin, device) for n, lin in named.items()}
                 handles = _hooks(named, stats)
                 try:
-                    for hidden, args, kwargs in inputs:
-                        block.module(hidden, *args, **kwargs)
+                    for i, (hidden, args, kwargs) in enumerate(inputs):
+                        out = _first(block.module(hidden, *args, **kwargs))
+                        if not propagate:  # the block will not change: its outputs are the next inputs
+                            inputs[i] = (out, args, kwargs)
+                        del hidden, out
                 finally:
                     for h in handles:
                         h.remove()
                 on_block(block, stats)
                 del stats
-            for i, (hidden, args, kwargs) in enumerate(inputs):  # in place: each input freed once replaced
-                inputs[i] = (_first(block.module(hidden, *args, **kwargs)), args, kwargs)
-                del hidden
+            if propagate or not named:
+                for i, (hidden, args, kwargs) in enumerate(inputs):  # in place: each input freed once replaced
+                    inputs[i] = (_first(block.module(hidden, *args, **kwargs)), args, kwargs)
+                    del hidden
             io.release(block.module)
     finally:
         root.train(was_training)

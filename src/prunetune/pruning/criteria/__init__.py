@@ -92,4 +92,4 @@ def get_criterion(name: str) -> Criterion:
 
 
 # the registry lines: one import per criterion file (order = the order choices are listed in)
-from prunetune.pruning.criteria import wanda, magnitude, sparsegpt  # noqa: E402,F401,I001
+from prunetune.pruning.criteria import wanda, magnitude, sparsegpt, admm  # noqa: E402,F401,I001
