@@ -80,6 +80,12 @@ def test_prune_cli_magnitude_with_ppl(tmp_path, calib_file, capsys):
     (["--nsamples", "1000"], "tokens are needed"),
     (["--calib", "/nonexistent/calib.txt"], "does not exist"),
     (["--device", "tpu"], "unknown --device"),
+    (["--method", "wanda", "--layer-sparsity", "owl", "--sparsity", "0.97"], "outside [0, 1)"),
+    (["--layer-sparsity", "owl", "--owl-lambda", "0.6"], "OWL lambda must be in [0, 0.5)"),
+    (["--layer-sparsity", "deep"], "unknown layer sparsity 'deep'"),
+    (["--method", "magnitude", "--refine", "dsnot"], "magnitude collects none"),
+    (["--method", "admm", "--admm-iters", "0"], "ADMM iterations must be an integer in [1, 10000], got 0"),
+    (["--method", "admm", "--admm-damp", "0"], "ADMM damping must be in (0, 10]"),
 ])
 def test_prune_cli_bad_input(tmp_path, calib_file, capsys, args, needle):
     out = tmp_path / "o"
@@ -96,3 +102,18 @@ def test_prune_cli_refuses_non_empty_out(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "x"
     cli_ok(["prune", "tiny-llama", "--method", "magnitude", "--out", str(out), "--overwrite"], capsys)
     assert (out / "model" / "masks.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+def test_prune_cli_owl_admm_dsnot(tmp_path, calib_file, capsys):
+    """The new options reach the engine: OWL's per-block sparsities average to the target, ADMM prunes."""
+    out = tmp_path / "owl"
+    cli_ok(["prune", "tiny-llama", "--method", "owl-admm", "--sparsity", "0.6", "--refine", "dsnot",
+            "--admm-iters", "6", "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "64", "--out", str(out)],
+           capsys)
+    man = json.loads((out / "manifest.json").read_text())
+    spec = man["config"]["prune"]
+    assert spec["method"] == "owl-admm" and spec["refine"] == "dsnot" and spec["admm_iters"] == 6
+    layers = json.loads((out / "stages" / "01-prune" / "layer_sparsity.json").read_text())
+    per = {n: v["sparsity"] for n, v in layers.items()}
+    assert len({round(v, 3) for v in per.values()}) > 1  # not uniform
+    assert man["metrics"]["01-prune"]["sparsity"]["value"] == pytest.approx(0.6, abs=0.003)
