@@ -56,6 +56,8 @@ CASES = [
     ("wanda", {"granularity": "heads"}),
     ("magnitude", {"granularity": "neurons"}),
     ("wanda", {"granularity": "rows"}),
+    ("admm", {"layer_sparsity": "owl", "refine": "dsnot"}),  # OWL's measuring pass streams too (issue 28)
+    ("magnitude", {"layer_sparsity": "owl"}),
 ]
 
 

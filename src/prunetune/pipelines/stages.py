@@ -291,7 +291,7 @@ def _stream_prune(state, out_dir: Path, ckpt) -> dict:
     target = out_dir / "model"
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
     calib = None
-    if get_criterion(spec.method).needs_calibration:
+    if get_criterion(spec.method).needs_calibration or spec.extras()["layer_sparsity"] == "owl":
         src = load_text(recipe.data.calib, recipe.data.calib_split, data_dir=recipe.data.data_dir)
         calib = calibration_samples(tokenizer, src.text, spec.nsamples, spec.seqlen, seed, src.name)
     names = chosen_layers(skeleton(ckpt, torch.float32))
@@ -302,7 +302,8 @@ def _stream_prune(state, out_dir: Path, ckpt) -> dict:
         res = prune_checkpoint(ckpt.path, tmp, spec.method, spec.sparsity, dtype=recipe.model.dtype,
                                device=spec.device, calib=calib, tokenizer=tokenizer, nsamples=spec.nsamples,
                                seqlen=spec.seqlen, seed=seed, batch_size=spec.calib_batch, pattern=spec.pattern,
-                               granularity=spec.granularity, skip=spec.skip, previous=state.masks())
+                               granularity=spec.granularity, skip=spec.skip, previous=state.masks(),
+                               **spec.extras())
         from transformers import AutoConfig
 
         from prunetune.models.card import write_model_card

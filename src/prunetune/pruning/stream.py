@@ -438,11 +438,12 @@ def prune_checkpoint(path: Path | str, out: Path | str, method: str = "wanda", s
                      dtype: str = "auto", device: str | None = None, calib=None, tokenizer=None,
                      nsamples: int = 32, seqlen: int = 512, seed: int = 0, batch_size: int = 1,
                      pattern: str | None = None, granularity: str | None = None, skip: list[str] | None = None,
-                     previous: MaskSet | None = None, progress: bool | None = None) -> dict:
+                     previous: MaskSet | None = None, progress: bool | None = None, **extras) -> dict:
     """Prune the checkpoint at `path` block by block into the directory `out` (created; must not exist).
 
     Same arguments as `api.prune` plus `dtype` (auto keeps the checkpoint's; fp32 | bf16 | fp16), with the
-    model read from and written to disk. Returns the per-layer real zeros and the dtypes used.
+    model read from and written to disk. Returns the per-layer real zeros and the dtypes used. `extras`:
+    `api.prune`'s layer_sparsity, owl_lambda, owl_m, refine and options (OWL's measuring pass streams too).
     """
     from prunetune.models.loading import resolve_dtype
     from prunetune.pruning.api import prune
@@ -461,7 +462,7 @@ def prune_checkpoint(path: Path | str, out: Path | str, method: str = "wanda", s
     from prunetune.pruning import calibrate
     from prunetune.pruning.api import masked_layers, resolve_granularity, select_targets, validate
 
-    validate(method, sparsity, pattern, granularity)
+    validate(method, sparsity, pattern, granularity, **extras)
     masked = masked_layers(model, select_targets(model, skip), resolve_granularity(method, granularity, pattern))
     out.mkdir(parents=True, exist_ok=True)
     io = StreamIO(ckpt, model, out, compute, compute, device, masked)
@@ -470,7 +471,8 @@ def prune_checkpoint(path: Path | str, out: Path | str, method: str = "wanda", s
         io.load(embed)  # block 0's inputs come from it; written from memory once the blocks are done
         masks = prune(model, method, sparsity, pattern=pattern, granularity=granularity, calib=calib,
                       tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, skip=skip, device=device, seed=seed,
-                      progress=progress, batch_size=batch_size, previous=previous, io=io, masks=io.pruned)
+                      progress=progress, batch_size=batch_size, previous=previous, io=io, masks=io.pruned,
+                      **extras)
         io.release(embed)
         if len(masks):
             raise PrunetuneError(f"internal: {len(masks)} masks were never written (e.g. {masks.names()[0]})")
