@@ -587,11 +587,17 @@ def run_and_report(rec, out: Path, *, resume: bool, overwrite: bool, con) -> dic
     multi-process launcher, rank 0 writes it)."""
     from prunetune.pipelines.runner import is_main_process, run_recipe
     from prunetune.reporting.report import write_run_report
+    from prunetune.rundir import RunLock
 
-    man = run_recipe(rec, out, resume=resume, overwrite=overwrite,
-                     log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
-    if is_main_process():
-        write_run_report(out)
+    lock = RunLock(out).acquire() if is_main_process() else None  # the report is written under the run's lock too
+    try:
+        man = run_recipe(rec, out, resume=resume, overwrite=overwrite,
+                         log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
+        if is_main_process():
+            write_run_report(out)
+    finally:
+        if lock is not None:
+            lock.release()
     return man
 
 

@@ -159,3 +159,116 @@ def load_run(run_dir: Path | str) -> dict:
     recipe = yaml.safe_load((run_dir / RECIPE).read_text()) if (run_dir / RECIPE).is_file() else {}
     return {"dir": str(run_dir), "manifest": read_json(run_dir / MANIFEST), "recipe": recipe,
             "stages": stages, "name": run_dir.name}
+
+
+# --------------------------------------------------------------------------------------------- one writer
+LOCK = ".prunetune.lock"
+
+
+def entries(run_dir: Path | str) -> list[Path]:
+    """What a run directory holds besides its lock file (an empty directory with a stale lock is empty)."""
+    run_dir = Path(run_dir)
+    return [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+
+
+def read_lock(run_dir: Path | str) -> dict:
+    try:
+        info = json.loads((Path(run_dir) / LOCK).read_text())
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class RunLock:
+    """One writer per run directory: an exclusive `flock` on `OUT/.prunetune.lock`, which names its holder.
+
+    Why flock: the kernel drops the lock when its process dies, SIGKILL included, so a lock left by a killed
+    run is stale by construction and the next writer takes it over without guessing from pids (a recycled
+    pid, a process on another host). The file's text (pid, host, start time) is only for the refusal message.
+    The lock is taken before anything in the directory is touched (even by `--overwrite`) and the file is
+    removed when the run ends; a writer that took a file another one unlinked meanwhile tries again.
+    """
+
+    _held: dict[str, RunLock] = {}  # taken by this process: a nested acquire (the CLI around the runner) is free
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self.fd: int | None = None
+        self.created: list[Path] = []
+        self.nested = False
+        self.took_over: dict | None = None  # the holder of a stale lock this one replaced
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise PrunetuneError naming who holds it."""
+        import datetime as _dt
+        import socket
+
+        from prunetune.errors import PrunetuneError
+
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no locking
+            return self
+        key = str(self.run_dir.resolve())
+        if key in RunLock._held:
+            self.nested = True
+            self.took_over = RunLock._held[key].took_over
+            return self
+        d = self.run_dir
+        while not d.exists() and d != d.parent:  # the directories this lock makes (removed again if left empty)
+            self.created.append(d)
+            d = d.parent
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                who = read_lock(self.run_dir)
+                desc = ", ".join(f"{k} {who[k]}" for k in ("pid", "host", "started") if k in who)
+                raise PrunetuneError(f"{self.run_dir} is in use by another prunetune process ({desc or 'unknown'}); "
+                                     "wait for it to end or use another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file between our open and flock: take a fresh one
+                os.close(fd)
+                continue
+            old = os.read(fd, 4096)
+            if old.strip():
+                try:
+                    self.took_over = json.loads(old)
+                except ValueError:
+                    self.took_over = {}
+            me = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+            self.fd = fd
+            RunLock._held[key] = self
+            return self
+        raise PrunetuneError(f"{self.run_dir}: could not take the lock {LOCK} (it keeps changing)")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        RunLock._held.pop(str(self.run_dir.resolve()), None)
+        try:
+            self.path.unlink(missing_ok=True)  # unlinked while held: a waiting writer sees the inode change
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        for d in self.created:  # a run refused before writing anything leaves no empty directory behind
+            if not d.is_dir() or any(d.iterdir()):
+                break
+            d.rmdir()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -45,7 +45,8 @@ import yaml
 
 from prunetune.config import Recipe, recipe_to_dict, validate_recipe
 from prunetune.errors import PrunetuneError
-from prunetune.rundir import atomic_write_json, atomic_write_text, fsync_tree, load_run, umask_modes  # noqa: F401 (load_run re-exported)
+from prunetune.rundir import (  # noqa: F401 (load_run re-exported)
+    RunLock, atomic_write_json, atomic_write_text, entries, fsync_tree, load_run, umask_modes)
 
 PAUSE_ENV = "PRUNETUNE_PAUSE_IN_STAGE"  # test hook: stop inside this stage (before it completes) and wait
 #: stages that every rank of a multi-process launch runs (they train together); the others run on rank 0 only
@@ -190,7 +191,7 @@ def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> N
     saved = out / "recipe.yaml"
     if resume:
         if not saved.is_file():
-            if out.exists() and any(out.iterdir()):
+            if entries(out):
                 raise PrunetuneError(f"{out} is not a prunetune run directory (no recipe.yaml): cannot resume")
         else:
             old = yaml.safe_load(saved.read_text())
@@ -201,7 +202,7 @@ def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> N
                     f"--resume: the recipe differs from the one that started {out} (keys: {', '.join(diff)}); "
                     "resume with the same recipe and --set values, or use a new --out"
                 )
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+    elif entries(out) and not overwrite:
         raise PrunetuneError(f"output directory {out} exists and is not empty (pass --resume to continue it, "
                              "--overwrite to replace it)")
 
@@ -212,8 +213,9 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, lo
     saved = out / "recipe.yaml"
     if resume and not saved.is_file():
         log(f"--resume: nothing to resume in {out} (no run there yet): starting a new run")
-    elif not resume and out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)  # --overwrite (checked above)
+    elif not resume and entries(out):
+        for p in entries(out):  # --overwrite (checked above); the lock this process holds stays
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / "stages").mkdir(exist_ok=True)
     ours = {d.name + ".partial" for d in _stage_dirs(out, recipe)} if resume else set()
@@ -253,19 +255,28 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
     main = is_main_process()
     if not main:
         log = _quiet
-    fresh = not (resume and (out / "recipe.yaml").is_file())
     init_distributed()
-    check_run_dir(out, recipe, resume, overwrite)  # every rank: a refused directory fails on all of them
-    wait_for_everyone()
-    if main:
-        prepare_run_dir(out, recipe, resume, overwrite, log)
-    wait_for_everyone()
+    # one writer per run directory: rank 0 takes OUT's lock before anything there is read or touched (a second
+    # run, a --resume or an --overwrite of a directory in use is refused in one line; a killed run's is stale)
+    lock = RunLock(out).acquire() if main else None
     try:
-        return _run_stages(recipe, out, stages, produces_model, log, resumable_checkpoint if resume else None)
-    except BaseException:
-        if main and fresh and not _anything_to_resume(out, recipe, resumable_checkpoint):
-            _remove_run_files(out)  # nothing to resume: a first stage that fails leaves no half-made run
-        raise
+        if lock is not None and lock.took_over:
+            log(f"{out}: took over the lock of a process that is gone (pid {lock.took_over.get('pid', '?')})")
+        fresh = not (resume and (out / "recipe.yaml").is_file())
+        check_run_dir(out, recipe, resume, overwrite)  # every rank: a refused directory fails on all of them
+        wait_for_everyone()
+        if main:
+            prepare_run_dir(out, recipe, resume, overwrite, log)
+        wait_for_everyone()
+        try:
+            return _run_stages(recipe, out, stages, produces_model, log, resumable_checkpoint if resume else None)
+        except BaseException:
+            if main and fresh and not _anything_to_resume(out, recipe, resumable_checkpoint):
+                _remove_run_files(out)  # nothing to resume: a first stage that fails leaves no half-made run
+            raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _quiet(msg: str) -> None:
