@@ -477,6 +477,15 @@ def check_linear_criterion(name: str) -> str:
     return name
 
 
+def linear_criterion_needs_activations(name: str) -> bool:
+    """Whether the linear criterion scores from input activations (wanda, column-norm criteria): the control
+    arm (`baseline`, pruned without module-level fine-tuning) captures none, so it cannot use such a one."""
+    if name == "wanda":
+        return True
+    crit = _registry_criterion(name)
+    return crit is not None and crit.statistics == "column_norms"
+
+
 class _GramColumnNorms:
     """Column-norm statistics read off the capture's Gram diagonal (what `column_norms` criteria consume)."""
 

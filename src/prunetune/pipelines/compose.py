@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prunetune.errors import PrunetuneError
 from prunetune.pipelines.stages import read_curves, tune_config
 
 
@@ -18,12 +19,18 @@ def check_compose(spec) -> None:
     """The method's checks of a recipe's `compose` settings (rates pair up, units and criterion exist), run
     before a run directory is made; a mistake is one PrunetuneError line."""
     from prunetune.methods.composable import (ATTENTION_UNITS, LINEAR_ROLES, check_linear_criterion, check_units,
-                                              parse_configurations)
+                                              linear_criterion_needs_activations, parse_configurations)
 
     parse_configurations(spec.attention, spec.linear, spec.n, spec.grid)
     check_units(spec.attention_units, "attention_units", tuple(ATTENTION_UNITS))
     check_units(spec.linear_units, "linear_units", LINEAR_ROLES)
     check_linear_criterion(spec.linear_criterion)
+    if spec.baseline and linear_criterion_needs_activations(spec.linear_criterion):
+        # found before any work: the control arm prunes without capturing activations, and would fail only
+        # after every module-level and model-level fine-tuning of the composed arm
+        raise PrunetuneError(f"linear criterion '{spec.linear_criterion}' scores from activations, which the "
+                             "baseline (pruned without module-level fine-tuning) does not capture: pass "
+                             "--no-baseline (compose.baseline: false) or a weight-only criterion such as l1")
 
 
 def run_compose(state, out_dir: Path) -> dict:

@@ -189,6 +189,9 @@ def _read_json(path: Path) -> dict:
 def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
     """The checks of `prepare_run_dir`, without writing (every rank makes them, so all fail alike)."""
     saved = out / "recipe.yaml"
+    if resume and overwrite:
+        raise PrunetuneError("--resume and --overwrite contradict each other: --resume continues the run in "
+                             f"{out}, --overwrite replaces it; pass one")
     if resume:
         if not saved.is_file():
             if entries(out):
@@ -298,12 +301,50 @@ def check_recipe(recipe: Recipe) -> None:
     schema alone, so that the layers below can read their defaults from it)."""
     from prunetune.pipelines.compose import check_compose
 
+    check_inputs(recipe)
     for i, st in enumerate(recipe.stages):
         if st.type == "compose":
             check_compose(recipe.stage_spec(i))
         if st.type in SINGLE_PROCESS_STAGES and world_size() > 1:
             raise PrunetuneError(f"stage '{st.type}' runs its trainings in one process: launch it without torchrun "
                                  f"/ accelerate (this launch has {world_size()} processes)")
+
+
+#: stages that read `data.train` (labelled examples for a classifier, else text)
+TRAIN_STAGES = ("finetune", "payt", "losparse", "compose", "full_evaluate", "order_study")
+
+
+def _local(source: str | None) -> bool:
+    """A source that names a local file (a named corpus or a hub dataset is checked where it is loaded)."""
+    if not source:
+        return False
+    path = Path(source).expanduser()
+    return path.suffix in (".txt", ".csv", ".jsonl") or path.exists()
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """The local files a recipe reads (training, calibration, perplexity data; a teacher directory) exist and
+    hold what the stages need, checked before any stage runs: a typo in a path, an empty file or a CSV
+    without its text column fails in a second, not after pruning or an hour of training."""
+    from prunetune.data.sources import load_labelled, load_text
+
+    types = {st.type for st in recipe.stages}
+    d = recipe.data
+    if types & set(TRAIN_STAGES) and _local(d.train):
+        if recipe.model.task == "seq-cls" or "compose" in types:
+            load_labelled(d.train)
+        else:
+            load_text(d.train, d.train_split, data_dir=d.data_dir)
+    if types & {"prune", "structured"} and _local(d.calib):
+        load_text(d.calib, d.calib_split, data_dir=d.data_dir)
+    if "evaluate" in types:
+        for src in d.ppl:
+            if _local(src):
+                load_text(src, d.ppl_split, data_dir=d.data_dir)
+    teacher = recipe.tune.teacher if recipe.tune.kd and types & {"finetune", "payt", "full_evaluate"} else None
+    for t in (teacher, recipe.losparse.teacher if "losparse" in types else None):
+        if t and t not in ("initial", "dense") and not Path(t).expanduser().exists():
+            raise PrunetuneError(f"teacher {t} does not exist (a model directory, or initial | dense)")
 
 
 def _remove_run_files(out: Path) -> None:
