@@ -101,8 +101,8 @@ def main() -> None:
             subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_random_llama.py"), "--layers", str(n),
                             "--out", str(d)], check=True, env=env)
         models[n] = d
-    for n in a.layers:
-        for method in a.methods:
+    for method in a.methods:  # one method over every size first: a partial run still shows the scaling
+        for n in a.layers:
             for path in (a.paths if (n + len(method)) % 2 == 0 else list(reversed(a.paths))):  # alternate order
                 if (n, method, path) in done:
                     continue

@@ -84,19 +84,51 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return out, meta
 
 
+def _read_into(f, buf: torch.Tensor, start: int, file: Path) -> None:
+    f.seek(start)
+    view = memoryview(buf.numpy())
+    got = 0
+    while got < len(view):
+        k = f.readinto(view[got:])
+        if not k:
+            raise PrunetuneError(f"{file} is truncated (a tensor ends past the end of the file)")
+        got += k
+
+
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """One tensor read into fresh memory (no mapping of the shard survives the call)."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     with open(info.file, "rb", buffering=0) as f:
-        f.seek(info.start)
-        view = memoryview(buf.numpy())
-        got = 0
-        while got < info.nbytes:
-            k = f.readinto(view[got:])
-            if not k:
-                raise PrunetuneError(f"{info.file} is truncated (a tensor ends past the end of the file)")
-            got += k
+        _read_into(f, buf, info.start, info.file)
     return buf.view(info.dtype).reshape(info.shape)
+
+
+def _row_bytes(info: TensorInfo) -> int:
+    return info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+
+
+def read_rows(info: TensorInfo, rows: torch.Tensor) -> torch.Tensor:
+    """Some rows of a 2-D tensor (an embedding table's calibration tokens), read one by one from the file."""
+    rb = _row_bytes(info)
+    out = torch.empty(len(rows), rb, dtype=torch.uint8)
+    with open(info.file, "rb", buffering=0) as f:
+        for i, r in enumerate(rows.tolist()):
+            _read_into(f, out[i], info.start + r * rb, info.file)
+    return out.view(info.dtype).reshape(len(rows), *info.shape[1:])
+
+
+def iter_row_chunks(info: TensorInfo, chunk_bytes: int = 64 * 2**20):
+    """(first row, rows) of a tensor in chunks of about `chunk_bytes`: an embedding table or LM head is copied
+    without ever being whole in memory."""
+    rb = _row_bytes(info)
+    n = info.shape[0] if info.shape else 1
+    step = max(1, chunk_bytes // max(rb, 1))
+    with open(info.file, "rb", buffering=0) as f:
+        for r0 in range(0, n, step):
+            k = min(step, n - r0)
+            buf = torch.empty(k * rb, dtype=torch.uint8)
+            _read_into(f, buf, info.start + r0 * rb, info.file)
+            yield r0, buf.view(info.dtype).reshape(k, *info.shape[1:]) if info.shape else buf.view(info.dtype)
 
 
 class ShardWriter:
@@ -125,14 +157,18 @@ class ShardWriter:
         self.f.write(struct.pack("<Q", len(blob)) + blob)
         self.f.truncate(self.base + offset)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        """Write `tensor` into its slot, or rows `first_row...` of it (the slot counts as written with its
+        last row)."""
         offset, nbytes, dtype, shape = self.slots[name]
         t = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-        if tuple(t.shape) != shape:
+        rows, k = (shape[0] if shape else 1), (t.shape[0] if t.dim() else 1)
+        if t.dim() != len(shape) or tuple(t.shape[1:]) != tuple(shape[1:]) or first_row + k > rows:
             raise PrunetuneError(f"{name}: shape {tuple(t.shape)} does not match the checkpoint's {shape}")
-        self.f.seek(self.base + offset)
+        self.f.seek(self.base + offset + first_row * (nbytes // rows if rows else 0))
         self.f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self.pending.discard(name)
+        if first_row + k == rows:
+            self.pending.discard(name)
 
     def close(self) -> None:
         if self.pending:
@@ -263,7 +299,7 @@ def plan_memory(ckpt: Checkpoint, compute_dtype: torch.dtype, *, nsamples: int, 
     block = block_elems * elt + stats
     acts = nsamples * seqlen * hidden * elt  # every window's hidden state, replaced in place block by block
     work = calib_batch * seqlen * (3 * inter + 6 * hidden) * max(elt, 4)  # one batch through one block
-    embed = sum(math.prod(t.shape) for n, t in ckpt.tensors.items() if "embed_tokens" in n) * elt
+    embed = nsamples * seqlen * hidden * elt  # at most one embedding row per calibration token
     n_elems = sum(math.prod(t.shape) for t in ckpt.tensors.values())
     in_memory = int(1.35 * n_elems * elt) + acts + work + stats + BASELINE_BYTES
     streaming = embed + block + acts + work + BASELINE_BYTES
@@ -400,11 +436,12 @@ class StreamIO:
         release_freed_memory()
 
     def copy_rest(self) -> None:
-        """Tensors never loaded (final norm, an untied LM head), one at a time, file to file."""
+        """Tensors outside the blocks (embedding table, final norm, LM head), file to file in row chunks."""
         for name, info in self.ckpt.tensors.items():
             writer = self.writers[self.shard_of[name]]
             if name in writer.pending:
-                writer.write(name, read_tensor(info))
+                for r0, chunk in iter_row_chunks(info):
+                    writer.write(name, chunk, first_row=r0)
 
     def close(self) -> None:
         """Check and sync every output file (a shard with an unwritten slot is an error, never complete)."""
@@ -467,13 +504,18 @@ def prune_checkpoint(path: Path | str, out: Path | str, method: str = "wanda", s
     out.mkdir(parents=True, exist_ok=True)
     io = StreamIO(ckpt, model, out, compute, compute, device, masked)
     try:
-        embed = model.get_input_embeddings()
-        io.load(embed)  # block 0's inputs come from it; written from memory once the blocks are done
+        if calib is not None:  # block 0's inputs need the embedding rows of the calibration tokens only
+            from prunetune.pruning.api import calibration_ids
+
+            calib = calibration_ids(calib, tokenizer, nsamples, seqlen, seed)
+            _calibration_embedding(model, ckpt, calib, compute)
+        from prunetune.pruning.calibrate import release_freed_memory
+
+        release_freed_memory()  # what tokenising the calibration text left on the heap, before any block
         masks = prune(model, method, sparsity, pattern=pattern, granularity=granularity, calib=calib,
                       tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, skip=skip, device=device, seed=seed,
                       progress=progress, batch_size=batch_size, previous=previous, io=io, masks=io.pruned,
                       **extras)
-        io.release(embed)
         if len(masks):
             raise PrunetuneError(f"internal: {len(masks)} masks were never written (e.g. {masks.names()[0]})")
         io.copy_rest()
@@ -485,6 +527,36 @@ def prune_checkpoint(path: Path | str, out: Path | str, method: str = "wanda", s
             "sparsity": io.zeros / io.numel if io.numel else 0.0,
             "dtype": {"checkpoint": _dtype_name(ckpt.dtype()), "compute_and_export": _dtype_name(compute),
                       "statistics": "float32"}}
+
+
+class RowsEmbedding(torch.nn.Module):
+    """An embedding table that holds only the rows of the tokens it will see (calibration): block 0's inputs
+    without the whole table in memory (128k x 8192 floats is 4 GiB for a 70B model). Same lookup, same values."""
+
+    def __init__(self, rows: torch.Tensor, ids: torch.Tensor, num_embeddings: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(rows, requires_grad=False)
+        index = torch.full((num_embeddings,), -1, dtype=torch.long)
+        index[ids] = torch.arange(len(ids))
+        self.register_buffer("index", index, persistent=False)
+        self.num_embeddings = num_embeddings
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(self.index.to(input_ids.device)[input_ids], self.weight)
+
+
+def _calibration_embedding(model: torch.nn.Module, ckpt: Checkpoint, ids: torch.Tensor, dtype: torch.dtype) -> None:
+    """Give the skeleton an input embedding holding the calibration tokens' rows (read from the checkpoint)."""
+    embed = model.get_input_embeddings()
+    name = {id(m): n for n, m in model.named_modules()}[id(embed)] + ".weight"
+    info = ckpt.tensors.get(name)
+    if info is None:
+        raise PrunetuneError(f"'{name}' is not in the checkpoint {ckpt.path}: its tensor names do not match the model's")
+    vocab = info.shape[0]
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise PrunetuneError(f"calibration token ids fall outside the model's vocabulary of {vocab}")
+    used = torch.unique(ids)
+    model.set_input_embeddings(RowsEmbedding(read_rows(info, used).to(dtype), used, vocab))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
