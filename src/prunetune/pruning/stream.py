@@ -495,9 +495,8 @@ def prune_checkpoint(path: Path | str, out: Path | str, method: str = "wanda", s
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
-    from prunetune.models.arch import get_adapter
-    from prunetune.pruning import calibrate
     from prunetune.pruning.api import masked_layers, resolve_granularity, select_targets, validate
+    from prunetune.pruning.calibrate import release_freed_memory
 
     validate(method, sparsity, pattern, granularity, **extras)
     masked = masked_layers(model, select_targets(model, skip), resolve_granularity(method, granularity, pattern))
@@ -509,8 +508,6 @@ def prune_checkpoint(path: Path | str, out: Path | str, method: str = "wanda", s
 
             calib = calibration_ids(calib, tokenizer, nsamples, seqlen, seed)
             _calibration_embedding(model, ckpt, calib, compute)
-        from prunetune.pruning.calibrate import release_freed_memory
-
         release_freed_memory()  # what tokenising the calibration text left on the heap, before any block
         masks = prune(model, method, sparsity, pattern=pattern, granularity=granularity, calib=calib,
                       tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, skip=skip, device=device, seed=seed,
