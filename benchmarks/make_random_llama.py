@@ -23,15 +23,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make(out: Path, *, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, dtype: str,
-         shard_bytes: int, seed: int = 0) -> dict:
+         shard_bytes: int, seed: int = 0, tokenizer: Path | None = None) -> dict:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from prunetune.models.loading import local_hf_dir
     from prunetune.pruning.stream import INDEX_FILE, ShardWriter
 
-    tok_dir = local_hf_dir("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer or local_hf_dir("smollm2-135m"))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
@@ -88,9 +87,10 @@ def main() -> None:
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     ap.add_argument("--shard-size", type=float, default=2.0, help="GiB per shard (as transformers shards)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer directory (default: SmolLM2's)")
     a = ap.parse_args()
     info = make(a.out, layers=a.layers, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads,
-                kv_heads=a.kv_heads, dtype=a.dtype, shard_bytes=int(a.shard_size * 2**30), seed=a.seed)
+                kv_heads=a.kv_heads, dtype=a.dtype, shard_bytes=int(a.shard_size * 2**30), seed=a.seed, tokenizer=a.tokenizer)
     print(json.dumps(info))
 
 
