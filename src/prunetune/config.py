@@ -75,6 +75,15 @@ class DataSpec(_Spec):
                             "in every stage, command and training seed, so every run is scored on the same test set")
 
 
+def _checked(check, value: str) -> str:
+    """`value` once `check(value)` accepts it; its one-line PrunetuneError becomes pydantic's ValueError."""
+    try:
+        check(value)
+    except PrunetuneError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 def _registered_criterion(name: str) -> str:
     """A criterion name or alias -> its registered name; choices come from the one criterion registry."""
     from prunetune.pruning.criteria import criterion_names, get_criterion
@@ -108,19 +117,6 @@ class PruneSpec(_Spec):
         "larger than memory); None = stream when the in-memory path would not fit max_memory")
     max_memory: str | None = Field(None, description="memory budget such as 24GB that decides streaming; None = "
                                    "what the machine has free")
-
-    @field_validator("max_memory")
-    @classmethod
-    def _size(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        from prunetune.pruning.stream import parse_bytes
-
-        try:
-            parse_bytes(v)
-        except PrunetuneError as exc:
-            raise ValueError(str(exc)) from None
-        return v
     layer_sparsity: str | None = Field(None, description="uniform | owl (each block its own sparsity from its "
                                        "activation outliers, mean = sparsity); None = the method's own (owl for "
                                        "owl-admm, else uniform)")
@@ -151,15 +147,16 @@ class PruneSpec(_Spec):
     @field_validator("pattern")
     @classmethod
     def _nm(cls, v: str | None) -> str | None:
-        if v is None or v in ("", "none"):
-            return None
         from prunetune.pruning.granularity import parse_nm
 
-        try:
-            parse_nm(v)
-        except PrunetuneError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return None if v in (None, "", "none") else _checked(parse_nm, v)
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        from prunetune.pruning.stream import parse_bytes
+
+        return None if v is None else _checked(parse_bytes, v)
 
     @field_validator("device")
     @classmethod
