@@ -2,16 +2,16 @@
 
 The in-memory path loads the whole model, so its peak grows with the model (about 1.3x the weights). Here
 the model is a skeleton whose parameters live on the meta device (accelerate's `init_empty_weights`; the
-rotary buffers are real because they are computed, not stored). The embedding table is read from the
-checkpoint to turn calibration ids into block-0 inputs; then the calibration engine
+rotary buffers are real because they are computed, not stored). Block 0's inputs need only the embedding
+rows of the calibration tokens, so only those rows are read (`RowsEmbedding`); then the calibration engine
 (`calibrate.sequential`) walks the blocks as it always does, with two callbacks: before a block's turn its
-weights are read from the safetensors shards into the compute device, and once the block's pruned outputs
+weights are read from the safetensors shards onto the compute device, and once the block's pruned outputs
 have become the next block's inputs its weights and masks are written to the output shards and the block
-goes back to the meta device. The final norm and the LM head are never needed for pruning: they are copied
-from file to file, one tensor at a time.
+goes back to the meta device. The embedding table, the final norm and the LM head are copied from file to
+file in row chunks.
 
-So the peak is the embedding table + one block (weights, the criterion's statistics) + the calibration
-activations, whatever the number of blocks. The criteria, granularities, N:M patterns and SparseGPT's
+So the peak is one block (weights, the criterion's statistics) + the calibration activations, whatever the
+number of blocks and the size of the vocabulary. The criteria, granularities, N:M patterns and SparseGPT's
 re-prune rule are the engine's own (`api.prune` with `io=`), so a streamed model has the same masks and
 bit-identical weights as the in-memory path (tested on SmolLM2).
 
@@ -272,10 +272,6 @@ class MemoryPlan:
     in_memory: int  # whole model at the compute dtype + masks + one block's working set
     streaming: int  # embedding + one block + the criterion's statistics + activations
     block: int  # one block at the compute dtype plus its statistics: what a budget must at least hold
-
-    def describe(self) -> str:
-        return (f"in memory {self.in_memory / GB:.2f} GiB, streaming {self.streaming / GB:.2f} GiB "
-                f"(one block {self.block / GB:.2f} GiB)")
 
 
 BASELINE_BYTES = int(0.5 * GB)  # the interpreter, torch and transformers before any weight is read
