@@ -404,14 +404,25 @@ def load_model(
     """
     if task not in TASKS:
         raise PrunetuneError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
-    dtype = resolve_dtype(dtype, checkpoint_dtype(spec) if dtype == "auto" else None)
+    resolved = resolve_spec(spec)
+    if dtype == "auto" and not _is_hub_id(resolved):  # a hub checkpoint's own dtype is for from_pretrained to read
+        dtype = resolve_dtype(dtype, checkpoint_dtype(resolved))
+    elif dtype != "auto":
+        dtype = resolve_dtype(dtype, None)
     kw = _task_kwargs(task, num_labels, label_names)
     # A new task head is randomly initialised: seed it so that two loads (two ranks, a resumed run, a
     # baseline and its competitor) start from the same head.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, tok, source = _load_any(resolve_spec(spec), task, dtype, kw)
+        model, tok, source = _load_any(resolved, task, dtype, kw)
     return Loaded(_finish(model, tok, task), tok, spec, source, task)
+
+
+def _is_hub_id(spec: str) -> bool:
+    """What `_load_any` sends to the hub: not an alias, not a local path."""
+    path = Path(os.path.expanduser(spec))
+    return not (spec in ALIASES or path.exists() or path.suffix == ".gguf" or spec.startswith((".", "/", "~"))
+                or spec.count("/") > 1)
 
 
 def local_hf_dir(spec: str) -> Path | None:
