@@ -1,6 +1,6 @@
 """Peak memory and time of one-shot pruning as the model grows: streaming vs in memory (vs llm-compressor).
 
-Random Llama checkpoints of one width and 8, 16, 32, 64 blocks (`make_random_llama.py`, written once into
+Random Llama checkpoints of one width and 8, 16, 32, 64 blocks (`_make_random_llama.py`, written once into
 --models), pruned to 50% with Wanda and SparseGPT on 8 x 256 tokens of WikiText-2 valid. Every run is a fresh
 `prunetune prune` process (`--stream` or `--no-stream`), the paths alternating, and its whole-process peak is
 the kernel's own high-water mark of its resident memory (`ru_maxrss` from wait4: no sampling gaps). The
@@ -77,7 +77,8 @@ def prune_cmd(model: Path, out: Path, method: str, stream: bool, nsamples: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, required=True, help="where the random checkpoints are (made if absent)")
+    ap.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "prunetune-random-llama",
+                    help="where the random checkpoints are (made if absent; 8 GB for the four sizes)")
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     ap.add_argument("--paths", nargs="+", default=["stream", "memory"])
@@ -85,10 +86,11 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--llmc-python", default=None, help="llm-compressor's venv python: adds its run on the "
                     "largest model (see pruning_peers.py for the venv)")
-    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "memory_scaling.json")
     a = ap.parse_args()
 
     env = {**os.environ, "PRUNETUNE_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error"}
+    a.models.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if a.json.is_file():
         rows = json.loads(a.json.read_text()).get("rows", [])
@@ -98,7 +100,7 @@ def main() -> None:
         d = a.models / f"llama-w1024-{n}"
         if not (d / "random_llama.json").is_file():
             shutil.rmtree(d, ignore_errors=True)
-            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_random_llama.py"), "--layers", str(n),
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_make_random_llama.py"), "--layers", str(n),
                             "--out", str(d)], check=True, env=env)
         models[n] = d
     for method in a.methods:  # one method over every size first: a partial run still shows the scaling
@@ -131,7 +133,7 @@ def main() -> None:
                 continue
             rows.append(_llmc_row(a, models[big], method, big, env))
             _write(a.json, rows, a)
-    _summary(rows)
+    print(render(json.loads(a.json.read_text())))
 
 
 def _llmc_row(a, model: Path, method: str, layers: int, env: dict) -> dict:
@@ -167,23 +169,41 @@ def _write(path: Path, rows: list[dict], a) -> None:
                                 "rows": rows}, indent=2))
 
 
-def _summary(rows: list[dict]) -> None:
+def render(data: dict) -> str:
+    """The markdown table of a run's JSON (run_all.py renders BENCHMARKS.md's block with it; no torch import)."""
+    rows = data["rows"]
     by = {(r["layers"], r["method"], r["path"]): r for r in rows}
-    for method in sorted({r["method"] for r in rows}):
-        st = [by[k] for k in sorted(by) if k[1] == method and k[2] == "stream"]
+    out = [f"Calibration {data['calibration']}; {data['machine']['cores']} cores, {data['machine']['cpu']}; "
+           f"commit {data['commit']}. Peak = whole-process `ru_maxrss`; CPU = user + system seconds.", "",
+           "| method | blocks | params | streaming peak MiB | bound MiB | in-memory peak MiB | peak ratio | "
+           "streaming CPU s | in-memory CPU s | CPU ratio | wall ratio | load (1 min) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method in sorted({r["method"] for r in rows}, key=lambda m: (m != "wanda", m)):
+        for n in sorted({r["layers"] for r in rows if r["method"] == method}):
+            s, m = by.get((n, method, "stream")), by.get((n, method, "memory"))
+            ref = s or m
+            if ref is None:
+                continue
+
+            def cell(r, key, fmt="{:,.0f}"):
+                return fmt.format(r[key]) if r else "not run"
+
+            ratio = (lambda k: f"{s[k] / m[k]:.2f}x") if s and m else (lambda k: "")
+            out.append(f"| {method} | {n} | {ref['model']['parameters'] / 1e9:.2f}B | {cell(s, 'peak_rss_mb')} | "
+                       f"{ref['formula']['issue_bound_mb']:,.0f} | {cell(m, 'peak_rss_mb')} | {ratio('peak_rss_mb')} | "
+                       f"{cell(s, 'cpu_s', '{:.0f}')} | {cell(m, 'cpu_s', '{:.0f}')} | {ratio('cpu_s')} | "
+                       f"{ratio('wall_s')} | {ref['load'][0]:.1f} |")
+        st = sorted((r for r in rows if r["method"] == method and r["path"] == "stream"), key=lambda r: r["layers"])
         if len(st) > 1:
             peaks = [r["peak_rss_mb"] for r in st]
-            print(f"{method}: streaming peak {min(peaks):.0f}-{max(peaks):.0f} MiB over {st[0]['layers']}-"
-                  f"{st[-1]['layers']} layers ({max(peaks) / min(peaks):.3f}x); bound "
-                  + ", ".join(f"{r['peak_rss_mb']:.0f}<={r['formula']['issue_bound_mb']:.0f}" for r in st))
-        for r in st:
-            m = by.get((r["layers"], method, "memory"))
-            if m:
-                print(f"  {r['layers']} layers: streaming/in-memory peak {r['peak_rss_mb'] / m['peak_rss_mb']:.2f}x, "
-                      f"prune stage {r['prune_stage_s'] / m['prune_stage_s']:.2f}x, wall {r['wall_s'] / m['wall_s']:.2f}x")
-            l = by.get((r["layers"], method, "llm-compressor"))
-            if l:
-                print(f"  {r['layers']} layers: streaming/llm-compressor peak {r['peak_rss_mb'] / l['peak_rss_mb']:.2f}x")
+            out.append(f"| {method}: streaming peak over {st[0]['layers']}-{st[-1]['layers']} blocks | | | "
+                       f"max/min {max(peaks) / min(peaks):.3f} | | | | | | | | |")
+    llmc = [r for r in rows if r["path"] == "llm-compressor"]
+    for r in llmc:
+        s = by.get((r["layers"], r["method"], "stream"))
+        vs = f", streaming / llm-compressor {s['peak_rss_mb'] / r['peak_rss_mb']:.2f}x" if s else ""
+        out.append(f"\nllm-compressor {r['method']} on {r['layers']} blocks: peak {r['peak_rss_mb']:,.0f} MiB{vs}.")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -121,38 +121,29 @@ def render_payt_summary(data: dict) -> str:
     return "\n".join(parts)
 
 
-def render_composability(data: dict) -> str:
-    """benchmarks/composability.py's table: one definition, that script's `render` (no torch import)."""
-    import importlib.util
+def _script_render(script: str, fn: str = "render"):
+    """A renderer that is a benchmark script's own function (one definition of each table; no torch import)."""
+    def render(data: dict) -> str:
+        import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_bench_composability", BENCH_DIR / "composability.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.render(data)
+        spec = importlib.util.spec_from_file_location(f"_bench_{script}", BENCH_DIR / f"{script}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return getattr(mod, fn)(data)
 
-
-def render_losparse(data: dict) -> str:
-    """The LoSparse tables, rebuilt from the raw rows by benchmarks/losparse.py's own `render` (no torch import)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_bench_losparse", BENCH_DIR / "losparse.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.render(data)
+    render.__doc__ = f"benchmarks/{script}.py's own `{fn}`"
+    return render
 
 
-def render_structured(data: dict) -> str:
-    """The structured-pruning tables, by benchmarks/structured.py's own `table` (no torch import)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_bench_structured", BENCH_DIR / "structured.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.table(data)
+render_composability = _script_render("composability")
+render_losparse = _script_render("losparse")
+render_structured = _script_render("structured", "table")
+render_memory_scaling = _script_render("memory_scaling")
 
 
 RENDERERS = {"payt_seeds": render_payt_seeds, "payt_summary": render_payt_summary,
-             "composability": render_composability, "losparse": render_losparse, "structured": render_structured}
+             "composability": render_composability, "losparse": render_losparse, "structured": render_structured,
+             "memory_scaling": render_memory_scaling}
 BLOCK = re.compile(r"<!-- generated:(?P<name>[\w.-]+) render=(?P<render>\w+) json=(?P<json>\S+) -->\n"
                    r"(?P<body>.*?)\n?<!-- /generated:(?P=name) -->", re.S)
 

@@ -5,8 +5,8 @@ drawn (normal, std 0.02; norms at 1) and written into its slot of a safetensors 
 `ShardWriter`, so a checkpoint larger than RAM is written with one tensor in memory. The tokenizer is
 SmolLM2's (vocabulary 49,152), so the usual calibration sources tokenise for it.
 
-    python benchmarks/make_random_llama.py --layers 64 --out /tmp/llama-64      # width 1024, ~0.82B params
-    python benchmarks/make_random_llama.py --layers 42 --hidden 5120 --intermediate 13824 --heads 40 \
+    python benchmarks/_make_random_llama.py --layers 64 --out /tmp/llama-64      # width 1024, ~0.82B params
+    python benchmarks/_make_random_llama.py --layers 42 --hidden 5120 --intermediate 13824 --heads 40 \
         --kv-heads 40 --dtype bf16 --out /big/llama-13b                          # ~13.6B params, 27 GB
 """
 
