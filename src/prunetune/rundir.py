@@ -166,9 +166,16 @@ LOCK = ".prunetune.lock"
 
 
 def entries(run_dir: Path | str) -> list[Path]:
-    """What a run directory holds besides its lock file (an empty directory with a stale lock is empty)."""
+    """What a run directory holds besides its lock file and the temp files of writes a kill cut short (a
+    directory holding only those is empty: nothing in it was ever published)."""
     run_dir = Path(run_dir)
-    return [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+    return [p for p in run_dir.iterdir() if p.name != LOCK and not p.name.endswith(PARTIAL)] if run_dir.is_dir() else []
+
+
+def remove_partials(run_dir: Path | str) -> None:
+    """Drop the temp files and directories of writes a killed process left at the top of a run directory."""
+    for p in Path(run_dir).glob(f"*{PARTIAL}"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def read_lock(run_dir: Path | str) -> dict:

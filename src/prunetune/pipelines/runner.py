@@ -46,7 +46,7 @@ import yaml
 from prunetune.config import Recipe, recipe_to_dict, validate_recipe
 from prunetune.errors import PrunetuneError
 from prunetune.rundir import (  # noqa: F401 (load_run re-exported)
-    RunLock, atomic_write_json, atomic_write_text, entries, fsync_tree, load_run, umask_modes)
+    RunLock, atomic_write_json, atomic_write_text, entries, fsync_tree, load_run, remove_partials, umask_modes)
 
 PAUSE_ENV = "PRUNETUNE_PAUSE_IN_STAGE"  # test hook: stop inside this stage (before it completes) and wait
 #: stages that every rank of a multi-process launch runs (they train together); the others run on rank 0 only
@@ -220,6 +220,7 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, lo
         for p in entries(out):  # --overwrite (checked above); the lock this process holds stays
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    remove_partials(out)  # half-written files of a killed run (recipe, manifest, export): never read, redone
     (out / "stages").mkdir(exist_ok=True)
     ours = {d.name + ".partial" for d in _stage_dirs(out, recipe)} if resume else set()
     for partial in (out / "stages").glob("*.partial"):  # left by a killed run: a stage's own is judged by it
