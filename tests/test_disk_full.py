@@ -34,7 +34,17 @@ def _full_disk(monkeypatch, where: str) -> None:
 
 
 def _digest(d) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.suffix == ".safetensors"}
+    """Metadata and tensor bytes of each safetensors file (not the file's bytes: safetensors writes its metadata
+    map in no fixed order)."""
+    from safetensors import safe_open
+
+    out = {}
+    for p in sorted(d.iterdir()):
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), "pt") as f:
+                out[p.name] = (f.metadata(), {k: hashlib.sha256(f.get_tensor(k).numpy().tobytes()).hexdigest()
+                                              for k in sorted(f.keys())})
+    return out
 
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name the file")
