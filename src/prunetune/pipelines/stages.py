@@ -581,19 +581,18 @@ def _export_files(src: Path, target: Path, manifest: dict, card: dict) -> tuple[
 
     from prunetune.models.arch import get_adapter
     from prunetune.models.card import CARD_FILE, write_model_card
-    from prunetune.pruning.stream import open_checkpoint, read_tensor, skeleton
+    from prunetune.pruning.stream import iter_row_chunks, open_checkpoint, skeleton
     from prunetune.rundir import atomic_dir
 
     ckpt = open_checkpoint(src)
     linears = {f"{n}.weight" for n in get_adapter(skeleton(ckpt, torch.float32)).linears()}
     params = nonzero = zeros = numel = 0
-    for name, info in ckpt.tensors.items():
-        t = read_tensor(info)
-        nz = int(torch.count_nonzero(t))
-        params, nonzero = params + t.numel(), nonzero + nz
-        if name in linears:
-            zeros, numel = zeros + t.numel() - nz, numel + t.numel()
-        del t
+    for name, info in ckpt.tensors.items():  # in row chunks: an embedding table is never whole in memory
+        for _, chunk in iter_row_chunks(info):
+            nz = int(torch.count_nonzero(chunk))
+            params, nonzero = params + chunk.numel(), nonzero + nz
+            if name in linears:
+                zeros, numel = zeros + chunk.numel() - nz, numel + chunk.numel()
     metric = zeros_metric(zeros, numel)
     with atomic_dir(target, manifest) as tmp:
         for f in sorted(src.iterdir()):
