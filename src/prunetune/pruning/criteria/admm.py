@@ -232,8 +232,8 @@ class ADMM(Criterion):
 
 @register
 class OwlADMM(ADMM):
-    """The preset `owl-admm`: ADMM with OWL's per-block sparsity (the best combination on SmolLM2 at 60-70%,
-    BENCHMARKS.md); `--layer-sparsity uniform` turns it back into plain `admm`."""
+    """The preset `owl-admm`: ADMM with OWL's per-block sparsity, the combination the OWL and ADMM papers find
+    best at high unstructured sparsity; `--layer-sparsity uniform` turns it back into plain `admm`."""
 
     name = "owl-admm"
     description = "ADMM weight update with OWL's outlier-weighted per-block sparsity (calibrated)"
