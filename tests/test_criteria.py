@@ -13,7 +13,8 @@ from prunetune.errors import PrunetuneError
 from prunetune.models.arch import get_adapter
 from prunetune.models.loading import load_model
 from prunetune.pruning.api import prune
-from prunetune.pruning.criteria import CRITERIA, Criterion, get_criterion, register
+from prunetune.pruning.criteria import (CRITERIA, Criterion, criterion_names, get_criterion, register,
+                                       structure_criterion_names)
 
 # name -> (statistics, default granularity, how many weights of a [rows, cols] layer are pruned at sparsity s;
 #          None = counted over all layers together)
@@ -37,8 +38,48 @@ def _linears(model):
     return {n: lin for n, (_, lin) in get_adapter(model).linears().items()}
 
 
+# structure scores (`prunetune shrink`, composable heads): name -> column score of W from input moments
+STRUCTURE_TABLE = {
+    "magnitude": lambda w, st: w.abs().sum(0),
+    "l1-global": lambda w, st: w.abs().sum(0),
+    "l2-cols": lambda w, st: w.pow(2).sum(0),
+    "wanda": lambda w, st: w.abs().sum(0) * st.norm(),
+    "flap": lambda w, st: w.pow(2).sum(0) * st.var(),
+}
+
+
 def test_table_covers_the_registry():
-    assert set(TABLE) == set(CRITERIA)
+    assert set(TABLE) == set(criterion_names())
+    assert set(STRUCTURE_TABLE) == set(structure_criterion_names())
+    assert set(TABLE) | set(STRUCTURE_TABLE) == set(CRITERIA)
+
+
+@pytest.mark.parametrize("name", list(STRUCTURE_TABLE))
+def test_structure_criterion(name):
+    """One vocabulary: the criteria that score structures are the registry's, under the same names."""
+    from prunetune.pruning.criteria.flap import MomentStats
+
+    gen = torch.Generator().manual_seed(1)
+    w, x = torch.randn(6, 8, generator=gen, dtype=torch.float64), torch.randn(2, 5, 8, generator=gen) + 1.0
+    stats = MomentStats(8)
+    stats.accumulate(MomentStats.prepare(x), 2)
+    assert stats.tokens == 10 and torch.allclose(stats.mean(), x.reshape(-1, 8).double().mean(0))
+    crit = get_criterion(name, structures=True)
+    assert torch.equal(crit.column_scores(w, stats), STRUCTURE_TABLE[name](w, stats))
+    if crit.group_statistics == "none":
+        assert torch.equal(crit.row_scores(w), crit.element_importance(w).sum(1))
+    if not crit.scores_weights:  # a structure-only criterion is not offered to one-shot pruning
+        with pytest.raises(PrunetuneError, match="unknown pruning method"):
+            get_criterion(name)
+
+
+def test_aliases_are_declared_once():
+    """"l1" is l1-global everywhere (|W|, one global threshold by default); PAYT reads "magnitude" as l1-global
+    too (the seed's L1Unstructured), one-shot pruning as |W| per row."""
+    assert get_criterion("l1").name == get_criterion("L1Unstructured").name == "l1-global"
+    assert get_criterion("magnitude").name == "magnitude"
+    assert get_criterion("magnitude", "payt").name == "l1-global"
+    assert get_criterion("l2", structures=True).name == "l2-cols"
 
 
 @pytest.mark.parametrize("name", list(TABLE))
@@ -103,7 +144,7 @@ def test_register_rejects_duplicates_and_bad_declarations():
 def test_a_new_criterion_is_one_class(monkeypatch):
     """What adding a criterion takes: a class with a score; prune(), recipes and PAYT then accept it."""
     from prunetune.config import PruneSpec
-    from prunetune.pruning import criteria
+    from prunetune.pruning.criteria import registry as criteria
 
     monkeypatch.setattr(criteria, "CRITERIA", dict(criteria.CRITERIA))
     monkeypatch.setattr(criteria, "_ALIASES", dict(criteria._ALIASES))

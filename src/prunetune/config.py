@@ -84,12 +84,12 @@ def _checked(check, value: str) -> str:
     return value
 
 
-def _registered_criterion(name: str) -> str:
+def _registered_criterion(name: str, context: str | None = None) -> str:
     """A criterion name or alias -> its registered name; choices come from the one criterion registry."""
     from prunetune.pruning.criteria import criterion_names, get_criterion
 
     try:
-        return get_criterion(name).name
+        return get_criterion(name, context).name
     except PrunetuneError:
         choices = ", ".join(repr(n) for n in criterion_names())
         raise ValueError(f"{name!r} is not allowed; choose one of: {choices}") from None
@@ -276,7 +276,7 @@ class PaytSpec(_Spec):
         """Aliases (the seed's L1Unstructured, LnStructured) are accepted and stored canonically."""
         if not isinstance(v, str):
             return v
-        return _registered_criterion({"magnitude": "l1-global"}.get(v.strip().lower(), v))
+        return _registered_criterion(v, "payt")
 
     @model_validator(mode="after")
     def _end_after_start(self) -> PaytSpec:

@@ -50,6 +50,7 @@ from torch import nn
 
 from prunetune.errors import PrunetuneError
 from prunetune.models.arch import ArchAdapter, Block, get_adapter, unwrap
+from prunetune.pruning.criteria import CRITERIA, Criterion, criterion_names, get_criterion
 from prunetune.pruning.granularity import unstructured_mask
 from prunetune.pruning.masks import MaskSet
 from prunetune.pruning.structured import Coupling, couplings, coupling_masks, group_scores
@@ -60,10 +61,9 @@ LINEAR_ROLES = ("o", "co", "gate", "up", "down")
 ALL_UNITS = tuple(ATTENTION_UNITS) + LINEAR_ROLES
 DEFAULT_ATTENTION_UNITS = ("attention", "cross-attention")
 DEFAULT_LINEAR_UNITS = LINEAR_ROLES
-#: criteria for the unstructured linear units (plus, where present, every score criterion of the registry in
-#: `pruning.criteria` that needs no more than input column norms) and for head scores (summed per head)
-LINEAR_CRITERIA = ("l1", "wanda")
-HEAD_CRITERIA = ("l1", "l2")
+# Criteria are the registry's (`pruning.criteria`): a linear unit takes any that scores weights from the weights
+# or input column norms (l1 = l1-global's |W|, wanda, ...), a head any that scores structures from the weights
+# (l1: |W|, l2: W², summed per head).
 CACHE_FORMAT = 1
 
 
@@ -191,8 +191,7 @@ def plan(configs: Sequence[Configuration], adapter: ArchAdapter, *,
     """Deduplicate every configuration's (block, module, criterion, rate) into the units to fine-tune."""
     attention_units = check_units(attention_units, "the attention modules", tuple(ATTENTION_UNITS))
     linear_units = check_units(linear_units, "the linear modules", LINEAR_ROLES)
-    if attention_criterion not in HEAD_CRITERIA:
-        raise PrunetuneError(f"unknown head criterion '{attention_criterion}'; choose one of: {', '.join(HEAD_CRITERIA)}")
+    check_head_criterion(attention_criterion)
     check_linear_criterion(linear_criterion)
     blocks = adapter.blocks()
     for c in configs:
@@ -454,25 +453,23 @@ def _capture_hooks(adapter: ArchAdapter, block: Block, cap: BlockCapture, roles:
 # ------------------------------------------------------------------------------------------ unit training
 def _registry_criterion(name: str):
     """The criterion registry's entry (`pruning.criteria.get_criterion`), or None for a name it does not know."""
-    from prunetune.pruning.criteria import get_criterion
-
     try:
-        return get_criterion("magnitude" if name == "l1" else name)
+        return get_criterion(name)
     except PrunetuneError:
         return None
 
 
-def check_linear_criterion(name: str) -> str:
-    """Local l1/wanda, or any registry criterion that scores weights from the weights alone or from input column
-    norms (the module capture has both; a weight-updating criterion such as SparseGPT is not a score)."""
-    if name in LINEAR_CRITERIA:
-        return name
-    crit = _registry_criterion(name)
-    if crit is None or crit.updates_weights or crit.statistics not in ("none", "column_norms"):
-        from prunetune.pruning.criteria import CRITERIA
+def _scores_linear(crit) -> bool:
+    """A score (not a weight update) from the weights or input column norms: what the module capture holds."""
+    return not crit.updates_weights and crit.statistics in ("none", "column_norms")
 
-        allowed = list(LINEAR_CRITERIA) + [n for n, c in CRITERIA.items() if n not in LINEAR_CRITERIA
-                                           and not c.updates_weights and c.statistics in ("none", "column_norms")]
+
+def check_linear_criterion(name: str) -> str:
+    """Any registry criterion that scores weights from the weights alone or from input column norms (the module
+    capture has both; a weight-updating criterion such as SparseGPT is not a score)."""
+    crit = _registry_criterion(name)
+    if crit is None or not _scores_linear(crit):
+        allowed = ["l1"] + [n for n in criterion_names() if _scores_linear(CRITERIA[n])]
         raise PrunetuneError(f"unknown or unsupported linear criterion '{name}'; choose one of: {', '.join(allowed)}")
     return name
 
@@ -484,6 +481,18 @@ def linear_criterion_needs_activations(name: str) -> bool:
         return True
     crit = _registry_criterion(name)
     return crit is not None and crit.statistics == "column_norms"
+
+
+def _has_element_importance(crit) -> bool:
+    return type(crit).element_importance is not Criterion.element_importance
+
+
+def check_head_criterion(name: str) -> str:
+    """A registry criterion that scores a head from its weights alone (l1: |W|, l2: W²)."""
+    crit = _registry_criterion(name)
+    if crit is None or not _has_element_importance(crit):
+        raise PrunetuneError(f"unknown head criterion '{name}'; choose one of: l1, l2")
+    return name
 
 
 class _GramColumnNorms:
@@ -498,20 +507,13 @@ class _GramColumnNorms:
 
 
 def _linear_scores(criterion: str, w: torch.Tensor, gram: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The registry criterion's scores; column norms (Wanda's ‖X_j‖₂) are read off the capture's Gram diagonal."""
     crit = _registry_criterion(criterion)
-    if crit is not None and not crit.updates_weights and crit.statistics in ("none", "column_norms"):
-        if crit.statistics == "column_norms" and gram is None:
-            raise PrunetuneError(f"criterion '{criterion}' needs activations: it has no prune-only baseline here")
-        return crit.score(w.detach(), _GramColumnNorms(gram) if crit.statistics == "column_norms" else None).float()
-    if criterion == "l1":
-        from prunetune.pruning.criteria.magnitude import magnitude_scores
-
-        return magnitude_scores(w)
-    if criterion == "wanda":  # |W| · ‖X_j‖₂, the column norms read off the Gram diagonal
-        if gram is None:
-            raise PrunetuneError("criterion 'wanda' needs activations: it has no prune-only baseline here")
-        return w.detach().abs().float() * _GramColumnNorms(gram).norms()[None, :]
-    raise PrunetuneError(f"unknown linear criterion '{criterion}'")
+    if crit is None or not _scores_linear(crit):
+        check_linear_criterion(criterion)
+    if crit.statistics == "column_norms" and gram is None:
+        raise PrunetuneError(f"criterion '{criterion}' needs activations: it has no prune-only baseline here")
+    return crit.score(w.detach(), _GramColumnNorms(gram) if crit.statistics == "column_norms" else None).float()
 
 
 def linear_mse(w: torch.Tensor, b: torch.Tensor | None, w0: torch.Tensor, b0: torch.Tensor | None,
@@ -570,8 +572,8 @@ def head_masks(adapter: ArchAdapter, block: Block, kind: str, criterion: str, ra
     members = tuple(m for m in c.members if m.axis == "rows")  # q, k, v rows; o reads them and is its own unit
     qkv = Coupling("heads", c.n_groups, members)
     lin = {adapter.name_of(block.linears[r]): block.linears[r] for r in roles}
-    scores = {n: (l.weight.detach().abs().float() if criterion == "l1" else l.weight.detach().float() ** 2)
-              for n, l in lin.items()}
+    crit = get_criterion(check_head_criterion(criterion))
+    scores = {n: crit.element_importance(l.weight.detach().float()) for n, l in lin.items()}
     gs = group_scores(qkv, scores)
     k = math.floor(rate * c.n_groups)
     keep = torch.ones(c.n_groups, dtype=torch.bool)

@@ -33,17 +33,15 @@ from prunetune.tuning.callbacks import broadcast_masks
 from prunetune.tuning.finetune import finetune
 from prunetune.tuning.lifecycle import Method, MethodContext
 
-# PAYT's criteria are entries of the pruning criterion registry (`prunetune.pruning.criteria`); here only
-# "magnitude" keeps its PAYT meaning (one global L1 threshold, the seed's L1Unstructured).
-PAYT_ALIASES = {"magnitude": "l1-global"}
+# PAYT's criteria are entries of the pruning criterion registry (`prunetune.pruning.criteria`); "magnitude" keeps
+# its PAYT meaning (one global L1 threshold, the seed's L1Unstructured) through the registry's "payt" context.
 
 
 def canonical_criterion(name: str) -> str:
     from prunetune.pruning.criteria import criterion_names, get_criterion
 
-    key = name.strip().lower()
     try:
-        return get_criterion(PAYT_ALIASES.get(key, key)).name
+        return get_criterion(name, "payt").name
     except PrunetuneError:
         raise PrunetuneError(f"unknown pruning criterion '{name}'; choose one of: {', '.join(criterion_names())} "
                              "(aliases: L1Unstructured, LnStructured)") from None

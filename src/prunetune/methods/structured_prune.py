@@ -28,9 +28,11 @@ from torch import nn
 
 from prunetune.errors import PrunetuneError
 from prunetune.models.arch import ArchAdapter, base_linear, get_adapter, unwrap
+from prunetune.pruning.criteria import get_criterion
+from prunetune.pruning.criteria.flap import MomentStats
 
 STRUCTURES = ("heads", "neurons", "hidden")
-BASELINES = ("l1", "l2", "wanda", "flap")
+BASELINES = ("l1", "l2", "wanda", "flap")  # registry criteria (`pruning.criteria`) that score structures
 
 
 # ----------------------------------------------------------------------------------------- geometry, widths
@@ -261,54 +263,16 @@ def shrink_selection(model: nn.Module, sel: Selection, structures: tuple[str, ..
 
 
 # -------------------------------------------------------------------------------------- baseline scores
-class MomentStats:
-    """Per input column: sum, sum of squares and token count (Wanda needs ||X_j||, FLAP mean and variance)."""
-
-    def __init__(self, n: int, device: torch.device | str | None = None) -> None:
-        self.s = torch.zeros(n, dtype=torch.float64, device=device)
-        self.sq = torch.zeros(n, dtype=torch.float64, device=device)
-        self.tokens = 0
-
-    @staticmethod
-    def prepare(x: torch.Tensor):
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        return x.sum(0), x.pow(2).sum(0), x.shape[0]
-
-    def accumulate(self, prepared, batch: int) -> None:
-        s, sq, n = prepared
-        self.s += s.to(self.s.device)
-        self.sq += sq.to(self.sq.device)
-        self.tokens += n
-
-    def mean(self) -> torch.Tensor:
-        return self.s / max(self.tokens, 1)
-
-    def norm(self) -> torch.Tensor:
-        return self.sq.sqrt()
-
-    def var(self) -> torch.Tensor:
-        m = self.mean()
-        return (self.sq / max(self.tokens, 1) - m * m).clamp_min(0)
-
-
 def column_scores(method: str, weight: torch.Tensor, stats: MomentStats | None) -> torch.Tensor:
-    """Importance of each input column of a linear: L1/L2 of the column, Wanda Σ|W|·||X||, FLAP var(X)·||W||²."""
-    w = weight.detach().double()
-    if method == "l1":
-        return w.abs().sum(0)
-    if method == "l2":
-        return w.pow(2).sum(0)
-    assert stats is not None
-    if method == "wanda":
-        return w.abs().sum(0) * stats.norm().to(w.device)
-    if method == "flap":
-        return w.pow(2).sum(0) * stats.var().to(w.device)
-    raise PrunetuneError(f"unknown structured criterion '{method}'; choose from {', '.join(BASELINES)}")
+    """Importance of each input column of a linear, in float64, by the registry's criterion: L1/L2 of the
+    column, Wanda Σ|W|·||X||, FLAP var(X)·||W||²."""
+    if method not in BASELINES:
+        raise PrunetuneError(f"unknown structured criterion '{method}'; choose from {', '.join(BASELINES)}")
+    return get_criterion(method, structures=True).column_scores(weight.detach().double(), stats)
 
 
 def row_scores(method: str, weight: torch.Tensor) -> torch.Tensor:
-    w = weight.detach().double()
-    return w.abs().sum(1) if method == "l1" else w.pow(2).sum(1)
+    return get_criterion(method, structures=True).row_scores(weight.detach().double())
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import math
 import torch
 
 from prunetune.errors import PrunetuneError
-from prunetune.pruning.criteria import Criterion, register
+from prunetune.pruning.criteria.registry import Criterion, register
 from prunetune.pruning.criteria.sparsegpt import HessianStats
 
 DEFAULTS = {"iters": 20, "gradual": 15, "damp": 0.1, "rho": 1.0, "refit": 0}

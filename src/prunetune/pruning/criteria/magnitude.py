@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prunetune.pruning.criteria import Criterion, register
+from prunetune.pruning.criteria.registry import Criterion, register
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -25,6 +25,10 @@ class Magnitude(Criterion):
     def score(self, weight: torch.Tensor, stats=None) -> torch.Tensor:
         return magnitude_scores(weight)
 
+    def element_importance(self, weight: torch.Tensor) -> torch.Tensor:
+        """|W|: a structure's L1 norm (structured pruning's `l1`, composable's `l1` heads)."""
+        return weight.abs()
+
 
 @register
 class L1Global(Magnitude):
@@ -44,3 +48,7 @@ class L2Cols(Criterion):
 
     def score(self, weight: torch.Tensor, stats=None) -> torch.Tensor:
         return l2_column_scores(weight)
+
+    def element_importance(self, weight: torch.Tensor) -> torch.Tensor:
+        """W²: a structure's squared L2 norm (structured pruning's `l2`, composable's `l2` heads)."""
+        return weight ** 2

@@ -28,7 +28,7 @@ import math
 import torch
 
 from prunetune.errors import PrunetuneError
-from prunetune.pruning.criteria import Criterion, register
+from prunetune.pruning.criteria.registry import Criterion, register
 
 
 class HessianStats:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prunetune.pruning.criteria import Criterion, register
+from prunetune.pruning.criteria.registry import Criterion, register
 
 
 class ColumnNormStats:
@@ -54,5 +54,11 @@ class Wanda(Criterion):
     statistics = "column_norms"
     stats_class = ColumnNormStats
 
+    group_statistics = "moments"
+
     def score(self, weight: torch.Tensor, stats: ColumnNormStats) -> torch.Tensor:
         return wanda_scores(weight, stats.norms())
+
+    def column_scores(self, weight: torch.Tensor, stats=None) -> torch.Tensor:
+        """Σ_i |W_ij| · ||X_j||: an input channel's Wanda score (structured pruning; `stats` are moments)."""
+        return weight.abs().sum(0) * stats.norm().to(weight.device)
