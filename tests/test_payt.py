@@ -272,7 +272,7 @@ def test_full_evaluate_interrupted_resumes_and_skips_completed_configurations(tm
     from cli_helpers import run_cli
     from prunetune.pipelines import stages
 
-    real = stages.STAGES["full_evaluate"]
+    real = stages.run_full_evaluate
 
     def interrupted(state, out_dir):
         if state.spec.run == "prune-only":
@@ -281,14 +281,14 @@ def test_full_evaluate_interrupted_resumes_and_skips_completed_configurations(tm
 
     out = tmp_path / "fe"
     args = ["payt", "tiny-llama", "--full-evaluate", *FE_ARGS, "--no-retention", "--out", str(out)]
-    monkeypatch.setitem(stages.STAGES, "full_evaluate", interrupted)
+    monkeypatch.setattr(stages, "run_full_evaluate", interrupted)
     code, _, err = run_cli(args, capsys)
     assert code == 130 and "interrupted" in err
     assert sorted(d.name for d in (out / "stages").iterdir()) == ["01-dense-full", "02-dense-lora", "03-prune-only.partial"]
     done = {d: (out / "stages" / d / "manifest.json").read_text() for d in ("01-dense-full", "02-dense-lora")}
     assert not (out / "full_evaluate.json").exists()
 
-    monkeypatch.setitem(stages.STAGES, "full_evaluate", real)
+    monkeypatch.setattr(stages, "run_full_evaluate", real)
     text = cli_ok([*args, "--resume"], capsys)
     assert text.count("complete, skipped (resume)") == 2
     assert all((out / "stages" / d / "manifest.json").read_text() == m for d, m in done.items())  # not rerun

@@ -21,19 +21,18 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from prunetune.errors import PrunetuneError
+from prunetune.registry import stage_kind, stage_names
 
 RECIPES_DIR = Path(__file__).resolve().parent / "pipelines" / "recipes"
 COMMANDS_DIR = RECIPES_DIR / "commands"  # each command's starting recipe (`prunetune finetune`, `payt`)
 
-StageType = Literal["evaluate", "prune", "finetune", "payt", "export", "order_study", "compose", "structured",
-                    "losparse", "full_evaluate"]
-STAGE_TYPES: tuple[str, ...] = get_args(StageType)
 #: recipe and stage names become directory names (`OUT/stages/01-<name>`, `runs/<name>-<time>`): one plain path
 #: component, so that no recipe, however its names are written, makes a stage write outside its run directory
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
@@ -452,7 +451,7 @@ class LosparseSpec(_Spec):
 class Stage(_Spec):
     """One step of the pipeline; `options` override the recipe's section for that stage type."""
 
-    type: StageType
+    type: str = Field(description="a registered stage kind (`prunetune.registry`)")
     name: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -460,6 +459,15 @@ class Stage(_Spec):
     @classmethod
     def _plain_name(cls, v: str | None) -> str | None:
         return _safe_name(v)
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in stage_names():  # reported like a Literal: "'x' is not allowed; choose one of: ..."
+            names = [repr(n) for n in stage_names()]
+            raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                      {"expected": ", ".join(names[:-1]) + " or " + names[-1]})
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -473,13 +481,6 @@ class Stage(_Spec):
             if extra:
                 v["options"] = {**v.get("options", {}), **extra}
         return v
-
-
-SECTION_OF: dict[str, str | None] = {
-    "evaluate": "eval", "prune": "prune", "finetune": "tune", "payt": "payt", "export": None,
-    "order_study": "order", "compose": "compose", "structured": "structured", "losparse": "losparse",
-    "full_evaluate": "full_evaluate",
-}
 
 
 class Recipe(_Spec):
@@ -516,7 +517,7 @@ class Recipe(_Spec):
     def stage_spec(self, index: int) -> _Spec | None:
         """The effective settings of stage `index`: its section with the stage's overrides applied."""
         st = self.stages[index]
-        section = SECTION_OF[st.type]
+        section = stage_kind(st.type).section
         if section is None:
             if st.options:
                 raise ValueError(f"stages.{index}: stage '{st.type}' takes no options (got {', '.join(st.options)})")

@@ -20,7 +20,7 @@ the same bytes as an uninterrupted run; a checkpoint cut short by the kill is pa
 before it, and a stage with none starts over. Every other `.partial` directory is never trusted.
 
 Several processes (`torchrun`, `accelerate launch`): every rank runs this same runner over the same run
-directory. The training stages (`ALL_RANK_STAGES`) run on every rank, which train together (DDP through the
+directory. The training stages (`StageKind.ranks == "all"` in `prunetune.registry`) run on every rank, which train together (DDP through the
 HF Trainer); every other stage (evaluation, pruning with its calibration, export, ...) runs on rank 0 alone
 while the others wait. Only rank 0 writes: the run directory, each stage's `.partial` directory and its
 commit (manifest, fsync, rename), the run manifest. The ranks meet at a barrier before a stage starts
@@ -45,15 +45,11 @@ import yaml
 
 from prunetune.config import Recipe, recipe_to_dict, validate_recipe
 from prunetune.errors import PrunetuneError
+from prunetune.registry import stage_kind
 from prunetune.rundir import (  # noqa: F401 (load_run re-exported)
     RunLock, atomic_write_json, atomic_write_text, entries, fsync_tree, load_run, remove_partials, umask_modes)
 
 PAUSE_ENV = "PRUNETUNE_PAUSE_IN_STAGE"  # test hook: stop inside this stage (before it completes) and wait
-#: stages that every rank of a multi-process launch runs (they train together); the others run on rank 0 only
-ALL_RANK_STAGES = ("finetune", "payt", "losparse", "full_evaluate")
-#: stages that train inside their own loops (several trainings, each saved and evaluated): one process only,
-#: since a Trainer on rank 0 alone would wait forever for the other ranks' gradients
-SINGLE_PROCESS_STAGES = ("order_study", "compose")
 #: how long the ranks wait for each other (a rank-0-only stage, e.g. calibrating a large model, can take hours)
 DIST_TIMEOUT_ENV = "PRUNETUNE_DIST_TIMEOUT_S"
 
@@ -249,10 +245,7 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
     Under a multi-process launcher every rank calls this with the same arguments (see the module's
     docstring); only rank 0 logs and writes, and every rank returns the same manifest.
     """
-    from prunetune.pipelines.compose import run_compose
-    from prunetune.pipelines.stages import STAGES, produces_model, resumable_checkpoint
-
-    stages = {**STAGES, "compose": run_compose}  # compose builds on stages' helpers, so it is joined here
+    from prunetune.pipelines.stages import resumable_checkpoint
 
     out = Path(out)
     check_recipe(recipe)
@@ -273,7 +266,7 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
             prepare_run_dir(out, recipe, resume, overwrite, log)
         wait_for_everyone()
         try:
-            return _run_stages(recipe, out, stages, produces_model, log, resumable_checkpoint if resume else None)
+            return _run_stages(recipe, out, log, resumable_checkpoint if resume else None)
         except BaseException:
             if main and fresh and not _anything_to_resume(out, recipe, resumable_checkpoint):
                 _remove_run_files(out)  # nothing to resume: a first stage that fails leaves no half-made run
@@ -300,19 +293,15 @@ def _anything_to_resume(out: Path, recipe: Recipe, resumable_checkpoint) -> bool
 def check_recipe(recipe: Recipe) -> None:
     """The methods' own checks of their stage settings, before any run directory exists (config.py holds the
     schema alone, so that the layers below can read their defaults from it)."""
-    from prunetune.pipelines.compose import check_compose
-
     check_inputs(recipe)
     for i, st in enumerate(recipe.stages):
-        if st.type == "compose":
-            check_compose(recipe.stage_spec(i))
-        if st.type in SINGLE_PROCESS_STAGES and world_size() > 1:
+        kind = stage_kind(st.type)
+        check = kind.load_check()
+        if check is not None:
+            check(recipe.stage_spec(i))
+        if kind.ranks == "single" and world_size() > 1:
             raise PrunetuneError(f"stage '{st.type}' runs its trainings in one process: launch it without torchrun "
                                  f"/ accelerate (this launch has {world_size()} processes)")
-
-
-#: stages that read `data.train` (labelled examples for a classifier, else text)
-TRAIN_STAGES = ("finetune", "payt", "losparse", "compose", "full_evaluate", "order_study")
 
 
 def _local(source: str | None) -> bool:
@@ -329,21 +318,21 @@ def check_inputs(recipe: Recipe) -> None:
     without its text column fails in a second, not after pruning or an hour of training."""
     from prunetune.data.sources import load_labelled, load_text
 
-    types = {st.type for st in recipe.stages}
+    reads = {r for st in recipe.stages for r in stage_kind(st.type).reads}  # what each stage kind declares
     d = recipe.data
-    if types & set(TRAIN_STAGES) and _local(d.train):
-        if recipe.model.task == "seq-cls" or "compose" in types:
+    if reads & {"data.train", "data.train:labelled"} and _local(d.train):
+        if recipe.model.task == "seq-cls" or "data.train:labelled" in reads:
             load_labelled(d.train)
         else:
             load_text(d.train, d.train_split, data_dir=d.data_dir)
-    if types & {"prune", "structured"} and _local(d.calib):
+    if "data.calib" in reads and _local(d.calib):
         load_text(d.calib, d.calib_split, data_dir=d.data_dir)
-    if "evaluate" in types:
+    if "data.ppl" in reads:
         for src in d.ppl:
             if _local(src):
                 load_text(src, d.ppl_split, data_dir=d.data_dir)
-    teacher = recipe.tune.teacher if recipe.tune.kd and types & {"finetune", "payt", "full_evaluate"} else None
-    for t in (teacher, recipe.losparse.teacher if "losparse" in types else None):
+    teacher = recipe.tune.teacher if recipe.tune.kd and "tune.teacher" in reads else None
+    for t in (teacher, recipe.losparse.teacher if "losparse.teacher" in reads else None):
         if t and t not in ("initial", "dense") and not Path(t).expanduser().exists():
             raise PrunetuneError(f"teacher {t} does not exist (a model directory, or initial | dense)")
 
@@ -368,7 +357,7 @@ def _resume_point(tmp: Path, stage_type: str, resumable_checkpoint, log, label: 
     return True
 
 
-def _run_stages(recipe: Recipe, out: Path, stages: dict, produces_model, log, resumable_checkpoint=None) -> dict:
+def _run_stages(recipe: Recipe, out: Path, log, resumable_checkpoint=None) -> dict:
     names = recipe.stage_names()
     dirs = _stage_dirs(out, recipe)
     model_dir: Path | None = None
@@ -399,7 +388,8 @@ def _run_stages(recipe: Recipe, out: Path, stages: dict, produces_model, log, re
                              rank=rank, world_size=world)
             _reset_peak_rss()
             t0 = time.perf_counter()
-            result = (stages[st.type](state, tmp) or {}) if main or st.type in ALL_RANK_STAGES else {}
+            kind = stage_kind(st.type)
+            result = (kind.load()(state, tmp) or {}) if main or kind.ranks == "all" else {}
             seconds = time.perf_counter() - t0
             peak = _peak_rss_mb()
             del state
@@ -412,7 +402,7 @@ def _run_stages(recipe: Recipe, out: Path, stages: dict, produces_model, log, re
                     "seed": recipe.seed + i, "seconds": seconds, "peak_rss_mb": peak,
                     "metrics": result.get("metrics", {}), "artifacts": result.get("artifacts", {}),
                     "model_in": str(model_dir) if model_dir else recipe.model.name,
-                    "produces_model": produces_model(st.type), "world_size": world,
+                    "produces_model": stage_kind(st.type).produces_model, "world_size": world,
                 }
                 (tmp / "manifest.json").write_text(json.dumps(man, indent=2, default=str))
                 umask_modes(tmp)
@@ -424,7 +414,7 @@ def _run_stages(recipe: Recipe, out: Path, stages: dict, produces_model, log, re
             if not main:
                 man = _read_json(sdir / "manifest.json")
         history.append(man)
-        if produces_model(st.type):
+        if stage_kind(st.type).produces_model:
             model_dir = sdir / "model"
         if main:
             write_run_manifest(out, recipe, history, complete=(i == len(names) - 1))

@@ -4,38 +4,34 @@ A stage writes only into `out_dir` (a `.partial` directory the runner renames wh
 Stages that change the model save it as `out_dir/model/` (plain HF safetensors dir + `masks.safetensors`);
 the next stage loads from there. Every metric carries its protocol.
 
-Under a multi-process launcher the training stages (`runner.ALL_RANK_STAGES`: finetune, payt, losparse) run
-on every rank, which train together; after training, rank 0 alone evaluates, saves and returns the metrics
-(`state.is_main`), the other ranks return nothing. Every other stage runs on rank 0 only.
+What each stage kind is (its recipe section, whether it produces a model, resumes, and how it runs under
+several processes) is declared once, in `prunetune.registry`. Under a multi-process launcher the training
+stages (`ranks="all"`: finetune, payt, losparse, full_evaluate) run on every rank, which train together; after
+training, rank 0 alone evaluates, saves and returns the metrics (`state.is_main`), the other ranks return
+nothing. Every other stage runs on rank 0 only.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from prunetune.errors import PrunetuneError
+from prunetune.registry import stage_kind
 from prunetune.rundir import atomic_write_text
 
-MODEL_STAGES = ("prune", "finetune", "payt", "structured", "losparse")  # full_evaluate: every stage from one model
-#: stages that continue an interrupted training from their last checkpoint on --resume (a method's own state,
-#: such as LoSparse's PLATON averages, is saved in each checkpoint through the method lifecycle)
-RESUMABLE_STAGES = ("finetune", "payt", "losparse", "full_evaluate")
 TUNE_DIR = "tune"  # a training stage's tuning run: out_dir/tune (logs, metrics, checkpoints/)
-
-
-def produces_model(stage_type: str) -> bool:
-    return stage_type in MODEL_STAGES
 
 
 def resumable_checkpoint(stage_type: str, out_dir: Path) -> tuple[Path | None, list[str]]:
     """The last complete checkpoint of an interrupted stage's training in `out_dir` (None: the stage starts
-    over) and why newer checkpoints were passed over."""
-    if stage_type not in RESUMABLE_STAGES:
+    over) and why newer checkpoints were passed over. A resumable stage (`StageKind.resumable`) saves its
+    method's own state, such as LoSparse's PLATON averages, in each checkpoint through the method lifecycle."""
+    if not stage_kind(stage_type).resumable:
         return None, []
     from prunetune.tuning.finetune import CHECKPOINTS, last_good_checkpoint
 
@@ -789,10 +785,3 @@ def run_losparse(state, out_dir: Path) -> dict:
             metrics[f"losparse_test_{key}"] = {"value": test[key], "protocol": _test_protocol(test, res, recipe)}
     metrics["train_seconds"] = {"value": res["timings"].get("train_s"), "protocol": {"what": "Trainer.train wall time"}}
     return {"metrics": metrics}
-
-
-STAGES: dict[str, Callable] = {
-    "evaluate": run_evaluate, "prune": run_prune, "finetune": run_finetune, "payt": run_payt,
-    "export": run_export, "order_study": run_order_study, "structured": run_structured, "losparse": run_losparse,
-    "full_evaluate": run_full_evaluate,
-}
