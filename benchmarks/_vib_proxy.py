@@ -23,8 +23,8 @@ ap.add_argument("--nofold", action="store_true")
 ap.add_argument("--tag", default="")
 a = ap.parse_args()
 from prunetune.models.loading import load_model
-from prunetune.methods.structured import prune_structured
-from prunetune.methods.structured_prune import calibration_windows
+from prunetune.methods.shrink import prune_structured
+from prunetune.pruning.shrink.scores import calibration_windows
 from prunetune.data.sources import load_wikitext2
 from prunetune.evaluation.perplexity import perplexity
 torch.manual_seed(0)

@@ -27,14 +27,9 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from structured import load, ppl  # noqa: E402  (this directory's benchmark: same loading and perplexity)
 
-from prunetune.methods.structured_prune import (  # noqa: E402
-    baseline_scores,
-    calibration_windows,
-    collect_moments,
-    geometry,
-    select,
-    shrink_selection,
-)
+from prunetune.pruning.shrink.scores import baseline_scores, calibration_windows, collect_moments
+from prunetune.pruning.shrink.surgery import shrink_selection
+from prunetune.pruning.shrink.widths import geometry, select
 from prunetune.methods.vib import VibConfig, VibMethod  # noqa: E402
 
 VARIANTS = ("vib", "mu1", "flap", "vibheads", "vibneurons")

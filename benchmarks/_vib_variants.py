@@ -9,7 +9,9 @@ ap.add_argument("--init", type=float, default=-2.0); ap.add_argument("--loss", d
 ap.add_argument("--windows", type=int, default=8); ap.add_argument("--tag", default="")
 a = ap.parse_args()
 from prunetune.models.loading import load_model
-from prunetune.methods.structured_prune import calibration_windows, geometry, select, collect_moments, flap_compensate, shrink_selection
+from prunetune.pruning.shrink.scores import calibration_windows, collect_moments
+from prunetune.pruning.shrink.surgery import flap_compensate, shrink_selection
+from prunetune.pruning.shrink.widths import geometry, select
 from prunetune.methods.vib import VibConfig, VibMethod, train_gates
 from prunetune.data.sources import load_wikitext2
 from prunetune.evaluation.perplexity import perplexity

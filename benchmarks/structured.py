@@ -377,8 +377,9 @@ def main() -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from prunetune.methods.structured import prune_structured
-    from prunetune.methods.structured_prune import allocate_widths, calibration_windows, geometry
+    from prunetune.methods.shrink import prune_structured
+    from prunetune.pruning.shrink.scores import calibration_windows
+    from prunetune.pruning.shrink.widths import allocate_widths, geometry
 
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

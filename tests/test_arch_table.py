@@ -29,7 +29,7 @@ from prunetune.models.export import save_hf_dir
 from prunetune.models.loading import TINY_CONFIGS, tiny_model
 from prunetune.pruning.api import prune
 from prunetune.pruning.masks import MaskSet
-from prunetune.pruning.structured import couplings
+from prunetune.pruning.shrink.couplings import couplings
 
 SPARSITY = 0.5
 DECODERS = ("llama", "mistral", "qwen2", "qwen3")

@@ -215,7 +215,8 @@ def test_masks_stay_zero_through_lora_steps_and_merge(tiny, sparsity, steps, lr,
 def test_shrink_equals_the_masked_model(tiny, heads, neurons, hidden, seed):
     """Random kept widths (KV groups, MLP neurons, hidden channels: a multiple of the 4 heads, as the config
     requires) chosen by random scores: the physically shrunk model computes the masked model's logits."""
-    from prunetune.pruning.structured import keep_from_scores, mask_structures, shrink
+    from prunetune.pruning.shrink.surgery import mask_structures, shrink
+    from prunetune.pruning.shrink.widths import keep_from_scores
 
     g = torch.Generator().manual_seed(seed)
     cfg = tiny.model.config

@@ -14,7 +14,7 @@ from prunetune.pruning.api import prune
 from prunetune.pruning.criteria.wanda import ColumnNormStats, wanda_scores
 from prunetune.pruning.granularity import unstructured_mask
 from prunetune.pruning.masks import MaskSet, sparsity_report
-from prunetune.pruning.structured import remove_pruned
+from prunetune.pruning.shrink.surgery import remove_pruned
 
 
 def _ids(n=8, seqlen=64, vocab=259, seed=0):

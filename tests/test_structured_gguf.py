@@ -59,7 +59,8 @@ def test_shrunk_llama_converts_to_gguf_with_llama_cpp(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from prunetune.models.loading import gguf_to_hf_dir, smollm2_gguf_path
-    from prunetune.pruning.structured import keep_from_scores, shrink
+    from prunetune.pruning.shrink.surgery import shrink
+    from prunetune.pruning.shrink.widths import keep_from_scores
 
     converter = llama_cpp_converter()
     tok = AutoTokenizer.from_pretrained(gguf_to_hf_dir(smollm2_gguf_path()))

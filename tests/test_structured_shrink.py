@@ -17,8 +17,9 @@ from prunetune.models.arch import get_adapter
 from prunetune.models.loading import tiny_model
 from prunetune.pruning.api import prune
 from prunetune.pruning.masks import MaskSet
-from prunetune.pruning.structured import (keep_from_masks, keep_from_scores, mask_structures, shrink,
-                                            structure_scores)
+from prunetune.pruning.shrink.scores import structure_scores
+from prunetune.pruning.shrink.surgery import keep_from_masks, mask_structures, shrink
+from prunetune.pruning.shrink.widths import keep_from_scores
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 IDS = torch.randint(5, 250, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -9,15 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunetune.errors import PrunetuneError
-from prunetune.methods.structured_prune import (
-    Widths,
-    allocate_widths,
-    apply_masks,
-    geometry,
-    parse_structures,
-    select,
-)
-from prunetune.methods.structured import prune_structured
+from prunetune.pruning.shrink.surgery import apply_masks
+from prunetune.pruning.shrink.widths import Widths, allocate_widths, geometry, parse_structures, select
+from prunetune.methods.shrink import prune_structured
 from prunetune.methods.vib import GateBank, VibConfig, VibMethod, train_gates
 
 
@@ -187,7 +181,7 @@ def test_target_ramps_over_the_warmup_fraction():
 @pytest.mark.parametrize("structures", [("heads", "neurons"), ("heads", "neurons", "hidden")])
 @pytest.mark.parametrize("center", [False, True])
 def test_folding_mu_keeps_the_gated_models_eval_outputs(tie, structures, center):
-    from prunetune.methods.structured_prune import collect_moments
+    from prunetune.pruning.shrink.scores import collect_moments
 
     model = tiny(tie=tie)
     meth = VibMethod(VibConfig(target_sparsity=0.3, structures=structures, steps=6, batch_size=2, vib_lr=0.3,
@@ -296,9 +290,12 @@ def test_uniform_widths_hit_the_target_within_a_rounding_step(sparsity):
 
 
 def test_smollm2_compute_ratio_counts_the_tied_lm_head():
-    from prunetune.methods.structured_prune import Geometry
+    from prunetune.pruning.shrink.widths import Geometry
 
-    g = Geometry(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, inter=1536, vocab=49152)
+    from prunetune.models.arch import AttentionGeometry
+
+    g = Geometry(AttentionGeometry(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576), layers=30, inter=1536,
+                 vocab=49152)
     assert g.vocab * g.hidden / (g.block_params(g.dense()) + g.vocab * g.hidden) == pytest.approx(0.21, abs=0.01)
     w = allocate_widths(g, 0.5, ("heads", "neurons"), 64)
     removed = 1 - g.flops_per_token(w) / g.flops_per_token(g.dense())
@@ -393,7 +390,7 @@ def test_finetune_drives_vib_gates_and_exports_a_shrunk_model(tmp_path):
 
 
 def test_centred_gates_need_the_calibration_means_and_leave_a_removed_structure_at_its_mean():
-    from prunetune.methods.structured_prune import collect_moments
+    from prunetune.pruning.shrink.scores import collect_moments
 
     with pytest.raises(PrunetuneError) as exc:
         VibMethod(VibConfig(center=True)).prepare(tiny())

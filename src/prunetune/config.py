@@ -363,7 +363,7 @@ class ComposeSpec(_Spec):
 
 # ---- structured pruning (VIB and its baselines; owner: vib) -------------------------------------------
 class StructuredSpec(_Spec):
-    """Structured pruning that shrinks the model (`prunetune.methods.structured_prune`, `methods.vib`).
+    """Structured pruning that shrinks the model (`prunetune.methods.shrink`, `pruning.shrink`, `methods.vib`).
 
     The VIB options keep TVA-Prune's names: TARGET_SPARSITY is `sparsity`, VIB_LR `vib_lr`,
     LAGRANGIAN_WARMUP `lagrangian_warmup`, ATT_MUL `att_mul`. The gate-training budget is

@@ -17,7 +17,7 @@ better point and needs fewer steps. The flow:
 The modules (units) of a block, by default (the seed's choice):
 
 * ``attention`` — q, k, v pruned by whole heads (head-wise L1; a GQA KV group with its query heads is one
-  unit, `pruning.structured.couplings`) at the attention rate. Kept rows of q/k/v reproduce their own
+  unit, `pruning.shrink.couplings.couplings`) at the attention rate. Kept rows of q/k/v reproduce their own
   outputs exactly, so a module made of q/k/v alone could learn nothing: the unit is the attention sublayer
   (softmax and the *original, frozen* o-projection included, found as the smallest module holding q and o)
   and q/k/v learn to make up for the removed heads in the sublayer's output.
@@ -53,7 +53,7 @@ from prunetune.models.arch import ArchAdapter, Block, get_adapter, unwrap
 from prunetune.pruning.criteria import CRITERIA, Criterion, criterion_names, get_criterion
 from prunetune.pruning.granularity import unstructured_mask
 from prunetune.pruning.masks import MaskSet
-from prunetune.pruning.structured import Coupling, couplings, coupling_masks, group_scores
+from prunetune.pruning.shrink.couplings import Coupling, coupling_masks, couplings, group_scores
 
 #: module kinds a configuration rate applies to: attention units take the attention rate, linears the linear rate
 ATTENTION_UNITS = {"attention": ("q", "k", "v"), "cross-attention": ("cq", "ck", "cv")}

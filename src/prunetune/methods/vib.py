@@ -31,7 +31,7 @@ A structure is kept where log σ² − log μ² < 0. Then the instant weight upd
 folded into the weights it scales (o_proj columns, down_proj columns; embedding columns and o/down rows for
 hidden channels, with the final norm's gain divided by μ when the LM head is tied to the embedding), so the
 pruned model computes what the gated model computes in eval mode (z = μ on kept structures, 0 elsewhere)
-and needs no fine-tuning to be usable. Uniform widths and rounding then come from `structured_prune`:
+and needs no fine-tuning to be usable. Uniform widths and rounding then come from `pruning.shrink.widths`:
 `widths="learned"` takes the KV-group count (and hidden width) from the thresholded gates, `"uniform"` the
 baselines' rule (every structure keeps the same fraction), so that only VIB's ranking differs; at a short
 budget the thresholded count has not converged (1% removed of a 30% target after 16 steps) and the learned
@@ -74,17 +74,18 @@ from torch import nn
 from prunetune.config import StructuredSpec
 from prunetune.errors import PrunetuneError
 from prunetune.methods.base import Method, MethodContext
-from prunetune.methods.structured_prune import (
+from prunetune.models.arch import get_adapter, unwrap
+from prunetune.pruning.shrink.scores import collect_moments
+from prunetune.pruning.shrink.surgery import ensure_biases, shrink_selection
+from prunetune.pruning.shrink.widths import (
     Geometry,
     Selection,
     Widths,
     allocate_widths,
-    collect_moments,
-    ensure_biases,
     geometry,
     parse_structures,
+    select,
 )
-from prunetune.models.arch import get_adapter, unwrap
 
 EPS = 1e-8
 NSGD_CLIP = 3.0  # "nsgd": a gate moves at most 3 x lr per step (unclipped, one spike sent log σ² to inf)
@@ -436,8 +437,6 @@ class VibMethod(Method):
         self.step += 1
 
     def finalize(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
-        from prunetune.methods.structured_prune import select, shrink_selection
-
         geom = geometry(model)
         sel = select(self.scores(), self.widths(geom), geom)
         self.fold(model, sel)

@@ -692,7 +692,7 @@ def run_structured(state, out_dir: Path) -> dict:
     """VIB or a baseline to a fraction of block parameters, then physical shrink; saves the smaller model."""
     from prunetune.data.calibration import calibration_samples
     from prunetune.data.sources import load_text
-    from prunetune.methods.structured import prune_structured
+    from prunetune.methods.shrink import prune_structured
 
     spec = state.spec
     loaded = state.load()

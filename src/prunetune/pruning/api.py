@@ -20,7 +20,7 @@ Which granularity does what:
   pass over the dense model, since every layer's scores are needed before any layer is pruned.
 * `rows` / `cols`: whole output rows / input columns of each layer.
 * `heads` / `neurons`: coupled structures (GQA KV groups with their query heads and o columns; MLP channels
-  across gate/up/down), see `structured.py`.
+  across gate/up/down), see `pruning/shrink/couplings.py`.
 * `pattern="2:4"` (N:M) keeps N of every M consecutive inputs in each row; sparsity is then 1 − N/M.
 
 Beyond one criterion: `layer_sparsity="owl"` gives each block its own sparsity from its share of activation
@@ -46,7 +46,7 @@ from prunetune.pruning.criteria import ALL_GRANULARITIES, Criterion, criterion_n
 from prunetune.pruning.granularity import check_sparsity, global_masks, mask_from_scores, parse_nm
 from prunetune.pruning.masks import MaskSet
 from prunetune.pruning.refine import WithMoments, check_refine, dsnot
-from prunetune.pruning.structured import STRUCTURES, structured_masks
+from prunetune.pruning.shrink.couplings import MASK_STRUCTURES, structured_masks
 
 
 def resolve_granularity(method: str, granularity: str | None, pattern: str | None = None) -> str:
@@ -127,9 +127,9 @@ def select_targets(model: nn.Module, skip: list[str] | None) -> dict[str, nn.Lin
 def masked_layers(model: nn.Module, targets: dict[str, nn.Linear], granularity: str) -> list[str]:
     """The layers `prune` gives a mask, known before pruning: every target, except that heads / neurons
     pruning masks only the targets inside a coupling of that kind (the MLP has no heads)."""
-    if granularity not in STRUCTURES:
+    if granularity not in MASK_STRUCTURES:
         return list(targets)
-    from prunetune.pruning.structured import couplings
+    from prunetune.pruning.shrink.couplings import couplings
 
     adapter = get_adapter(model)
     inside = {m.name for b in adapter.blocks() for c in couplings(adapter, b, granularity) for m in c.members}
@@ -163,7 +163,7 @@ def calibration_ids(calib, tokenizer, nsamples: int, seqlen: int, seed: int) -> 
 def _masks_from_scores(adapter, blocks, scores: dict[str, torch.Tensor], sparsity: float, granularity: str,
                        nm: tuple[int, int] | None) -> dict[str, torch.Tensor]:
     """Scores of some layers -> their keep-masks at the asked granularity (global handled by the caller)."""
-    if granularity in STRUCTURES:
+    if granularity in MASK_STRUCTURES:
         out: dict[str, torch.Tensor] = {}
         for b in blocks:
             out.update(structured_masks(adapter, b, scores, granularity, sparsity))
@@ -345,7 +345,7 @@ def _floor(scores: torch.Tensor, weight: torch.Tensor, prior: dict[str, torch.Te
 
     Structured granularities sum scores over a group, where one -inf would condemn the whole group; there the
     prior is only intersected afterwards (`_apply`)."""
-    if granularity in STRUCTURES or granularity in ("rows", "cols"):
+    if granularity in MASK_STRUCTURES or granularity in ("rows", "cols"):
         return scores
     alive = _alive(name, weight, prior)
     return scores if alive is None else scores.masked_fill(~alive.to(scores.device), float("-inf"))

@@ -1,8 +1,8 @@
-"""One-shot structured pruning, whichever way the structures are scored: VIB gates (`methods.vib`) or a
-baseline of the structured engine (`methods.structured_prune`: L1, L2, Wanda, FLAP).
+"""`prunetune shrink`'s method: one-shot structured pruning, whichever way the structures are scored: VIB gates
+(`methods.vib`) or a structure criterion of the registry (l1, l2, wanda, flap; `pruning.shrink.scores`).
 
-It lives apart from both so that neither imports the other: the engine holds the shared math (widths, selection,
-surgery), VIB holds the gates, and this module only dispatches and records what was done.
+The engine (couplings, scores, widths, selection, surgery) is the `pruning.shrink` package, a floor below the
+methods; VIB holds the gates; this module only dispatches and records what was done.
 """
 
 from __future__ import annotations
@@ -11,20 +11,9 @@ import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
-from prunetune.methods.structured_prune import (
-    BASELINES,
-    allocate_widths,
-    apply_masks,
-    baseline_scores,
-    check_inputs,
-    collect_moments,
-    flap_compensate,
-    geometry,
-    parse_structures,
-    select,
-    shrink_selection,
-
-)
+from prunetune.pruning.shrink.scores import BASELINES, baseline_scores, collect_moments
+from prunetune.pruning.shrink.surgery import apply_masks, flap_compensate, shrink_selection
+from prunetune.pruning.shrink.widths import allocate_widths, check_inputs, geometry, parse_structures, select
 from prunetune.methods.vib import VibConfig, VibMethod, train_gates
 
 

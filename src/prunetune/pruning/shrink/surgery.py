@@ -1,21 +1,5 @@
-"""Coupled structures: attention heads (GQA-aware) and MLP neurons, scored and masked as whole units.
+"""Physical removal (surgery): masks, keep plans and `shrink`.
 
-A structure only disappears from the computation when every weight that produces or consumes it goes:
-
-* an attention **KV group** of a GQA model is the k and v rows of one KV head, the q rows of the query heads
-  that read it (query head h reads KV head h // (heads / kv_heads), contiguous chunks), and the o_proj
-  columns that take those query heads' outputs. Removing whole KV groups keeps every remaining query head
-  attached to its own KV head, so the model still runs (and can be physically shrunk). Without GQA a group
-  is one head.
-* an MLP **neuron** j is row j of gate and up (or BERT/T5's single input layer) and column j of down.
-
-Each `Coupling` lists its members as (module name, axis, chunk): the weight's rows or columns split into
-`n_groups` contiguous chunks of `chunk`. A group's importance is the sum over members of the member's
-element scores in that chunk, each member normalised by its mean so that no single layer dominates.
-`floor(sparsity × n_groups)` groups are removed per coupling (per block), the exactness a unit count allows.
-
-Physical removal (surgery)
---------------------------
 A third coupling, the **hidden channel** c (RMSNorm families only), is column c of the embeddings, entry c of
 every norm over the residual stream, column c of every projection reading the stream (q k v gate up, LM head
 and classifier, tied embeddings included) and row c of every projection writing it (o, down).
@@ -46,103 +30,31 @@ correction moves the logits by 0.11 / 0.21, gains alone by 3.7e-4 / 7.6e-4, gain
 (the residual stream of a random init is small, so eps is not negligible there). `shrink` applies both
 (eps through `rms_norm_eps`, shared by every RMSNorm of the model; Qwen3's per-head q/k norms see that
 changed eps too: an error of order eps, 2.4e-5 on the tiny Qwen3).
+
+`shrink_selection` / `apply_masks` do the same for a `widths.Selection` (structured pruning's kept indices), and
+`flap_compensate` adds FLAP's bias compensation for what a selection removes.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
+from torch import nn
 
 from prunetune.errors import PrunetuneError
-from prunetune.models.arch import ArchAdapter, Block, base_linear
-from prunetune.pruning.granularity import check_sparsity
-
-STRUCTURES = ("heads", "neurons")
-
-
-@dataclass(frozen=True)
-class Member:
-    name: str
-    axis: str  # "rows" (outputs) | "cols" (inputs)
-    chunk: int  # rows/cols per group
-
-
-@dataclass(frozen=True)
-class Coupling:
-    kind: str  # "heads" | "neurons"
-    n_groups: int
-    members: tuple[Member, ...]
-
-
-def couplings(adapter: ArchAdapter, block: Block, kind: str) -> list[Coupling]:
-    """The head groups (self- and, for T5 decoders, cross-attention) or the MLP neurons of one block."""
-    names = {role: adapter.name_of(lin).removesuffix(".base_layer") for role, lin in block.linears.items()}
-    if kind == "heads":
-        g = adapter.attention()
-        out = []
-        for q, k, v, o in (("q", "k", "v", "o"), ("cq", "ck", "cv", "co")):
-            if all(r in names for r in (q, k, v, o)):
-                qchunk = g.kv_groups * g.head_dim
-                out.append(Coupling("heads", g.num_kv_heads, (
-                    Member(names[q], "rows", qchunk), Member(names[k], "rows", g.head_dim),
-                    Member(names[v], "rows", g.head_dim), Member(names[o], "cols", qchunk))))
-        return out
-    if kind == "neurons":
-        width = adapter.mlp_width()
-        members = [Member(names[r], "rows", 1) for r in ("gate", "up") if r in names]
-        if "down" not in names or not members:
-            return []
-        return [Coupling("neurons", width, (*members, Member(names["down"], "cols", 1)))]
-    raise PrunetuneError(f"unknown structure '{kind}'; choose one of: {', '.join(STRUCTURES)}")
-
-
-def group_scores(coupling: Coupling, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[n_groups] importance: per member, element scores summed over each chunk, normalised by the member mean."""
-    total = torch.zeros(coupling.n_groups, dtype=torch.float64)
-    for m in coupling.members:
-        s = scores[m.name].double()
-        per = s.sum(dim=1) if m.axis == "rows" else s.sum(dim=0)
-        if per.numel() != coupling.n_groups * m.chunk:
-            raise PrunetuneError(f"{m.name}: {per.numel()} {m.axis} do not split into {coupling.n_groups} groups")
-        g = per.reshape(coupling.n_groups, m.chunk).sum(dim=1)
-        total += (g / g.mean().clamp_min(1e-30)).cpu()
-    return total
-
-
-def coupling_masks(coupling: Coupling, keep: torch.Tensor, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Expand a [n_groups] keep vector to every member's weight-shaped keep-mask."""
-    out = {}
-    for m in coupling.members:
-        unit = keep.repeat_interleave(m.chunk)
-        rows, cols = shapes[m.name]
-        mask = unit[:, None].expand(rows, cols) if m.axis == "rows" else unit[None, :].expand(rows, cols)
-        out[m.name] = mask.clone()
-    return out
-
-
-def structured_masks(adapter: ArchAdapter, block: Block, scores: dict[str, torch.Tensor], kind: str,
-                     sparsity: float) -> dict[str, torch.Tensor]:
-    """Keep-masks removing the floor(sparsity × n) least important groups of each coupling in `block`.
-
-    Every member of a coupling must have scores; a skipped member would leave a half-removed structure.
-    """
-    sparsity = check_sparsity(sparsity)
-    out: dict[str, torch.Tensor] = {}
-    for c in couplings(adapter, block, kind):
-        missing = [m.name for m in c.members if m.name not in scores]
-        if missing:
-            if len(missing) == len(c.members):
-                continue
-            raise PrunetuneError(f"{kind} pruning needs all coupled layers; skipped: {', '.join(missing)}")
-        gs = group_scores(c, scores)
-        k = math.floor(sparsity * c.n_groups)
-        keep = torch.ones(c.n_groups, dtype=torch.bool)
-        if k:
-            keep[torch.sort(gs, stable=True).indices[:k]] = False
-        out.update(coupling_masks(c, keep, {m.name: scores[m.name].shape for m in c.members}))
-    return out
+from prunetune.models.arch import ArchAdapter, base_linear, get_adapter, unwrap
+from prunetune.pruning.criteria.flap import MomentStats
+from prunetune.pruning.shrink.couplings import (
+    STRUCTURES,
+    Coupling,
+    block_couplings,
+    block_linears,
+    check_structure,
+    couplings,
+    hidden_coupling,
+    shrinkable_adapter,
+    structure_units,
+)
+from prunetune.pruning.shrink.widths import Selection, geometry, keep_plan
 
 
 @torch.no_grad()
@@ -154,10 +66,6 @@ def remove_pruned(model: torch.nn.Module, kind: str) -> dict[str, int]:
     model that saves and loads in stock transformers (uniform widths, config rewritten) use `shrink`.
     Returns {coupling's first member name: groups removed}.
     """
-    from torch import nn
-
-    from prunetune.models.arch import get_adapter
-
     adapter = get_adapter(model)
     removed: dict[str, int] = {}
     for block in adapter.blocks():
@@ -187,135 +95,6 @@ def remove_pruned(model: torch.nn.Module, kind: str) -> dict[str, int]:
     return removed
 
 
-
-# ============================================================================================== surgery
-SHRINK_KINDS = ("heads", "neurons", "hidden")
-DEFAULT_ROUND_TO = {"heads": 1, "neurons": 64, "hidden": 64}  # heads: in KV groups; others: channels
-
-
-def _adapter(model: torch.nn.Module) -> ArchAdapter:
-    from prunetune.models.arch import get_adapter, unwrap
-
-    if unwrap(model) is not model:
-        raise PrunetuneError("shrink needs a plain transformers model: merge the LoRA adapters first")
-    return get_adapter(model)
-
-
-def _check_kind(adapter: ArchAdapter, kind: str) -> None:
-    if kind not in SHRINK_KINDS:
-        raise PrunetuneError(f"unknown structure '{kind}' to shrink; choose from: {', '.join(SHRINK_KINDS)}")
-    if kind == "hidden":
-        adapter.hidden_norms()  # LayerNorm families raise their one-line reason here
-    if kind not in adapter.shrinkable:
-        why = {"heads": "its config has no head_dim (the head size is hidden_size / num_attention_heads), so "
-                        "stock transformers cannot load fewer heads; keep them as masked zeros"}.get(kind, "")
-        raise PrunetuneError(f"{adapter.config.model_type} models cannot shrink {kind}"
-                             + (f": {why}" if why else ""))
-
-
-def block_couplings(adapter: ArchAdapter, kind: str) -> list[Coupling]:
-    """One coupling per block for heads (self-attention) or neurons, in block order."""
-    out = []
-    for block in adapter.blocks():
-        cs = couplings(adapter, block, kind)
-        if kind == "heads":
-            cs = cs[:1]  # self-attention (T5 cross-attention is not shrinkable)
-        if len(cs) != 1:
-            raise PrunetuneError(f"block {block.name} has no {kind} to shrink")
-        out.append(cs[0])
-    return out
-
-
-def hidden_coupling(adapter: ArchAdapter) -> Coupling:
-    """Every tensor that holds hidden channel c: embeddings, norms, readers (columns) and writers (rows)."""
-    norms = adapter.hidden_norms()
-    names = [adapter.name_of(adapter.root.get_input_embeddings())]
-    members = [Member(names[0], "cols", 1)]
-    members += [Member(adapter.name_of(n), "vector", 1) for n in norms]
-    for block in adapter.blocks():
-        for role, lin in block.linears.items():
-            axis = "rows" if role in ("o", "down") else "cols"
-            members.append(Member(adapter.name_of(lin), axis, 1))
-    members += [Member(adapter.name_of(h), "cols", 1) for h in adapter.output_heads()]
-    return Coupling("hidden", adapter.attention().hidden_size, tuple(members))
-
-
-def _units(adapter: ArchAdapter, kind: str) -> tuple[int, int]:
-    """(n_layers, n_groups) of a structure: heads in KV groups, neurons per MLP, hidden once for the model."""
-    if kind == "hidden":
-        return 1, adapter.attention().hidden_size
-    n = adapter.attention().num_kv_heads if kind == "heads" else adapter.mlp_width()
-    return len(block_couplings(adapter, kind)), n
-
-
-def structure_scores(model: torch.nn.Module, kind: str, scores: dict[str, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
-    """[n_blocks, n_groups] importance of each KV group or MLP neuron, from element scores of its members.
-
-    `scores` maps module name -> weight-shaped element scores (|W| when omitted; Wanda's |W|·‖X‖ or any
-    criterion's output otherwise), combined per coupling as `group_scores` does for masks, so a plan from
-    `keep_from_scores(model, {kind: structure_scores(...)}, ...)` removes what `prune(granularity=kind)` would.
-    """
-    adapter = _adapter(model)
-    _check_kind(adapter, kind)
-    if kind == "hidden":
-        raise PrunetuneError("hidden-channel scores are model-wide: pass a [hidden_size] tensor to keep_from_scores")
-    cs = block_couplings(adapter, kind)
-    if scores is None:
-        scores = {m.name: base_linear(adapter.root.get_submodule(m.name)).weight.detach().abs()
-                  for c in cs for m in c.members}
-    return torch.stack([group_scores(c, scores) for c in cs])
-
-
-def rounded_keep(kind: str, n: int, kept: int, round_to: int) -> int:
-    """`kept` moved to the nearest multiple of `round_to` (never 0 nor more than n)."""
-    what = {"heads": "KV groups per layer", "neurons": "MLP neurons per layer", "hidden": "hidden channels"}[kind]
-    if round_to < 1:
-        raise PrunetuneError(f"round_to must be >= 1, got {round_to}")
-    if round_to > n:
-        raise PrunetuneError(f"round_to {round_to} is larger than the {n} {what}: use a smaller multiple")
-    if kept <= 0 and kind == "heads":
-        raise PrunetuneError(f"this sparsity would remove every attention head of each layer ({n} {what}); "
-                             "keep at least one KV group")
-    r = round_to * round(kept / round_to)
-    if r > n:
-        r = round_to * (n // round_to)
-    return max(r, round_to)
-
-
-def keep_from_scores(model: torch.nn.Module, scores: dict[str, torch.Tensor], *,
-                     sparsity: float | dict[str, float] | None = None, keep: int | dict[str, int] | None = None,
-                     round_to: int | dict[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """A uniform keep plan from per-structure scores (higher = more important).
-
-    `scores[kind]` is [n_blocks, n_groups] (heads: per KV group; neurons) or [hidden_size]. Each layer keeps
-    the same count, its own top-scored structures: `keep` (a count) or round((1 - sparsity) × n), moved to the
-    nearest multiple of `round_to` (default 64 channels for neurons / hidden, 1 KV group for heads) by adding
-    or dropping structures in score order.
-    """
-    adapter = _adapter(model)
-    plan: dict[str, torch.Tensor] = {}
-    for kind, sc in scores.items():
-        _check_kind(adapter, kind)
-        layers, n = _units(adapter, kind)
-        sc = sc.detach().double().cpu().reshape(layers, n) if kind != "hidden" else sc.detach().double().cpu()[None]
-        if sc.shape != (layers, n):
-            raise PrunetuneError(f"{kind} scores have shape {tuple(sc.shape)}, expected ({layers}, {n})")
-        s_k = sparsity.get(kind) if isinstance(sparsity, dict) else sparsity
-        k_k = keep.get(kind) if isinstance(keep, dict) else keep
-        if k_k is None:
-            if s_k is None:
-                raise PrunetuneError(f"give a sparsity or a keep count for {kind}")
-            k_k = round((1.0 - check_sparsity(s_k)) * n)
-        r = round_to.get(kind) if isinstance(round_to, dict) else round_to
-        k_k = rounded_keep(kind, n, int(k_k), DEFAULT_ROUND_TO[kind] if r is None else int(r))
-        mask = torch.zeros(layers, n, dtype=torch.bool)
-        top = torch.sort(sc, dim=1, descending=True, stable=True).indices[:, :k_k]
-        mask.scatter_(1, top, True)
-        plan[kind] = mask if kind != "hidden" else mask[0]
-    return plan
-
-
 @torch.no_grad()
 def keep_from_masks(model: torch.nn.Module, masks=None, kinds: tuple[str, ...] = ("heads", "neurons")
                     ) -> dict[str, torch.Tensor]:
@@ -324,10 +103,10 @@ def keep_from_masks(model: torch.nn.Module, masks=None, kinds: tuple[str, ...] =
     A structure is removed when every weight of every member in its chunk is pruned. The plan must keep the
     same number in every layer: transformers has no per-layer widths.
     """
-    adapter = _adapter(model)
+    adapter = shrinkable_adapter(model)
     plan: dict[str, torch.Tensor] = {}
     for kind in kinds:
-        _check_kind(adapter, kind)
+        check_structure(adapter, kind)
         if kind == "hidden":
             raise PrunetuneError("hidden channels are not in a MaskSet: pass a keep plan from keep_from_scores")
         rows = []
@@ -348,8 +127,8 @@ def keep_from_masks(model: torch.nn.Module, masks=None, kinds: tuple[str, ...] =
 def _check_plan(adapter: ArchAdapter, plan: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for kind, keep in plan.items():
-        _check_kind(adapter, kind)
-        layers, n = _units(adapter, kind)
+        check_structure(adapter, kind)
+        layers, n = structure_units(adapter, kind)
         keep = torch.as_tensor(keep).to(torch.bool).cpu()
         keep2 = keep.reshape(1, -1) if kind == "hidden" else keep
         if tuple(keep2.shape) != (layers, n):
@@ -381,7 +160,7 @@ def mask_structures(model: torch.nn.Module, keep: dict[str, torch.Tensor]) -> No
     For hidden channels the writers (embedding columns, o/down rows and their biases) are zeroed, so the
     channel is zero in the residual stream; readers and norm gains then see a zero and need no change.
     """
-    adapter = _adapter(model)
+    adapter = shrinkable_adapter(model)
     plan = _check_plan(adapter, keep)
     for kind, k in plan.items():
         rows = k.reshape(1, -1) if kind == "hidden" else k
@@ -401,8 +180,6 @@ def mask_structures(model: torch.nn.Module, keep: dict[str, torch.Tensor]) -> No
 
 def _take(mod: torch.nn.Module, axis: str, idx: torch.Tensor) -> None:
     """Keep entries `idx` of a Linear's rows/cols, an Embedding's columns or a norm's gain (in place)."""
-    from torch import nn
-
     idx = idx.to(mod.weight.device)
     new = lambda t, dim: nn.Parameter(t.index_select(dim, idx).clone(), requires_grad=t.requires_grad)  # noqa: E731
     if axis == "rows":
@@ -434,7 +211,7 @@ def shrink(model: torch.nn.Module, keep) -> dict[str, dict[str, int]]:
     """
     from prunetune.pruning.masks import MaskSet
 
-    adapter = _adapter(model)
+    adapter = shrinkable_adapter(model)
     if isinstance(keep, MaskSet):
         present = [k for k in ("heads", "neurons") if k in adapter.shrinkable]
         keep = keep_from_masks(model, keep, tuple(present))
@@ -514,3 +291,60 @@ def _shrink_hidden(adapter: ArchAdapter, keep: torch.Tensor) -> None:
     for mod in root.modules():  # every RMSNorm reads the config's eps when reloaded: match it in memory
         if hasattr(mod, "variance_epsilon"):
             mod.variance_epsilon = eps
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, sel: Selection) -> None:
+    """Zero every removed structure in place: the masked model whose logits `shrink` reproduces."""
+    plan = keep_plan(model, sel)
+    mask_structures(model, {k: v for k, v in plan.items() if not bool(v.all())})
+
+
+def shrink_selection(model: nn.Module, sel: Selection, structures: tuple[str, ...] = STRUCTURES) -> nn.Module:
+    """Physically remove what `sel` drops with the adapter's surgery; the config is rewritten for stock
+    `from_pretrained` (RMSNorm gains and eps corrected for hidden channels)."""
+    plan = keep_plan(model, sel)
+    shrink(model, {k: v for k, v in plan.items() if not bool(v.all())})
+    return model
+
+
+def _removed(kept: torch.Tensor, n: int) -> torch.Tensor:
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[kept] = True
+    return ~keep
+
+
+@torch.no_grad()
+def flap_compensate(model: nn.Module, sel: Selection, stats: dict[str, MomentStats]) -> None:
+    """FLAP's bias compensation: a removed input column j of o_proj/down_proj is replaced by its mean
+    contribution W[:, j]·E[x_j], added to the layer's bias.
+
+    Llama has no bias there, so the model gets `attention_bias` / `mlp_bias` (stock LlamaConfig flags: the
+    export loads in plain transformers); q/k/v and gate/up get zero biases, as those flags give every
+    projection of the module a bias.
+    """
+    ensure_biases(model)
+    adapter = get_adapter(model)
+    geom = geometry(model)
+    qchunk = geom.groups * geom.head_dim
+    for l, lin in enumerate(block_linears(adapter)):
+        for out_role, gone in (("o", _removed(sel.kv[l], geom.kv_heads).repeat_interleave(qchunk)),
+                               ("down", _removed(sel.neurons[l], geom.inter))):
+            layer = lin[out_role]
+            mean = stats[adapter.name_of(layer)].mean().to(layer.weight.device)
+            comp = (layer.weight.double()[:, gone] @ mean[gone]).to(layer.weight.dtype)
+            layer.bias += comp
+
+
+def ensure_biases(model: nn.Module) -> None:
+    """Zero biases on every projection that has none, and the stock config flags that make transformers build
+    them (`attention_bias` covers q/k/v/o, `mlp_bias` gate/up/down): what a compensation bias rides on."""
+    adapter = get_adapter(model)
+    for lin in block_linears(adapter):
+        for m in lin.values():
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device),
+                                      requires_grad=False)
+    cfg = unwrap(model).config
+    cfg.attention_bias = True
+    cfg.mlp_bias = True

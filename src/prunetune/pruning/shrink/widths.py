@@ -1,4 +1,4 @@
-"""Structured pruning that shrinks the model: scores -> uniform widths -> selection -> fold/compensate -> shrink.
+"""Uniform widths: how many of each structure every layer keeps, and which ones.
 
 One engine for VIB (`methods.vib`) and its baselines (L1, L2, Wanda-structured, FLAP), so that every row of
 the benchmark shares the same width allocation, the same surgery and the same export. The three structures
@@ -15,7 +15,10 @@ chosen by score within the layer. Widths of neurons and hidden channels are mult
 a sparsity refers to is *block parameters*: the weights of the seven projections of every block (norms,
 embeddings and the LM head excluded), as in the issue and the TVA-Prune paper.
 
-The math of the baselines' scores is in pure functions (`group_*`); `methods.structured.prune_structured` is the lifecycle.
+`allocate_widths` turns a sparsity of block parameters into `Widths`; `select` keeps each layer's top-scored
+structures at those widths (`Selection`), `keep_plan` turns a selection into the surgery's keep plan.
+`keep_from_scores` builds a keep plan directly from per-structure scores with its own rounding (a fraction or
+count per structure, moved to a multiple of `round_to`): the library path of the README's example.
 """
 
 from __future__ import annotations
@@ -27,30 +30,41 @@ import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
-from prunetune.models.arch import ArchAdapter, base_linear, get_adapter, unwrap
-from prunetune.pruning.criteria import get_criterion
-from prunetune.pruning.criteria.flap import MomentStats
-
-STRUCTURES = ("heads", "neurons", "hidden")
-BASELINES = ("l1", "l2", "wanda", "flap")  # registry criteria (`pruning.criteria`) that score structures
+from prunetune.models.arch import AttentionGeometry, get_adapter
+from prunetune.pruning.granularity import check_sparsity
+from prunetune.pruning.shrink.couplings import STRUCTURES, check_structure, shrinkable_adapter, structure_units
 
 
-# ----------------------------------------------------------------------------------------- geometry, widths
 @dataclass(frozen=True)
 class Geometry:
-    """The shape numbers of a Llama-family model that parameter and FLOP counts need."""
+    """The shape numbers of a Llama-family model that parameter and FLOP counts need: its attention geometry
+    (`models.arch.AttentionGeometry`, the one type for heads, KV groups, head_dim and hidden size) plus the
+    number of blocks, the MLP width and the vocabulary."""
 
+    attention: AttentionGeometry
     layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
     inter: int
     vocab: int
 
     @property
+    def hidden(self) -> int:
+        return self.attention.hidden_size
+
+    @property
+    def heads(self) -> int:
+        return self.attention.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.attention.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim
+
+    @property
     def groups(self) -> int:
-        return self.heads // self.kv_heads
+        return self.attention.kv_groups
 
     def attn_params(self, kv: int | float, hidden: int | float) -> float:
         """q (G·kv·d rows), k and v (kv·d rows each), o (G·kv·d columns), all `hidden` wide."""
@@ -91,9 +105,7 @@ def geometry(model: nn.Module) -> Geometry:
     if adapter.family != "llama":
         raise PrunetuneError(f"structured shrinking supports the Llama family (heads, neurons, hidden); "
                              f"'{adapter.config.model_type}' is not one")
-    g = adapter.attention()
-    return Geometry(adapter.num_blocks(), g.hidden_size, g.num_heads, g.num_kv_heads, g.head_dim,
-                    adapter.mlp_width(), int(adapter.config.vocab_size))
+    return Geometry(adapter.attention(), adapter.num_blocks(), adapter.mlp_width(), int(adapter.config.vocab_size))
 
 
 def parse_structures(structures: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -195,7 +207,6 @@ def _heads_and_hidden(geom: Geometry, kv_f: float, hid_f: float, structures: tup
                          f"(transformers needs hidden_size % num_attention_heads == 0); lower --round-to")
 
 
-# --------------------------------------------------------------------------------------------- selection
 @dataclass
 class Selection:
     """Kept indices, sorted: `kv` [layers, kv] KV groups, `neurons` [layers, n], `hidden` [h] channels."""
@@ -221,18 +232,8 @@ def select(scores: dict[str, torch.Tensor], widths: Widths, geom: Geometry) -> S
                      top(scores.get("hidden"), widths.hidden, geom.hidden, ()))
 
 
-def _removed(kept: torch.Tensor, n: int) -> torch.Tensor:
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[kept] = True
-    return ~keep
-
-
-def _layers(adapter: ArchAdapter) -> list[dict[str, nn.Linear]]:
-    return [b.linears for b in adapter.blocks()]
-
-
 def keep_plan(model: nn.Module, sel: Selection) -> dict[str, torch.Tensor]:
-    """The selection as the surgery's plan {kind: bool keep-tensor} (`pruning.structured.shrink`)."""
+    """The selection as the surgery's plan {kind: bool keep-tensor} (`pruning.shrink.surgery.shrink`)."""
     geom = geometry(model)
 
     def keep(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -242,123 +243,53 @@ def keep_plan(model: nn.Module, sel: Selection) -> dict[str, torch.Tensor]:
     return {"heads": keep(sel.kv, geom.kv_heads), "neurons": keep(sel.neurons, geom.inter),
             "hidden": keep(sel.hidden, geom.hidden)}
 
-
-@torch.no_grad()
-def apply_masks(model: nn.Module, sel: Selection) -> None:
-    """Zero every removed structure in place: the masked model whose logits `shrink` reproduces."""
-    from prunetune.pruning.structured import mask_structures
-
-    plan = keep_plan(model, sel)
-    mask_structures(model, {k: v for k, v in plan.items() if not bool(v.all())})
+DEFAULT_ROUND_TO = {"heads": 1, "neurons": 64, "hidden": 64}  # heads: in KV groups; others: channels
 
 
-def shrink_selection(model: nn.Module, sel: Selection, structures: tuple[str, ...] = STRUCTURES) -> nn.Module:
-    """Physically remove what `sel` drops with the adapter's surgery; the config is rewritten for stock
-    `from_pretrained` (RMSNorm gains and eps corrected for hidden channels)."""
-    from prunetune.pruning.structured import shrink
-
-    plan = keep_plan(model, sel)
-    shrink(model, {k: v for k, v in plan.items() if not bool(v.all())})
-    return model
-
-
-# -------------------------------------------------------------------------------------- baseline scores
-def column_scores(method: str, weight: torch.Tensor, stats: MomentStats | None) -> torch.Tensor:
-    """Importance of each input column of a linear, in float64, by the registry's criterion: L1/L2 of the
-    column, Wanda Σ|W|·||X||, FLAP var(X)·||W||²."""
-    if method not in BASELINES:
-        raise PrunetuneError(f"unknown structured criterion '{method}'; choose from {', '.join(BASELINES)}")
-    return get_criterion(method, structures=True).column_scores(weight.detach().double(), stats)
+def rounded_keep(kind: str, n: int, kept: int, round_to: int) -> int:
+    """`kept` moved to the nearest multiple of `round_to` (never 0 nor more than n)."""
+    what = {"heads": "KV groups per layer", "neurons": "MLP neurons per layer", "hidden": "hidden channels"}[kind]
+    if round_to < 1:
+        raise PrunetuneError(f"round_to must be >= 1, got {round_to}")
+    if round_to > n:
+        raise PrunetuneError(f"round_to {round_to} is larger than the {n} {what}: use a smaller multiple")
+    if kept <= 0 and kind == "heads":
+        raise PrunetuneError(f"this sparsity would remove every attention head of each layer ({n} {what}); "
+                             "keep at least one KV group")
+    r = round_to * round(kept / round_to)
+    if r > n:
+        r = round_to * (n // round_to)
+    return max(r, round_to)
 
 
-def row_scores(method: str, weight: torch.Tensor) -> torch.Tensor:
-    return get_criterion(method, structures=True).row_scores(weight.detach().double())
+def keep_from_scores(model: torch.nn.Module, scores: dict[str, torch.Tensor], *,
+                     sparsity: float | dict[str, float] | None = None, keep: int | dict[str, int] | None = None,
+                     round_to: int | dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """A uniform keep plan from per-structure scores (higher = more important).
 
-
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    return x / x.mean().clamp_min(1e-30)
-
-
-def baseline_scores(model: nn.Module, method: str, stats: dict[str, MomentStats] | None) -> dict[str, torch.Tensor]:
-    """Scores of every structure. L1/L2 sum every coupled weight (each member normalised by its mean, as in
-    `pruning.structured.group_scores`); Wanda and FLAP score what a structure *feeds* (the o_proj / down_proj
-    input columns, FLAP's choice) and, for hidden channels, the input columns of every projection."""
-    adapter = get_adapter(model)
-    geom = geometry(model)
-    qchunk = geom.groups * geom.head_dim
-    names = [{r: adapter.name_of(m) for r, m in lin.items()} for lin in _layers(adapter)]
-    heads, neurons = [], []
-    hidden = torch.zeros(geom.hidden, dtype=torch.float64)
-    for l, lin in enumerate(_layers(adapter)):
-        st = (lambda r: stats[names[l][r]]) if stats is not None else (lambda r: None)
-        o_cols = column_scores(method, lin["o"].weight, st("o")).cpu()
-        d_cols = column_scores(method, lin["down"].weight, st("down")).cpu()
-        h = _norm(o_cols.view(geom.kv_heads, qchunk).sum(1))
-        n = _norm(d_cols)
-        if method in ("l1", "l2"):
-            for r, chunk in (("q", qchunk), ("k", geom.head_dim), ("v", geom.head_dim)):
-                h += _norm(row_scores(method, lin[r].weight).cpu().view(geom.kv_heads, chunk).sum(1))
-            for r in ("gate", "up"):
-                n += _norm(row_scores(method, lin[r].weight).cpu())
-            for r in ("o", "down"):
-                hidden += _norm(row_scores(method, lin[r].weight).cpu())
-        for r in ("q", "k", "v", "gate", "up"):
-            hidden += _norm(column_scores(method, lin[r].weight, st(r)).cpu())
-        heads.append(h)
-        neurons.append(n)
-    if method in ("l1", "l2"):
-        hidden += _norm(column_scores(method, unwrap(model).get_input_embeddings().weight, None).cpu())
-    return {"heads": torch.stack(heads), "neurons": torch.stack(neurons), "hidden": hidden}
-
-
-def collect_moments(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, MomentStats]:
-    """Input moments of every projection from one pass of the dense model over the calibration windows."""
-    from prunetune.pruning.calibrate import collect_all, layer_key
-
-    adapter = get_adapter(model)
-    targets = {layer_key(adapter, lin) for _, lin in adapter.linears().values()}
-    return collect_all(model, ids, lambda _n, lin, dev: MomentStats(lin.in_features, dev), targets,
-                       batch_size=batch_size, progress=False)
-
-
-@torch.no_grad()
-def flap_compensate(model: nn.Module, sel: Selection, stats: dict[str, MomentStats]) -> None:
-    """FLAP's bias compensation: a removed input column j of o_proj/down_proj is replaced by its mean
-    contribution W[:, j]·E[x_j], added to the layer's bias.
-
-    Llama has no bias there, so the model gets `attention_bias` / `mlp_bias` (stock LlamaConfig flags: the
-    export loads in plain transformers); q/k/v and gate/up get zero biases, as those flags give every
-    projection of the module a bias.
+    `scores[kind]` is [n_blocks, n_groups] (heads: per KV group; neurons) or [hidden_size]. Each layer keeps
+    the same count, its own top-scored structures: `keep` (a count) or round((1 - sparsity) × n), moved to the
+    nearest multiple of `round_to` (default 64 channels for neurons / hidden, 1 KV group for heads) by adding
+    or dropping structures in score order.
     """
-    ensure_biases(model)
-    adapter = get_adapter(model)
-    geom = geometry(model)
-    qchunk = geom.groups * geom.head_dim
-    for l, lin in enumerate(_layers(adapter)):
-        for out_role, gone in (("o", _removed(sel.kv[l], geom.kv_heads).repeat_interleave(qchunk)),
-                               ("down", _removed(sel.neurons[l], geom.inter))):
-            layer = lin[out_role]
-            mean = stats[adapter.name_of(layer)].mean().to(layer.weight.device)
-            comp = (layer.weight.double()[:, gone] @ mean[gone]).to(layer.weight.dtype)
-            layer.bias += comp
-
-
-def ensure_biases(model: nn.Module) -> None:
-    """Zero biases on every projection that has none, and the stock config flags that make transformers build
-    them (`attention_bias` covers q/k/v/o, `mlp_bias` gate/up/down): what a compensation bias rides on."""
-    adapter = get_adapter(model)
-    for lin in _layers(adapter):
-        for m in lin.values():
-            if m.bias is None:
-                m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device),
-                                      requires_grad=False)
-    cfg = unwrap(model).config
-    cfg.attention_bias = True
-    cfg.mlp_bias = True
-
-
-# ---------------------------------------------------------------------------------------------- lifecycle
-def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    from prunetune.pruning.api import calibration_ids
-
-    return calibration_ids(source, tokenizer, nsamples, seqlen, seed)
+    adapter = shrinkable_adapter(model)
+    plan: dict[str, torch.Tensor] = {}
+    for kind, sc in scores.items():
+        check_structure(adapter, kind)
+        layers, n = structure_units(adapter, kind)
+        sc = sc.detach().double().cpu().reshape(layers, n) if kind != "hidden" else sc.detach().double().cpu()[None]
+        if sc.shape != (layers, n):
+            raise PrunetuneError(f"{kind} scores have shape {tuple(sc.shape)}, expected ({layers}, {n})")
+        s_k = sparsity.get(kind) if isinstance(sparsity, dict) else sparsity
+        k_k = keep.get(kind) if isinstance(keep, dict) else keep
+        if k_k is None:
+            if s_k is None:
+                raise PrunetuneError(f"give a sparsity or a keep count for {kind}")
+            k_k = round((1.0 - check_sparsity(s_k)) * n)
+        r = round_to.get(kind) if isinstance(round_to, dict) else round_to
+        k_k = rounded_keep(kind, n, int(k_k), DEFAULT_ROUND_TO[kind] if r is None else int(r))
+        mask = torch.zeros(layers, n, dtype=torch.bool)
+        top = torch.sort(sc, dim=1, descending=True, stable=True).indices[:, :k_k]
+        mask.scatter_(1, top, True)
+        plan[kind] = mask if kind != "hidden" else mask[0]
+    return plan
