@@ -89,15 +89,29 @@ def test_learning_rate_rule_is_one(mode):
     assert TuneConfig(lora=mode == "lora", lr=3e-4).learning_rate == TuneSpec(mode=mode, lr=3e-4).learning_rate
 
 
-@pytest.mark.parametrize("command, fn", [("prune", "prune_cmd"), ("shrink", "shrink_cmd"), ("finetune", "finetune"),
-                                         ("payt", "payt"), ("losparse", "losparse")])
-def test_command_flags_carry_no_default_of_their_own(command, fn):
+def _recipe_commands() -> list[str]:
+    from prunetune import cli
+
+    return sorted(cli.COMMANDS)
+
+
+def test_every_recipe_command_has_a_recipe_file_and_a_flag_table():
+    """Every command that runs a recipe starts from its own file, and every command is in the table."""
+    from prunetune import cli
+    from prunetune.config import COMMANDS_DIR
+
+    assert set(cli.COMMANDS) == set(cli.COMMAND_FLAGS) == {p.stem for p in COMMANDS_DIR.glob("*.yaml")}
+    assert {"prune", "shrink", "finetune", "payt", "losparse", "compose"} <= set(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("command", _recipe_commands())
+def test_command_flags_carry_no_default_of_their_own(command):
     """A flag that sets a recipe key defaults to None: the command's recipe file and the specs hold the value."""
     import inspect
 
     from prunetune import cli
 
-    params = inspect.signature(getattr(cli, fn)).parameters
+    params = inspect.signature(cli.COMMANDS[command]).parameters
     own = {}
     for flag in cli.COMMAND_FLAGS[command]:
         if flag not in params:
@@ -108,3 +122,18 @@ def test_command_flags_carry_no_default_of_their_own(command, fn):
             own[flag] = default
     assert not own, f"{command} flags with their own defaults: {own}"
     assert any(f in params for f in cli.COMMAND_FLAGS[command])
+
+
+@pytest.mark.parametrize("command", _recipe_commands())
+def test_a_command_without_flags_runs_its_recipe_file(command, capsys):
+    """Every command is a recipe: with no flag, `--print-recipe` prints its recipe file (the model named on the
+    command line), so each default lives in that file or in the specs, nowhere in the CLI."""
+    import yaml
+
+    from cli_helpers import cli_ok
+    from prunetune.config import COMMANDS_DIR, read_recipe_file, recipe_to_dict
+
+    data, _ = read_recipe_file(str(COMMANDS_DIR / f"{command}.yaml"))
+    data["model"] = {**data.get("model", {}), "name": "tiny-llama"}
+    printed = yaml.safe_load(cli_ok([command, "tiny-llama", "--print-recipe"], capsys))
+    assert printed == recipe_to_dict(validate_recipe(data, command))
