@@ -286,7 +286,16 @@ class T5Adapter(ArchAdapter):
         self.config.d_ff = kept
 
 
-ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, BertAdapter, DistilBertAdapter, T5Adapter)
+ADAPTERS: list[type[ArchAdapter]] = [LlamaAdapter, BertAdapter, DistilBertAdapter, T5Adapter]
+
+
+def register_adapter(cls: type[ArchAdapter]) -> type[ArchAdapter]:
+    """Class decorator: add a model family (CONTRIBUTING.md); a model type claimed twice is a bug, refused."""
+    claimed = {t for c in ADAPTERS for t in c.model_types}
+    if not cls.family or not cls.model_types or claimed & set(cls.model_types):
+        raise ValueError(f"adapter {cls.__name__}: needs a family and model types no other adapter claims")
+    ADAPTERS.append(cls)
+    return cls
 
 
 def get_adapter(model: nn.Module) -> ArchAdapter:
