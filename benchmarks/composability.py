@@ -87,6 +87,7 @@ def main() -> int:
 
     from prunetune.evaluation.task import evaluate_classification
     from prunetune.methods import composable as C
+    from prunetune.models.arch import get_adapter
     from prunetune.models.loading import load_model
     from prunetune.tuning.config import TuneConfig
     from prunetune.tuning.data import load_task_data
@@ -144,7 +145,7 @@ def main() -> int:
     log(f"original: val {dense['val_accuracy']:.3f} test {dense['test']['accuracy']:.3f}")
 
     configs = C.parse_configurations(a.attention, a.linear, grid=a.grid)
-    adapter = C.get_adapter(original)
+    adapter = get_adapter(original)
     pl = C.plan(configs, adapter, attention_units=("attention",), linear_units=("o", "up", "down"))
     log(f"{len(configs)} configurations -> {len(pl.units)} unique units ({pl.unit_count_without_dedup} without dedup)")
 

@@ -7,6 +7,7 @@ import torch
 
 from prunetune.errors import PrunetuneError
 from prunetune.methods import composable as C
+from prunetune.models.arch import get_adapter
 from tests.cli_helpers import cli_error
 
 SETTINGS = C.ModuleFTSettings(linear_steps=30, attention_steps=8, linear_lr=1e-3, attention_lr=1e-3)
@@ -30,7 +31,7 @@ def batches(bert):
 # ------------------------------------------------------------------------------------------ plan
 def test_dedup_count_grid_and_pairs(bert):
     model, _ = bert
-    ad = C.get_adapter(model)
+    ad = get_adapter(model)
     grid = C.parse_configurations([0.25, 0.5], [0.3, 0.5], grid=True)
     assert len(grid) == 4
     pl = C.plan(grid, ad)
@@ -66,7 +67,7 @@ def test_bad_configurations_raise(att, lin, n, grid, needle):
 
 
 def test_unknown_role_and_per_block_length(bert):
-    ad = C.get_adapter(bert[0])
+    ad = get_adapter(bert[0])
     with pytest.raises(PrunetuneError, match="unknown module role 'ffn'"):
         C.plan(C.parse_configurations([0.5], [0.5]), ad, linear_units=("ffn",))
     with pytest.raises(PrunetuneError, match="3 per-block attention rates for a model with 2 blocks"):
@@ -103,7 +104,7 @@ def test_cli_multi_value_flags_build_the_recipe(capsys):
 def test_linear_module_ft_lowers_real_mse(bert, batches):
     """MSE measured by running the layer on the captured raw inputs (not through the Gram matrix)."""
     model, _ = bert
-    ad = C.get_adapter(model)
+    ad = get_adapter(model)
     block = ad.blocks()[0]
     lin = block.linears["up"]
     xs = []
@@ -138,7 +139,7 @@ def test_attention_module_ft_lowers_mse_and_removes_heads(bert, batches):
     st = res.stats[unit.id]
     assert st["mse_after"] < st["mse_before"]
     t = res.tensors[unit.id]
-    g = C.get_adapter(model).attention()
+    g = get_adapter(model).attention()
     for r in ("q", "k", "v"):
         rows_kept = t[f"{r}.mask"][:, 0]
         assert int((~rows_kept).sum()) == 2 * g.head_dim  # floor(0.5 x 4 heads) = 2 heads
@@ -151,14 +152,14 @@ def test_attention_module_ft_lowers_mse_and_removes_heads(bert, batches):
 def test_composed_model_equals_its_parts(bert, batches, tmp_path):
     model, _ = bert
     configs = C.parse_configurations([0.25, 0.5], [0.5, 0.3])
-    pl = C.plan(configs, C.get_adapter(model))
+    pl = C.plan(configs, get_adapter(model))
     cache = C.ModuleCache(tmp_path / "cache")
     res = C.train_units(model, batches, pl.units, SETTINGS, cache)
     from safetensors.torch import load_file
 
     for c in configs:
         composed, masks = C.compose(model, pl.members[c.name], res)
-        ad = C.get_adapter(composed)
+        ad = get_adapter(composed)
         blocks = ad.blocks()
         for u in pl.members[c.name]:
             key, _ = cache.key(u, C.model_hash(model), C.data_hash(batches), SETTINGS)
@@ -188,7 +189,9 @@ def test_cache_hit_skips_work_and_changed_setting_misses(bert, batches, tmp_path
 
     calls = []
     real_capture = C.capture_blocks
-    monkeypatch.setattr(C, "capture_blocks", lambda *a, **k: calls.append(1) or real_capture(*a, **k))
+    from prunetune.methods.composable import units as unit_training  # where train_units finds capture_blocks
+
+    monkeypatch.setattr(unit_training, "capture_blocks", lambda *a, **k: calls.append(1) or real_capture(*a, **k))
     second = C.train_units(model, batches, units, SETTINGS, C.ModuleCache(tmp_path / "cache"))
     assert second.trained == [] and sorted(second.cached) == sorted(u.id for u in units)
     assert calls == []  # no capture, no training
@@ -207,7 +210,7 @@ def test_cache_hit_skips_work_and_changed_setting_misses(bert, batches, tmp_path
 
     other = copy.deepcopy(model)
     with torch.no_grad():
-        C.get_adapter(other).blocks()[1].linears["up"].weight[0, 0] += 1.0
+        get_adapter(other).blocks()[1].linears["up"].weight[0, 0] += 1.0
     fifth = C.train_units(other, batches, units[:1], SETTINGS, C.ModuleCache(tmp_path / "cache"))
     assert fifth.trained == [units[0].id]
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3 + 3 + 1 + 1
@@ -223,7 +226,7 @@ def test_t5_units_include_cross_attention_and_compose():
     pairs = synthetic_pairs(8)
     batches = C.text_batches(ld.tokenizer, [p["source"] for p in pairs], 32, 8, targets=[p["target"] for p in pairs])
     configs = C.parse_configurations([0.5], [0.5])
-    pl = C.plan(configs, C.get_adapter(ld.model))
+    pl = C.plan(configs, get_adapter(ld.model))
     kinds = {u.kind for u in pl.units}
     assert {"attention", "cross-attention", "o", "co", "up", "down"} <= kinds
     res = C.train_units(ld.model, batches, pl.units, C.ModuleFTSettings(linear_steps=5, attention_steps=2))
@@ -239,8 +242,8 @@ def test_seq2seq_finetuning_lowers_loss_and_computes_bleu(tmp_path):
     from prunetune.tuning.seq2seq import Seq2SeqConfig, finetune_seq2seq
 
     ld = load_model("tiny-t5", "seq2seq")
-    lin = C.get_adapter(ld.model).blocks()[0].linears["up"]
-    name = C.get_adapter(ld.model).name_of(lin)
+    lin = get_adapter(ld.model).blocks()[0].linears["up"]
+    name = get_adapter(ld.model).name_of(lin)
     mask = torch.rand(lin.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
     cfg = Seq2SeqConfig(max_steps=40, lr=3e-3, batch_size=16, n_samples=160, eval_samples=10,
                         generation_max_length=16)
@@ -288,7 +291,7 @@ def test_activation_criterion_uses_the_capture_and_unknown_criterion_errors(bert
     assert not torch.equal(m1, m2)  # column norms of the captured inputs change which weights go
     assert res.stats[wanda.id]["mse_after"] < res.stats[wanda.id]["mse_before"]
     with pytest.raises(PrunetuneError, match="unknown or unsupported linear criterion 'nope'"):
-        C.plan(C.parse_configurations([0.5], [0.5]), C.get_adapter(model), linear_criterion="nope")
+        C.plan(C.parse_configurations([0.5], [0.5]), get_adapter(model), linear_criterion="nope")
     with pytest.raises(PrunetuneError, match="needs activations"):
         C.train_units(model, [], [wanda], SETTINGS, finetune=False)
 
@@ -300,7 +303,7 @@ def test_composed_start_method_prepares_the_model_and_its_masks(bert, batches):
 
     model, _ = bert
     configs = C.parse_configurations([0.5], [0.5])
-    pl = C.plan(configs, C.get_adapter(model))
+    pl = C.plan(configs, get_adapter(model))
     res = C.train_units(model, batches, pl.units, SETTINGS)
     method = C.ComposedStart(pl.members[configs[0].name], res, configs[0])
     assert isinstance(method, Method)
@@ -326,7 +329,7 @@ def test_every_family_plans_trains_and_composes(model_type):
     targets = [t[::-1] for t in TEXTS[:8]] if seq2seq else None
     batches = C.text_batches(tok, TEXTS[:8], 24, 4, targets=targets)
     configs = C.parse_configurations([0.5], [0.5])
-    ad = C.get_adapter(model)
+    ad = get_adapter(model)
     pl = C.plan(configs, ad)
     kinds = {u.kind for u in pl.units}
     assert "attention" in kinds and "down" in kinds and "o" in kinds
@@ -335,8 +338,8 @@ def test_every_family_plans_trains_and_composes(model_type):
         assert st["mse_after"] <= st["mse_before"] * 1.001, uid
     composed, masks = C.compose(model, pl.members[configs[0].name], res)
     g = ad.attention()
-    for b in C.get_adapter(composed).blocks():
-        rows = masks[C.get_adapter(composed).name_of(b.linears["k"])][:, 0]
+    for b in get_adapter(composed).blocks():
+        rows = masks[get_adapter(composed).name_of(b.linears["k"])][:, 0]
         assert int((~rows).sum()) == (g.num_kv_heads // 2) * g.head_dim  # half the KV groups
     out = composed(**batches[0])
     assert torch.isfinite(out.logits).all()

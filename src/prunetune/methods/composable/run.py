@@ -1,0 +1,150 @@
+"""The whole method: plan, train the units, compose every configuration and fine-tune it (with and without module-
+level FT), for classification and seq2seq.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prunetune.methods.composable.cache import ModuleCache, ModuleFTSettings
+from prunetune.methods.composable.compose import (
+    ValidationClock,
+    compose,
+    geometric_checks,
+    save_composed,
+    text_batches,
+)
+from prunetune.methods.composable.plan import Configuration, DEFAULT_ATTENTION_UNITS, DEFAULT_LINEAR_UNITS, Plan, plan
+from prunetune.methods.composable.units import train_units
+from prunetune.models.arch import get_adapter
+
+
+def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configuration], tune: Any, *,
+                   settings: ModuleFTSettings = ModuleFTSettings(),
+                   attention_units: Sequence[str] = DEFAULT_ATTENTION_UNITS,
+                   linear_units: Sequence[str] = DEFAULT_LINEAR_UNITS, attention_criterion: str = "l1",
+                   linear_criterion: str = "l1", module_texts: int | None = 128, module_batch: int = 8,
+                   baseline: bool = True, cache_dir: Path | str | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict:
+    """Plan, fine-tune the unique modules once (cached), compose every configuration and fine-tune it at
+    model level (`tune`: a `tuning.config.TuneConfig`); with `baseline`, the same model-level fine-tuning from
+    the pruned modules without module-level fine-tuning. Writes `out/<config>/{composed,baseline}/` and returns
+    per-configuration metrics, validation curves and the compute time of both routes."""
+    from prunetune.models.loading import load_model
+    from prunetune.tuning.data import load_task_data
+    from prunetune.tuning.finetune import finetune
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda msg: None)
+    t_all = time.perf_counter()
+    data = load_task_data(tune)
+    loaded = load_model(model_spec, tune.task, label_names=data["label_names"])
+    original, tok = loaded.model, loaded.tokenizer
+    adapter = get_adapter(original)
+    pl = plan(configs, adapter, attention_units=attention_units, linear_units=linear_units,
+              attention_criterion=attention_criterion, linear_criterion=linear_criterion)
+    say(f"{len(pl.configs)} configurations -> {len(pl.units)} unique modules "
+        f"({pl.unit_count_without_dedup} without deduplication)")
+    texts = [e["text"] for e in data["train"]][: module_texts or None]
+    batches = text_batches(tok, texts, tune.max_length, module_batch)
+    cache = ModuleCache(cache_dir if cache_dir is not None else out / "module-cache")
+    t0 = time.perf_counter()
+    results = train_units(original, batches, pl.units, settings, cache, progress=say)
+    module_s = time.perf_counter() - t0
+    steps_per_epoch = max(1, math.ceil(len(data["train"]) / tune.batch_size))
+    max_steps = max(1, math.ceil(tune.epochs * steps_per_epoch))
+    checks = geometric_checks(max_steps)
+    rows: list[dict] = []
+    arms = [("composed", True)] + ([("baseline", False)] if baseline else [])
+    for c in pl.configs:
+        row: dict = {"config": c.to_dict()}
+        for arm, module_ft in arms:
+            t0 = time.perf_counter()
+            if module_ft:
+                model, masks = compose(original, pl.members[c.name], results)
+            else:
+                pruned = train_units(original, [], pl.members[c.name], settings, None, finetune=False)
+                model, masks = compose(original, pl.members[c.name], pruned)
+            build_s = time.perf_counter() - t0
+            d = out / c.name / arm
+            save_composed(model, tok, masks, d / "start", {"configuration": c.to_dict(), "module_ft": module_ft})
+            clock = ValidationClock(tok, data["validation"], tune.max_length, checks)
+            start_acc = clock.accuracy(model) if tune.task == "seq-cls" else None
+            say(f"{c.name} {arm}: model-level fine-tuning ({max_steps} steps)")
+            r = finetune(str(d / "start"), copy.deepcopy(tune), d / "tuned", overwrite=True, callbacks=(clock,),
+                         kind=f"compose-{arm}")
+            import shutil
+
+            shutil.rmtree(d / "tuned" / "checkpoints", ignore_errors=True)
+            row[arm] = {"start_val_accuracy": start_acc, "build_s": build_s, "step_s": clock.step_s,
+                        "points": [{"step": 0, "accuracy": start_acc}] + clock.points,
+                        "accuracy": r.get("accuracy"), "macro_f1": r.get("macro_f1"),
+                        "test": r.get("test_after_merge"), "sparsity": r.get("sparsity"),
+                        "train_loss": r.get("train_loss"), "log": str(d / "tuned" / "train_log.csv"),
+                        "model": str(d / "tuned" / "model")}
+        rows.append(row)
+    composed_s = module_s + sum(r["composed"]["build_s"] + r["composed"]["step_s"] for r in rows)
+    summary = {"plan": pl.to_dict(), "modules": {**results.summary(), "wall_s": module_s,
+                                                  "cache": {"hits": cache.hits, "misses": cache.misses,
+                                                            "dir": str(cache.root)}},
+               "settings": settings.to_dict(), "rows": rows,
+               "compute_s": {"with_composability": composed_s, "module_ft": module_s,
+                             "without_composability": (sum(r["baseline"]["build_s"] + r["baseline"]["step_s"]
+                                                           for r in rows) if baseline else None)},
+               "protocol": {"model_ft_steps": max_steps, "checks": checks, "validation": len(data["validation"]),
+                            "test": len(data["test"]), "texts_captured": len(texts)},
+               "wall_s": time.perf_counter() - t_all}
+    (out / "composable.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def run_composable_seq2seq(model_spec: str, out: Path | str, configs: Sequence[Configuration], tune: Any, *,
+                           settings: ModuleFTSettings = ModuleFTSettings(), module_texts: int | None = 128,
+                           module_batch: int = 8, baseline: bool = True, cache_dir: Path | str | None = None,
+                           **plan_kw: Any) -> dict:
+    """The same method for an encoder-decoder (T5 translation): module-level FT captures the encoder and the
+    decoder on (source, target) pairs, and model-level fine-tuning is `tuning.seq2seq.finetune_seq2seq`
+    (`tune`: a `Seq2SeqConfig`) with BLEU on the test pairs, per configuration, with and without module FT."""
+    from prunetune.models.loading import load_model
+    from prunetune.tuning.seq2seq import finetune_seq2seq, load_pairs, split_pairs
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model_spec, "seq2seq")
+    original, tok = loaded.model, loaded.tokenizer
+    pl = plan(configs, get_adapter(original), **plan_kw)
+    pairs = split_pairs(load_pairs(tune.data, tune.seed, n=max(50, int((tune.n_samples or 400) / 0.8) + 2)))["train"]
+    pairs = pairs[: module_texts or None]
+    batches = text_batches(tok, [tune.prefix + p["source"] for p in pairs], tune.max_source_length, module_batch,
+                           targets=[p["target"] for p in pairs])
+    cache = ModuleCache(cache_dir if cache_dir is not None else out / "module-cache")
+    t0 = time.perf_counter()
+    results = train_units(original, batches, pl.units, settings, cache)
+    module_s = time.perf_counter() - t0
+    rows = []
+    for c in pl.configs:
+        row: dict = {"config": c.to_dict()}
+        for arm, module_ft in [("composed", True)] + ([("baseline", False)] if baseline else []):
+            t0 = time.perf_counter()
+            res = results if module_ft else train_units(original, [], pl.members[c.name], settings, None,
+                                                        finetune=False)
+            model, masks = compose(original, pl.members[c.name], res)
+            build_s = time.perf_counter() - t0
+            r = finetune_seq2seq(model, tok, copy.deepcopy(tune), out / c.name / arm, masks=masks)
+            row[arm] = {"build_s": build_s, "train_s": r["timings"]["train_s"], "bleu": r["bleu"],
+                        "loss": r["loss"], "start": r["before"], "train_loss": r["train_loss"],
+                        "log": str(out / c.name / arm / "train_log.csv")}
+            row[arm]["start"] = {k: v for k, v in r["before"].items() if k != "examples"}
+        rows.append(row)
+    summary = {"plan": pl.to_dict(), "modules": {**results.summary(), "wall_s": module_s}, "rows": rows,
+               "settings": settings.to_dict(), "tune": asdict(tune)}
+    (out / "composable.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
