@@ -1,0 +1,110 @@
+"""The `structured` stage (VIB or a structure criterion, then surgery) and the `losparse` stage."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from prunetune.errors import PrunetuneError
+from prunetune.pipelines.stages.common import TUNE_DIR, dump, save_model
+from prunetune.pipelines.stages.tune import read_curves, sized_training_text, test_set_protocol, tune_config
+
+
+def run_structured(state, out_dir: Path) -> dict:
+    """VIB or a baseline to a fraction of block parameters, then physical shrink; saves the smaller model."""
+    from prunetune.data.calibration import calibration_samples
+    from prunetune.data.sources import load_text
+    from prunetune.methods.shrink import prune_structured
+
+    spec = state.spec
+    loaded = state.load()
+    rec = state.recipe
+    needs = spec.method in ("vib", "wanda", "flap")
+    ids = None
+    if needs:
+        src = load_text(rec.data.calib, rec.data.calib_split, data_dir=rec.data.data_dir)
+        n = max(spec.nsamples, spec.vib_steps * spec.vib_batch) if spec.method == "vib" else spec.nsamples
+        ids = calibration_samples(loaded.tokenizer, src.text, n, spec.seqlen, state.seed, src.name)
+    vib = {"steps": spec.vib_steps, "batch_size": spec.vib_batch, "vib_lr": spec.vib_lr,
+           "lagrangian_lr": spec.lagrangian_lr, "lagrangian_warmup": spec.lagrangian_warmup, "att_mul": spec.att_mul,
+           "kl_factor": spec.kl_factor, "init_log_sigma2": spec.init_log_sigma2, "seed": state.seed,
+           "mu_lr": spec.vib_mu_lr, "loss": spec.vib_loss, "widths": spec.vib_widths, "center": spec.vib_center,
+           "neuron_ranking": spec.vib_neuron_ranking}
+    t0 = time.perf_counter()
+    model, facts = prune_structured(loaded.model, spec.method, spec.sparsity, structures=tuple(spec.structures),
+                                    round_to=spec.round_to, ids=ids, vib=vib)
+    seconds = time.perf_counter() - t0
+    calib = (f"{ids.shape[0]} x {ids.shape[1]} tokens of {rec.data.calib}/{rec.data.calib_split}, seed {state.seed}"
+             if ids is not None else "none")
+    if spec.method == "vib":
+        facts["vib"]["budget"] = f"{spec.vib_steps} steps x {spec.vib_batch} x {spec.seqlen} tokens"
+    dump(out_dir / "structured.json", facts)
+    save_model(state, out_dir, model, loaded.tokenizer, None, extra={"structured": facts})
+    proto = {"method": spec.method, "structures": spec.structures, "round_to": spec.round_to, "calibration": calib,
+             "what": "weights of the seven block projections; compute ratio = per-token weight FLOPs dense / pruned "
+                     "(blocks + LM head)"}
+    return {"metrics": {
+        "block_sparsity": {"value": facts["block_sparsity"], "protocol": proto},
+        "compute_ratio": {"value": facts["compute_ratio"], "protocol": proto},
+        "widths": {"value": facts["widths"], "protocol": {"dense": facts["dense_widths"]}},
+        "prune_seconds": {"value": seconds, "protocol": {"threads": torch.get_num_threads()}},
+    }}
+
+
+def losparse_spec(spec):
+    """The LoSparse method's spec from the recipe's pydantic `losparse` settings (every field passed explicitly)."""
+    from prunetune.methods.losparse import LosparseSpec
+
+    return LosparseSpec(
+        rank_ratio=spec.rank_ratio, keep=spec.keep, initial_threshold=spec.initial_threshold,
+        warmup_steps=spec.warmup_steps, initial_warmup=spec.initial_warmup, final_warmup=spec.final_warmup,
+        initial_warmup_steps=spec.initial_warmup_steps, final_warmup_steps=spec.final_warmup_steps,
+        deltaT=spec.deltaT, beta1=spec.beta1, beta2=spec.beta2,
+        structured_method=None if spec.structured_method == "none" else spec.structured_method,
+        structured_direction=spec.structured_direction, roles=tuple(spec.roles), teacher=spec.teacher,
+        kd_weight=spec.kd_weight, kd_temp=spec.kd_temp, layer_weight=spec.layer_weight).validate()
+
+
+def run_losparse(state, out_dir: Path) -> dict:
+    """LoSparse fine-tuning (full FT of U, V, S and the rest); saves the materialised model as the stage's
+    model and the factorised export beside it (`factorized/`, loaded by `prunetune.load_model`)."""
+    import shutil
+
+    from prunetune.methods.losparse import Losparse
+    from prunetune.tuning.finetune import finetune
+
+    recipe, spec = state.recipe, state.spec
+    if recipe.tune.mode != "full":
+        raise PrunetuneError("losparse trains U, V and S itself: set tune.mode: full (the command's --full)")
+    cfg = tune_config(recipe, recipe.tune, state.seed + state.index)
+    work = out_dir / TUNE_DIR
+    if cfg.task == "causal-lm":
+        cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
+                                           out_dir / "tune-train.txt"))
+    lspec = losparse_spec(spec)
+    res = finetune(state.model_spec(), cfg, work, method=Losparse(lspec), kind="losparse", resume=state.resume)
+    if not state.is_main:  # trained along; rank 0 saves
+        return {}
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    if (work / "factorized").is_dir():
+        shutil.move(str(work / "factorized"), str(out_dir / "factorized"))
+    model, tok = res["_model"], res["_tokenizer"]
+    dump(out_dir / "curves.json", read_curves(work / "train_log.csv"))
+    facts = res.get("losparse", {})
+    dump(out_dir / "losparse.json", {k: v for k, v in res.items() if k.startswith("losparse")})
+    save_model(state, out_dir, model, tok, None, extra={"losparse": facts.get("parameters")})
+    counts = facts.get("parameters", {})
+    proto = {"losparse": lspec.to_dict(), "tune": cfg.to_dict(), "steps": res["global_step"],
+             "what": "targeted linears: U·V + kept entries of S, against the dense linears they replace"}
+    test = res.get("test_after_merge", {})
+    metrics: dict = {"linear_kept_fraction": {"value": counts.get("linear_kept_fraction"), "protocol": proto},
+                     "lowrank_fraction": {"value": counts.get("lowrank_fraction"), "protocol": proto},
+                     "sparse_fraction": {"value": counts.get("sparse_fraction"), "protocol": proto},
+                     "train_loss": {"value": res["train_loss"], "protocol": {"steps": res["global_step"]}}}
+    for key in ("accuracy", "macro_f1", "loss"):
+        if key in test:
+            metrics[f"losparse_test_{key}"] = {"value": test[key], "protocol": test_set_protocol(test, res, recipe)}
+    metrics["train_seconds"] = {"value": res["timings"].get("train_s"), "protocol": {"what": "Trainer.train wall time"}}
+    return {"metrics": metrics}
