@@ -1,6 +1,7 @@
-"""One option schema: the tuning module's `TuneConfig` and PAYT's `PaytSpec` take every default a recipe can set
-from the pydantic recipe specs (`prunetune.config`). One table row per shared option; a field on either side
-that is in no row and in no list of one-sided options fails the test, so a new option must say where it lives."""
+"""One option schema: the tuning module's `TuneConfig` takes every default a recipe can set from the pydantic
+recipe specs (`prunetune.config`), and PAYT takes its `payt` section itself. One table row per shared option; a
+field on either side that is in no row and in no list of one-sided options fails the test, so a new option must
+say where it lives. Every command is a recipe with a command file and no flag default of its own."""
 
 from __future__ import annotations
 
@@ -65,20 +66,22 @@ def test_every_option_is_in_the_table_or_declared_one_sided():
 
 
 def test_a_default_recipe_converts_to_the_dataclass_defaults():
-    from prunetune.pipelines.stages import payt_spec, tune_config
+    from prunetune.pipelines.stages import tune_config
 
     recipe = validate_recipe({"model": {"task": "seq-cls"}, "stages": ["finetune"]})
     assert asdict(tune_config(recipe, recipe.tune, seed=0)) == asdict(TuneConfig(export=False))
-    assert payt_spec(PaytOptions()) == PaytSpec()
 
 
-@pytest.mark.parametrize("name", sorted(PaytOptions.model_fields))
-def test_payt_spec_default_is_the_recipe_schemas(name):
-    assert getattr(PaytSpec(), name) == getattr(PaytOptions(), name)
+def test_payt_has_one_schema():
+    """PAYT takes the recipe's pydantic `payt` section itself: no twin dataclass, no converter."""
+    from prunetune.pipelines import stages
 
-
-def test_payt_spec_fields_are_the_schemas():
-    assert {f.name for f in fields(PaytSpec)} == set(PaytOptions.model_fields)
+    assert PaytSpec is PaytOptions and not hasattr(stages, "payt_spec")
+    spec = PaytSpec(sparsity=0.6, schedule="linear", start=0.1, criterion="magnitude")
+    assert spec.criterion == "l1-global"  # PAYT's "magnitude": one global threshold
+    sched = spec.as_schedule()
+    assert (sched.kind, sched.target, sched.start, sched.end) == ("linear", 0.6, 0.1, 1.0)
+    assert spec.to_dict() == spec.model_dump()
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

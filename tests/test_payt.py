@@ -174,11 +174,11 @@ def _old_driver(recipe, out) -> dict:
     import copy
 
     from prunetune.methods.payt import PaytMethod, prune_only
-    from prunetune.pipelines.stages import payt_spec, tune_config
+    from prunetune.pipelines.stages import tune_config
     from prunetune.tuning.finetune import finetune
 
     cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
-    spec = payt_spec(recipe.payt)
+    spec = recipe.payt
     model = recipe.model.name
     full_cfg = copy.deepcopy(cfg)
     full_cfg.lora, full_cfg.lr = False, None

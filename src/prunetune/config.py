@@ -256,7 +256,8 @@ class TuneSpec(_Spec):
 
 
 class PaytSpec(_Spec):
-    """Prune-As-You-Tune settings (forwarded to `prunetune.methods.payt`)."""
+    """Prune-As-You-Tune settings: the recipe's `payt` section and the one schema `prunetune.methods.payt` takes
+    (library callers build it too: `PaytSpec(sparsity=0.5, schedule="linear")`)."""
 
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     schedule: Literal["agp", "linear", "oneshot"] = "agp"
@@ -282,6 +283,15 @@ class PaytSpec(_Spec):
         if self.end <= self.start:  # checked at load, not after the stages before PAYT have run
             raise ValueError(f"end ({self.end}) must be after start ({self.start})")
         return self
+
+    def as_schedule(self):
+        """The pruning schedule these settings describe (`pruning.schedules.Schedule`)."""
+        from prunetune.pruning.schedules import Schedule
+
+        return Schedule(self.schedule, self.sparsity, self.start, self.every, self.unit, self.end)
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
 
 
 class FullEvaluateSpec(_Spec):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from prunetune.config import PaytSpec as PaytOptions
+from prunetune.config import PaytSpec  # the one schema of PAYT's settings (the recipe's `payt` section)
 from prunetune.errors import PrunetuneError
 from prunetune.pruning.masks import MaskSet
-from prunetune.pruning.schedules import Schedule
 from prunetune.tuning.callbacks import broadcast_masks
 from prunetune.tuning.finetune import finetune
 from prunetune.tuning.lifecycle import Method, MethodContext
@@ -45,34 +43,6 @@ def canonical_criterion(name: str) -> str:
     except PrunetuneError:
         raise PrunetuneError(f"unknown pruning criterion '{name}'; choose one of: {', '.join(criterion_names())} "
                              "(aliases: L1Unstructured, LnStructured)") from None
-
-
-_DEFAULTS = PaytOptions()  # the recipe schema's `payt` section: the one place these defaults are written
-
-
-@dataclass
-class PaytSpec:
-    """What PAYT prunes and when; defaults from the recipe schema (`prunetune.config.PaytSpec`)."""
-
-    sparsity: float = _DEFAULTS.sparsity
-    schedule: str = _DEFAULTS.schedule
-    start: float = _DEFAULTS.start
-    every: int = _DEFAULTS.every
-    unit: str = _DEFAULTS.unit  # epoch | step
-    criterion: str = _DEFAULTS.criterion
-    end: float = _DEFAULTS.end  # fraction of training by which the target is reached
-    nsamples: int = _DEFAULTS.nsamples  # Wanda calibration
-    seqlen: int = _DEFAULTS.seqlen
-
-    def __post_init__(self) -> None:
-        self.criterion = canonical_criterion(self.criterion)
-        self.as_schedule()  # validates
-
-    def as_schedule(self) -> Schedule:
-        return Schedule(self.schedule, self.sparsity, self.start, self.every, self.unit, self.end)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ------------------------------------------------------------------------------------------------ criteria

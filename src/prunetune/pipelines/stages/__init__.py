@@ -36,7 +36,6 @@ from prunetune.pipelines.stages.prune import (  # noqa: F401  (the registry find
 )
 from prunetune.pipelines.stages.tune import (  # noqa: F401  (the registry finds run_* here)
     tune_config,
-    payt_spec,
     read_curves,
     sized_training_text,
     test_set_protocol,

@@ -28,13 +28,6 @@ def tune_config(recipe, spec, seed: int, task: str | None = None, *, retention: 
     return cfg.validate()
 
 
-def payt_spec(spec):
-    """The PAYT method's spec from the recipe's pydantic `payt` settings (the same fields, one schema)."""
-    from prunetune.methods.payt import PaytSpec
-
-    return PaytSpec(**spec.model_dump())
-
-
 def read_curves(log_csv: Path) -> dict:
     """Training / eval curves from the Trainer's CSV log: {series: [[step, value], ...]}."""
     import csv
@@ -157,7 +150,7 @@ def run_payt(state, out_dir: Path) -> dict:
         cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
                                            out_dir / "tune-train.txt"))
     masks = state.masks() or MaskSet()
-    pspec = payt_spec(spec)
+    pspec = spec  # the recipe's `payt` settings: the schema PAYT takes
     res = payt_run(state.model_spec(), cfg, pspec, work, masks=masks, resume=state.resume)
     if not state.is_main:  # trained along; rank 0 saves
         return {}
@@ -213,7 +206,7 @@ def run_full_evaluate(state, out_dir: Path) -> dict:
 
     recipe, spec = state.recipe, state.spec
     cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
-    pspec = payt_spec(recipe.payt)
+    pspec = recipe.payt
     if spec.run == "table":
         return _full_evaluate_table(state, out_dir, cfg, pspec) if state.is_main else {}
     if not state.is_main and spec.run in ("original", "prune-only"):
