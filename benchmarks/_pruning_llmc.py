@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 from _machine import PeakRSS, rss  # standard library only: importable in llm-compressor's venv
@@ -51,10 +52,12 @@ def main() -> None:
     recipe = cls(ignore=["re:.*lm_head"], **kw)
     rss_before_prune = rss()
     with PeakRSS() as peak:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0, c0 = time.perf_counter(), time.process_time()
         oneshot(model=model, processor=tok, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
                 max_seq_length=ids.shape[1], shuffle_calibration_samples=False, pipeline="sequential")
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
     linears = {f"{n}.weight": m.weight.detach() for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}."}
     zeros = sum(int((w == 0).sum()) for w in linears.values())
@@ -63,7 +66,9 @@ def main() -> None:
            "sparsity": kw["sparsity"], "pattern": args.pattern, "prune_seconds": seconds, "prune_cpu_seconds": cpu,
            "peak_rss_bytes": peak.peak, "rss_before_model_bytes": rss_before_model,
            "rss_before_prune_bytes": rss_before_prune, "real_sparsity": zeros / numel,
-           "threads": torch.get_num_threads(), "calib_batch": 1}
+           "threads": torch.get_num_threads(), "calib_batch": 1,
+           "prune_user_seconds": r1.ru_utime - r0.ru_utime, "prune_sys_seconds": r1.ru_stime - r0.ru_stime,
+           "prune_minor_faults": r1.ru_minflt - r0.ru_minflt, "prune_major_faults": r1.ru_majflt - r0.ru_majflt}
     if args.save_weights:
         save_file({k: v.contiguous() for k, v in linears.items()}, args.save_weights)
     with open(args.json, "w") as fh:

@@ -18,6 +18,12 @@ Threads: `--threads` (default 1) for every child. prunetune runs as a library ca
 (`prune(model, method, 0.5, calib=ids)`: calibration batch 1, glibc's malloc settings left alone; the minimal
 baseline forwards 4 windows at a time, llm-compressor 1).
 
+`--default-threads` measures what a user of each tool gets: no thread variables are set, so every child runs
+at torch's default (one thread per core), and prunetune runs as the `prunetune prune` command does (its
+process-wide malloc setting, `calibrate.bound_heap_growth`, and the command's calibration batch, 4). Each row
+also has the user and system CPU seconds and the page faults of the pruning call (getrusage), where the
+time of an allocation pattern shows (issue 26: system time).
+
 llm-compressor lives in its own virtual environment (it pins its own transformers); create it once:
 
     python3.11 -m venv .venv-llmc && .venv-llmc/bin/pip install torch==2.13.0 \\
@@ -25,6 +31,10 @@ llm-compressor lives in its own virtual environment (it pins its own transformer
 
     PYTHONPATH=src PRUNETUNE_DATA_DIR=../shared/data/wikitext-2 nice -n 5 python benchmarks/pruning_peers.py \\
         --methods wanda sparsegpt --reps 5 --baseline-reps 3 --json benchmarks/results/pruning_peers.json
+    # at the machine's default threads, prunetune as its command runs, against llm-compressor
+    PYTHONPATH=src PRUNETUNE_DATA_DIR=../shared/data/wikitext-2 python benchmarks/pruning_peers.py \\
+        --default-threads --impls prunetune llm-compressor --methods wanda --reps 5 --no-ppl \\
+        --json benchmarks/results/pruning_peers_default_threads.json
 """
 
 from __future__ import annotations
@@ -80,6 +90,20 @@ def torch_equal(a, b) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ prunetune child
+def cpu_usage() -> dict:
+    """This process's user and system CPU seconds and page faults so far (all its threads)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user": ru.ru_utime, "sys": ru.ru_stime, "minflt": ru.ru_minflt, "majflt": ru.ru_majflt}
+
+
+def usage_delta(before: dict, after: dict) -> dict:
+    return {"prune_user_seconds": after["user"] - before["user"], "prune_sys_seconds": after["sys"] - before["sys"],
+            "prune_minor_faults": after["minflt"] - before["minflt"],
+            "prune_major_faults": after["majflt"] - before["majflt"]}
+
+
 def prunetune_child(args: argparse.Namespace) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -92,6 +116,13 @@ def prunetune_child(args: argparse.Namespace) -> dict:
     from prunetune.pruning.masks import sparsity_report
 
     cfg = METHODS[args.method]
+    batch = 1
+    if args.as_cli:  # what `prunetune prune` does before its stages run, and its calibration batch
+        from prunetune.config import PruneSpec
+        from prunetune.pruning.calibrate import bound_heap_growth
+
+        bound_heap_growth()
+        batch = PruneSpec.model_fields["calib_batch"].default
     rss_before_model = rss()
     loaded = load_model(str(args.model), "causal-lm")
     model, tok = loaded.model, loaded.tokenizer
@@ -109,13 +140,15 @@ def prunetune_child(args: argparse.Namespace) -> dict:
     else:
         rss_before_prune = rss()
         with PeakRSS() as peak:
+            u0 = cpu_usage()
             t0, c0 = time.perf_counter(), time.process_time()
-            masks = prune(model, calib=ids, progress=False, **cfg)
+            masks = prune(model, calib=ids, progress=False, batch_size=batch, **cfg)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            usage = usage_delta(u0, cpu_usage())
         row = {"impl": "prunetune", "prune_seconds": seconds, "prune_cpu_seconds": cpu, "peak_rss_bytes": peak.peak,
                "rss_before_model_bytes": rss_before_model, "rss_before_prune_bytes": rss_before_prune,
                "masks": len(masks), "mask_sparsity": masks.sparsity(), "threads": torch.get_num_threads(),
-               "calib_batch": 1}
+               "calib_batch": batch, "as_cli": bool(args.as_cli), **usage}
     row["real_sparsity"] = sparsity_report(model)["sparsity"]
     if args.ppl:
         r = perplexity(model, tok, load_text("wikitext2", "test"), seqlen=512, max_windows=64, batch_size=4,
@@ -146,7 +179,7 @@ def one_run(impl: str, method: str, args: argparse.Namespace, env: dict, ppl: bo
     out.unlink(missing_ok=True)
     if impl == "prunetune":
         cmd = [sys.executable, __file__, "--_child", method, "--_out", str(out), "--model", str(args.model),
-               "--calib", str(args.calib)] + (["--_ppl"] if ppl else [])
+               "--calib", str(args.calib)] + (["--_ppl"] if ppl else []) + (["--_cli"] if args.default_threads else [])
     elif impl == "baseline":
         cmd = [sys.executable, str(ROOT / "benchmarks" / "_pruning_baseline.py"), "--method", cfg["method"],
                "--sparsity", str(cfg["sparsity"]), "--windows", "64" if ppl else "0", "--json", str(out)]
@@ -183,6 +216,9 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
                 continue
             per[impl] = {"wall": spread([r["prune_seconds"] for r in rs]),
                          "cpu": spread([r["prune_cpu_seconds"] for r in rs]),
+                         **({"sys": spread([r["prune_sys_seconds"] for r in rs]),
+                             "minor_faults": spread([r["prune_minor_faults"] for r in rs])}
+                            if all("prune_sys_seconds" in r for r in rs) else {}),
                          "peak_rss_mib": spread([r["peak_rss_bytes"] / 2**20 for r in rs]),
                          **({"child_maxrss_mib": spread([r["child_maxrss_bytes"] / 2**20 for r in rs])}
                             if all("child_maxrss_bytes" in r for r in rs) else {}),
@@ -202,6 +238,8 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
                     per[f"prunetune / {other}"] = {
                         "wall": pt["wall"]["median"] / o["wall"]["median"],
                         "cpu": pt["cpu"]["median"] / o["cpu"]["median"],
+                        **({"sys": pt["sys"]["median"] / o["sys"]["median"]} if "sys" in pt and "sys" in o
+                           and o["sys"]["median"] else {}),
                         "peak_rss": pt["peak_rss_mib"]["median"] / o["peak_rss_mib"]["median"],
                         **({"peak_above_preload": pt["peak_above_preload_mib"]["median"]
                             / o["peak_above_preload_mib"]["median"],
@@ -213,8 +251,9 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
 
 
 def table(summary: dict) -> str:
-    lines = ["| method | implementation | runs | wall s median (min-max) | CPU s median | peak RSS MiB median "
-             "(min-max) | peak above pre-load MiB | RSS added during the call MiB | ppl (64 × 512) | sparsity |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | implementation | runs | wall s median (min-max) | CPU s median | of it system s | "
+             "page faults | peak RSS MiB median (min-max) | peak above pre-load MiB | RSS added during the call MiB | "
+             "ppl (64 × 512) | sparsity |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, per in summary.items():
         for impl in IMPLS:
             if impl not in per:
@@ -224,19 +263,22 @@ def table(summary: dict) -> str:
             cells = [m, impl, str(p["wall"]["n"]),
                      f"{p['wall']['median']:.1f} ({p['wall']['min']:.1f}-{p['wall']['max']:.1f})",
                      f"{p['cpu']['median']:.1f}",
+                     f"{p['sys']['median']:.1f}" if "sys" in p else "-",
+                     f"{p['minor_faults']['median'] / 1e6:.2f} M" if "minor_faults" in p else "-",
                      f"{p['peak_rss_mib']['median']:.0f} ({p['peak_rss_mib']['min']:.0f}-{p['peak_rss_mib']['max']:.0f})",
                      f"{above['median']:.0f}" if above else "-",
                      f"{p['added_during_prune_mib']['median']:.0f}" if above else "-",
                      f"{p['ppl']:.2f}" if p["ppl"] else "-",
                      f"{p['real_sparsity']:.4%}" if p["real_sparsity"] is not None else "-"]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| method | prunetune vs | wall | CPU | peak RSS | peak above pre-load | RSS added during the call | ppl |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| method | prunetune vs | wall | CPU | system | peak RSS | peak above pre-load | RSS added during "
+              "the call | ppl |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, per in summary.items():
         for other in ("baseline", "llm-compressor"):
             r = per.get(f"prunetune / {other}")
             if r:
-                lines.append(f"| {m} | {other} | {r['wall']:.2f}× | {r['cpu']:.2f}× | {r['peak_rss']:.2f}× | "
+                lines.append(f"| {m} | {other} | {r['wall']:.2f}× | {r['cpu']:.2f}× | "
+                             + (f"{r['sys']:.2f}× | " if "sys" in r else "- | ") + f"{r['peak_rss']:.2f}× | "
                              + (f"{r['peak_above_preload']:.2f}× | {r['added_during_prune']:.2f}× | "
                                 if "peak_above_preload" in r else "- | - | ")
                              + (f"{r['ppl']:.4f}× |" if r["ppl"] else "- |"))
@@ -251,6 +293,8 @@ def main() -> None:
     ap.add_argument("--baseline-reps", type=int, default=None, help="repetitions of the minimal baseline "
                     "(default: --reps)")
     ap.add_argument("--threads", type=int, default=1, help="OMP/torch threads of every child")
+    ap.add_argument("--default-threads", action="store_true", help="set no thread count (torch's default, one per "
+                    "core) and run prunetune as the `prunetune prune` command does (see the docstring)")
     ap.add_argument("--model", type=Path, default=ROOT / "runs" / "smollm2-hf")
     ap.add_argument("--calib", type=Path, default=ROOT / "runs" / "calib_ids.safetensors")
     ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
@@ -262,11 +306,12 @@ def main() -> None:
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_ppl", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_weights", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_cli", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args._child:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        args.method, args.ppl, args.weights = args._child, args._ppl, args._weights
+        args.method, args.ppl, args.weights, args.as_cli = args._child, args._ppl, args._weights, args._cli
         Path(args._out).write_text(json.dumps(prunetune_child(args), default=str))
         return
 
@@ -277,6 +322,9 @@ def main() -> None:
     prepare(args.model, args.calib, 32, 512)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PRUNETUNE_PROGRESS="0", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    if args.default_threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.pop(var)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     reps = {"prunetune": args.reps, "llm-compressor": args.reps, "baseline": args.baseline_reps or args.reps}
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average()
@@ -309,7 +357,8 @@ def write(args: argparse.Namespace, runs: list[dict], started: str, load_start, 
     meta = {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "partial": partial, "cpu": cpu,
             "cores": os.cpu_count(), "load_average_start": list(load_start), "load_average_1min_during":
             {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
-            "threads": args.threads, "command": " ".join(["python", *sys.argv]), "summary": summary,
+            "threads": "default" if args.default_threads else args.threads,
+            "prunetune_as": "the prune command" if args.default_threads else "library call", "command": " ".join(["python", *sys.argv]), "summary": summary,
             "table": table(summary), "runs": runs}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
