@@ -8,7 +8,7 @@ streaming peak is checked against the formula README's "Large models" gives:
 
     embedding table + one block's weights in fp32 + the criterion's statistics + calibration activations + 0.5 GiB
 
-    python benchmarks/memory_scaling.py --models /tmp/rl --layers 8 16 32 64 --methods wanda sparsegpt \
+    python benchmarks/memory_scaling.py --layers 8 16 32 64 --methods wanda sparsegpt \
         --json benchmarks/results/memory_scaling.json [--llmc-python .venv-llmc/bin/python]
 """
 
