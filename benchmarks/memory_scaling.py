@@ -50,7 +50,7 @@ def formula_bytes(model_dir: Path, nsamples: int, seqlen: int, method: str) -> d
     """The README's bound for the streaming peak, from the checkpoint's shapes."""
     import torch
 
-    from prunetune.pruning.stream import BASELINE_BYTES, open_checkpoint, plan_memory
+    from prunetune.pruning.stream import open_checkpoint, plan_memory
 
     ckpt = open_checkpoint(model_dir)
     plan = plan_memory(ckpt, torch.float32, nsamples=nsamples, seqlen=seqlen, calib_batch=4,
@@ -63,7 +63,7 @@ def formula_bytes(model_dir: Path, nsamples: int, seqlen: int, method: str) -> d
             layers[n] = t
     block_fp32 = sum(4 * t.nbytes // t.dtype.itemsize for t in layers.values())
     acts = nsamples * seqlen * hidden * 4
-    bound = embed + block_fp32 + acts + BASELINE_BYTES
+    bound = embed + block_fp32 + acts + 512 * 2**20  # the issue's bound: its 0.5 GB for the libraries
     return {"embedding_mb": embed / 2**20, "block_fp32_mb": block_fp32 / 2**20, "activations_mb": acts / 2**20,
             "issue_bound_mb": bound / 2**20, "plan_streaming_mb": plan.streaming / 2**20,
             "plan_in_memory_mb": plan.in_memory / 2**20, "weights_mb": ckpt.nbytes / 2**20}
