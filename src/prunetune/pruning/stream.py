@@ -292,7 +292,10 @@ def plan_memory(ckpt: Checkpoint, compute_dtype: torch.dtype, *, nsamples: int, 
     # statistics: Wanda keeps a vector per layer; SparseGPT one in x in Hessian per layer (the largest input
     # is the MLP's down projection) plus a float32 copy of the layer being updated
     stats = 4 * (hidden * hidden * 4 + inter * inter + 2 * hidden * inter) if hessian else 4 * (6 * hidden + inter)
-    block = block_elems * elt + stats
+    # selecting one layer's mask: its float32 scores, then a row sort's values and int64 indices (16 bytes a
+    # weight of the largest layer: 1.1 GB for a 5120 x 13824 projection, the bulk of a 13B model's peak)
+    largest = max(math.prod(ckpt.tensors[n].shape) for names in layers.values() for n in names)
+    block = block_elems * elt + stats + 16 * largest
     acts = nsamples * seqlen * hidden * elt  # every window's hidden state, replaced in place block by block
     work = calib_batch * seqlen * (3 * inter + 6 * hidden) * max(elt, 4)  # one batch through one block
     embed = nsamples * seqlen * hidden * elt  # at most one embedding row per calibration token
