@@ -6,8 +6,8 @@ threads, after applying MODE, and prints one JSON line: wall, user and system CP
 the call (getrusage, all threads) and its peak RSS (sampled every 20 ms). Page-fault counts do not depend on the
 machine's load; wall and user seconds do. Underscored so that run_all.py does not take it for a benchmark.
 
-MODE is comma-separated: `cli` (what the command does: `calibrate.bound_heap_growth`, a fixed 1 MiB mmap
-threshold), `none` (glibc's defaults), `mmap=MIB` (fixed M_MMAP_THRESHOLD), `trim=MIB` (M_TRIM_THRESHOLD),
+MODE is comma-separated: `cli` (what the command does: `calibrate.bound_heap_growth`; the rows of
+`pruning_sys_time_probe.json` named `cli` ran its earlier setting, a fixed 1 MiB mmap threshold, now `mmap=1`), `none` (glibc's defaults), `mmap=MIB` (fixed M_MMAP_THRESHOLD), `trim=MIB` (M_TRIM_THRESHOLD),
 `notrim` (no `malloc_trim` between blocks).
 
     PYTHONPATH=src python benchmarks/_malloc_probe.py cli --nsamples 8 >> probe.jsonl

@@ -18,6 +18,10 @@ Threads: `--threads` (default 1) for every child. prunetune runs as a library ca
 (`prune(model, method, 0.5, calib=ids)`: calibration batch 1, glibc's malloc settings left alone; the minimal
 baseline forwards 4 windows at a time, llm-compressor 1).
 
+`--impls prunetune-stream` adds prunetune's streaming path (`prunetune.prune(path, out=...)`, what `prune
+--stream` runs): the call reads the checkpoint block by block and writes the pruned one, so its time includes
+that I/O, which the in-memory rows do not (their model is loaded before the clock starts).
+
 `--default-threads` measures what a user of each tool gets: no thread variables are set, so every child runs
 at torch's default (one thread per core), and prunetune runs as the `prunetune prune` command does (its
 process-wide malloc setting, `calibrate.bound_heap_growth`, and the command's calibration batch, 4). Each row
@@ -33,7 +37,7 @@ llm-compressor lives in its own virtual environment (it pins its own transformer
         --methods wanda sparsegpt --reps 5 --baseline-reps 3 --json benchmarks/results/pruning_peers.json
     # at the machine's default threads, prunetune as its command runs, against llm-compressor
     PYTHONPATH=src PRUNETUNE_DATA_DIR=../shared/data/wikitext-2 python benchmarks/pruning_peers.py \\
-        --default-threads --impls prunetune llm-compressor --methods wanda --reps 5 --no-ppl \\
+        --default-threads --impls prunetune prunetune-stream llm-compressor --methods wanda --reps 5 --no-ppl \\
         --json benchmarks/results/pruning_peers_default_threads.json
 """
 
@@ -55,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 METHODS = {"wanda": {"method": "wanda", "sparsity": 0.5}, "sparsegpt": {"method": "sparsegpt", "sparsity": 0.5},
            "wanda 2:4": {"method": "wanda", "pattern": "2:4"}, "sparsegpt 2:4": {"method": "sparsegpt", "pattern": "2:4"}}
-IMPLS = ("prunetune", "baseline", "llm-compressor")
+IMPLS = ("prunetune", "prunetune-stream", "baseline", "llm-compressor")
 
 
 def prepare(model_dir: Path, calib: Path, nsamples: int, seqlen: int) -> None:
@@ -123,6 +127,8 @@ def prunetune_child(args: argparse.Namespace) -> dict:
 
         bound_heap_growth()
         batch = PruneSpec.model_fields["calib_batch"].default
+    if args.stream:
+        return stream_child(args, cfg, batch)
     rss_before_model = rss()
     loaded = load_model(str(args.model), "causal-lm")
     model, tok = loaded.model, loaded.tokenizer
@@ -157,6 +163,31 @@ def prunetune_child(args: argparse.Namespace) -> dict:
     return row
 
 
+def stream_child(args: argparse.Namespace, cfg: dict, batch: int) -> dict:
+    """The streaming path (`prunetune.prune(path, out=...)`, what `prune --stream` runs): the checkpoint is
+    read block by block from disk and written to a new directory, so the call includes the model's I/O."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+
+    from _machine import PeakRSS, rss
+    from prunetune.pruning.stream import prune as prune_path
+
+    ids = load_file(str(args.calib))["input_ids"]
+    rss_before = rss()
+    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as peak:
+        u0 = cpu_usage()
+        t0, c0 = time.perf_counter(), time.process_time()
+        summary = prune_path(args.model, out=Path(tmp) / "out", calib=ids, progress=False, batch_size=batch, **cfg)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        usage = usage_delta(u0, cpu_usage())
+    return {"impl": "prunetune-stream", "prune_seconds": seconds, "prune_cpu_seconds": cpu,
+            "peak_rss_bytes": peak.peak, "rss_before_model_bytes": rss_before, "rss_before_prune_bytes": rss_before,
+            "masks": len(summary["layers"]), "threads": torch.get_num_threads(), "calib_batch": batch,
+            "as_cli": bool(args.as_cli), "real_sparsity": summary["sparsity"], **usage}
+
+
 # ------------------------------------------------------------------------------------------------------- parent
 def run_child(cmd: list[str], env: dict) -> tuple[dict, dict]:
     """Run one child to completion; its own rusage (CPU seconds, max RSS over its whole life) from wait4."""
@@ -177,9 +208,10 @@ def one_run(impl: str, method: str, args: argparse.Namespace, env: dict, ppl: bo
     cfg = METHODS[method]
     out = tmp / f"{impl}-{method.replace(' ', '_').replace(':', 'of')}.json"
     out.unlink(missing_ok=True)
-    if impl == "prunetune":
+    if impl in ("prunetune", "prunetune-stream"):
         cmd = [sys.executable, __file__, "--_child", method, "--_out", str(out), "--model", str(args.model),
-               "--calib", str(args.calib)] + (["--_ppl"] if ppl else []) + (["--_cli"] if args.default_threads else [])
+               "--calib", str(args.calib)] + (["--_ppl"] if ppl and impl == "prunetune" else [])
+        cmd += (["--_cli"] if args.default_threads else []) + (["--_stream"] if impl == "prunetune-stream" else [])
     elif impl == "baseline":
         cmd = [sys.executable, str(ROOT / "benchmarks" / "_pruning_baseline.py"), "--method", cfg["method"],
                "--sparsity", str(cfg["sparsity"]), "--windows", "64" if ppl else "0", "--json", str(out)]
@@ -230,12 +262,14 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
                 per[impl]["peak_above_preload_mib"] = spread(above)
                 per[impl]["added_during_prune_mib"] = spread(
                     [(r["peak_rss_bytes"] - r["rss_before_prune_bytes"]) / 2**20 for r in rs])
-        pt = per.get("prunetune")
-        if pt:
+        for mine in ("prunetune", "prunetune-stream"):
+            pt = per.get(mine)
+            if not pt:
+                continue
             for other in ("baseline", "llm-compressor"):
                 if other in per:
                     o = per[other]
-                    per[f"prunetune / {other}"] = {
+                    per[f"{mine} / {other}"] = {
                         "wall": pt["wall"]["median"] / o["wall"]["median"],
                         "cpu": pt["cpu"]["median"] / o["cpu"]["median"],
                         **({"sys": pt["sys"]["median"] / o["sys"]["median"]} if "sys" in pt and "sys" in o
@@ -271,13 +305,14 @@ def table(summary: dict) -> str:
                      f"{p['ppl']:.2f}" if p["ppl"] else "-",
                      f"{p['real_sparsity']:.4%}" if p["real_sparsity"] is not None else "-"]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| method | prunetune vs | wall | CPU | system | peak RSS | peak above pre-load | RSS added during "
+    lines += ["", "| method | prunetune path vs | wall | CPU | system | peak RSS | peak above pre-load | RSS added during "
               "the call | ppl |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, per in summary.items():
-        for other in ("baseline", "llm-compressor"):
-            r = per.get(f"prunetune / {other}")
+        for mine, other in [(a, b) for a in ("prunetune", "prunetune-stream") for b in ("baseline", "llm-compressor")]:
+            r = per.get(f"{mine} / {other}")
             if r:
-                lines.append(f"| {m} | {other} | {r['wall']:.2f}× | {r['cpu']:.2f}× | "
+                lines.append(f"| {m} | {mine.replace('prunetune', 'in memory').replace('in memory-stream', 'streaming')}"
+                             f" vs {other} | {r['wall']:.2f}× | {r['cpu']:.2f}× | "
                              + (f"{r['sys']:.2f}× | " if "sys" in r else "- | ") + f"{r['peak_rss']:.2f}× | "
                              + (f"{r['peak_above_preload']:.2f}× | {r['added_during_prune']:.2f}× | "
                                 if "peak_above_preload" in r else "- | - | ")
@@ -307,11 +342,13 @@ def main() -> None:
     ap.add_argument("--_ppl", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_weights", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_cli", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_stream", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args._child:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         args.method, args.ppl, args.weights, args.as_cli = args._child, args._ppl, args._weights, args._cli
+        args.stream = args._stream
         Path(args._out).write_text(json.dumps(prunetune_child(args), default=str))
         return
 
@@ -326,7 +363,7 @@ def main() -> None:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.pop(var)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    reps = {"prunetune": args.reps, "llm-compressor": args.reps, "baseline": args.baseline_reps or args.reps}
+    reps = {"prunetune": args.reps, "prunetune-stream": args.reps, "llm-compressor": args.reps, "baseline": args.baseline_reps or args.reps}
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average()
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmpd:
