@@ -95,9 +95,10 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
         _trim()  # hand freed heap (model conversion, tokenisation) back to the OS so RSS means what is in use
         rss_before_prune = rss()
         with PeakRSS() as sampler:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             prune(model, calib=ids, device=args.device, progress=args.progress, batch_size=args.calib_batch, **cfg)
             row["prune_seconds"] = time.perf_counter() - t0
+            row["prune_cpu_seconds"] = time.process_time() - c0  # all threads: comparable under a varying load
         _trim()
         rss_after = rss()
         row["calib_batch"] = args.calib_batch
@@ -178,17 +179,25 @@ def main() -> None:
         row = json.loads(Path(out).read_text())
         os.unlink(out)
         row["row_seconds"] = time.perf_counter() - t0
+        row["load_average"] = list(os.getloadavg())
+        row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         rows.append(row)
         print(f"{name}: ppl {row['ppl']:.3f}" + (f", prune {row['prune_seconds']:.1f} s, peak RSS "
               f"{row['peak_rss_ratio']:.2f}x fp32" if "prune_seconds" in row else ""), flush=True)
+        _write(args, started, rows, partial=name != args.rows[-1])  # an interrupted run keeps its finished rows
     rows.sort(key=lambda r: list(ROWS).index(r["row"]))
     print()
     print(table(rows))
+
+
+def _write(args: argparse.Namespace, started: str, rows: list[dict], partial: bool) -> None:
+    if not args.json:
+        return
     meta = {"started": started, "machine": f"{platform.machine()} {platform.processor()}".strip(),
-            "cpus": os.cpu_count(), "command": " ".join(sys.argv), "rows": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(meta, indent=2, default=str))
+            "cpus": os.cpu_count(), "command": " ".join(sys.argv), "partial": partial,
+            "rows": sorted(rows, key=lambda r: list(ROWS).index(r["row"]))}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(meta, indent=2, default=str))
 
 
 if __name__ == "__main__":
