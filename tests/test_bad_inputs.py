@@ -3,8 +3,9 @@
 Each row is one mistake a user makes. For every row: exit status 2, at most three lines on stderr (in fact
 one, `prunetune: error: ...`), no traceback, nothing left at a fresh `--out`, and, run again with `--out`
 pointing at a previous complete run, that run is untouched (every file's bytes and mtime). Checks that can
-only fail once work has started (a calibration shape, `compose --linear-criterion wanda`) are made before
-any work: the fresh `--out` staying absent shows it.
+only fail once work has started (a calibration shape, a linear criterion composability cannot score with) are
+made before any work: the fresh `--out` staying absent shows it. (`compose --linear-criterion wanda`, once such a
+row, now runs: its baseline arm captures the activations too, tests/test_composable.py.)
 
 The table's row counts per command are quoted in BENCHMARKS.md (`test_table_covers_every_command` keeps them).
 """
@@ -111,8 +112,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("losparse-task-mis-columned", ["losparse", "tiny-bert", "--task", "{d}/miscol.csv", "--out", OUT],
      "no column 'text'"),
     # ---------------------------------------------------------------------------------------------- compose
-    ("compose-linear-criterion-wanda", ["compose", "tiny-bert", "--task", "{d}/task.csv", "--linear-criterion",
-                                        "wanda", "--attention", "0.25", "--linear", "0.3", "--out", OUT], "wanda"),
+    ("compose-linear-criterion-sparsegpt", ["compose", "tiny-bert", "--task", "{d}/task.csv", "--linear-criterion",
+                                            "sparsegpt", "--attention", "0.25", "--linear", "0.3", "--out", OUT],
+     "unsupported linear criterion 'sparsegpt'"),
     ("compose-attention-high", ["compose", "tiny-bert", "--attention", "1.5", "--out", OUT], "1.5"),
     ("compose-n-mismatch", ["compose", "tiny-bert", "--attention", "0.25", "0.5", "--linear", "0.3", "0.5",
                             "-n", "3", "--out", OUT], "3"),

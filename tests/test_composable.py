@@ -293,7 +293,29 @@ def test_activation_criterion_uses_the_capture_and_unknown_criterion_errors(bert
     with pytest.raises(PrunetuneError, match="unknown or unsupported linear criterion 'nope'"):
         C.plan(C.parse_configurations([0.5], [0.5]), get_adapter(model), linear_criterion="nope")
     with pytest.raises(PrunetuneError, match="needs activations"):
-        C.train_units(model, [], [wanda], SETTINGS, finetune=False)
+        C.train_units(model, [], [wanda], SETTINGS, finetune=False)  # no text to capture: said, not guessed
+
+
+def test_wanda_baseline_prunes_from_the_same_capture_as_the_composed_arm(bert, batches):
+    """Issue 29 item 11: the control arm (pruned, no module-level FT) scores Wanda from the same capture of the
+    original model's inputs, so both arms start from one mask and differ only by the module-level fine-tuning."""
+    model, _ = bert
+    up = dict(model.named_modules())["bert.encoder.layer.0.intermediate.dense"]
+    w0 = up.weight.detach().clone()
+    units = [C.Unit(0, "up", "wanda", 0.5), C.Unit(1, "down", "wanda", 0.3), C.Unit(0, "o", "l1", 0.5)]
+    tuned = C.train_units(model, batches, units, SETTINGS)
+    base = C.train_units(model, batches, units, SETTINGS, finetune=False)
+    for u in units:
+        role = u.kind
+        m_t, m_b = tuned.tensors[u.id][f"{role}.mask"], base.tensors[u.id][f"{role}.mask"]
+        assert torch.equal(m_t, m_b), u.id
+        assert abs(int((~m_b).sum()) - u.rate * m_b.numel()) <= 1  # the asked sparsity, to one weight
+        assert base.stats[u.id] == {"finetuned": False}
+    wb = base.tensors[units[0].id]["up.weight"]
+    assert torch.equal(wb, w0 * base.tensors[units[0].id]["up.mask"])  # pruned, not trained
+    l1 = C.Unit(0, "up", "l1", 0.5)
+    l1_mask = C.train_units(model, batches, [l1], SETTINGS, finetune=False).tensors[l1.id]["up.mask"]
+    assert not torch.equal(base.tensors[units[0].id]["up.mask"], l1_mask)  # the activations did change the choice
 
 
 def test_composed_start_method_prepares_the_model_and_its_masks(bert, batches):
@@ -376,3 +398,61 @@ def test_seq2seq_task_from_the_driver_options(tmp_path):
     assert r["after"]["loss"] < r["before"]["loss"]
     with pytest.raises(PrunetuneError, match="use --full"):
         finetune_task("tiny-t5", SimpleNamespace(**{**vars(cfg), "lora": True}), tmp_path / "x")
+
+
+def test_cli_compose_wanda_baseline_and_exported_model_reloads_in_plain_transformers(capfd, tmp_path):
+    """Issue 29 items 11 and 13, end to end: `compose --linear-criterion wanda` runs with the default baseline
+    arm, and each configuration's fine-tuned model is a plain HF directory that stock `transformers` loads
+    (no prunetune code) and that scores exactly the reported test accuracy, with its zeros and masks intact."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.cli_helpers import cli_ok, labelled_csv
+
+    task = labelled_csv(tmp_path / "task.csv", ["sport", "tech", "music"] * 40, seed=4)  # 12 test rows
+    out = tmp_path / "run"
+    cli_ok(["compose", "tiny-bert", "--task", task, "--attention", "0.25", "0.5", "--linear", "0.3", "0.5",
+            "--linear-criterion", "wanda", "--n-samples", "24", "--eval-samples", "4", "--test-samples", "12",
+            "--epochs", "2", "--max-length", "24", "--linear-steps", "3", "--attention-steps", "2",
+            "--module-texts", "8", "--out", out], capfd)
+    stage = out / "stages" / "01-compose"
+    res = json.loads((stage / "runs" / "composable.json").read_text())
+    man = json.loads((stage / "manifest.json").read_text())
+    metrics, models = man["metrics"], man["artifacts"]["models"]
+    assert list(models) == ["a0.25_l0.3", "a0.5_l0.5"]
+    stage_report, run_report = (stage / "report.md").read_text(), (out / "report.md").read_text()
+    for row in res["rows"]:
+        name = row["config"]["name"]
+        assert row["baseline"]["accuracy"] is not None  # the Wanda baseline ran (item 11)
+        assert row["baseline"]["model"] is None and not (stage / "runs" / name / "baseline" / "tuned" / "model").exists()
+        rel = models[name]
+        assert rel == f"runs/{name}/composed/tuned/model"
+        assert f"`{rel}`" in stage_report and f"`stages/01-compose/{rel}`" in run_report  # named in both reports
+        d = stage / rel
+        # plain transformers: the directory alone, no prunetune import involved in loading it
+        model = AutoModelForSequenceClassification.from_pretrained(d).eval()
+        tok = AutoTokenizer.from_pretrained(d)
+        assert "auto_map" not in json.loads((d / "config.json").read_text())
+        # sparsity intact: every masked weight is an exact zero, at the reported sparsity
+        masks = {k: m.bool() for k, m in load_file(str(d / "masks.safetensors")).items()}  # stored as uint8
+        params = dict(model.named_parameters())
+        assert masks and all(float(params[f"{k}.weight"].detach()[~m].abs().sum()) == 0.0 for k, m in masks.items())
+        pruned = sum(int((~m).sum()) for m in masks.values())
+        assert pruned > 0
+        # the reported test accuracy, recomputed on the same fixed test split (the data layer builds the split)
+        from prunetune.tuning.config import TuneConfig
+        from prunetune.tuning.data import load_task_data
+
+        data = load_task_data(TuneConfig(task="seq-cls", data=str(task), test_samples=12))
+        right = 0
+        with torch.no_grad():
+            for e in data["test"]:
+                enc = tok(e["text"], truncation=True, max_length=24, return_tensors="pt")
+                right += int(model(**enc).logits.argmax(-1)) == e["label"]
+        assert len(data["test"]) == row["composed"]["test"]["n"] == 12
+        reported = metrics[f"{name}/composed_accuracy"]["value"]
+        assert right / len(data["test"]) == reported == row["composed"]["accuracy"], (name, right, reported)
+    assert os.environ.get("HF_HUB_OFFLINE") != "0"

@@ -1,7 +1,8 @@
 """The `compose` stage: composable pruning through `prunetune.methods.composable`, with its report.
 
 Writes `out_dir/runs/composable.json` (everything measured), `out_dir/report.md` (per configuration the metric
-with and without module-level fine-tuning, the compute time of both routes) and `out_dir/curves.json`
+with and without module-level fine-tuning, the compute time of both routes, the fine-tuned model's directory
+`runs/<config>/composed/tuned/model`) and `out_dir/curves.json`
 (training loss and validation accuracy of every configuration, with and without module-level FT), which the
 run report draws as `plots/curves.png` (reporting is not imported here: pipelines and reporting are
 independent layers).
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunetune.errors import PrunetuneError
 from prunetune.pipelines.stages import read_curves, tune_config
 
 
@@ -19,18 +19,12 @@ def check_compose(spec) -> None:
     """The method's checks of a recipe's `compose` settings (rates pair up, units and criterion exist), run
     before a run directory is made; a mistake is one PrunetuneError line."""
     from prunetune.methods.composable import (ATTENTION_UNITS, LINEAR_ROLES, check_linear_criterion, check_units,
-                                              linear_criterion_needs_activations, parse_configurations)
+                                              parse_configurations)
 
     parse_configurations(spec.attention, spec.linear, spec.n, spec.grid)
     check_units(spec.attention_units, "attention_units", tuple(ATTENTION_UNITS))
     check_units(spec.linear_units, "linear_units", LINEAR_ROLES)
     check_linear_criterion(spec.linear_criterion)
-    if spec.baseline and linear_criterion_needs_activations(spec.linear_criterion):
-        # found before any work: the control arm prunes without capturing activations, and would fail only
-        # after every module-level and model-level fine-tuning of the composed arm
-        raise PrunetuneError(f"linear criterion '{spec.linear_criterion}' scores from activations, which the "
-                             "baseline (pruned without module-level fine-tuning) does not capture: pass "
-                             "--no-baseline (compose.baseline: false) or a weight-only criterion such as l1")
 
 
 def run_compose(state, out_dir: Path) -> dict:
@@ -63,8 +57,10 @@ def run_compose(state, out_dir: Path) -> dict:
         if v is not None:
             metrics[f"compute_s/{k}"] = {"value": v, "protocol": {"what": "wall seconds: module-level FT (once) "
                                                                    "+ composing + model-level optimizer steps"}}
+    models = {row["config"]["name"]: f"runs/{row['composed']['model']}" for row in res["rows"]
+              if row["composed"].get("model")}
     return {"metrics": metrics, "artifacts": {"report": "report.md", "curves": "curves.json",
-                                              "results": "runs/composable.json"}}
+                                              "results": "runs/composable.json", "models": models}}
 
 
 def write_report(res: dict, out_dir: Path) -> Path:
@@ -77,7 +73,8 @@ def write_report(res: dict, out_dir: Path) -> Path:
              f"{res['modules']['wall_s']:.1f} s ({res['modules']['trained']} trained, "
              f"{res['modules']['from_cache']} from the cache).", "",
              "| configuration | sparsity | start val acc (module FT / none) | test acc with module FT | "
-             "test acc without | model-FT seconds (with / without) |", "|---|---|---|---|---|---|"]
+             "test acc without | model-FT seconds (with / without) | fine-tuned model |",
+             "|---|---|---|---|---|---|---|"]
     series: dict[str, list[list[float]]] = {}
     fmt = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for row in res["rows"]:
@@ -85,7 +82,8 @@ def write_report(res: dict, out_dir: Path) -> Path:
         c, b = row["composed"], row.get("baseline")
         lines.append(f"| {name} | {fmt(c['sparsity'])} | {fmt(c['start_val_accuracy'])} / "
                      f"{fmt(b['start_val_accuracy']) if b else '-'} | {fmt(c['accuracy'])} | "
-                     f"{fmt(b['accuracy']) if b else '-'} | {c['step_s']:.1f} / {b['step_s'] if b else float('nan'):.1f} |")
+                     f"{fmt(b['accuracy']) if b else '-'} | {c['step_s']:.1f} / {b['step_s'] if b else float('nan'):.1f} | "
+                     + (f"`runs/{c['model']}` |" if c.get("model") else "- |"))
         for arm, r in (("module FT", c), ("no module FT", b)):
             if not r:
                 continue
@@ -96,6 +94,10 @@ def write_report(res: dict, out_dir: Path) -> Path:
     lines += ["", f"Total compute: with composability {cs['with_composability']:.1f} s (module-level FT "
               f"{cs['module_ft']:.1f} s, once), without "
               + (f"{cs['without_composability']:.1f} s." if cs["without_composability"] is not None else "not run."),
+              "", "Each configuration's fine-tuned model (with module-level FT; the test accuracy above is its "
+              "score) is a plain Hugging Face directory at the path given, relative to this stage's directory: "
+              "safetensors with the pruned weights at exact zeros, `masks.safetensors` and a model card beside. "
+              "`start/` beside `tuned/` holds the composed weights before model-level fine-tuning.",
               "", "Loss and validation-accuracy curves: `plots/curves.png` of the run report "
               "(from this stage's curves.json).", ""]
     (out_dir / "curves.json").write_text(json.dumps(series, indent=2))

@@ -7,6 +7,7 @@ followed by the protocol that produced it, so a report can be regenerated from a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from prunetune.errors import PrunetuneError
@@ -121,6 +122,12 @@ def write_run_report(run_dir: Path | str) -> Path:
     if exported:
         lines += ["## Exported model", "", f"`{exported[-1]['artifacts'].get('model')}`: a plain Hugging Face directory "
                   "(safetensors; pruned weights are exact zeros) with `masks.safetensors` beside it.", ""]
+    many = [(s, name, rel) for s in run["stages"] for name, rel in (s.get("artifacts", {}).get("models") or {}).items()]
+    if many:  # a stage that makes one model per configuration (compose): each is a plain HF directory
+        lines += ["## Exported models", "", "Plain Hugging Face directories (safetensors; pruned weights are exact "
+                  "zeros) with `masks.safetensors` beside each:", ""]
+        lines += [f"- {name}: `{os.path.relpath(s['dir'], run_dir)}/{rel}`" for s, name, rel in many]
+        lines.append("")
     lines += ["## Protocols", ""]
     for k, p in protocols(run).items():
         lines.append(f"- **{k}**: {_protocol_text(p)}")

@@ -182,7 +182,7 @@ def check_head_criterion(name: str) -> str:
 
 def linear_criterion_needs_activations(name: str) -> bool:
     """Whether the linear criterion scores from input activations (wanda, column-norm criteria): the control
-    arm (`baseline`, pruned without module-level fine-tuning) captures none, so it cannot use such a one."""
+    arm (`baseline`, pruned without module-level fine-tuning) then captures the original model's inputs too."""
     if name == "wanda":
         return True
     crit = registered_criterion(name)

@@ -36,7 +36,9 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
     """Plan, fine-tune the unique modules once (cached), compose every configuration and fine-tune it at
     model level (`tune`: a `tuning.config.TuneConfig`); with `baseline`, the same model-level fine-tuning from
     the pruned modules without module-level fine-tuning. Writes `out/<config>/{composed,baseline}/` and returns
-    per-configuration metrics, validation curves and the compute time of both routes."""
+    per-configuration metrics, validation curves and the compute time of both routes. Each configuration's
+    fine-tuned model (composed arm) is exported to `out/<config>/composed/tuned/model/` (its row's `model`,
+    relative to `out`): a plain HF directory with the pruned weights at zero and `masks.safetensors` beside."""
     from prunetune.models.loading import load_model
     from prunetune.tuning.data import load_task_data
     from prunetune.tuning.finetune import finetune
@@ -71,7 +73,7 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
             if module_ft:
                 model, masks = compose(original, pl.members[c.name], results)
             else:
-                pruned = train_units(original, [], pl.members[c.name], settings, None, finetune=False)
+                pruned = train_units(original, batches, pl.members[c.name], settings, None, finetune=False)
                 model, masks = compose(original, pl.members[c.name], pruned)
             build_s = time.perf_counter() - t0
             d = out / c.name / arm
@@ -79,7 +81,12 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
             clock = ValidationClock(tok, data["validation"], tune.max_length, checks)
             start_acc = clock.accuracy(model) if tune.task == "seq-cls" else None
             say(f"{c.name} {arm}: model-level fine-tuning ({max_steps} steps)")
-            r = finetune(str(d / "start"), copy.deepcopy(tune), d / "tuned", overwrite=True, callbacks=(clock,),
+            arm_tune = copy.deepcopy(tune)
+            # the configuration's product is the composed arm's fine-tuned model: exported by `finetune` itself
+            # as every command's model is (plain HF dir, zeros kept, masks and model card beside, atomic) at
+            # tuned/model; the baseline is the control, measured and not kept (one model per configuration)
+            arm_tune.export = module_ft
+            r = finetune(str(d / "start"), arm_tune, d / "tuned", overwrite=True, callbacks=(clock,),
                          kind=f"compose-{arm}")
             import shutil
 
@@ -89,7 +96,7 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
                         "accuracy": r.get("accuracy"), "macro_f1": r.get("macro_f1"),
                         "test": r.get("test_after_merge"), "sparsity": r.get("sparsity"),
                         "train_loss": r.get("train_loss"), "log": str(d / "tuned" / "train_log.csv"),
-                        "model": str(d / "tuned" / "model")}
+                        "model": (d / "tuned" / "model").relative_to(out).as_posix() if module_ft else None}
         rows.append(row)
     composed_s = module_s + sum(r["composed"]["build_s"] + r["composed"]["step_s"] for r in rows)
     summary = {"plan": pl.to_dict(), "modules": {**results.summary(), "wall_s": module_s,
@@ -134,7 +141,7 @@ def run_composable_seq2seq(model_spec: str, out: Path | str, configs: Sequence[C
         row: dict = {"config": c.to_dict()}
         for arm, module_ft in [("composed", True)] + ([("baseline", False)] if baseline else []):
             t0 = time.perf_counter()
-            res = results if module_ft else train_units(original, [], pl.members[c.name], settings, None,
+            res = results if module_ft else train_units(original, batches, pl.members[c.name], settings, None,
                                                         finetune=False)
             model, masks = compose(original, pl.members[c.name], res)
             build_s = time.perf_counter() - t0

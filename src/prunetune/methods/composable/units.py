@@ -21,6 +21,7 @@ from prunetune.methods.composable.plan import (
     Unit,
     check_head_criterion,
     check_linear_criterion,
+    linear_criterion_needs_activations,
     registered_criterion,
     scores_linear,
 )
@@ -47,7 +48,7 @@ def _linear_scores(criterion: str, w: torch.Tensor, gram: torch.Tensor | None, n
     if crit is None or not scores_linear(crit):
         check_linear_criterion(criterion)
     if crit.statistics == "column_norms" and gram is None:
-        raise PrunetuneError(f"criterion '{criterion}' needs activations: it has no prune-only baseline here")
+        raise PrunetuneError(f"criterion '{criterion}' needs activations: no text was given to capture them")
     return crit.score(w.detach(), _GramColumnNorms(gram) if crit.statistics == "column_norms" else None).float()
 
 
@@ -213,7 +214,8 @@ def train_units(model: nn.Module, batches: Sequence[dict], units: Sequence[Unit]
                 cache: ModuleCache | None = None, *, finetune: bool = True,
                 progress: Callable[[str], None] | None = None) -> UnitResults:
     """Prune (and with `finetune`, fine-tune) every unit once; one activation capture per block for all its
-    missing units. With `finetune=False` the units are just pruned (the baseline's starting point; no cache)."""
+    missing units. With `finetune=False` the units are just pruned (the baseline's starting point; no cache), an
+    activation criterion's linears from one capture of `batches`."""
     adapter = get_adapter(model)
     blocks = {b.index: b for b in adapter.blocks()}
     res = UnitResults()
@@ -236,9 +238,20 @@ def train_units(model: nn.Module, batches: Sequence[dict], units: Sequence[Unit]
         todo.setdefault(u.block, []).append(u)
     torch.manual_seed(settings.seed)
     if not finetune:
+        # an activation criterion (Wanda) scores from the inputs' column norms: the same capture of the original
+        # model on `batches` that module-level FT makes, linears only, so both arms start from the same mask
+        needs = {bi: ({u.kind for u in bu if u.kind not in ATTENTION_UNITS and linear_criterion_needs_activations(u.criterion)},
+                      set()) for bi, bu in todo.items()}
+        needs = {bi: n for bi, n in needs.items() if n[0]}
+        caps: dict[int, BlockCapture] = {}
+        if needs and batches:
+            t0 = time.perf_counter()
+            caps = capture_blocks(model, adapter, needs, batches)
+            res.timings["capture_s"] += time.perf_counter() - t0
         for bi in sorted(todo):
+            grams = caps[bi].gram if bi in caps else {}
             for u in todo[bi]:
-                res.tensors[u.id] = _prune_only(adapter, blocks[bi], u)
+                res.tensors[u.id] = _prune_only(adapter, blocks[bi], u, grams.get(u.kind))
                 res.stats[u.id] = {"finetuned": False}
         return res
     needs = {bi: ({u.kind for u in bu if u.kind not in ATTENTION_UNITS}, {u.kind for u in bu if u.kind in ATTENTION_UNITS})
@@ -274,7 +287,9 @@ def train_units(model: nn.Module, batches: Sequence[dict], units: Sequence[Unit]
 
 
 @torch.no_grad()
-def _prune_only(adapter: ArchAdapter, block: Block, unit: Unit) -> dict[str, torch.Tensor]:
+def _prune_only(adapter: ArchAdapter, block: Block, unit: Unit,
+                gram: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The unit pruned, not fine-tuned; `gram` (the captured inputs) for a criterion that scores from them."""
     if unit.kind in ATTENTION_UNITS:
         masks = head_masks(adapter, block, unit.kind, unit.criterion, unit.rate)
         out = {}
@@ -287,7 +302,8 @@ def _prune_only(adapter: ArchAdapter, block: Block, unit: Unit) -> dict[str, tor
                 out[f"{r}.bias"] = lin.bias.detach() * m[:, 0]
         return out
     lin = block.linears[unit.kind]
-    mask = unstructured_mask(_linear_scores(unit.criterion, lin.weight, None, 0), unit.rate, "layer")
+    n = int(gram[-1, -1]) if gram is not None else 0
+    mask = unstructured_mask(_linear_scores(unit.criterion, lin.weight, gram, n), unit.rate, "layer")
     out = {f"{unit.kind}.weight": lin.weight.detach() * mask, f"{unit.kind}.mask": mask}
     if lin.bias is not None:
         out[f"{unit.kind}.bias"] = lin.bias.detach().clone()
