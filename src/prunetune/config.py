@@ -24,11 +24,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from prunetune.data.spec import DataSpec
 from prunetune.errors import PrunetuneError
+from prunetune.methods.payt.spec import FullEvaluateSpec, PaytSpec
+from prunetune.pruning.api import registered_name
 from prunetune.registry import stage_kind, stage_names
+from prunetune.schema import Spec, checked
+from prunetune.tuning.spec import TuneSpec
 
 RECIPES_DIR = Path(__file__).resolve().parent / "pipelines" / "recipes"
 COMMANDS_DIR = RECIPES_DIR / "commands"  # each command's starting recipe (`prunetune finetune`, `payt`)
@@ -45,11 +50,7 @@ def _safe_name(v: str | None) -> str | None:
     return v
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSpec(_Spec):
+class ModelSpec(Spec):
     """Which model, and with which head (causal LM for perplexity recipes, seq-cls for task tuning)."""
 
     name: str = Field("smollm2-135m", description="alias, local HF dir, .gguf or hub id")
@@ -60,41 +61,7 @@ class ModelSpec(_Spec):
         "prune` keeps); statistics (norms, Hessians) accumulate in float32 whatever it is")
 
 
-class DataSpec(_Spec):
-    """Where text comes from: calibration, fine-tuning text or labelled task, perplexity sets."""
-
-    calib: str = Field("bbc-news", description="calibration text source (bbc-news | wikitext2 | FILE | HF name)")
-    calib_split: str = "train"
-    train: str = Field("bbc-news", description="fine-tuning source: text for causal LM, labelled data for seq-cls")
-    train_split: str = "train"
-    ppl: list[str] = Field(default_factory=lambda: ["wikitext2", "bbc-news"], description="perplexity sources")
-    ppl_split: str = "test"
-    data_dir: str | None = Field(None, description="local WikiText-2 dir (else PRUNETUNE_DATA_DIR or the hub)")
-    split_seed: int = Field(0, description="seed of the fixed train/validation/test split of task data; the same "
-                            "in every stage, command and training seed, so every run is scored on the same test set")
-
-
-def _checked(check, value: str) -> str:
-    """`value` once `check(value)` accepts it; its one-line PrunetuneError becomes pydantic's ValueError."""
-    try:
-        check(value)
-    except PrunetuneError as exc:
-        raise ValueError(str(exc)) from None
-    return value
-
-
-def _registered_criterion(name: str, context: str | None = None) -> str:
-    """A criterion name or alias -> its registered name; choices come from the one criterion registry."""
-    from prunetune.pruning.criteria import criterion_names, get_criterion
-
-    try:
-        return get_criterion(name, context).name
-    except PrunetuneError:
-        choices = ", ".join(repr(n) for n in criterion_names())
-        raise ValueError(f"{name!r} is not allowed; choose one of: {choices}") from None
-
-
-class PruneSpec(_Spec):
+class PruneSpec(Spec):
     """One-shot pruning with the engine (`prunetune.pruning.api.prune`)."""
 
     method: str = Field("wanda", description="a registered pruning criterion (prunetune.pruning.criteria): "
@@ -141,21 +108,21 @@ class PruneSpec(_Spec):
     @field_validator("method")
     @classmethod
     def _registered_method(cls, v: str) -> str:
-        return _registered_criterion(v)
+        return registered_name(v)
 
     @field_validator("pattern")
     @classmethod
     def _nm(cls, v: str | None) -> str | None:
         from prunetune.pruning.granularity import parse_nm
 
-        return None if v in (None, "", "none") else _checked(parse_nm, v)
+        return None if v in (None, "", "none") else checked(parse_nm, v)
 
     @field_validator("max_memory")
     @classmethod
     def _size(cls, v: str | None) -> str | None:
         from prunetune.pruning.stream import parse_bytes
 
-        return None if v is None else _checked(parse_bytes, v)
+        return None if v is None else checked(parse_bytes, v)
 
     @field_validator("device")
     @classmethod
@@ -178,135 +145,7 @@ class PruneSpec(_Spec):
         return self
 
 
-class MixOptions(_Spec):
-    """Data mixing (PAYT): general text, labelled by the teacher, mixed into the task's training examples."""
-
-    fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of the training set added as general text")
-    source: str = Field("wikitext2", description="text source of the general samples")
-    split: str = "valid"
-    strategy: Literal["random", "old_first"] = "random"
-    sampling: Literal["first", "random"] = "first"
-
-
-def default_learning_rate(mode: str) -> float:
-    """LoRA 1e-3: on MiniLM / BBC News (400 articles, 106 steps) 5e-4 left dense LoRA at 89.7% accuracy,
-    1e-3 reached 95.1% and 2e-3 96.4% (BENCHMARKS.md); full fine-tuning 1e-4 (97.3% there)."""
-    return 1e-3 if mode == "lora" else 1e-4
-
-
-class TuneSpec(_Spec):
-    """LoRA (or full) fine-tuning; for a causal LM on text, for seq-cls on the labelled task.
-
-    The one definition of every fine-tuning option and its default: recipes, the `finetune`/`payt` commands
-    and the tuning module's config (built from this by `pipelines.stages.tune_config`) all read it.
-    """
-
-    mode: Literal["lora", "full"] = "lora"
-    steps: int | None = Field(12, ge=1, description="optimizer steps (steps x batch_size examples, 1 epoch); "
-                              "None = n_samples x epochs")
-    batch_size: int = Field(4, ge=1)
-    seqlen: int = Field(256, ge=8, description="tokens per training sequence")
-    lr: float | None = Field(None, gt=0, description="None: 1e-3 for LoRA, 1e-4 for full fine-tuning (measured "
-                             "on MiniLM/BBC News: see learning_rate)")
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float | None = Field(None, gt=0, description="default: 2 x rank")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="0: the exact one-product masked LoRA path "
-                                "(tuning.lora); > 0 adds a second full-size product")
-    lora_roles: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] | None = Field(
-        None, description="roles LoRA is put on; None = every prunable linear")
-    rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
-    gradient_checkpointing: bool = Field(False, description="recompute each block's activations in backward "
-                                         "instead of storing them: less memory, about one more forward of compute")
-    kd: bool = Field(False, description="distil from a teacher: kd_alpha*CE + (1-kd_alpha)*T^2*KL")
-    kd_alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the task loss when kd is on")
-    kd_temp: float = Field(4.0, gt=0)
-    teacher: str = Field("initial", description="KD teacher: initial | dense | PATH")
-    n_samples: int | None = Field(None, ge=2, description="training examples when steps is None; None = all")
-    eval_samples: int | None = Field(8, ge=1, description="held-out examples scored after each epoch")
-    test_samples: int | None = Field(None, ge=1, description="test examples scored (None = the whole test split)")
-    epochs: float = Field(1.0, gt=0)
-    mix: MixOptions = Field(default_factory=MixOptions)
-    retention: bool = Field(False, description="also measure knowledge retention against the untuned model")
-    retention_windows: int = Field(8, ge=1)
-    save_steps: int | None = Field(None, ge=1, description="also checkpoint every N optimizer steps, so a killed "
-                                   "run resumed with --resume continues from its last checkpoint inside the "
-                                   "stage; None = at each epoch end only")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _kd_from_alpha(cls, v: Any) -> Any:
-        """`kd_alpha: 0.3` alone switches KD on (as recipes always wrote it); `kd_alpha: null` switches it off."""
-        if isinstance(v, dict) and "kd_alpha" in v and "kd" not in v:
-            v = dict(v)
-            if v["kd_alpha"] is None:
-                v.pop("kd_alpha")
-                v["kd"] = False
-            else:
-                v["kd"] = True
-        return v
-
-    @property
-    def learning_rate(self) -> float:
-        """`lr`, else the mode's default (`default_learning_rate`)."""
-        return self.lr if self.lr is not None else default_learning_rate(self.mode)
-
-    @property
-    def alpha(self) -> float:
-        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
-
-
-class PaytSpec(_Spec):
-    """Prune-As-You-Tune settings: the recipe's `payt` section and the one schema `prunetune.methods.payt` takes
-    (library callers build it too: `PaytSpec(sparsity=0.5, schedule="linear")`)."""
-
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    schedule: Literal["agp", "linear", "oneshot"] = "agp"
-    start: float = Field(0.2, ge=0.0, lt=1.0)
-    end: float = Field(1.0, gt=0.0, le=1.0)
-    every: int = Field(1, ge=1)
-    unit: Literal["epoch", "step"] = "epoch"
-    criterion: str = Field("l1-global", description="a registered pruning criterion: l1-global | l2-cols | wanda "
-                           "| magnitude (= l1-global here) | sparsegpt; the seed's L1Unstructured / LnStructured too")
-    nsamples: int = Field(16, ge=1, description="calibration windows of the training text (wanda criterion)")
-    seqlen: int = Field(128, ge=2, description="tokens per calibration window (wanda criterion)")
-
-    @field_validator("criterion", mode="before")
-    @classmethod
-    def _registered_criterion(cls, v: Any) -> Any:
-        """Aliases (the seed's L1Unstructured, LnStructured) are accepted and stored canonically."""
-        if not isinstance(v, str):
-            return v
-        return _registered_criterion(v, "payt")
-
-    @model_validator(mode="after")
-    def _end_after_start(self) -> PaytSpec:
-        if self.end <= self.start:  # checked at load, not after the stages before PAYT have run
-            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
-        return self
-
-    def as_schedule(self):
-        """The pruning schedule these settings describe (`pruning.schedules.Schedule`)."""
-        from prunetune.pruning.schedules import Schedule
-
-        return Schedule(self.schedule, self.sparsity, self.start, self.every, self.unit, self.end)
-
-    def to_dict(self) -> dict:
-        return self.model_dump()
-
-
-class FullEvaluateSpec(_Spec):
-    """One stage of PAYT's comparison (`prunetune payt --full-evaluate`): a configuration trained with the recipe's
-    `tune` and `payt` settings from the run's model, or `table`, the comparison of the configurations before it."""
-
-    run: Literal["original", "dense-full", "dense-lora", "prune-only", "prune-full", "prune-lora", "payt",
-                 "payt-nokd", "payt-other-scaling", "table"] = Field(
-        "payt", description="original (untuned, retention only) | dense-full | dense-lora | prune-only | prune-full "
-        "| prune-lora | payt | payt-nokd | payt-other-scaling | table")
-    full_lr: float | None = Field(None, gt=0, description="learning rate of the full fine-tuning configurations "
-                                  "(None: the full-FT default); tune.lr is the LoRA ones'")
-
-
-class EvalSpec(_Spec):
+class EvalSpec(Spec):
     """What every `evaluate` stage measures."""
 
     ppl_seqlen: int = Field(512, ge=2)
@@ -317,7 +156,7 @@ class EvalSpec(_Spec):
     harness_limit: int | None = Field(None, ge=1)
 
 
-class OrderSpec(_Spec):
+class OrderSpec(Spec):
     """The ordering study: how pruning and fine-tuning are interleaved on the way to a target sparsity."""
 
     orderings: list[Literal["prune_ft", "ft_prune", "iter_pf", "iter_fp"]] = Field(
@@ -327,7 +166,7 @@ class OrderSpec(_Spec):
     steps: int = Field(12, ge=1, description="total fine-tuning steps per ordering (split over rounds)")
 
 
-class ComposeSpec(_Spec):
+class ComposeSpec(Spec):
     """Composable pruning (`prunetune.methods.composable`): configurations of (attention rate, linear rate),
     each unique pruned module fine-tuned once at module level, composed, then a short model-level fine-tuning
     per configuration (`tune` settings; full fine-tuning when tune.mode is full).
@@ -372,7 +211,7 @@ class ComposeSpec(_Spec):
 
 
 # ---- structured pruning (VIB and its baselines; owner: vib) -------------------------------------------
-class StructuredSpec(_Spec):
+class StructuredSpec(Spec):
     """Structured pruning that shrinks the model (`prunetune.methods.shrink`, `pruning.shrink`, `methods.vib`).
 
     The VIB options keep TVA-Prune's names: TARGET_SPARSITY is `sparsity`, VIB_LR `vib_lr`,
@@ -408,7 +247,7 @@ class StructuredSpec(_Spec):
 
 
 # ------------------------------------------------------------------------------------------ losparse
-class LosparseSpec(_Spec):
+class LosparseSpec(Spec):
     """LoSparse (`prunetune.methods.losparse`): W ≈ U·V + S, S pruned by PLATON on a cubic schedule.
 
     The seed's names are accepted: `low_rank_parameter_ratio` is `rank_ratio`, `final_threshold` is `keep`;
@@ -458,7 +297,7 @@ class LosparseSpec(_Spec):
         return self
 
 
-class Stage(_Spec):
+class Stage(Spec):
     """One step of the pipeline; `options` override the recipe's section for that stage type."""
 
     type: str = Field(description="a registered stage kind (`prunetune.registry`)")
@@ -493,7 +332,7 @@ class Stage(_Spec):
         return v
 
 
-class Recipe(_Spec):
+class Recipe(Spec):
     """A whole experiment: model, data, per-stage defaults and the ordered stages."""
 
     name: str = "custom"
@@ -524,7 +363,7 @@ class Recipe(_Spec):
             self.stage_spec(i)  # validates the overrides now, not in the middle of a run
         return self
 
-    def stage_spec(self, index: int) -> _Spec | None:
+    def stage_spec(self, index: int) -> Spec | None:
         """The effective settings of stage `index`: its section with the stage's overrides applied."""
         st = self.stages[index]
         section = stage_kind(st.type).section
@@ -532,7 +371,7 @@ class Recipe(_Spec):
             if st.options:
                 raise ValueError(f"stages.{index}: stage '{st.type}' takes no options (got {', '.join(st.options)})")
             return None
-        base: _Spec = getattr(self, section)
+        base: Spec = getattr(self, section)
         merged = {**base.model_dump(), **st.options}
         try:
             return type(base)(**merged)

@@ -382,3 +382,13 @@ def _refine_layer(name: str, lin: nn.Linear, dense: torch.Tensor, moments, nm, m
     new_w, keep = dsnot(dense, w.detach(), keep, moments, pattern=nm, allowed=allowed)
     w.copy_(new_w.to(device=w.device, dtype=w.dtype))
     masks.set_packed(name, keep.cpu())
+
+
+def registered_name(name: str, context: str | None = None) -> str:
+    """A criterion name or alias -> its registered name, for a recipe schema's validator: a ValueError listing
+    the registry's names (pydantic reports it as one line naming the key)."""
+    try:
+        return get_criterion(name, context).name
+    except PrunetuneError:
+        choices = ", ".join(repr(n) for n in criterion_names())
+        raise ValueError(f"{name!r} is not allowed; choose one of: {choices}") from None

@@ -1,7 +1,7 @@
 """`TuneConfig`: everything one fine-tuning run depends on (recorded in its manifest).
 
 Its defaults are not written here: every option a recipe can set takes its default from the recipe schema
-(`prunetune.config.TuneSpec` and `DataSpec`) through `recipe_fields`, the same conversion that turns a
+(`prunetune.tuning.spec.TuneSpec` and `prunetune.data.spec.DataSpec`) through `recipe_fields`, the same conversion that turns a
 recipe's `tune` and `data` sections into a `TuneConfig`. So `TuneConfig()` is exactly what a recipe with an
 empty `tune` section trains with, and a default changed in the schema changes both.
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prunetune.config import DataSpec, TuneSpec, default_learning_rate
 from prunetune.data.mixing import MixSpec
+from prunetune.data.spec import DataSpec
 from prunetune.errors import PrunetuneError
 from prunetune.tuning.distill import check_kd
 from prunetune.tuning.lora import check_lora
+from prunetune.tuning.spec import TuneSpec, default_learning_rate
 
 TASKS = ("seq-cls", "causal-lm", "seq2seq")
 
@@ -107,7 +108,7 @@ class TuneConfig:
 
     @property
     def learning_rate(self) -> float:
-        """`lr`, else the schema's default for LoRA or full fine-tuning (`config.default_learning_rate`)."""
+        """`lr`, else the schema's default for LoRA or full fine-tuning (`tuning.spec.default_learning_rate`)."""
         return self.lr if self.lr is not None else default_learning_rate("lora" if self.lora else "full")
 
     def to_dict(self) -> dict:
