@@ -29,6 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from prunetune.data.spec import DataSpec
 from prunetune.errors import PrunetuneError
+from prunetune.methods.losparse.spec import LosparseSpec
 from prunetune.methods.payt.spec import FullEvaluateSpec, PaytSpec
 from prunetune.pruning.api import registered_name
 from prunetune.registry import stage_kind, stage_names
@@ -244,57 +245,6 @@ class StructuredSpec(Spec):
     vib_neuron_ranking: Literal["vib", "flap"] = Field(
         "vib", description="vib: the gates rank KV groups and neurons; flap: the gates rank KV groups, FLAP's "
                            "fluctuation ranks neurons (the hybrid; needs vib_center and uniform widths)")
-
-
-# ------------------------------------------------------------------------------------------ losparse
-class LosparseSpec(Spec):
-    """LoSparse (`prunetune.methods.losparse`): W ≈ U·V + S, S pruned by PLATON on a cubic schedule.
-
-    The seed's names are accepted: `low_rank_parameter_ratio` is `rank_ratio`, `final_threshold` is `keep`;
-    `initial_warmup` / `final_warmup` count in units of `warmup_steps` as in the seed, or give plain step counts
-    in `initial_warmup_steps` / `final_warmup_steps`. Training is full fine-tuning of U, V, S and the rest
-    (`tune.mode` must be full), with the `tune` section's budget.
-    """
-
-    rank_ratio: float = Field(0.1, gt=0.0, lt=1.0, description="low_rank_parameter_ratio: share of each matrix in U and V")
-    keep: float = Field(0.1, gt=0.0, lt=1.0, description="final_threshold: fraction of S's entries kept at the end")
-    initial_threshold: float = Field(1.0, gt=0.0, le=1.0, description="kept fraction of S before pruning starts")
-    warmup_steps: int = Field(10, ge=0, description="the unit of initial_warmup / final_warmup (seed's warmup_steps)")
-    initial_warmup: float = Field(1.0, ge=0.0, description="plain fine-tuning before pruning, in warmup_steps")
-    final_warmup: float = Field(5.0, ge=0.0, description="steps with the mask fixed at the end, in warmup_steps")
-    initial_warmup_steps: int | None = Field(None, ge=0, description="plain step count; overrides initial_warmup")
-    final_warmup_steps: int | None = Field(None, ge=0, description="plain step count; overrides final_warmup")
-    deltaT: int = Field(10, ge=1, description="recompute the mask every deltaT steps while the schedule runs")
-    beta1: float = Field(0.85, ge=0.0, lt=1.0, description="EMA of the sensitivity |θ·∇θ|")
-    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="EMA of its uncertainty")
-    structured_method: Literal["mean", "sum", "max", "min", "none"] = Field(
-        "none", description="pool S's scores per row/column (structured) or none (unstructured)")
-    structured_direction: Literal["row", "col", "row_col"] = "row"
-    roles: list[str] = Field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"],
-                             description="projections factorised (never embeddings, norms, pooler, classifier)")
-    teacher: str | None = Field(None, description="dense fine-tuned model dir to distil from (None: no distillation)")
-    kd_weight: float = Field(0.0, ge=0.0, description="weight of T²·KL on the logits")
-    kd_temp: float = Field(2.0, gt=0.0)
-    layer_weight: float = Field(0.0, ge=0.0, description="weight of the mean layer-output MSE")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _seed_names(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            v = dict(v)
-            for old, new in (("low_rank_parameter_ratio", "rank_ratio"), ("final_threshold", "keep"),
-                             ("delta_t", "deltaT")):
-                if old in v:
-                    v[new] = v.pop(old)
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> LosparseSpec:
-        if self.initial_threshold < self.keep:
-            raise ValueError(f"initial_threshold ({self.initial_threshold}) must be >= keep ({self.keep})")
-        if (self.kd_weight > 0 or self.layer_weight > 0) and not self.teacher:
-            raise ValueError("kd_weight / layer_weight need a teacher (a dense fine-tuned model dir)")
-        return self
 
 
 class Stage(Spec):

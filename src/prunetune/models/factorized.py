@@ -2,7 +2,7 @@
 
 It lives with the models, not with the method, because loading it is a models concern:
 `prunetune.load_model(dir)` (models/loading.py) recognises the `losparse.json` marker and calls
-`load_factorized`, and no lower layer may import `methods/`. The method (`methods/losparse.py`) trains
+`load_factorized`, and no lower layer may import `methods/`. The method (`methods/losparse/`) trains
 `LowRankSparseLinear` layers and writes this format with `write_factorized`.
 
 A directory holds:

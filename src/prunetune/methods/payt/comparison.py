@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from prunetune.errors import PrunetuneError
 from prunetune.methods.payt.method import PaytMethod, compute_masks
 from prunetune.methods.payt.spec import PaytSpec
 from prunetune.tuning.finetune import finetune

@@ -51,6 +51,5 @@ from prunetune.pipelines.stages.export import (  # noqa: F401  (the registry fin
 )
 from prunetune.pipelines.stages.shrink import (  # noqa: F401  (the registry finds run_* here)
     run_structured,
-    losparse_spec,
     run_losparse,
 )

@@ -53,20 +53,6 @@ def run_structured(state, out_dir: Path) -> dict:
     }}
 
 
-def losparse_spec(spec):
-    """The LoSparse method's spec from the recipe's pydantic `losparse` settings (every field passed explicitly)."""
-    from prunetune.methods.losparse import LosparseSpec
-
-    return LosparseSpec(
-        rank_ratio=spec.rank_ratio, keep=spec.keep, initial_threshold=spec.initial_threshold,
-        warmup_steps=spec.warmup_steps, initial_warmup=spec.initial_warmup, final_warmup=spec.final_warmup,
-        initial_warmup_steps=spec.initial_warmup_steps, final_warmup_steps=spec.final_warmup_steps,
-        deltaT=spec.deltaT, beta1=spec.beta1, beta2=spec.beta2,
-        structured_method=None if spec.structured_method == "none" else spec.structured_method,
-        structured_direction=spec.structured_direction, roles=tuple(spec.roles), teacher=spec.teacher,
-        kd_weight=spec.kd_weight, kd_temp=spec.kd_temp, layer_weight=spec.layer_weight).validate()
-
-
 def run_losparse(state, out_dir: Path) -> dict:
     """LoSparse fine-tuning (full FT of U, V, S and the rest); saves the materialised model as the stage's
     model and the factorised export beside it (`factorized/`, loaded by `prunetune.load_model`)."""
@@ -83,8 +69,7 @@ def run_losparse(state, out_dir: Path) -> dict:
     if cfg.task == "causal-lm":
         cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
                                            out_dir / "tune-train.txt"))
-    lspec = losparse_spec(spec)
-    res = finetune(state.model_spec(), cfg, work, method=Losparse(lspec), kind="losparse", resume=state.resume)
+    res = finetune(state.model_spec(), cfg, work, method=Losparse(spec), kind="losparse", resume=state.resume)
     if not state.is_main:  # trained along; rank 0 saves
         return {}
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -96,7 +81,7 @@ def run_losparse(state, out_dir: Path) -> dict:
     dump(out_dir / "losparse.json", {k: v for k, v in res.items() if k.startswith("losparse")})
     save_model(state, out_dir, model, tok, None, extra={"losparse": facts.get("parameters")})
     counts = facts.get("parameters", {})
-    proto = {"losparse": lspec.to_dict(), "tune": cfg.to_dict(), "steps": res["global_step"],
+    proto = {"losparse": spec.to_dict(), "tune": cfg.to_dict(), "steps": res["global_step"],
              "what": "targeted linears: U·V + kept entries of S, against the dense linears they replace"}
     test = res.get("test_after_merge", {})
     metrics: dict = {"linear_kept_fraction": {"value": counts.get("linear_kept_fraction"), "protocol": proto},
