@@ -17,11 +17,18 @@ DPI = 110
 
 
 def _save(fig, path: Path) -> Path:
+    """Render to memory, then publish atomically: a report killed mid-plot leaves the previous PNG or none,
+    never a truncated one (the report is redrawn whole on `--resume`)."""
+    import io
+
+    from prunetune.rundir import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def metric_vs_sparsity(series: dict[str, list[tuple[float, float, str]]], metric: str, path: Path,

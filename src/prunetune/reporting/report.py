@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from prunetune.errors import PrunetuneError
+from prunetune.rundir import atomic_write_text, remove_partials
 from prunetune.reporting import plots
 
 EVAL_PREFIXES = ("ppl/", "task/", "harness/")
@@ -80,6 +81,8 @@ def write_run_report(run_dir: Path | str) -> Path:
     run = load_run(run_dir)
     man, recipe = run["manifest"], run["recipe"]
     plot_dir = run_dir / "plots"
+    if plot_dir.is_dir():
+        remove_partials(plot_dir)  # temp files of plots a killed report left (the report redraws them all)
     lines = [f"# prunetune run: {recipe.get('name', run['name'])}", ""]
     if recipe.get("description"):
         lines += [recipe["description"].strip(), ""]
@@ -133,7 +136,7 @@ def write_run_report(run_dir: Path | str) -> Path:
         lines.append(f"- **{k}**: {_protocol_text(p)}")
     lines += ["", f"Full metrics and settings: `manifest.json`; recipe: `recipe.yaml`.", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))  # whole or not at all: a kill mid-report leaves no torn file
     return path
 
 
@@ -300,5 +303,5 @@ def compare_runs(run_dirs: list[Path | str], out: Path | str) -> Path:
                 lines.append(f"- **{m}** (as in {k}): {_protocol_text(p)}")
     lines += ["", "Runs: " + ", ".join(f"`{r['dir']}`" for r in runs.values()), ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))  # whole or not at all: a kill mid-report leaves no torn file
     return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,15 +96,16 @@ class ModuleCache:
         return out
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-        from safetensors.torch import save_file
+        """Tensors first, then the JSON that completes the entry, each written durably and renamed into place
+        (`rundir.atomic_write_bytes`): a process killed in between leaves tensors without their JSON, which
+        `get` counts as a miss, so the unit is trained and written again, never loaded half-made."""
+        from safetensors.torch import save
+
+        from prunetune.rundir import atomic_write_bytes, atomic_write_text
 
         self.root.mkdir(parents=True, exist_ok=True)
         p = self.path(key)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": "prunetune-composable-unit"})
-        os.replace(tmp, p)
-        tmp_meta = p.with_name(f".{p.stem}.{os.getpid()}.json.tmp")
-        tmp_meta.write_text(json.dumps(meta, indent=2, default=str))
-        os.replace(tmp_meta, p.with_suffix(".json"))
+        atomic_write_bytes(p, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                                   metadata={"format": "prunetune-composable-unit"}))
+        atomic_write_text(p.with_suffix(".json"), json.dumps(meta, indent=2, default=str))
         return p
