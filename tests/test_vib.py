@@ -414,7 +414,7 @@ def test_centred_gates_need_the_calibration_means_and_leave_a_removed_structure_
 
 def test_vib_config_defaults_are_the_recipe_schemas():
     """Every VibConfig option the recipe's `structured` section also has defaults to StructuredSpec's value."""
-    from prunetune.config import StructuredSpec
+    from prunetune.methods.vib import StructuredSpec
 
     spec, cfg = StructuredSpec(), VibConfig()
     pairs = {"target_sparsity": "sparsity", "vib_lr": "vib_lr", "mu_lr": "vib_mu_lr", "lagrangian_lr": "lagrangian_lr",

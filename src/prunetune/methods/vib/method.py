@@ -64,18 +64,16 @@ structures scaled by μ, removed ones left at their means).
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from prunetune.config import StructuredSpec
 from prunetune.errors import PrunetuneError
 from prunetune.methods.base import Method, MethodContext
+from prunetune.methods.vib.gates import EPS, GateBank, VibGates
+from prunetune.methods.vib.spec import StructuredSpec
 from prunetune.models.arch import get_adapter, unwrap
-from prunetune.pruning.shrink.scores import collect_moments
 from prunetune.pruning.shrink.surgery import ensure_biases, shrink_selection
 from prunetune.pruning.shrink.widths import (
     Geometry,
@@ -87,9 +85,7 @@ from prunetune.pruning.shrink.widths import (
     select,
 )
 
-EPS = 1e-8
 NSGD_CLIP = 3.0  # "nsgd": a gate moves at most 3 x lr per step (unclipped, one spike sent log σ² to inf)
-
 
 _SPEC = StructuredSpec()  # the recipe schema: every option shared with it takes its default from there
 
@@ -158,77 +154,6 @@ class VibConfig:
         if self.steps < 1 or self.batch_size < 1:
             raise PrunetuneError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
 
-
-class GateBank(nn.Module):
-    """Gates of one kind, any shape: posterior mean μ and log-variance log σ² per structure."""
-
-    def __init__(self, shape: tuple[int, ...], init_log_sigma2: float, gen: torch.Generator) -> None:
-        super().__init__()
-        self.mu = nn.Parameter(1.0 + 0.01 * torch.randn(shape, generator=gen))
-        self.log_sigma2 = nn.Parameter(init_log_sigma2 + 0.01 * torch.randn(shape, generator=gen))
-        self.keep_override: torch.Tensor | None = None  # eval-mode keep set (after uniform selection)
-        self.antithetic = False  # training noise of example i + B/2 is minus that of example i
-
-    def log_alpha(self) -> torch.Tensor:
-        """log σ² − log μ²: the structure is kept where it is < 0 (signal above noise)."""
-        return self.log_sigma2 - torch.log(self.mu.pow(2) + EPS)
-
-    def keep(self) -> torch.Tensor:
-        return self.keep_override if self.keep_override is not None else (self.log_alpha() < 0)
-
-    def keep_prob(self, beta: float) -> torch.Tensor:
-        return torch.sigmoid(-beta * self.log_alpha())
-
-    def kl(self) -> torch.Tensor:
-        """VIBNet's closed form: ½ Σ log(1 + μ²/σ²)."""
-        return 0.5 * torch.log1p(self.mu.pow(2) / (self.log_sigma2.exp() + EPS)).sum()
-
-    def z(self, batch: int, index: int | None = None) -> torch.Tensor:
-        """[batch, *shape[1:] or shape] gate values: sampled while training, μ ⊙ keep in eval."""
-        mu, ls = (self.mu, self.log_sigma2) if index is None else (self.mu[index], self.log_sigma2[index])
-        if self.training:
-            if self.antithetic and batch % 2 == 0:
-                half = torch.randn((batch // 2, *mu.shape), device=mu.device, dtype=mu.dtype)
-                eps = torch.cat([half, -half])
-            else:
-                eps = torch.randn((batch, *mu.shape), device=mu.device, dtype=mu.dtype)
-            return mu + eps * (0.5 * ls).exp()
-        keep = self.keep() if index is None else self.keep()[index]
-        return (mu * keep.to(mu.dtype)).unsqueeze(0)
-
-
-class VibGates(nn.Module):
-    """All gates of a model: heads [layers, kv_heads], neurons [layers, inter], hidden [hidden]."""
-
-    def __init__(self, geom: Geometry, structures: tuple[str, ...], init_log_sigma2: float, seed: int) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.geom = geom
-        self.banks = nn.ModuleDict()
-        shapes = {"heads": (geom.layers, geom.kv_heads), "neurons": (geom.layers, geom.inter), "hidden": (geom.hidden,)}
-        for s in structures:
-            self.banks[s] = GateBank(shapes[s], init_log_sigma2, gen)
-
-    def kl(self) -> torch.Tensor:
-        return sum(b.kl() for b in self.banks.values())
-
-    def kept_fraction(self, probs: dict[str, torch.Tensor], att_mul: float) -> torch.Tensor:
-        """Kept fraction of block parameters (attention weighted by `att_mul`) for per-structure keep values."""
-        g = self.geom
-        ref = next(iter(probs.values()))
-        hid = probs["hidden"].sum() if "hidden" in probs else torch.tensor(float(g.hidden), device=ref.device)
-        kv = probs["heads"].sum(-1) if "heads" in probs else torch.full((g.layers,), float(g.kv_heads), device=ref.device)
-        nn_ = probs["neurons"].sum(-1) if "neurons" in probs else torch.full((g.layers,), float(g.inter), device=ref.device)
-        att = att_mul * g.attn_params(kv, hid).sum()
-        mlp = g.mlp_params(nn_, hid).sum()
-        dense = g.layers * (att_mul * g.attn_params(g.kv_heads, g.hidden) + g.mlp_params(g.inter, g.hidden))
-        return (att + mlp) / dense
-
-    def soft(self, beta: float) -> dict[str, torch.Tensor]:
-        return {k: b.keep_prob(beta) for k, b in self.banks.items()}
-
-    def hard(self) -> dict[str, torch.Tensor]:
-        return {k: b.keep().float() for k, b in self.banks.items()}
 
 
 class VibMethod(Method):
@@ -548,60 +473,3 @@ class VibMethod(Method):
                 keep = torch.zeros(idx.shape[:-1] + (n,), dtype=torch.bool)
                 keep.scatter_(-1, idx, True)
                 self.gates.banks[kind].keep_override = keep.to(self.gates.banks[kind].mu.device)
-
-
-def train_gates(model: nn.Module, method: VibMethod, ids: torch.Tensor, *, log_every: int = 0,
-                log=None) -> VibMethod:
-    """The standalone gate-training loop on calibration windows `ids` [n, seqlen]: `cfg.steps` steps of
-    `cfg.batch_size` windows (cycled), LM loss + KL + Lagrangian, model weights frozen."""
-    cfg = method.cfg
-    if ids.dim() != 2 or ids.shape[1] < 2:
-        raise PrunetuneError(f"gate training needs token windows [n, seqlen >= 2], got {tuple(ids.shape)}")
-    if cfg.center and method.means is None:  # centred gates: the dense model's means, from the same text
-        method.set_means(model, collect_moments(model, ids[:8]))
-    method.prepare(model)
-    root = unwrap(model)
-    was_training = root.training
-    root.eval()  # dropout off: the only noise is the gates'
-    method.gates.train()
-    device = next(root.parameters()).device
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(ids.shape[0], generator=gen)
-    t0 = time.perf_counter()
-    rng = torch.random.fork_rng(devices=[])  # the gates' noise is seeded: a run is reproducible
-    rng.__enter__()
-    torch.manual_seed(cfg.seed)
-    try:
-        for step in range(cfg.steps):
-            pick = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % ids.shape[0]]
-            batch = ids[pick].to(device)
-            if cfg.antithetic:  # the same windows again under the negated gate noise
-                batch = torch.cat([batch, batch])
-            if cfg.loss == "kd":
-                with torch.no_grad():
-                    method.bypass = True
-                    try:
-                        teacher = F.log_softmax(root(input_ids=batch).logits.float(), -1)
-                    finally:
-                        method.bypass = False
-                out = root(input_ids=batch)
-                task = F.kl_div(F.log_softmax(out.logits.float(), -1).flatten(0, 1), teacher.flatten(0, 1),
-                                log_target=True, reduction="batchmean")
-                del teacher
-            else:
-                out = root(input_ids=batch, labels=batch)
-                task = out.loss
-            extra, logs = method.extra_loss(model, None, out)
-            loss = task + extra
-            loss.backward()
-            method.after_step(model)
-            logs.update({"step": step + 1, f"{cfg.loss}_loss": float(task.detach()), "seconds": time.perf_counter() - t0})
-            method.history.append(logs)
-            if log is not None and log_every and (step + 1) % log_every == 0:
-                log(logs)
-    finally:
-        rng.__exit__(None, None, None)
-        method.gates.eval()
-        root.train(was_training)
-    method.history[-1]["tokens"] = cfg.steps * cfg.batch_size * ids.shape[1]
-    return method

@@ -1,0 +1,46 @@
+"""The recipe's `structured` section (`prunetune shrink`): VIB's options with TVA-Prune's names, and the width
+rule and calibration that VIB and the structure criteria it is compared with (l1, l2, wanda, flap;
+`methods.shrink`) share. It lives with VIB, whose options are most of it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from prunetune.schema import Spec
+
+
+class StructuredSpec(Spec):
+    """Structured pruning that shrinks the model (`prunetune.methods.shrink`, `pruning.shrink`, `methods.vib`).
+
+    The VIB options keep TVA-Prune's names: TARGET_SPARSITY is `sparsity`, VIB_LR `vib_lr`,
+    LAGRANGIAN_WARMUP `lagrangian_warmup`, ATT_MUL `att_mul`. The gate-training budget is
+    `vib_steps` x `vib_batch` x `seqlen` tokens, recorded with every result.
+    """
+
+    method: Literal["vib", "l1", "l2", "wanda", "flap"] = "vib"
+    sparsity: float = Field(0.3, ge=0.0, lt=1.0, description="fraction of block parameters removed")
+    structures: list[Literal["heads", "neurons", "hidden"]] = Field(
+        default_factory=lambda: ["heads", "neurons"], description="KV groups, MLP neurons, hidden channels")
+    round_to: int = Field(64, ge=1, description="kept neuron / hidden widths are multiples of this")
+    nsamples: int = Field(16, ge=1, description="calibration windows (Wanda/FLAP statistics, VIB training text)")
+    seqlen: int = Field(256, ge=2)
+    vib_steps: int = Field(16, ge=1, description="gate-training steps")
+    vib_batch: int = Field(2, ge=1, description="windows per gate-training step")
+    vib_lr: float = Field(0.2, gt=0, description="VIB_LR: Adam learning rate of the gates' log sigma^2")
+    vib_mu_lr: float = Field(0.01, gt=0, description="learning rate of the gates' mu (small: mu stays near 1 for the fold)")
+    vib_loss: Literal["kd", "lm"] = Field("kd", description="gate objective: KL to the dense model, or the LM loss")
+    vib_widths: Literal["uniform", "learned"] = Field(
+        "uniform", description="uniform: the baselines' width rule; learned: KV groups from VIB's thresholding")
+    lagrangian_lr: float = Field(10.0, gt=0, description="learning rate of the Lagrange multipliers (ascent); at a "
+                                 "16-step budget a fast one is what pushes the gates to the threshold")
+    lagrangian_warmup: float = Field(0.3, ge=0.0, le=1.0, description="LAGRANGIAN_WARMUP: fraction of steps the target ramps over")
+    att_mul: float = Field(1.0, gt=0, description="ATT_MUL: weight of attention parameters in the sparsity count")
+    kl_factor: float = Field(1e-6, ge=0, description="weight of the summed VIBNet KL term")
+    init_log_sigma2: float = Field(-2.0, description="initial log sigma^2 of the gates (short budgets start nearer 0)")
+    vib_center: bool = Field(True, description="gates scale each head/neuron's deviation from its calibration mean: "
+                                                "a removed structure leaves its mean as a bias (FLAP's removal)")
+    vib_neuron_ranking: Literal["vib", "flap"] = Field(
+        "vib", description="vib: the gates rank KV groups and neurons; flap: the gates rank KV groups, FLAP's "
+                           "fluctuation ranks neurons (the hybrid; needs vib_center and uniform widths)")
