@@ -405,7 +405,6 @@ def test_cli_compose_wanda_baseline_and_exported_model_reloads_in_plain_transfor
     arm, and each configuration's fine-tuned model is a plain HF directory that stock `transformers` loads
     (no prunetune code) and that scores exactly the reported test accuracy, with its zeros and masks intact."""
     import json
-    import os
 
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -415,8 +414,8 @@ def test_cli_compose_wanda_baseline_and_exported_model_reloads_in_plain_transfor
     task = labelled_csv(tmp_path / "task.csv", ["sport", "tech", "music"] * 40, seed=4)  # 12 test rows
     out = tmp_path / "run"
     cli_ok(["compose", "tiny-bert", "--task", task, "--attention", "0.25", "0.5", "--linear", "0.3", "0.5",
-            "--linear-criterion", "wanda", "--n-samples", "24", "--eval-samples", "4", "--test-samples", "12",
-            "--epochs", "2", "--max-length", "24", "--linear-steps", "3", "--attention-steps", "2",
+            "--linear-criterion", "wanda", "--n-samples", "48", "--eval-samples", "4", "--test-samples", "12",
+            "--epochs", "3", "--lr", "0.01", "--max-length", "24", "--linear-steps", "3", "--attention-steps", "2",
             "--module-texts", "8", "--out", out], capfd)
     stage = out / "stages" / "01-compose"
     res = json.loads((stage / "runs" / "composable.json").read_text())
@@ -424,6 +423,7 @@ def test_cli_compose_wanda_baseline_and_exported_model_reloads_in_plain_transfor
     metrics, models = man["metrics"], man["artifacts"]["models"]
     assert list(models) == ["a0.25_l0.3", "a0.5_l0.5"]
     stage_report, run_report = (stage / "report.md").read_text(), (out / "report.md").read_text()
+    distinct: list[int] = []
     for row in res["rows"]:
         name = row["config"]["name"]
         assert row["baseline"]["accuracy"] is not None  # the Wanda baseline ran (item 11)
@@ -447,12 +447,14 @@ def test_cli_compose_wanda_baseline_and_exported_model_reloads_in_plain_transfor
         from prunetune.tuning.data import load_task_data
 
         data = load_task_data(TuneConfig(task="seq-cls", data=str(task), test_samples=12))
-        right = 0
         with torch.no_grad():
-            for e in data["test"]:
-                enc = tok(e["text"], truncation=True, max_length=24, return_tensors="pt")
-                right += int(model(**enc).logits.argmax(-1)) == e["label"]
+            preds = [int(model(**tok(e["text"], truncation=True, max_length=24, return_tensors="pt")).logits.argmax(-1))
+                     for e in data["test"]]
+        right = sum(p == e["label"] for p, e in zip(preds, data["test"]))
         assert len(data["test"]) == row["composed"]["test"]["n"] == 12
         reported = metrics[f"{name}/composed_accuracy"]["value"]
         assert right / len(data["test"]) == reported == row["composed"]["accuracy"], (name, right, reported)
-    assert os.environ.get("HF_HUB_OFFLINE") != "0"
+        # prediction by prediction, not only the count: the run's own predictions on the test split
+        assert preds == json.loads((d.parent / "metrics.json").read_text())["predictions"], name
+        distinct.append(len(set(preds)))
+    assert max(distinct) > 1, distinct  # at least one model is not a constant predictor: the check has teeth
