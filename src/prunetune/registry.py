@@ -17,7 +17,7 @@ A stage kind declares, in one `StageKind`:
   examples whatever the model's head, `data.calib`, `data.ppl`, `tune.teacher`, `losparse.teacher`), checked
   to exist and hold what the stage needs before any stage runs.
 
-Adding a stage kind is one `register_stage(StageKind(...))` call; the runner has no special case.
+Adding a stage kind is one `register_stage(StageKind(...))` call beside its function; the runner has no special case.
 """
 
 from __future__ import annotations
@@ -68,31 +68,27 @@ def register_stage(kind: StageKind) -> StageKind:
 
 
 def stage_kind(name: str) -> StageKind:
+    _load_builtins()
     return STAGE_KINDS[name]
 
 
 def stage_names() -> tuple[str, ...]:
+    _load_builtins()
     return tuple(STAGE_KINDS)
 
 
 # ------------------------------------------------------------------------------------------ the built-in kinds
-_STAGES = "prunetune.pipelines.stages"
-for _kind in (
-    StageKind("evaluate", f"{_STAGES}:run_evaluate", "eval", reads=("data.ppl",)),
-    StageKind("prune", f"{_STAGES}:run_prune", "prune", produces_model=True, reads=("data.calib",)),
-    StageKind("finetune", f"{_STAGES}:run_finetune", "tune", produces_model=True, resumable=True, ranks="all",
-              reads=("data.train", "tune.teacher")),
-    StageKind("payt", f"{_STAGES}:run_payt", "payt", produces_model=True, resumable=True, ranks="all",
-              reads=("data.train", "tune.teacher")),
-    StageKind("export", f"{_STAGES}:run_export", None),
-    StageKind("order_study", f"{_STAGES}:run_order_study", "order", ranks="single", reads=("data.train",)),
-    StageKind("compose", "prunetune.pipelines.compose:run_compose", "compose", ranks="single",
-              check="prunetune.pipelines.compose:check_compose", reads=("data.train:labelled",)),
-    StageKind("structured", f"{_STAGES}:run_structured", "structured", produces_model=True, reads=("data.calib",)),
-    StageKind("losparse", f"{_STAGES}:run_losparse", "losparse", produces_model=True, resumable=True, ranks="all",
-              reads=("data.train", "losparse.teacher")),
-    # every configuration of PAYT's comparison starts from one model: none is handed on
-    StageKind("full_evaluate", f"{_STAGES}:run_full_evaluate", "full_evaluate", resumable=True, ranks="all",
-              reads=("data.train", "tune.teacher")),
-):
-    register_stage(_kind)
+#: the modules whose `register_stage` calls declare the built-in kinds, each beside its function. They sit above
+#: this registry, which must not import them (config reads it to validate recipes; the stages' code imports it):
+#: they are imported by name on the first lookup. A stage kind from outside the package registers when its
+#: own module is imported (tests/toy_method.py).
+BUILTIN_MODULES = ("prunetune.pipelines.stages", "prunetune.pipelines.compose")
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in BUILTIN_MODULES:
+            import_module(module)

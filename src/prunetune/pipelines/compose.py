@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prunetune.pipelines.stages import read_curves, tune_config
+from prunetune.registry import StageKind, register_stage
 
 
 def check_compose(spec) -> None:
@@ -61,6 +62,10 @@ def run_compose(state, out_dir: Path) -> dict:
               if row["composed"].get("model")}
     return {"metrics": metrics, "artifacts": {"report": "report.md", "curves": "curves.json",
                                               "results": "runs/composable.json", "models": models}}
+
+
+register_stage(StageKind("compose", f"{__name__}:run_compose", "compose", ranks="single",
+                         check=f"{__name__}:check_compose", reads=("data.train:labelled",)))
 
 
 def write_report(res: dict, out_dir: Path) -> Path:

@@ -5,7 +5,7 @@ Stages that change the model save it as `out_dir/model/` (plain HF safetensors d
 the next stage loads from there. Every metric carries its protocol.
 
 What each stage kind is (its recipe section, whether it produces a model, resumes, and how it runs under
-several processes) is declared once, in `prunetune.registry`. Under a multi-process launcher the training
+several processes) is declared once, by the `register_stage` call beside its function (`prunetune.registry`). Under a multi-process launcher the training
 stages (`ranks="all"`: finetune, payt, losparse, full_evaluate) run on every rank, which train together; after
 training, rank 0 alone evaluates, saves and returns the metrics (`state.is_main`), the other ranks return
 nothing. Every other stage runs on rank 0 only.

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from prunetune.errors import PrunetuneError
 from prunetune.pipelines.stages.common import dump, sparsity_metric
+from prunetune.registry import StageKind, register_stage
+
+PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
 
 def run_evaluate(state, out_dir: Path) -> dict:
@@ -14,6 +17,9 @@ def run_evaluate(state, out_dir: Path) -> dict:
     metrics, layers = evaluate_model(loaded, state.recipe, state.spec, state.seed)
     dump(out_dir / "layer_sparsity.json", layers)
     return {"metrics": metrics}
+
+
+register_stage(StageKind("evaluate", f"{PACKAGE}:run_evaluate", "eval", reads=("data.ppl",)))
 
 
 def evaluate_model(loaded, recipe, spec, seed: int = 0) -> tuple[dict, dict]:

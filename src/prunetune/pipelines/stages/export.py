@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 
 from prunetune.pipelines.stages.common import card_info, sparsity_metric, zeros_metric
+from prunetune.registry import StageKind, register_stage
+
+PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
 
 def run_export(state, out_dir: Path) -> dict:
@@ -42,6 +45,9 @@ def run_export(state, out_dir: Path) -> dict:
             "masks_mb": mask_bytes / 2**20}},
         "nonzero_parameters": counts,
     }, "artifacts": {"model": str(target)}}
+
+
+register_stage(StageKind("export", f"{PACKAGE}:run_export", None))
 
 
 def model_streamed(state) -> bool:

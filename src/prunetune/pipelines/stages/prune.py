@@ -10,6 +10,9 @@ import torch
 
 from prunetune.errors import PrunetuneError
 from prunetune.pipelines.stages.common import card_info, dump, save_model, sparsity_metric, zeros_metric
+from prunetune.registry import StageKind, register_stage
+
+PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
 
 HIST_BINS = 60
@@ -200,3 +203,6 @@ def run_prune(state, out_dir: Path) -> dict:
                                                          "dtype": str(next(loaded.model.parameters()).dtype)
                                                          .removeprefix("torch.")}},
     }}
+
+
+register_stage(StageKind("prune", f"{PACKAGE}:run_prune", "prune", produces_model=True, reads=("data.calib",)))

@@ -10,6 +10,9 @@ import torch
 from prunetune.errors import PrunetuneError
 from prunetune.pipelines.stages.common import TUNE_DIR, dump, save_model
 from prunetune.pipelines.stages.tune import read_curves, sized_training_text, test_set_protocol, tune_config
+from prunetune.registry import StageKind, register_stage
+
+PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
 
 def run_structured(state, out_dir: Path) -> dict:
@@ -53,6 +56,10 @@ def run_structured(state, out_dir: Path) -> dict:
     }}
 
 
+register_stage(StageKind("structured", f"{PACKAGE}:run_structured", "structured", produces_model=True,
+                         reads=("data.calib",)))
+
+
 def run_losparse(state, out_dir: Path) -> dict:
     """LoSparse fine-tuning (full FT of U, V, S and the rest); saves the materialised model as the stage's
     model and the factorised export beside it (`factorized/`, loaded by `prunetune.load_model`)."""
@@ -93,3 +100,7 @@ def run_losparse(state, out_dir: Path) -> dict:
             metrics[f"losparse_test_{key}"] = {"value": test[key], "protocol": test_set_protocol(test, res, recipe)}
     metrics["train_seconds"] = {"value": res["timings"].get("train_s"), "protocol": {"what": "Trainer.train wall time"}}
     return {"metrics": metrics}
+
+
+register_stage(StageKind("losparse", f"{PACKAGE}:run_losparse", "losparse", produces_model=True, resumable=True, ranks="all",
+                         reads=("data.train", "losparse.teacher")))

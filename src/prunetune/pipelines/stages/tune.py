@@ -11,6 +11,9 @@ from prunetune.pipelines.stages.common import TUNE_DIR, dump, save_model, sparsi
 from prunetune.pipelines.stages.evaluate import evaluate_model
 from prunetune.pipelines.stages.prune import prune_model
 from prunetune.rundir import atomic_write_text
+from prunetune.registry import StageKind, register_stage
+
+PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
 
 def tune_config(recipe, spec, seed: int, task: str | None = None, *, retention: bool | None = None,
@@ -135,6 +138,10 @@ def run_finetune(state, out_dir: Path) -> dict:
     return {"metrics": {"sparsity": metric, **res["metrics"]}}
 
 
+register_stage(StageKind("finetune", f"{PACKAGE}:run_finetune", "tune", produces_model=True, resumable=True, ranks="all",
+                         reads=("data.train", "tune.teacher")))
+
+
 def run_payt(state, out_dir: Path) -> dict:
     """Prune-As-You-Tune through `prunetune.methods.payt`; saves the merged sparse model and its masks."""
     import shutil
@@ -171,6 +178,10 @@ def run_payt(state, out_dir: Path) -> dict:
     return {"metrics": metrics}
 
 
+register_stage(StageKind("payt", f"{PACKAGE}:run_payt", "payt", produces_model=True, resumable=True, ranks="all",
+                         reads=("data.train", "tune.teacher")))
+
+
 def run_order_study(state, out_dir: Path) -> dict:
     """Prune/fine-tune orderings from the current model; rows of metrics after every step."""
     from prunetune.methods.ordering import OrderingSteps, run_orderings
@@ -184,6 +195,9 @@ def run_order_study(state, out_dir: Path) -> dict:
             for k, v in r["metrics"].items():
                 metrics[f"{r['ordering']}/{k}"] = v
     return {"metrics": metrics, "artifacts": {"rows": "ordering.json"}}
+
+
+register_stage(StageKind("order_study", f"{PACKAGE}:run_order_study", "order", ranks="single", reads=("data.train",)))
 
 
 def run_full_evaluate(state, out_dir: Path) -> dict:
@@ -233,6 +247,11 @@ def run_full_evaluate(state, out_dir: Path) -> dict:
     if row.get("timings", {}).get("train_s") is not None:
         metrics["train_seconds"] = {"value": row["timings"]["train_s"], "protocol": {"what": "Trainer.train wall time"}}
     return {"metrics": metrics, "artifacts": {"result": "result.json"}}
+
+
+# every configuration of PAYT's comparison starts from one model: none is handed on
+register_stage(StageKind("full_evaluate", f"{PACKAGE}:run_full_evaluate", "full_evaluate", resumable=True, ranks="all",
+                         reads=("data.train", "tune.teacher")))
 
 
 def _full_evaluate_table(state, out_dir: Path, cfg, pspec) -> dict:
