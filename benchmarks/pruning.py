@@ -59,6 +59,10 @@ ROWS: dict[str, dict] = {
     "admm dsnot 70%": {"method": "admm", "sparsity": 0.7, "refine": "dsnot"},
     "admm dsnot 2:4": {"method": "admm", "pattern": "2:4", "refine": "dsnot"},
     "owl admm dsnot 70%": {"method": "admm", "sparsity": 0.7, "layer_sparsity": "owl", "refine": "dsnot"},
+    # ADMM with its final exact refit on the fixed mask (20 conjugate-gradient steps; the default refits none)
+    "admm 70% refit": {"method": "admm", "sparsity": 0.7, "options": {"refit": 20}},
+    "owl admm 70% refit": {"method": "admm", "sparsity": 0.7, "layer_sparsity": "owl", "options": {"refit": 20}},
+    "wanda dsnot 60%": {"method": "wanda", "sparsity": 0.6, "granularity": "row", "refine": "dsnot"},
 }
 
 
