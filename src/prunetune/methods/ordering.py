@@ -17,11 +17,26 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
+
+from pydantic import Field
+from transformers import AutoTokenizer
 
 from prunetune.errors import PrunetuneError
+from prunetune.models.loading import load_model
+from prunetune.schema import Spec
 
 ORDERINGS = ("prune_ft", "ft_prune", "iter_pf", "iter_fp")
+
+
+class OrderSpec(Spec):
+    """The ordering study: how pruning and fine-tuning are interleaved on the way to a target sparsity."""
+
+    orderings: list[Literal["prune_ft", "ft_prune", "iter_pf", "iter_fp"]] = Field(
+        default_factory=lambda: ["prune_ft", "ft_prune", "iter_pf", "iter_fp"])
+    target: float = Field(0.5, gt=0.0, lt=1.0)
+    rounds: int = Field(3, ge=2, description="k rounds of the iterative orderings")
+    steps: int = Field(12, ge=1, description="total fine-tuning steps per ordering (split over rounds)")
 
 
 def plan(ordering: str, target: float, rounds: int, steps: int) -> list[tuple[str, float | int]]:
@@ -63,10 +78,6 @@ def _start_row(state) -> dict | None:
 
 
 def _tokenizer(spec: str):
-    from transformers import AutoTokenizer
-
-    from prunetune.models.loading import load_model
-
     return AutoTokenizer.from_pretrained(spec) if Path(spec).is_dir() else load_model(spec, "causal-lm").tokenizer
 
 
@@ -92,8 +103,6 @@ class OrderingSteps:
 
 def run_orderings(state, out_dir: Path, ops: OrderingSteps) -> list[dict]:
     """Run every ordering of the stage's `order` settings from the run's current model; rows of metrics."""
-    from prunetune.models.loading import load_model
-
     prune_model, finetune_model, evaluate_model, save_model = ops.prune, ops.finetune, ops.evaluate, ops.save
     spec, recipe = state.spec, state.recipe
     if recipe.model.task != "causal-lm":

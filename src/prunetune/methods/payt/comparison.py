@@ -10,8 +10,13 @@ from pathlib import Path
 from torch import nn
 
 from prunetune.errors import PrunetuneError
+from prunetune.evaluation.retention import retention
 from prunetune.methods.payt.method import PaytMethod, compute_masks
 from prunetune.methods.payt.spec import PaytSpec
+from prunetune.models.loading import load_model
+from prunetune.pruning.masks import sparsity_report
+from prunetune.tuning.data import load_task_data
+from prunetune.tuning.evaluate import task_eval
 from prunetune.tuning.finetune import finetune
 
 
@@ -34,11 +39,6 @@ def prune_only(model_spec: str, cfg, spec: PaytSpec) -> dict:
     For a classifier whose head is new this is chance level by construction; the row shows what pruning
     alone leaves, as the seed's comparison does.
     """
-    from prunetune.models.loading import load_model
-    from prunetune.pruning.masks import sparsity_report
-    from prunetune.tuning.data import load_task_data
-    from prunetune.tuning.evaluate import task_eval
-
     t0 = time.perf_counter()
     if cfg.task == "causal-lm":
         loaded = load_model(model_spec, "causal-lm")
@@ -57,8 +57,6 @@ def prune_only(model_spec: str, cfg, spec: PaytSpec) -> dict:
     if "accuracy" in test:
         out["accuracy"], out["macro_f1"] = test["accuracy"], test["macro_f1"]
     if cfg.retention:
-        from prunetune.evaluation.retention import retention
-
         out["retention"] = retention(model, model_spec, tok, data_dir=cfg.data_dir,
                                      max_windows=cfg.retention_windows, max_length=cfg.max_length)
     return out
@@ -123,9 +121,6 @@ def run_configuration(run: str, model_spec: str, cfg, spec: PaytSpec, out: Path 
 
 def original_retention(model_spec: str, cfg) -> dict:
     """The untuned model's retention value: the reference point of the table's retention column."""
-    from prunetune.evaluation.retention import retention
-    from prunetune.models.loading import load_model
-
     ref = load_model(model_spec, "seq-cls" if cfg.task == "seq-cls" else "causal-lm", num_labels=2)
     return {"retention": retention(ref.model, model_spec, ref.tokenizer, data_dir=cfg.data_dir,
                                    max_windows=cfg.retention_windows, max_length=cfg.max_length), "sparsity": 0.0}

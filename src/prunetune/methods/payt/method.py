@@ -22,9 +22,14 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from prunetune.data.sources import TextSource
 from prunetune.errors import PrunetuneError
 from prunetune.methods.payt.spec import PaytSpec  # the one schema of PAYT's settings (the recipe's `payt` section)
-from prunetune.pruning.masks import MaskSet
+from prunetune.models.arch import get_adapter, unwrap
+from prunetune.pruning.api import calibration_ids, prune
+from prunetune.pruning.criteria import criterion_names, get_criterion
+from prunetune.pruning.granularity import global_masks, structured_mask
+from prunetune.pruning.masks import MaskSet, sparsity_report
 from prunetune.tuning.callbacks import broadcast_masks
 from prunetune.tuning.lifecycle import Method, MethodContext
 
@@ -33,8 +38,6 @@ from prunetune.tuning.lifecycle import Method, MethodContext
 
 
 def canonical_criterion(name: str) -> str:
-    from prunetune.pruning.criteria import criterion_names, get_criterion
-
     try:
         return get_criterion(name, "payt").name
     except PrunetuneError:
@@ -44,8 +47,6 @@ def canonical_criterion(name: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ criteria
 def _prunable(model: nn.Module) -> dict[str, nn.Linear]:
-    from prunetune.models.arch import get_adapter
-
     # mask keys are module names of the plain model: drop peft's ".base_layer" suffix
     return {name.replace(".base_layer", ""): lin for name, (_, lin) in get_adapter(model).linears().items()}
 
@@ -59,9 +60,6 @@ def compute_masks(model: nn.Module, criterion: str, sparsity: float, previous: M
     `calib_text` is the calibration text, or its token-id windows [n, seqlen] already cut (what PAYT's callback
     passes from its second pruning event on, so the training text is tokenised once per run, not per event).
     """
-    from prunetune.pruning.criteria import get_criterion
-    from prunetune.pruning.granularity import global_masks, structured_mask
-
     criterion = canonical_criterion(criterion)
     crit = get_criterion(criterion)
     layers = _prunable(model)
@@ -89,16 +87,6 @@ def compute_masks(model: nn.Module, criterion: str, sparsity: float, previous: M
 
 def _engine_masks(model, criterion, sparsity, prev, tokenizer, calib_text, nsamples, seqlen) -> MaskSet:
     """Any criterion of the pruning engine (`prunetune.pruning.api.prune`), calibrated on the training text."""
-    try:
-        from prunetune.pruning.api import prune
-    except ImportError:
-        raise PrunetuneError(f"criterion '{criterion}' needs the pruning engine (prunetune.pruning.api), "
-                             "which this installation does not have; use l1-global or l2-cols") from None
-    from prunetune.data.sources import TextSource
-    from prunetune.models.arch import unwrap
-
-    from prunetune.pruning.criteria import get_criterion
-
     needs_calib = get_criterion(criterion).needs_calibration
     if needs_calib and (calib_text is None or (isinstance(calib_text, str) and not calib_text)):
         raise PrunetuneError(f"criterion '{criterion}' needs calibration text")
@@ -160,18 +148,12 @@ class PaytCallback(TrainerCallback):
         the same ids anyway: caching them changes no mask.
         """
         if isinstance(self.calib_text, str) and self.calib_text and self.tokenizer is not None:
-            from prunetune.data.sources import TextSource
-            from prunetune.pruning.api import calibration_ids
-            from prunetune.pruning.criteria import get_criterion
-
             if get_criterion(canonical_criterion(self.spec.criterion)).needs_calibration:
                 self.calib_text = calibration_ids(TextSource(self.calib_text, "train-text", "task"), self.tokenizer,
                                                   self.spec.nsamples, self.spec.seqlen, seed=0)
         return self.calib_text
 
     def _prune(self, ev, state) -> None:
-        from prunetune.pruning.masks import sparsity_report
-
         t = time.perf_counter()
         model = self.model_ref["model"]
         new = compute_masks(model, self.spec.criterion, ev.sparsity, self.masks, self.tokenizer, self._calib(),
