@@ -95,6 +95,27 @@ def test_merged_export_reloads_with_plain_transformers_same_predictions(tmp_path
     assert predict_classes(peft, tok, [e["text"] for e in r["_test"]], 32) == preds
 
 
+def test_payt_epoch_aligned_events_fall_on_epoch_boundaries(tmp_path):
+    """`align: epoch` in a real run: 16 examples / batch 4 = 4 steps an epoch, 3 epochs (12 steps); start 0.5 is
+    step floor(6) = 6, mid epoch 1, aligned down to that epoch's first step 4, then every epoch (8; 12 is the end)."""
+    spec = PaytSpec(sparsity=0.5, schedule="linear", start=0.5, every=1, unit="epoch", align="epoch")
+    r = run_payt("tiny-llama", _cfg(lora=True, kd=False, epochs=3, batch_size=4), spec, tmp_path / "payt")
+    assert r["global_step"] == 12
+    assert [e["step"] for e in r["pruning_events"]] == [4, 8]
+    assert [e["target"] for e in r["pruning_events"]] == pytest.approx([0.25, 0.5])
+    assert r["pruning_events"][-1]["real_sparsity"] == pytest.approx(0.5, abs=1e-12)
+    unaligned = PaytSpec(sparsity=0.5, schedule="linear", start=0.5, every=1, unit="epoch").as_schedule()
+    assert [e.step for e in unaligned.plan(12, 4)] == [6, 10]
+
+
+def test_payt_paper_preset_aligns_to_epochs_and_cpu_preset_does_not():
+    from prunetune.config import load_recipe
+
+    paper, cpu = load_recipe("payt-paper").payt, load_recipe("payt").payt
+    assert (paper.unit, paper.align) == ("epoch", "epoch")
+    assert (cpu.unit, cpu.align) == ("epoch", "step")
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_accepts_original_payt_option_names(tmp_path, capsys):
     out = tmp_path / "cli"
@@ -180,9 +201,13 @@ def _old_driver(recipe, out) -> dict:
     cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
     spec = recipe.payt
     model = recipe.model.name
-    full_cfg = copy.deepcopy(cfg)
+    import dataclasses
+
+    plain = copy.deepcopy(cfg)  # the baselines: no KD, no mixing (`baselines: plain`, the default)
+    plain.kd, plain.mix = False, dataclasses.replace(cfg.mix, fraction=0.0)
+    full_cfg = copy.deepcopy(plain)
     full_cfg.lora, full_cfg.lr = False, None
-    lora_cfg = copy.deepcopy(cfg)
+    lora_cfg = copy.deepcopy(plain)
     lora_cfg.lora = True
     nokd_cfg = copy.deepcopy(cfg)
     nokd_cfg.kd = False
@@ -195,7 +220,7 @@ def _old_driver(recipe, out) -> dict:
         ("dense LoRA FT", lambda d: finetune(model, lora_cfg, d, kind="dense-lora")),
         ("prune (no FT)", lambda d: prune_only(model, cfg, spec)),
         ("prune -> full FT", lambda d: finetune(model, full_cfg, d, method=PaytMethod(oneshot), kind="prune-full")),
-        ("prune -> LoRA FT", lambda d: finetune(model, cfg, d, method=PaytMethod(oneshot), kind="prune-lora")),
+        ("prune -> LoRA FT", lambda d: finetune(model, lora_cfg, d, method=PaytMethod(oneshot), kind="prune-lora")),
         ("PAYT", lambda d: finetune(model, cfg, d, method=PaytMethod(spec), kind="payt")),
         ("PAYT without KD", lambda d: finetune(model, nokd_cfg, d, method=PaytMethod(spec), kind="payt-nokd")),
         ("PAYT rsLoRA", lambda d: finetune(model, other_cfg, d, method=PaytMethod(spec), kind="payt-other-scaling")),
@@ -217,6 +242,74 @@ def _comparable(r: dict) -> dict:
     keys = ("accuracy", "macro_f1", "sparsity", "train_loss", "global_step", "train_examples", "teacher", "mixing",
             "masks_digest", "test_after_merge", "test_before_merge", "retention", "pruning_events")
     return _untimed({k: r.get(k) for k in keys})
+
+
+def _capture_configurations(monkeypatch, baselines: str | None) -> dict:
+    """Each trained configuration's tuning settings as `run_configuration` hands them to `finetune` (not run)."""
+    from prunetune.config import load_recipe
+    from prunetune.methods.payt import comparison
+    from prunetune.pipelines.stages import tune_config
+
+    seen: dict = {}
+
+    def fake(model, cfg, out, method=None, kind=None, **kw):
+        seen[kind] = (cfg, method)
+        return {"kind": kind}
+
+    monkeypatch.setattr(comparison, "finetune", fake)
+    recipe = load_recipe("payt")  # KD (alpha 0.3) and 5% mixing: what the PAYT rows train with
+    cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
+    assert cfg.kd and cfg.mix.fraction == 0.05
+    for run in ("dense-full", "dense-lora", "prune-full", "prune-lora", "payt", "payt-nokd", "payt-other-scaling"):
+        kw = {} if baselines is None else {"baselines": baselines}
+        comparison.run_configuration(run, "tiny-llama", cfg, recipe.payt, "unused", **kw)
+    assert cfg.kd and cfg.mix.fraction == 0.05  # the caller's settings are not changed
+    return seen
+
+
+def test_full_evaluate_baselines_are_plain_by_default_and_distilled_on_request(monkeypatch):
+    seen = _capture_configurations(monkeypatch, None)
+    for run in ("dense-full", "dense-lora", "prune-full", "prune-lora"):
+        cfg, _ = seen[run]
+        assert cfg.kd is False and cfg.mix.fraction == 0.0, run
+    assert seen["dense-full"][0].lora is False and seen["prune-full"][0].lora is False
+    assert seen["prune-lora"][1].spec.schedule == "oneshot" and seen["prune-lora"][1].spec.start == 0.0
+    for run in ("payt", "payt-other-scaling"):  # the PAYT rows keep the run's KD and mixing
+        assert seen[run][0].kd is True and seen[run][0].mix.fraction == 0.05, run
+    assert seen["payt-nokd"][0].kd is False and seen["payt-nokd"][0].mix.fraction == 0.05
+    distilled = _capture_configurations(monkeypatch, "distilled")
+    for run in ("dense-full", "dense-lora", "prune-full", "prune-lora"):
+        assert distilled[run][0].kd is True and distilled[run][0].mix.fraction == 0.05, run
+
+
+def test_full_evaluate_plain_baseline_trains_without_teacher_or_mixing(tmp_path):
+    """A real baseline run: teacher none and 0 mixed examples (the table's KD "no" and mixing "no" cells)."""
+    from prunetune.data.mixing import MixSpec
+    from prunetune.methods.payt import comparison
+
+    cfg = _cfg(lora=True, kd=True, epochs=1, mix=MixSpec(fraction=0.25))
+    spec = PaytSpec(sparsity=0.5, schedule="linear", start=0.0, unit="step")
+    r = comparison.run_configuration("prune-lora", "tiny-llama", cfg, spec, tmp_path / "pl")
+    assert r["teacher"] == "none" and r["mixing"]["mixed"] == 0 and r["train_examples"] == 16
+    assert r["sparsity"] == pytest.approx(0.5, abs=1e-12)
+    row = comparison.comparison_table({"prune -> LoRA FT": comparison.table_row(r)})["rows"][0]
+    assert row[6:] == ["no", "no"]
+    d = comparison.run_configuration("prune-lora", "tiny-llama", cfg, spec, tmp_path / "pd", baselines="distilled")
+    assert d["teacher"] != "none" and d["mixing"]["mixed"] == 4 and d["train_examples"] == 20
+    assert comparison.comparison_table({"x": comparison.table_row(d)})["rows"][0][6:] == ["yes", "4 (25%)"]
+
+
+def test_cli_baselines_flag_reaches_the_recipe(capsys):
+    import yaml
+
+    printed = yaml.safe_load(cli_ok(["payt", "tiny-bert", "--full-evaluate", "--print-recipe"], capsys))
+    assert printed["full_evaluate"]["baselines"] == "plain"
+    printed = yaml.safe_load(cli_ok(["payt", "tiny-bert", "--full-evaluate", "--baselines", "distilled",
+                                     "--print-recipe"], capsys))
+    assert printed["full_evaluate"]["baselines"] == "distilled"
+    cli_error(["payt", "tiny-bert", "--baselines", "distilled", "--print-recipe"], capsys,
+              "--baselines applies to --full-evaluate only")
+    cli_error(["payt", "tiny-bert", "--full-evaluate", "--baselines", "kd", "--print-recipe"], capsys, "baselines")
 
 
 @pytest.mark.slow  # the eight configurations twice: through the recipe, then directly
@@ -261,6 +354,8 @@ def test_full_evaluate_is_a_recipe_with_the_old_drivers_numbers(tmp_path, capsys
     mixing = {row[0]: row[7] for row in rows}
     assert kd["PAYT"] == "yes" and kd["PAYT without KD"] == "no" and kd["prune (no FT)"] == "no"
     assert mixing["PAYT"] == "2 (25%)" and mixing["prune (no FT)"] == "no"
+    for base in ("dense full FT", "dense LoRA FT", "prune -> full FT", "prune -> LoRA FT"):  # plain baselines
+        assert kd[base] == "no" and mixing[base] == "no", base
     assert res["runs"]["PAYT rsLoRA"]["train_loss"] != res["runs"]["PAYT"]["train_loss"]
     assert res["runs"]["prune (no FT)"]["timings"]["train_s"] == 0.0
     assert res["tune"]["seed"] == 0 and res["full_ft_learning_rate"] == 1e-4

@@ -70,7 +70,27 @@ def test_oneshot_schedule_is_one_event_at_the_delay():
     assert [(e.step, e.sparsity) for e in plan] == [(5, 0.5)]
 
 
+def test_epoch_aligned_start_prunes_on_epoch_boundaries():
+    """PAYT's own code rounds the start down to an epoch (floor(start x epochs)) and prunes at epoch boundaries:
+    `align: epoch`. The default (`step`) starts at floor(start x total steps), mid-epoch."""
+    # 5 epochs x 10 steps, start 0.3: floor(15) = step 15 (mid epoch 2) -> epoch 1's first step, 10
+    aligned = Schedule("linear", 0.5, start=0.3, every=1, unit="epoch", align="epoch").plan(50, 10)
+    assert [e.step for e in aligned] == [10, 20, 30, 40]
+    assert all(e.step % 10 == 0 for e in aligned)
+    assert [e.sparsity for e in aligned] == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    plain = Schedule("linear", 0.5, start=0.3, every=1, unit="epoch").plan(50, 10)
+    assert [e.step for e in plain] == [15, 25, 35, 45]
+    # 4 epochs of 7 steps (28), start 0.6: floor(16.8) = 16 -> epoch 2 starts at step 14; every 2 epochs
+    assert [e.step for e in Schedule("agp", 0.5, 0.6, 2, "epoch", align="epoch").plan(28, 7)] == [14]
+    assert [e.step for e in Schedule("agp", 0.5, 0.4, 1, "epoch", align="epoch").plan(28, 7)] == [7, 14, 21]
+    # start 0: both are step 0 (the payt-paper preset's start), so aligning changes nothing there
+    assert [e.step for e in Schedule("linear", 0.5, 0.0, 1, "epoch", align="epoch").plan(28, 7)] == [0, 7, 14, 21]
+    # a oneshot at start 0.5 of 3 epochs x 4 steps: floor(6) = 6 -> epoch 1 -> step 4
+    assert [e.step for e in Schedule("oneshot", 0.5, 0.5, align="epoch").plan(12, 4)] == [4]
+
+
 @pytest.mark.parametrize("kw,msg", [
+    ({"align": "batch"}, "unknown schedule alignment"),
     ({"target": 1.0}, "target sparsity"), ({"target": -0.1}, "target sparsity"), ({"start": 1.0}, "start"),
     ({"kind": "cosine"}, "unknown pruning schedule"), ({"every": 0}, "N >= 1"),
     ({"start": 0.5, "end": 0.5}, "pruning end"), ({"end": 1.5}, "pruning end"),

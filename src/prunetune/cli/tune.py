@@ -104,7 +104,7 @@ def run_tuning_command(recipe, title: str, out: Path, *, resume: bool, overwrite
     return r
 
 
-def full_evaluate_recipe(recipe, full_lr: float | None):
+def full_evaluate_recipe(recipe, full_lr: float | None, baselines: str | None = None):
     """`payt --full-evaluate`: the payt command's recipe with one stage per configuration of the comparison
     (`methods.payt.CONFIGURATIONS`; "original" only when retention is measured), each from the recipe's model,
     then the table stage. Same settings, same seed: `--print-recipe` prints it, `--resume` continues it."""
@@ -118,7 +118,7 @@ def full_evaluate_recipe(recipe, full_lr: float | None):
                             "prune without FT, prune -> full/LoRA FT, PAYT, PAYT without KD, the other LoRA scaling) "
                             "from the same model, data, split, seed and budget, then one table (full_evaluate.md / "
                             ".json in the run directory).",
-                full_evaluate={"full_lr": full_lr},
+                full_evaluate={"full_lr": full_lr, **({"baselines": baselines} if baselines else {})},
                 stages=[{"type": "full_evaluate", "name": r, "run": r} for r in (*runs, "table")])
     return validate_recipe(data, "payt --full-evaluate")
 
@@ -171,6 +171,9 @@ def payt(
     epochs: Epochs = None, lr: Lr = None,
     full_lr: Annotated[Optional[float], typer.Option(
         "--full-lr", help="--full-evaluate: learning rate of the dense full-FT baseline (default 1e-4; --lr is for the LoRA runs)")] = None,
+    baselines: Annotated[Optional[str], typer.Option(
+        "--baselines", help="--full-evaluate: plain (default: the dense and prune -> FT baselines without KD or data "
+        "mixing, as in PAYT's own comparison) | distilled (with the run's KD and mixing, as the PAYT rows)")] = None,
     batch_size: BatchSize = None, max_length: MaxLength = None, n_samples: NSamples = None,
     eval_samples: EvalSamples = None, test_samples: TestSamples = None, seed: Seed = None,
     split_seed: SplitSeed = None, mix: Mix = None, mix_source: MixSource = None, mix_strategy: MixStrategy = None,
@@ -186,11 +189,14 @@ def payt(
     quiet_libraries()
     if every_steps is not None and every_steps < 1:
         raise PrunetuneError(f"--every-steps must be >= 1, got {every_steps}")
-    flags = {k: v for k, v in locals().items() if k not in (*NOT_FLAGS, "full_lr", "full_evaluate", "paper_defaults")}
+    flags = {k: v for k, v in locals().items()
+             if k not in (*NOT_FLAGS, "full_lr", "full_evaluate", "paper_defaults", "baselines")}
+    if baselines is not None and not full_evaluate:
+        raise PrunetuneError("--baselines applies to --full-evaluate only")
     extra = {"payt.every": every_steps, "payt.unit": "step"} if every_steps else {}
     recipe = command_recipe("payt", model, flags, extra, base="payt-paper" if paper_defaults else None)
     if full_evaluate:
-        recipe = full_evaluate_recipe(recipe, full_lr)
+        recipe = full_evaluate_recipe(recipe, full_lr, baselines)
     if print_recipe:
         show_recipe(recipe)
         return

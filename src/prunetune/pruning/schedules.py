@@ -9,7 +9,9 @@ A schedule is planned once, when the number of optimizer steps is known, into a 
 
 and the last event asks for S *exactly* (set, not computed), so float rounding can neither overshoot the
 target nor crash a "reached target?" check as in the original PAYT code. The first event is at
-`start * total_steps` (a delay as a fraction of training); later ones every `every` epochs (or steps), up to
+`floor(start * total_steps)` (a delay as a fraction of training) or, with `align: epoch`, that step rounded down
+to the start of its epoch (`floor(start * epochs)` epochs in, as PAYT's own code counts its start), so that with
+`unit: epoch` every event falls on an epoch boundary; later ones every `every` epochs (or steps), up to
 `end * total_steps` (AGP's end step: with `end` < 1 the target is reached early and the rest of training
 recovers under the final mask). An event at step s prunes before optimizer step s + 1, so step 0 prunes
 before any training and the last event always leaves training after it to recover.
@@ -24,6 +26,7 @@ from prunetune.errors import PrunetuneError
 
 SCHEDULES = ("oneshot", "linear", "agp")
 UNITS = ("epoch", "step")
+ALIGNS = ("step", "epoch")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Schedule:
     every: int = 1  # distance between events, in `unit`s
     unit: str = "epoch"
     end: float = 1.0  # fraction of training by which the last event has happened (1.0: the last that fits)
+    align: str = "step"  # epoch: the first event at the start of the epoch holding floor(start * total_steps)
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
@@ -59,6 +63,8 @@ class Schedule:
             raise PrunetuneError(f"prune every N {self.unit}s needs N >= 1, got {self.every}")
         if self.unit not in UNITS:
             raise PrunetuneError(f"unknown schedule unit '{self.unit}'; choose epoch or step")
+        if self.align not in ALIGNS:
+            raise PrunetuneError(f"unknown schedule alignment '{self.align}'; choose step or epoch")
 
     def fraction(self, k: int, n: int) -> float:
         """Sparsity of event k of n; exactly the target at k == n."""
@@ -71,10 +77,14 @@ class Schedule:
         return min(float(self.target), max(0.0, value))
 
     def steps(self, total_steps: int, steps_per_epoch: int) -> list[int]:
-        """Steps of the pruning events: first at start * total, then every `every` units, all < total."""
+        """Steps of the pruning events: first at start * total (rounded down to its epoch's first step with
+        `align: epoch`), then every `every` units, all < total."""
         if total_steps < 1:
             raise PrunetuneError("training has no optimizer steps: nothing to prune during (more data or epochs)")
         first = min(int(math.floor(self.start * total_steps + 1e-9)), total_steps - 1)
+        if self.align == "epoch":
+            spe = max(1, int(steps_per_epoch))
+            first = (first // spe) * spe
         if self.kind == "oneshot":
             return [first]
         gap = int(self.every) * (max(1, int(steps_per_epoch)) if self.unit == "epoch" else 1)

@@ -4,6 +4,7 @@ table (dense full / LoRA FT, prune only, prune then FT, PAYT and its variants) t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -85,11 +86,25 @@ def _full_ft(cfg, full_lr: float | None):
     return full_cfg
 
 
+BASELINES = ("dense-full", "dense-lora", "prune-full", "prune-lora")
+
+
+def _plain(cfg):
+    """`cfg` without KD and without data mixing: a baseline as PAYT's own comparison trains it, on the task alone."""
+    plain = copy.deepcopy(cfg)
+    plain.kd = False
+    plain.mix = dataclasses.replace(cfg.mix, fraction=0.0)
+    return plain
+
+
 def run_configuration(run: str, model_spec: str, cfg, spec: PaytSpec, out: Path | str,
-                      full_lr: float | None = None, resume: bool = False) -> dict:
+                      full_lr: float | None = None, resume: bool = False, baselines: str = "plain") -> dict:
     """One configuration of the comparison, from `model_spec`; the tuning result (`finetune`'s dict).
 
-    Every run uses `cfg`'s KD and data mixing unless its name says otherwise. `cfg.lr` is the LoRA runs'
+    The PAYT rows use `cfg`'s KD and data mixing unless their name says otherwise. The baselines (dense full/LoRA
+    FT, prune -> full/LoRA FT) train `plain` by default: no KD, no mixing, as in PAYT's own comparison, whose
+    claim (better than fine-tuning and prune-then-fine-tune) is made against them; `baselines="distilled"` gives
+    them `cfg`'s KD and mixing too (the table's KD and mixing columns say which each row had). `cfg.lr` is the LoRA runs'
     learning rate; the full-FT runs get `full_lr` (None: the full-FT default), since a rate that suits a
     rank-8 adapter would wreck every weight of the model at once. prune -> X FT is PAYT with a one-shot schedule
     at step 0 (same criterion, same teacher: the dense initial model), so the only difference to PAYT is *when*
@@ -98,6 +113,10 @@ def run_configuration(run: str, model_spec: str, cfg, spec: PaytSpec, out: Path 
     """
     if run not in CONFIGURATIONS:
         raise PrunetuneError(f"unknown full-evaluate configuration '{run}'; choose one of: {', '.join(CONFIGURATIONS)}")
+    if baselines not in ("plain", "distilled"):
+        raise PrunetuneError(f"unknown full-evaluate baselines '{baselines}'; choose plain or distilled")
+    if run in BASELINES and baselines == "plain":
+        cfg = _plain(cfg)
     oneshot = PaytSpec(sparsity=spec.sparsity, schedule="oneshot", start=0.0, every=1, unit="step",
                        criterion=spec.criterion, nsamples=spec.nsamples, seqlen=spec.seqlen)
     if run == "original":
@@ -132,10 +151,10 @@ def table_row(result: dict) -> dict:
 
 
 def comparison_payload(model_spec: str, cfg, spec: PaytSpec, runs: dict[str, dict],
-                       full_lr: float | None = None) -> dict:
+                       full_lr: float | None = None, baselines: str = "plain") -> dict:
     """full_evaluate.json: the settings, every configuration's result (label -> `table_row`) and the table."""
     return {"model": model_spec, "tune": cfg.to_dict(), "full_ft_learning_rate": _full_ft(cfg, full_lr).learning_rate,
-            "payt": spec.to_dict(), "runs": runs, "table": comparison_table(runs)}
+            "baselines": baselines, "payt": spec.to_dict(), "runs": runs, "table": comparison_table(runs)}
 
 
 def _kd_cell(r: dict) -> str | None:

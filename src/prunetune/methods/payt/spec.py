@@ -22,6 +22,10 @@ class PaytSpec(Spec):
     end: float = Field(1.0, gt=0.0, le=1.0)
     every: int = Field(1, ge=1)
     unit: Literal["epoch", "step"] = "epoch"
+    align: Literal["step", "epoch"] = Field(
+        "step", description="step: the first event at floor(start x total steps); epoch: rounded down to the start "
+        "of its epoch (floor(start x epochs)), as PAYT's own code does, so with unit epoch every event is on an "
+        "epoch boundary")
     criterion: str = Field("l1-global", description="a registered pruning criterion: l1-global | l2-cols | wanda "
                            "| magnitude (= l1-global here) | sparsegpt; the seed's L1Unstructured / LnStructured too")
     nsamples: int = Field(16, ge=1, description="calibration windows of the training text (wanda criterion)")
@@ -45,7 +49,7 @@ class PaytSpec(Spec):
         """The pruning schedule these settings describe (`pruning.schedules.Schedule`)."""
         from prunetune.pruning.schedules import Schedule
 
-        return Schedule(self.schedule, self.sparsity, self.start, self.every, self.unit, self.end)
+        return Schedule(self.schedule, self.sparsity, self.start, self.every, self.unit, self.end, self.align)
 
     def to_dict(self) -> dict:
         return self.model_dump()
@@ -61,3 +65,7 @@ class FullEvaluateSpec(Spec):
         "| prune-lora | payt | payt-nokd | payt-other-scaling | table")
     full_lr: float | None = Field(None, gt=0, description="learning rate of the full fine-tuning configurations "
                                   "(None: the full-FT default); tune.lr is the LoRA ones'")
+    baselines: Literal["plain", "distilled"] = Field(
+        "plain", description="plain: the baselines (dense full/LoRA FT, prune -> full/LoRA FT) train on the task "
+        "alone, no KD and no data mixing, as in PAYT's own comparison; distilled: with the tune section's KD and "
+        "mixing, as the PAYT rows")

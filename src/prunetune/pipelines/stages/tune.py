@@ -227,7 +227,7 @@ def run_full_evaluate(state, out_dir: Path) -> dict:
         return {}
     work = out_dir / TUNE_DIR
     res = run_configuration(spec.run, state.model_spec(), cfg, pspec, work, full_lr=spec.full_lr,
-                            resume=state.resume)
+                            resume=state.resume, baselines=spec.baselines)
     if not state.is_main:  # trained along; rank 0 evaluates and saves
         return {}
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the stage is the checkpoint
@@ -266,7 +266,7 @@ def _full_evaluate_table(state, out_dir: Path, cfg, pspec) -> dict:
             runs[done["label"]] = done["result"]
     if not runs:
         raise PrunetuneError(f"stage {state.name}: the full-evaluate table needs configuration stages before it")
-    payload = comparison_payload(state.model_spec(), cfg, pspec, runs, state.spec.full_lr)
+    payload = comparison_payload(state.model_spec(), cfg, pspec, runs, state.spec.full_lr, state.spec.baselines)
     for where in (out_dir, state.out):
         atomic_write_json(where / "full_evaluate.json", payload)
         atomic_write_text(where / "full_evaluate.md", payload["table"]["markdown"])
