@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from prunetune.manifest import build_manifest
+from prunetune.models.export import save_hf_dir
+from prunetune.pruning.masks import sparsity_report
 from prunetune.registry import stage_kind
+from prunetune.tuning.finetune import CHECKPOINTS, last_good_checkpoint
 
 
 TUNE_DIR = "tune"  # a training stage's tuning run: out_dir/tune (logs, metrics, checkpoints/)
@@ -17,7 +21,6 @@ def resumable_checkpoint(stage_type: str, out_dir: Path) -> tuple[Path | None, l
     method's own state, such as LoSparse's PLATON averages, in each checkpoint through the method lifecycle."""
     if not stage_kind(stage_type).resumable:
         return None, []
-    from prunetune.tuning.finetune import CHECKPOINTS, last_good_checkpoint
 
     return last_good_checkpoint(out_dir / TUNE_DIR / CHECKPOINTS)
 
@@ -35,8 +38,6 @@ def zeros_metric(zeros: int, numel: int) -> dict:
 
 def sparsity_metric(model) -> tuple[dict, dict]:
     """Real-zero sparsity of the prunable linears (the metric) and the per-layer report (for plots)."""
-    from prunetune.pruning.masks import sparsity_report
-
     rep = sparsity_report(model)
     metric = zeros_metric(rep["zeros"], rep["numel"])
     layers = {n: {"role": r["role"], "sparsity": r["sparsity"]} for n, r in rep["layers"].items()}
@@ -74,8 +75,6 @@ def card_info(recipe, upto: int, model=None) -> dict:
             "structured": structured, "tags": tags, "title": f"{recipe.name}: {recipe.model.name}",
             "details": {"recipe": recipe.name, "stages": [st.name or st.type for st in recipe.stages[: upto + 1]]}}
     if model is not None:
-        from prunetune.pruning.masks import sparsity_report
-
         card["sparsity"] = sparsity_report(model)["sparsity"]
     return card
 
@@ -83,9 +82,6 @@ def card_info(recipe, upto: int, model=None) -> dict:
 def save_model(state, out_dir: Path, model, tokenizer, masks, extra: dict | None = None,
                metrics: dict | None = None) -> Path:
     """The stage's model as a plain HF dir with its masks and model card beside the weights (all atomic)."""
-    from prunetune.manifest import build_manifest
-    from prunetune.models.export import save_hf_dir
-
     target = out_dir / "model"
     man = build_manifest(f"stage:{state.name}", {"recipe": state.recipe.name, "stage": state.name},
                          seed=state.seed + state.index, extra=extra,

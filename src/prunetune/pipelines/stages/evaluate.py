@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prunetune.data.sources import load_labelled, load_text
+from prunetune.data.tasks import split_labelled
 from prunetune.errors import PrunetuneError
+from prunetune.evaluation.harness import harness_evaluate
+from prunetune.evaluation.perplexity import perplexity
+from prunetune.evaluation.task import evaluate_classification
 from prunetune.pipelines.stages.common import dump, sparsity_metric
 from prunetune.registry import StageKind, register_stage
 
@@ -24,9 +29,6 @@ register_stage(StageKind("evaluate", f"{PACKAGE}:run_evaluate", "eval", reads=("
 
 def evaluate_model(loaded, recipe, spec, seed: int = 0) -> tuple[dict, dict]:
     """All metrics an `evaluate` stage records (each with its protocol) and the per-layer sparsity."""
-    from prunetune.data.sources import load_text
-    from prunetune.evaluation.perplexity import perplexity
-
     metrics: dict = {}
     metric, layers = sparsity_metric(loaded.model)
     metrics["sparsity"] = metric
@@ -41,8 +43,6 @@ def evaluate_model(loaded, recipe, spec, seed: int = 0) -> tuple[dict, dict]:
     if spec.task or task == "seq-cls":
         metrics.update(_task_metrics(recipe, loaded))
     if spec.harness:
-        from prunetune.evaluation.harness import harness_evaluate
-
         res = harness_evaluate(loaded.model, loaded.tokenizer, spec.harness, limit=spec.harness_limit, seed=seed)
         for task in spec.harness:
             r = res[task]
@@ -53,10 +53,6 @@ def evaluate_model(loaded, recipe, spec, seed: int = 0) -> tuple[dict, dict]:
 
 
 def _task_metrics(recipe, loaded) -> dict:
-    from prunetune.data.sources import load_labelled
-    from prunetune.data.tasks import split_labelled
-    from prunetune.evaluation.task import evaluate_classification
-
     if getattr(loaded, "task", recipe.model.task) != "seq-cls":
         raise PrunetuneError("eval.task needs model.task: seq-cls (a classification head)")
     data = load_labelled(recipe.data.train)

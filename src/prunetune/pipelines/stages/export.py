@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
+from prunetune.evaluation.speed import size_on_disk
+from prunetune.manifest import build_manifest
+from prunetune.models.arch import get_adapter, nonzero_count, parameter_count
+from prunetune.models.card import CARD_FILE, write_model_card
+from prunetune.models.export import save_hf_dir
 from prunetune.pipelines.stages.common import card_info, sparsity_metric, zeros_metric
+from prunetune.pruning.masks import MASKS_FILE
+from prunetune.pruning.stream import iter_row_chunks, open_checkpoint, skeleton
 from prunetune.registry import StageKind, register_stage
+from prunetune.rundir import atomic_dir
 
 PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
 
 def run_export(state, out_dir: Path) -> dict:
     """The final model as a plain HF dir (zeros in the weights, masks beside), plus size on disk."""
-    from prunetune.evaluation.speed import size_on_disk
-    from prunetune.manifest import build_manifest
-    from prunetune.models.arch import nonzero_count, parameter_count
-    from prunetune.models.export import save_hf_dir
-
     target = state.out / "model"
     man = build_manifest("export", {"recipe": state.recipe.name, "from": state.model_spec()},
                          seed=state.recipe.seed, metrics={h["stage"]: h["metrics"] for h in state.history})
@@ -33,7 +35,6 @@ def run_export(state, out_dir: Path) -> dict:
                     card=card_info(state.recipe, state.index, loaded.model))
         metric, _ = sparsity_metric(loaded.model)
         counts = {"value": nonzero_count(loaded.model), "protocol": {"parameters": parameter_count(loaded.model)}}
-    from prunetune.pruning.masks import MASKS_FILE
 
     size = size_on_disk(target)
     mask_bytes = (target / MASKS_FILE).stat().st_size if (target / MASKS_FILE).is_file() else 0
@@ -65,11 +66,6 @@ def _export_files(src: Path, target: Path, manifest: dict, card: dict) -> tuple[
     import shutil
 
     from transformers import AutoConfig
-
-    from prunetune.models.arch import get_adapter
-    from prunetune.models.card import CARD_FILE, write_model_card
-    from prunetune.pruning.stream import iter_row_chunks, open_checkpoint, skeleton
-    from prunetune.rundir import atomic_dir
 
     ckpt = open_checkpoint(src)
     linears = {f"{n}.weight" for n in get_adapter(skeleton(ckpt, torch.float32)).linears()}

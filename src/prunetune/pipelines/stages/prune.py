@@ -8,9 +8,30 @@ from pathlib import Path
 
 import torch
 
+from prunetune.data.calibration import calibration_samples
+from prunetune.data.sources import load_text
 from prunetune.errors import PrunetuneError
+from prunetune.manifest import build_manifest
+from prunetune.models.arch import get_adapter
+from prunetune.models.card import write_model_card
+from prunetune.models.loading import local_hf_dir, resolve_dtype
 from prunetune.pipelines.stages.common import card_info, dump, save_model, sparsity_metric, zeros_metric
+from prunetune.pruning.api import prune, resolve_granularity
+from prunetune.pruning.criteria import get_criterion
+from prunetune.pruning.masks import _module
+from prunetune.pruning.stream import (
+    check_disk,
+    decide,
+    open_checkpoint,
+    output_bytes,
+    parse_bytes,
+    plan_memory,
+    prune_checkpoint,
+    read_tensor,
+    skeleton,
+)
 from prunetune.registry import StageKind, register_stage
+from prunetune.rundir import atomic_dir
 
 PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
@@ -20,8 +41,6 @@ HIST_BINS = 60
 
 def chosen_layers(model) -> list[str]:
     """Three layers shown in weight histograms: first block's q, a middle block's up, last block's down."""
-    from prunetune.models.arch import get_adapter
-
     blocks = get_adapter(model).blocks()
     picks = [(blocks[0], ("q",)), (blocks[len(blocks) // 2], ("up", "gate", "o")), (blocks[-1], ("down", "o"))]
     out = []
@@ -46,8 +65,6 @@ def weight_histograms(model, names: list[str], edges: dict[str, list[float]] | N
                       read: Callable[[str], torch.Tensor] | None = None) -> dict:
     """|w| histograms (exact zeros counted apart) of the named linears; `edges` reuses the dense bins.
     `read(name)` gives a layer's weight when the model is not in memory (streaming reads it from disk)."""
-    from prunetune.pruning.masks import _module
-
     out = {}
     for n in names:
         w = (read(n) if read is not None else _module(model, n).weight).detach().abs().flatten().float()
@@ -61,12 +78,6 @@ def weight_histograms(model, names: list[str], edges: dict[str, list[float]] | N
 
 def prune_model(loaded, recipe, spec, seed: int, previous=None) -> tuple:
     """Prune `loaded.model` in place with the engine; earlier masks stay pruned. Returns (masks, seconds, calib)."""
-    from prunetune.data.calibration import calibration_samples
-    from prunetune.data.sources import load_text
-    from prunetune.pruning.api import prune
-
-    from prunetune.pruning.criteria import get_criterion
-
     calib = None
     if get_criterion(spec.method).needs_calibration or spec.extras()["layer_sparsity"] == "owl":
         src = load_text(recipe.data.calib, recipe.data.calib_split, data_dir=recipe.data.data_dir)
@@ -90,10 +101,6 @@ def streaming_checkpoint(model_spec: str, recipe, spec, out: Path | None = None)
     """The checkpoint to stream when this prune stage streams (asked, or the model does not fit the budget),
     else None. Refuses, before any work, a budget below one block and (with `out`) a disk without room for
     the output."""
-    from prunetune.models.loading import local_hf_dir, resolve_dtype
-    from prunetune.pruning.criteria import get_criterion
-    from prunetune.pruning.stream import check_disk, decide, open_checkpoint, output_bytes, parse_bytes, plan_memory
-
     if spec.stream is False:
         return None
     path = local_hf_dir(model_spec)
@@ -123,14 +130,6 @@ def _stream_prune(state, out_dir: Path, ckpt) -> dict:
     """Prune `ckpt` block by block into out_dir/model (the in-memory stage's outputs, from disk)."""
     from transformers import AutoTokenizer
 
-    from prunetune.data.calibration import calibration_samples
-    from prunetune.data.sources import load_text
-    from prunetune.manifest import build_manifest
-    from prunetune.pruning.api import resolve_granularity
-    from prunetune.pruning.criteria import get_criterion
-    from prunetune.pruning.stream import prune_checkpoint, read_tensor, skeleton
-    from prunetune.rundir import atomic_dir
-
     spec, recipe, seed = state.spec, state.recipe, state.seed
     target = out_dir / "model"
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
@@ -150,12 +149,9 @@ def _stream_prune(state, out_dir: Path, ckpt) -> dict:
                                **spec.extras())
         from transformers import AutoConfig
 
-        from prunetune.models.card import write_model_card
-
         write_model_card(tmp, man, {**card_info(recipe, state.index), "sparsity": res["sparsity"]},
                          AutoConfig.from_pretrained(tmp))
     seconds = time.perf_counter() - t0
-    from prunetune.pruning.stream import open_checkpoint
 
     pruned = open_checkpoint(target)
     pruned_hist = weight_histograms(None, names, {n: h["edges"] for n, h in dense_hist.items()},
@@ -177,8 +173,6 @@ def _stream_prune(state, out_dir: Path, ckpt) -> dict:
 
 def run_prune(state, out_dir: Path) -> dict:
     """One-shot pruning through the engine; saves the pruned model, masks and dense/pruned histograms."""
-    from prunetune.pruning.api import resolve_granularity
-
     spec = state.spec
     ckpt = streaming_checkpoint(state.model_spec(), state.recipe, spec, out_dir)
     if ckpt is not None:

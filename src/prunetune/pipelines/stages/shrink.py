@@ -7,20 +7,21 @@ from pathlib import Path
 
 import torch
 
+from prunetune.data.calibration import calibration_samples
+from prunetune.data.sources import load_text
 from prunetune.errors import PrunetuneError
+from prunetune.methods.losparse import Losparse
+from prunetune.methods.shrink import prune_structured
 from prunetune.pipelines.stages.common import TUNE_DIR, dump, save_model
 from prunetune.pipelines.stages.tune import read_curves, sized_training_text, test_set_protocol, tune_config
 from prunetune.registry import StageKind, register_stage
+from prunetune.tuning.finetune import finetune
 
 PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
 
 def run_structured(state, out_dir: Path) -> dict:
     """VIB or a baseline to a fraction of block parameters, then physical shrink; saves the smaller model."""
-    from prunetune.data.calibration import calibration_samples
-    from prunetune.data.sources import load_text
-    from prunetune.methods.shrink import prune_structured
-
     spec = state.spec
     loaded = state.load()
     rec = state.recipe
@@ -64,9 +65,6 @@ def run_losparse(state, out_dir: Path) -> dict:
     """LoSparse fine-tuning (full FT of U, V, S and the rest); saves the materialised model as the stage's
     model and the factorised export beside it (`factorized/`, loaded by `prunetune.load_model`)."""
     import shutil
-
-    from prunetune.methods.losparse import Losparse
-    from prunetune.tuning.finetune import finetune
 
     recipe, spec = state.recipe, state.spec
     if recipe.tune.mode != "full":

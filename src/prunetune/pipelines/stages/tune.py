@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
+from prunetune.data.sources import load_text
 from prunetune.errors import PrunetuneError
+from prunetune.evaluation.task import examples_digest
+from prunetune.methods.ordering import OrderingSteps, run_orderings
+from prunetune.methods.payt import comparison_payload, configuration_label, run_configuration, table_row
+from prunetune.methods.payt import run_payt as payt_run
 from prunetune.pipelines.stages.common import TUNE_DIR, dump, save_model, sparsity_metric
 from prunetune.pipelines.stages.evaluate import evaluate_model
 from prunetune.pipelines.stages.prune import prune_model
-from prunetune.rundir import atomic_write_text
+from prunetune.pruning.masks import MaskSet
 from prunetune.registry import StageKind, register_stage
+from prunetune.rundir import atomic_write_json, atomic_write_text
+from prunetune.tuning.config import TuneConfig, recipe_fields
+from prunetune.tuning.finetune import finetune
 
 PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
@@ -22,8 +29,6 @@ def tune_config(recipe, spec, seed: int, task: str | None = None, *, retention: 
     the one conversion, which also gives `TuneConfig` its defaults). Stages save the model themselves
     (`export=False`); the full-evaluate configurations let the tuning module export theirs.
     """
-    from prunetune.tuning.config import TuneConfig, recipe_fields
-
     fields = recipe_fields(spec, recipe.data, seed)
     if retention is not None:
         fields["retention"] = retention
@@ -55,8 +60,6 @@ def sized_training_text(recipe, tokenizer, n_train: int | None, max_length: int,
     hands it only the text the run uses (plus the 20% held out). Documents are taken in the fixed order of
     the source's training split, so the text is a pure function of the recipe.
     """
-    from prunetune.data.sources import load_text
-
     src = load_text(recipe.data.train, recipe.data.train_split, data_dir=recipe.data.data_dir)
     if n_train is None:
         atomic_write_text(path, src.text)
@@ -79,8 +82,6 @@ def sized_training_text(recipe, tokenizer, n_train: int | None, max_length: int,
 
 def test_set_protocol(test: dict, res: dict, recipe) -> dict:
     """How a tuning run's held-out score was measured, with a fingerprint of the exact test set it used."""
-    from prunetune.evaluation.task import examples_digest
-
     examples = res.get("_test") or []
     return {"what": test.get("protocol"), "model": "merged (the exported weights)", "n": len(examples),
             "split_seed": recipe.data.split_seed, "examples_sha256": examples_digest(examples)}
@@ -91,9 +92,6 @@ def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, 
     """Fine-tune `model_spec` with the tuning module; returns {model, tokenizer, curves, metrics}.
 
     `resume`: continue the tuning run in `work` from its last complete checkpoint."""
-    from prunetune.pruning.masks import MaskSet
-    from prunetune.tuning.finetune import finetune
-
     cfg = tune_config(recipe, spec, seed, task)
     if cfg.task == "causal-lm":
         cfg.data = str(sized_training_text(recipe, tokenizer, cfg.n_samples, cfg.max_length,
@@ -120,8 +118,6 @@ def run_finetune(state, out_dir: Path) -> dict:
     """LoRA (or full) fine-tuning that keeps the masks; the merged model (W + sBA) * M is saved."""
     import shutil
 
-    from prunetune.pruning.masks import MaskSet
-
     # filled by the tuning module when the input is a pruned model directory (its masks.safetensors): the
     # stage's model then carries the masks on, as a pruned stage before it would have passed them
     masks = state.masks() or MaskSet()
@@ -145,9 +141,6 @@ register_stage(StageKind("finetune", f"{PACKAGE}:run_finetune", "tune", produces
 def run_payt(state, out_dir: Path) -> dict:
     """Prune-As-You-Tune through `prunetune.methods.payt`; saves the merged sparse model and its masks."""
     import shutil
-
-    from prunetune.methods.payt import run_payt as payt_run
-    from prunetune.pruning.masks import MaskSet
 
     recipe, spec = state.recipe, state.spec
     tspec = recipe.tune
@@ -184,8 +177,6 @@ register_stage(StageKind("payt", f"{PACKAGE}:run_payt", "payt", produces_model=T
 
 def run_order_study(state, out_dir: Path) -> dict:
     """Prune/fine-tune orderings from the current model; rows of metrics after every step."""
-    from prunetune.methods.ordering import OrderingSteps, run_orderings
-
     rows = run_orderings(state, out_dir, OrderingSteps(prune=prune_model, finetune=finetune_model,
                                                        evaluate=evaluate_model, save=save_model))
     dump(out_dir / "ordering.json", rows)
@@ -215,8 +206,6 @@ def run_full_evaluate(state, out_dir: Path) -> dict:
     ("original", "prune-only": evaluation only) and the table on rank 0.
     """
     import shutil
-
-    from prunetune.methods.payt import configuration_label, run_configuration, table_row
 
     recipe, spec = state.recipe, state.spec
     cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
@@ -256,9 +245,6 @@ register_stage(StageKind("full_evaluate", f"{PACKAGE}:run_full_evaluate", "full_
 
 def _full_evaluate_table(state, out_dir: Path, cfg, pspec) -> dict:
     """The comparison of the configuration stages run so far, from their results (nothing is recomputed)."""
-    from prunetune.methods.payt import comparison_payload
-    from prunetune.rundir import atomic_write_json
-
     runs: dict[str, dict] = {}
     for h in state.history:
         if h["type"] == "full_evaluate" and h["stage_config"]["settings"].get("run") != "table":
