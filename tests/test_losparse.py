@@ -156,6 +156,65 @@ def test_platon_scores_match_hand_computation():
     assert torch.allclose(s.score("q"), torch.tensor([[0.048 * 1.0, 0.048 * 9.0]]))
 
 
+def test_platon_window_folds_the_window_mean_once_per_window():
+    """PLATON's rule (deltaT = 3): Ī and Ū change only at steps 3, 6, ..., each time folding in the mean I of the
+    window's three steps; in between they hold still and the window's sum grows."""
+    torch.manual_seed(1)
+    p = nn.Parameter(torch.randn(2, 5))
+    scores = PlatonScores(beta1=0.8, beta2=0.7, window=3)
+    avg, unc, window = torch.zeros(2, 5), torch.zeros(2, 5), []
+    for t in range(1, 8):
+        p.grad = torch.randn(2, 5)
+        before = (scores.avg["w"].clone(), scores.unc["w"].clone()) if "w" in scores.avg else None
+        folded = scores.update({"w": p})
+        window.append((p.detach() * p.grad).abs())
+        assert folded == (t % 3 == 0) and scores.folds == t // 3 and scores.pending == t % 3
+        if t % 3 == 0:
+            mean = torch.stack(window).mean(0)
+            avg = 0.8 * avg + 0.2 * mean
+            unc = 0.7 * unc + 0.3 * (mean - avg).abs()
+            window = []
+        elif before is not None:  # no fold: the averages are exactly as they were
+            assert torch.equal(scores.avg["w"], before[0]) and torch.equal(scores.unc["w"], before[1])
+        assert torch.allclose(scores.avg["w"], avg, atol=1e-7) and torch.allclose(scores.unc["w"], unc, atol=1e-7)
+        with torch.no_grad():
+            p.add_(0.1)
+    assert torch.allclose(scores.acc["w"], window[0], atol=1e-7)  # step 7 opened the third window
+    assert torch.allclose(scores.score("w"), avg * unc, atol=1e-7)
+    # numbers: one entry, I = 1, 2, 3 over the window: mean 2 -> Ī = 0.2*2 = 0.4, Ū = 0.3*|2 - 0.4| = 0.48
+    q = nn.Parameter(torch.tensor([[1.0]]))
+    s = PlatonScores(0.8, 0.7, window=3)
+    for i in (1.0, 2.0, 3.0):
+        q.grad = torch.tensor([[i]])
+        s.update({"q": q})
+    assert s.avg["q"].item() == pytest.approx(0.4) and s.unc["q"].item() == pytest.approx(0.48)
+    assert s.score("q").item() == pytest.approx(0.192)
+    # per step (window 1): Ī after I = 1, 2, 3 is 0.8*(0.8*0.2*1 + 0.2*2) + 0.2*3 = 1.048
+    s1 = PlatonScores(0.8, 0.7, window=1)
+    for i in (1.0, 2.0, 3.0):
+        q.grad = torch.tensor([[i]])
+        s1.update({"q": q})
+    assert s1.avg["q"].item() == pytest.approx(1.048) and s1.folds == 3
+
+
+def test_platon_beta2_one_is_the_sensitivity_alone():
+    """β2 = 1 (the LoSparse code's default) switches the uncertainty off: the score is Ī itself."""
+    q = nn.Parameter(torch.tensor([[2.0, -1.0]]))
+    q.grad = torch.tensor([[0.5, 3.0]])  # I = 1, 3
+    s = PlatonScores(0.8, 1.0)
+    s.update({"q": q})
+    assert torch.allclose(s.score("q"), torch.tensor([[0.2, 0.6]]))  # Ī = 0.2 I, no uncertainty factor
+    assert torch.equal(s.unc["q"], torch.zeros(1, 2))
+    assert LosparseSpec(beta2=1.0).beta2 == 1.0
+    method = Losparse(LosparseSpec(beta2=1.0, deltaT=4))
+    assert (method.scores.beta2, method.scores.window) == (1.0, 4)
+    assert Losparse(LosparseSpec(deltaT=4, platon_ema="step")).scores.window == 1
+    with pytest.raises(ValidationError, match="beta2"):
+        LosparseSpec(beta2=1.01)
+    with pytest.raises(PrunetuneError, match="beta2"):
+        PlatonScores(0.8, 1.5)
+
+
 def test_select_keep_unstructured_and_structured():
     torch.manual_seed(0)
     sc = {"a": torch.rand(6, 10), "b": torch.rand(4, 10)}
@@ -186,11 +245,15 @@ def test_schedule_is_cubic_and_reaches_final_threshold_exactly():
     assert (plain.initial_warmup_steps, plain.final_warmup_steps) == (5, 7)
 
 
-@pytest.mark.parametrize("structured", [None, "mean"])
-def test_training_prunes_s_and_mask_is_fixed_through_exports(tmp_path, structured):
+@pytest.mark.parametrize("structured,final_mask", [(None, "fixed"), ("mean", "fixed"), (None, "recompute"),
+                                                   ("mean", "recompute")])
+def test_training_prunes_s_and_mask_is_fixed_through_exports(tmp_path, structured, final_mask):
+    """12 steps, deltaT 2, final warm-up 4 steps (from t = 9). `fixed`: the mask computed at t = 9 holds to the
+    end. `recompute` (the method's rule, the default): the scores keep folding (t = 10, 12) and the mask is
+    recomputed at 9, 10 and 12, each at exactly the final kept fraction; the last one is what is exported."""
     model, tok = _tiny_cls()
     spec = LosparseSpec(rank_ratio=0.2, keep=0.25, initial_warmup_steps=2, final_warmup_steps=4, deltaT=2,
-                        structured_method=structured, structured_direction="row_col")
+                        structured_method=structured, structured_direction="row_col", final_mask=final_mask)
     method = Losparse(spec)
     ctx = MethodContext(max_steps=12, tokenizer=tok)
     seen: list[dict] = []
@@ -211,10 +274,19 @@ def test_training_prunes_s_and_mask_is_fixed_through_exports(tmp_path, structure
         assert nz == round(0.25 * total)  # exactly final_threshold of S
     else:
         assert 0.2 * total < nz <= 0.25 * total
-    # from the fixing step (t = 9) on, the non-zero pattern of S never changes and equals the fixed mask
-    for snap in seen[8:]:
-        assert all(torch.equal(snap[n], method.fixed[n]) for n in snap)
-    assert [e["step"] for e in method.events] == [4, 6, 8, 9] and method.events[-1]["fixed"]
+    if final_mask == "fixed":
+        # from the fixing step (t = 9) on, the non-zero pattern of S never changes and equals the fixed mask
+        for snap in seen[8:]:
+            assert all(torch.equal(snap[n], method.fixed[n]) for n in snap)
+        assert [e["step"] for e in method.events] == [4, 6, 8, 9] and method.events[-1]["fixed"]
+    else:
+        assert [e["step"] for e in method.events] == [4, 6, 8, 9, 10, 12]
+        assert [e["fixed"] for e in method.events] == [False, False, False, True, True, True]
+        assert all(e["keep_target"] == 0.25 for e in method.events[3:])
+        if structured is None:
+            assert all(e["kept"] == pytest.approx(0.25, abs=1e-4) for e in method.events[3:])
+        assert all(torch.equal(seen[10][n], seen[9][n]) for n in seen[9])  # t = 11: no fold, the t = 10 mask
+        assert all(torch.equal(seen[11][n], method.fixed[n]) for n in seen[11])  # the last one, exported
     assert not losparse_layers(plain) and all(isinstance(m, nn.Linear) for m in
                                               [plain.get_submodule(n) for n in method.layers])
 

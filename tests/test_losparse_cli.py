@@ -29,7 +29,19 @@ def test_seed_names_are_aliases(capsys):
     assert same == rec
 
 
+def test_method_rules_reach_the_recipe_and_beta2_one_is_accepted(capsys):
+    """PLATON's window rule and the recomputed final mask are the defaults; per-step EMAs and a fixed final mask
+    are options; beta2 = 1 (uncertainty off, the LoSparse code's default) is accepted."""
+    ls = yaml.safe_load(cli_ok(["losparse", "minilm-l6", "--beta2", "1", "--print-recipe"], capsys))["losparse"]
+    assert (ls["beta2"], ls["platon_ema"], ls["final_mask"]) == (1.0, "window", "recompute")
+    ls = yaml.safe_load(cli_ok(["losparse", "minilm-l6", "--platon-ema", "step", "--final-mask", "fixed",
+                                "--print-recipe"], capsys))["losparse"]
+    assert (ls["platon_ema"], ls["final_mask"]) == ("step", "fixed")
+
+
 @pytest.mark.parametrize("args,needle", [
+    (["--beta2", "1.5"], "--beta2"), (["--platon-ema", "epoch"], "--platon-ema"),
+    (["--final-mask", "never"], "--final-mask"),
     (["--rank-ratio", "1.0"], "--rank-ratio"), (["--keep", "0"], "--keep"), (["--keep", "1.2"], "--keep"),
     (["--structured-method", "diag"], "--structured-method"), (["--kd-weight", "1"], "teacher"),
 ])

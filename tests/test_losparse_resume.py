@@ -24,8 +24,11 @@ from prunetune.tuning.finetune import finetune
 from prunetune.tuning.lifecycle import METHOD_STATE_JSON, METHOD_STATE_TENSORS
 
 #: 16 examples / batch 4 = 4 steps an epoch, 3 epochs: 12 steps, checkpoints at the epoch ends 4, 8 (and 12).
-#: The schedule prunes S at steps 4 and 6 and fixes the mask at step 8 (= 12 - 5 + 1).
-SPEC = dict(rank_ratio=0.2, keep=0.3, initial_warmup_steps=2, final_warmup_steps=5, deltaT=2)
+#: The schedule prunes S at steps 4 and 6 and fixes the mask at step 8 (= 12 - 5 + 1) (`final_mask: fixed`).
+SPEC = dict(rank_ratio=0.2, keep=0.3, initial_warmup_steps=2, final_warmup_steps=5, deltaT=2, final_mask="fixed")
+#: the method's rules (the defaults): PLATON windows of 3 steps (folds at 3, 6, 9, 12: the checkpoints at 4 and 8
+#: hold a half-filled window), masks at 3, 6, then recomputed through the final warm-up at 8 and the folds 9, 12
+METHOD_SPEC = dict(rank_ratio=0.2, keep=0.3, initial_warmup_steps=2, final_warmup_steps=5, deltaT=3)
 #: the files the Trainer itself pickles into a checkpoint; the method's state is none of them
 TRAINER_PICKLES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"}
 
@@ -56,6 +59,7 @@ def _final(method: Losparse, res: dict) -> dict:
         for p in ("U", "V", "weight", "bias"):
             out[f"{n}.{p}"] = getattr(lay, p).detach().clone()
         out[f"avg/{n}"], out[f"unc/{n}"] = method.scores.avg[n].clone(), method.scores.unc[n].clone()
+        out[f"acc/{n}"] = method.scores.acc[n].clone()
         out[f"fixed/{n}"] = method.fixed[n].clone()
     return out
 
@@ -124,7 +128,7 @@ def test_checkpoint_holds_the_method_state_as_safetensors_and_json_and_no_pickle
         assert tensors[f"platon_avg/{n}"].shape == method.layers[n].weight.shape
         assert tensors[f"fixed_mask/{n}"].dtype == torch.uint8
         assert float(tensors[f"platon_unc/{n}"].abs().sum()) > 0
-    assert meta["values"]["t"] == 8 and meta["values"]["platon_updates"] == 8
+    assert meta["values"]["t"] == 8 and meta["values"]["platon_emas"] == 8
     assert [e["step"] for e in meta["values"]["events"]] == [4, 6, 8]
     kept = sum(int(tensors[f"fixed_mask/{n}"].sum()) for n in layers) / sum(tensors[f"fixed_mask/{n}"].numel()
                                                                          for n in layers)
@@ -142,12 +146,35 @@ def test_checkpoint_holds_the_method_state_as_safetensors_and_json_and_no_pickle
     assert "\n" not in str(e.value) and str(e.value).startswith("--resume: checkpoint")
 
 
+@pytest.mark.parametrize("crash_at,resumed_from", [(6, 4), (10, 8)])
+def test_resume_mid_platon_window_and_mid_final_recompute_is_exact(tmp_path, crash_at, resumed_from):
+    """The default rules across a checkpoint: the open window's sum and step count travel with the averages, so a
+    run resumed mid-window (checkpoint-4: one step into the window 4-6; checkpoint-8: two into 7-9, in the final
+    warm-up whose mask is recomputed) ends exactly as the uninterrupted one."""
+    ref_method = Losparse(LosparseSpec(**METHOD_SPEC))
+    ref_res = finetune("tiny-bert", _cfg(), tmp_path / "ref", method=ref_method, kind="losparse")
+    assert [e["step"] for e in ref_method.events] == [3, 6, 8, 9, 12]
+    assert [e["fixed"] for e in ref_method.events] == [False, False, True, True, True]
+    assert ref_method.scores.folds == 4 and ref_method.scores.pending == 0
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        finetune("tiny-bert", _cfg(), out, method=Losparse(LosparseSpec(**METHOD_SPEC)), kind="losparse",
+                 callbacks=(_Crash(crash_at),))
+    saved = json.loads((out / "checkpoints" / f"checkpoint-{resumed_from}" / METHOD_STATE_JSON).read_text())
+    assert saved["values"]["platon_pending"] == resumed_from % 3 and saved["values"]["platon_folds"] == resumed_from // 3
+    method = Losparse(LosparseSpec(**METHOD_SPEC))
+    res = finetune("tiny-bert", _cfg(), out, method=method, kind="losparse", resume=True)
+    assert res["global_step"] == 12
+    _assert_same(_final(method, res), _final(ref_method, ref_res))
+    assert res["train_loss"] == ref_res["train_loss"] and res["losparse_events"] == ref_res["losparse_events"]
+
+
 # ------------------------------------------------------------------------------------------------ the command
 # the CLI in a subprocess whose Trainer SIGKILLs its own process at the end of optimizer step KILL_AT
 _KILLER = cli_killer()
 
 #: 24 examples / batch 4 = 6 steps an epoch, 2 epochs; checkpoints at steps 4, 6 (epoch end), 8 and 12, the last
-#: two kept; S pruned at 4, 6, 8, its mask fixed at 10
+#: two kept; S pruned at 4, 6, 8, the final mask computed at 10 and recomputed at the window's fold at 12
 CLI_ARGS = ["losparse", "tiny-bert", "--task", "bbc-news", "--n-samples", "24", "--epochs", "2", "--batch-size", "4",
             "--max-length", "24", "--eval-samples", "4", "--test-samples", "12", "--rank-ratio", "0.2", "--keep",
             "0.3", "--initial-warmup-steps", "2", "--final-warmup-steps", "3", "--delta-t", "2", "--save-steps", "4"]
@@ -193,5 +220,5 @@ def test_losparse_command_killed_mid_stage_resumes_from_its_checkpoint(tmp_path,
     assert "resuming the interrupted stage from checkpoint-8" in said
     tune = json.loads((out / "stages" / partial.name.removesuffix(".partial") / "tune" / "metrics.json").read_text())
     assert tune["resumed_from"].endswith("checkpoint-8") and tune["global_step"] == 12
-    assert [e["step"] for e in tune["losparse_events"]] == [4, 6, 8, 10]
+    assert [e["step"] for e in tune["losparse_events"]] == [4, 6, 8, 10, 12]
     assert _published(out) == _published(ref)  # the same weights (both exports), masks, curves and metrics

@@ -25,6 +25,7 @@ LOSPARSE_FLAGS = {"rank_ratio": "losparse.rank_ratio", "keep": "losparse.keep",
                   "initial_warmup_steps": "losparse.initial_warmup_steps",
                   "final_warmup_steps": "losparse.final_warmup_steps", "delta_t": "losparse.deltaT",
                   "beta1": "losparse.beta1", "beta2": "losparse.beta2",
+                  "platon_ema": "losparse.platon_ema", "final_mask": "losparse.final_mask",
                   "structured_method": "losparse.structured_method",
                   "structured_direction": "losparse.structured_direction", "distill_from": "losparse.teacher",
                   "kd_weight": "losparse.kd_weight", "layer_weight": "losparse.layer_weight",
@@ -56,9 +57,17 @@ def losparse(
     final_warmup_steps: Annotated[Optional[int], typer.Option(
         "--final-warmup-steps", help="the same as a plain step count")] = None,
     delta_t: Annotated[Optional[int], typer.Option(
-        "--delta-t", "--deltaT", help="recompute the mask every N steps")] = None,
+        "--delta-t", "--deltaT", help="PLATON's window: average |θ·∇θ| over N steps, fold it into the EMAs and "
+        "recompute the mask once per window")] = None,
     beta1: Annotated[Optional[float], typer.Option("--beta1", help="EMA of the sensitivity |θ·∇θ|")] = None,
-    beta2: Annotated[Optional[float], typer.Option("--beta2", help="EMA of its uncertainty")] = None,
+    beta2: Annotated[Optional[float], typer.Option(
+        "--beta2", help="EMA of its uncertainty; 1 = uncertainty off (the LoSparse code's default)")] = None,
+    platon_ema: Annotated[Optional[str], typer.Option(
+        "--platon-ema", help="window (default: the EMAs see each deltaT window's mean, PLATON's rule) | step "
+        "(every step)")] = None,
+    final_mask: Annotated[Optional[str], typer.Option(
+        "--final-mask", help="recompute (default: the mask is recomputed during the final warm-up, as the method "
+        "does) | fixed (computed once at its start)")] = None,
     structured_method: Annotated[Optional[str], typer.Option(
         "--structured-method", "--structured_method", help="mean | sum | max | min (rows/columns of S) | none (unstructured)")] = None,
     structured_direction: Annotated[Optional[str], typer.Option(

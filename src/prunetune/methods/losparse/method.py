@@ -11,9 +11,9 @@ The pieces, each usable alone:
 - `LowRankSparseLinear`: y = x·Vᵀ·Uᵀ + x·Sᵀ + b, initialised from a Linear's truncated SVD (U = U_r·√Σ_r,
   V = √Σ_r·V_rᵀ, S = W − U·V). S is stored as the module's `weight`, so the shared tools that address a
   Linear's weight (`MaskSet`, `sparsity_report`, the driver's mask enforcement) see the sparse part.
-- `PlatonScores`: sensitivity I = |θ·∇θ|, Ī = EMA_β1(I), Ū = EMA_β2(|I − Ī|), score Ī·Ū (updated at every
-  optimizer step; the seed averaged I over a window of `deltaT` steps between EMA updates — here the EMAs see
-  every step and `deltaT` is only how often the mask is recomputed).
+- `PlatonScores`: sensitivity I = |θ·∇θ|, averaged over a window of `deltaT` steps; once a window its mean
+  folds into Ī = EMA_β1 and Ū = EMA_β2(|mean − Ī|), score Ī·Ū (Ī alone at β2 = 1, the LoSparse code's default).
+  `platon_ema: step` folds every step instead (the window is then one step; deltaT only spaces the masks).
 - `LosparseSchedule`: the seed's cubic schedule of the kept fraction of S. Warm-ups are in units of
   `warmup_steps` (the seed's `initial_warmup` / `final_warmup`) or, when given, plain step counts
   (`initial_warmup_steps` / `final_warmup_steps`).
@@ -26,9 +26,11 @@ The pieces, each usable alone:
   checkpoint (`--resume` continues mid-stage exactly as the uninterrupted run would).
 
 While the cubic schedule runs, each recomputed mask may keep an entry an earlier one pruned (its EMA score
-decides; that is PLATON). Once the final warm-up begins the mask is computed one last time at exactly
-`final_threshold`, added to the run's `MaskSet` and enforced after every step: pruned entries are exactly zero
-from then on, through both exports.
+decides; that is PLATON). During the final warm-up the kept fraction is exactly `final_threshold`; as the method
+does (`final_mask: recompute`, the default) the scores keep updating and the mask is recomputed whenever they
+change (each window's fold, and its first step), each one replacing the previous in the run's `MaskSet`, which
+the driver enforces after every step and exports; `final_mask: fixed` computes it once at the warm-up's first
+step and freezes it (scores no longer updated). Either way the exported S holds exactly the last mask's zeros.
 
 Exports (`save_factorized`, `load_factorized`; `prunetune.load_model(dir)` dispatches to the latter on the
 `losparse.json` marker): the factorised form stores U, V, the bias and only the kept part of S (kept columns
@@ -66,7 +68,8 @@ class Losparse(Method):
 
     def __init__(self, spec: LosparseSpec | None = None, teacher_model: nn.Module | None = None) -> None:
         self.spec = spec or LosparseSpec()
-        self.scores = PlatonScores(self.spec.beta1, self.spec.beta2)
+        window = self.spec.deltaT if self.spec.platon_ema == "window" else 1
+        self.scores = PlatonScores(self.spec.beta1, self.spec.beta2, window)
         self.layers: dict[str, LowRankSparseLinear] = {}
         self.directions: dict[str, str] = {}
         self.layer_info: dict[str, dict] = {}
@@ -103,19 +106,28 @@ class Losparse(Method):
     def after_step(self, model: nn.Module, ctx: MethodContext) -> None:
         self.t += 1
         params = {n: m.weight for n, m in self.layers.items()}
-        if self.fixed is not None:
+        frozen = self.spec.final_mask == "fixed"
+        if self.fixed is not None and frozen:
             self._apply(self.fixed)
             return
-        self.scores.update(params)
+        folded = self.scores.update(params)
         keep, recompute = self.schedule.at(self.t)
+        final = self.t >= self.schedule.fix_step
+        if final and not frozen:
+            # the method recomputes the mask at every step of the final warm-up; the scores only change when a
+            # window folds, so recomputing then (and at the warm-up's first step) gives the same masks
+            recompute = self.t == self.schedule.fix_step or folded
+            if not recompute:
+                self._apply(self.fixed)
+                return
         if not recompute:
             return
         masks = MaskSet(select_keep({n: self.scores.score(n) for n in params if n in self.scores.avg}, keep,
                                     self.spec.pooling, self.directions))
         self._apply(masks)
         kept = sum(int(m.sum()) for _, m in masks.items()) / sum(m.numel() for _, m in masks.items())
-        self.events.append({"step": self.t, "keep_target": keep, "kept": kept, "fixed": self.t >= self.schedule.fix_step})
-        if self.t >= self.schedule.fix_step:
+        self.events.append({"step": self.t, "keep_target": keep, "kept": kept, "fixed": final})
+        if final:
             self.fixed = masks
             ctx.masks.update(masks)  # the driver enforces it after every step and saves it with the export
 
@@ -178,12 +190,14 @@ class Losparse(Method):
         warm-up has begun, and the mask events so far (for the summary). The schedule is recorded to refuse a
         resume under other settings. Between mask events no other mask is in force: a pruned entry may come back
         (PLATON), so its zeros in S, saved with the weights, are the whole of it."""
-        state: dict[str, Any] = {"t": self.t, "platon_updates": self.scores.updates, "events": self.events,
+        state: dict[str, Any] = {"t": self.t, "platon_emas": self.scores.updates, "events": self.events,
+                                 "platon_pending": self.scores.pending, "platon_folds": self.scores.folds,
                                  "schedule": asdict(self.schedule) if self.schedule is not None else None,
                                  "fixed": sorted(self.fixed.names()) if self.fixed is not None else None}
         for n in self.scores.avg:
             state[f"platon_avg/{n}"] = self.scores.avg[n]
             state[f"platon_unc/{n}"] = self.scores.unc[n]
+            state[f"platon_acc/{n}"] = self.scores.acc[n]
         for n in (self.fixed.names() if self.fixed is not None else ()):
             state[f"fixed_mask/{n}"] = self.fixed[n].to(torch.uint8)
         return state
@@ -199,13 +213,18 @@ class Losparse(Method):
                 raise PrunetuneError(f"--resume: the checkpoint's LoSparse state names layer "
                                      f"'{key.split('/', 1)[1]}', which this model does not factorise")
         self.t = int(state["t"])
-        self.scores.updates = int(state["platon_updates"])
+        self.scores.updates = int(state["platon_emas"])
+        self.scores.pending = int(state.get("platon_pending", 0))
+        self.scores.folds = int(state.get("platon_folds", self.scores.updates))
         self.events = [dict(e) for e in state["events"]]
-        self.scores.avg, self.scores.unc = {}, {}
+        self.scores.avg, self.scores.unc, self.scores.acc = {}, {}, {}
         for n, mod in self.layers.items():
             if f"platon_avg/{n}" in state:
                 self.scores.avg[n] = state[f"platon_avg/{n}"].to(mod.weight.device, torch.float32)
                 self.scores.unc[n] = state[f"platon_unc/{n}"].to(mod.weight.device, torch.float32)
+                acc = state.get(f"platon_acc/{n}")
+                self.scores.acc[n] = (acc.to(mod.weight.device, torch.float32) if acc is not None
+                                      else torch.zeros_like(self.scores.avg[n]))
         self.fixed = None
         if state["fixed"] is not None:
             self.fixed = MaskSet({n: state[f"fixed_mask/{n}"].to(self.layers[n].weight.device).bool()

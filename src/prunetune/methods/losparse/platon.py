@@ -17,19 +17,41 @@ DIRECTIONS = ("row", "col", "row_col")
 
 # ------------------------------------------------------------------------------------------------ PLATON
 class PlatonScores:
-    """Ī and Ū per scored tensor; `update` after each optimizer step, `score` = Ī·Ū.
+    """Ī and Ū per scored tensor; `update` after each optimizer step, `score` = Ī·Ū (Ī alone when β2 = 1).
 
-    I = |θ·∇θ| uses the weights after the step and the gradient that produced it, as in the seed.
+    I = |θ·∇θ| uses the weights after the step and the gradient that produced it, as in the seed. PLATON's rule
+    (`window` = deltaT, the default): I is averaged over a window of `window` steps and the window's mean is
+    folded into both moving averages once, at the window's last step (steps deltaT, 2·deltaT, ... of training,
+    where the mask is recomputed):
+
+        Ī ← β1·Ī + (1 − β1)·mean(I),   Ū ← β2·Ū + (1 − β2)·|mean(I) − Ī|   (Ī after its update)
+
+    so β1 = 0.85 forgets over windows, not over steps. `window` = 1 folds every step (`platon_ema: step`).
+    β2 = 1 switches the uncertainty off: the score is Ī alone (the LoSparse code's default). The seed's window is
+    the deltaT steps *before* the fold step (the fold step's I opens the next window, and its first window holds a
+    zero); here a window is the deltaT steps ending at the fold, so the mask sees the step it is computed at.
     """
 
-    def __init__(self, beta1: float = 0.85, beta2: float = 0.95) -> None:
-        self.beta1, self.beta2 = beta1, beta2
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.95, window: int = 1) -> None:
+        if not (0.0 <= beta1 < 1.0) or not (0.0 <= beta2 <= 1.0):
+            raise PrunetuneError(f"PLATON needs 0 <= beta1 < 1 and 0 <= beta2 <= 1, got {beta1}, {beta2}")
+        if int(window) < 1:
+            raise PrunetuneError(f"PLATON's window (deltaT) must be >= 1 step, got {window}")
+        self.beta1, self.beta2, self.window = beta1, beta2, int(window)
         self.avg: dict[str, torch.Tensor] = {}
         self.unc: dict[str, torch.Tensor] = {}
-        self.updates = 0
+        self.acc: dict[str, torch.Tensor] = {}  # sum of I over the open window's steps
+        self.pending = 0  # steps in the open window
+        self.updates = 0  # steps seen
+        self.folds = 0  # window means folded into Ī and Ū
+
+    @property
+    def uncertainty(self) -> bool:
+        return self.beta2 < 1.0
 
     @torch.no_grad()
-    def update(self, params: dict[str, nn.Parameter]) -> None:
+    def update(self, params: dict[str, nn.Parameter]) -> bool:
+        """Add this step's I to the open window; at the window's last step fold its mean. True when folded."""
         for name, p in params.items():
             if p.grad is None:
                 continue
@@ -37,12 +59,24 @@ class PlatonScores:
             if name not in self.avg:
                 self.avg[name] = torch.zeros_like(ipt)
                 self.unc[name] = torch.zeros_like(ipt)
-            avg = self.avg[name].mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)
-            self.unc[name].mul_(self.beta2).add_((ipt - avg).abs_(), alpha=1 - self.beta2)
+                self.acc[name] = torch.zeros_like(ipt)
+            self.acc[name].add_(ipt)
+        self.pending += 1
         self.updates += 1
+        if self.pending < self.window:
+            return False
+        for name, acc in self.acc.items():
+            mean = acc.div_(self.pending) if self.pending > 1 else acc
+            avg = self.avg[name].mul_(self.beta1).add_(mean, alpha=1 - self.beta1)
+            if self.uncertainty:
+                self.unc[name].mul_(self.beta2).add_((mean - avg).abs_(), alpha=1 - self.beta2)
+            acc.zero_()
+        self.pending = 0
+        self.folds += 1
+        return True
 
     def score(self, name: str) -> torch.Tensor:
-        return self.avg[name] * self.unc[name]
+        return self.avg[name] * self.unc[name] if self.uncertainty else self.avg[name]
 
 
 def _pool(score: torch.Tensor, method: str, dim: int) -> torch.Tensor:

@@ -31,9 +31,19 @@ class LosparseSpec(Spec):
     final_warmup: float = Field(5.0, ge=0.0, description="steps with the mask fixed at the end, in warmup_steps")
     initial_warmup_steps: int | None = Field(None, ge=0, description="plain step count; overrides initial_warmup")
     final_warmup_steps: int | None = Field(None, ge=0, description="plain step count; overrides final_warmup")
-    deltaT: int = Field(10, ge=1, description="recompute the mask every deltaT steps while the schedule runs")
-    beta1: float = Field(0.85, ge=0.0, lt=1.0, description="EMA of the sensitivity |θ·∇θ|")
-    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="EMA of its uncertainty")
+    deltaT: int = Field(10, ge=1, description="PLATON's window: |θ·∇θ| is averaged over deltaT steps, the mean "
+                        "folded into both EMAs once a window, and the mask recomputed every deltaT steps while the "
+                        "schedule runs (the LoSparse code's default is 10)")
+    beta1: float = Field(0.85, ge=0.0, lt=1.0, description="EMA of the sensitivity |θ·∇θ| (once per window)")
+    beta2: float = Field(0.95, ge=0.0, le=1.0, description="EMA of its uncertainty; 1 switches the uncertainty off "
+                         "(score = the sensitivity EMA alone: the LoSparse code's default)")
+    platon_ema: Literal["window", "step"] = Field(
+        "window", description="window: fold the mean |θ·∇θ| of each deltaT window into the EMAs once a window "
+        "(PLATON's rule); step: fold every step's |θ·∇θ| (deltaT then only spaces the masks)")
+    final_mask: Literal["recompute", "fixed"] = Field(
+        "recompute", description="the final warm-up (keep = final_threshold): recompute: the mask is recomputed "
+        "from the scores that keep updating, as the method does (the last one is exported); fixed: computed once "
+        "at its first step and frozen, the scores no longer updated")
     structured_method: Literal["mean", "sum", "max", "min", "none"] = Field(
         "none", description="pool S's scores per row/column (structured) or none (unstructured)")
     structured_direction: Literal["row", "col", "row_col"] = "row"
