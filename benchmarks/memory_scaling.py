@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _machine import commit, cpu_model, load_average  # noqa: E402
 
 GIB = 2**30
+#: the command's glibc setting on each path (`calibrate.bound_heap_growth`); rows before it record their own
+MALLOC = {"stream": "mmap threshold 1 MiB", "memory": "mmap threshold 8 MiB, trim threshold 64 MiB"}
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
@@ -118,7 +120,7 @@ def main() -> None:
                     r.update(prune_stage_s=stage["prune_seconds"]["value"],
                              streamed=stage["prune_seconds"]["protocol"]["streamed"],
                              sparsity=stage["sparsity"]["value"])
-                r.update(layers=n, method=method, path=path, load=load_average(),
+                r.update(layers=n, method=method, path=path, load=load_average(), malloc=MALLOC[path],
                          model=json.loads((models[n] / "random_llama.json").read_text()),
                          formula=formula_bytes(models[n], a.nsamples, a.seqlen, method))
                 r.pop("output_tail")

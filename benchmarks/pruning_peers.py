@@ -125,7 +125,7 @@ def prunetune_child(args: argparse.Namespace) -> dict:
         from prunetune.config import PruneSpec
         from prunetune.pruning.calibrate import bound_heap_growth
 
-        bound_heap_growth()
+        bound_heap_growth(memory_first=args.stream)  # the command's setting for the path it runs
         batch = PruneSpec.model_fields["calib_batch"].default
     if args.stream:
         return stream_child(args, cfg, batch)

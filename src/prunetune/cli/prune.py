@@ -146,13 +146,14 @@ def prune_cmd(
             raise PrunetuneError(f"--eval-ppl needs a causal LM; {model} is a {nat_task} model")
     from prunetune.pipelines.stages import streaming_checkpoint
 
-    if not resume and streaming_checkpoint(model, recipe, spec, out) is not None and eval_ppl:
+    streams = not resume and streaming_checkpoint(model, recipe, spec, out) is not None
+    if streams and eval_ppl:
         raise PrunetuneError("--eval-ppl loads the whole model, which this run streams because it does not fit "
                              "(or --stream); evaluate the pruned model with `prunetune eval` where it fits")
     out = claim_out(out)
     from prunetune.pruning.calibrate import bound_heap_growth
 
-    bound_heap_growth()  # this process only prunes (and evaluates): free tensors go back to the OS at once
+    bound_heap_growth(memory_first=streams)  # this process only prunes (and evaluates): free tensors go back to the OS
     con = console()
     man = run_and_report(recipe, out, resume=resume, overwrite=overwrite, con=con)
     names = recipe.stage_names()

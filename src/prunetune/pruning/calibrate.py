@@ -73,6 +73,7 @@ _LIBC = None
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers in glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 8 << 20
 TRIM_THRESHOLD_BYTES = 64 << 20
+STREAM_MMAP_THRESHOLD_BYTES = 1 << 20  # memory first: the streamed path's peak is what it promises
 
 
 def _libc():
@@ -100,7 +101,7 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def bound_heap_growth() -> None:
+def bound_heap_growth(memory_first: bool = False) -> None:
     """Serve allocations of 8 MiB and more (scores, masks, activations) from their own mappings (glibc only).
 
     By default glibc raises its mmap threshold each time a large block is freed, after which tensors of that
@@ -114,13 +115,19 @@ def bound_heap_growth() -> None:
     and 1.6 M faults at 8 MiB + 64 MiB trim, for a peak 3-5 MiB higher
     (`benchmarks/results/pruning_sys_time_probe.json`).
 
+    `memory_first` (the streamed prune, whose point is a bounded peak) keeps the 1 MiB threshold and glibc's
+    trim threshold: on a random 8-block width-1024 Llama streamed with Wanda the peak was 714 MiB there against
+    739 MiB at 8 MiB / 8 MiB trim and 752-761 MiB at 8 MiB / 64 MiB, for about 1 s more system time.
+
     Process-wide, idempotent and irreversible (glibc cannot switch its dynamic threshold back on), and a
     fault per fresh page would slow a training loop that allocates activations at every step. So it is
     opt-in: `prune()` never calls it; processes that only prune (the `prunetune prune` command,
     `benchmarks/pruning.py`) call it once before pruning.
     """
     libc = _libc()
-    if libc:
+    if libc and memory_first:
+        libc.mallopt(_M_MMAP_THRESHOLD, STREAM_MMAP_THRESHOLD_BYTES)
+    elif libc:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
 
