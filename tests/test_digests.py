@@ -35,6 +35,19 @@ from cli_helpers import cli_ok, labelled_csv
 
 FIXTURE = Path(__file__).parent / "fixtures" / "digests.json"
 UPDATE = os.environ.get("PRUNETUNE_UPDATE_DIGESTS") == "1"
+THREADS = 2  # the fixture's: float sums (so trained weights and accuracies) change with torch's thread count
+
+
+@pytest.fixture(autouse=True)
+def _fixed_threads():
+    """Every case runs at the fixture's thread count, whatever the machine's cores or OMP_NUM_THREADS say, so the
+    exact comparison holds on CI and under a developer's OMP_NUM_THREADS=1 alike."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 # manifest keys that measure the machine, not the computation
 VOLATILE = re.compile(r"(second|_s$|_s/|^s$|time|timing|_ms|ms_|latency|per_s|tok_s|tokens_per|rss|memory|peak|"
                       r"bytes|threads|path|dir$|^git|version|host|date|duration|speed|cache_hit|elapsed)", re.I)
