@@ -84,6 +84,10 @@ if _in:
         finally:
             _in_call[0] = False
     setattr(_owner, _fname, _wrapped)
+    import sys as _sys
+    for _m in list(_sys.modules.values()):  # modules that already imported it by name
+        if getattr(_m, "__name__", "").startswith("prunetune") and getattr(_m, _fname, None) is _real_fn:
+            setattr(_m, _fname, _wrapped)
 if os.environ.get("KILL_AT_OPT_STEP"):
     from torch.optim.optimizer import register_optimizer_step_post_hook
     _steps, _at_step = [0], int(os.environ["KILL_AT_OPT_STEP"])
@@ -234,7 +238,13 @@ class Recorder:
             owner = importlib.import_module(mod)
             for part in path:
                 owner = getattr(owner, part)
-            monkeypatch.setattr(owner, name, self._wrap(t, getattr(owner, name)))
+            real = getattr(owner, name)
+            wrapped = self._wrap(t, real)
+            monkeypatch.setattr(owner, name, wrapped)
+            # the modules that imported it by name (`from ... import save_hf_dir`) hold the real one
+            for m in list(sys.modules.values()):
+                if getattr(m, "__name__", "").startswith("prunetune") and getattr(m, name, None) is real:
+                    monkeypatch.setattr(m, name, wrapped)
 
         def step(opt, args, kwargs) -> None:
             self.steps += 1
