@@ -335,3 +335,39 @@ def test_kill_anywhere_then_resume_gives_identical_outputs(command, data, tmp_pa
         kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
     print(f"{command}: {len(points)} kill points ({json.dumps(kinds)}) of {rec.fsyncs} writes, {rec.steps} optimizer "
           f"steps, {rec.blocks} calibrated blocks: all resumed identically; {points}")
+
+
+@pytest.mark.slow
+def test_compare_killed_anywhere_then_rerun_gives_identical_report(data, tmp_path, capfd, monkeypatch):
+    """`compare` keeps no state to resume: killed at any of its durable writes (report.md, each plot), the same
+    command run again gives the uninterrupted run's report and plots, and the killed run never leaves a torn
+    report (whole or absent)."""
+    run = tmp_path / "run"
+    cli_ok(_argv("prune", data, run), capfd)
+
+    def argv(out: Path) -> list[str]:
+        return ["compare", str(run), "--out", str(out)]
+
+    def result(out: Path) -> dict:
+        return {"report.md": (out / "report.md").read_text(),
+                "plots": sorted(p.name for p in (out / "plots").glob("*"))}
+
+    with monkeypatch.context() as m:
+        rec = Recorder(m, ())
+        try:
+            cli_ok(argv(tmp_path / "ref"), capfd)
+        finally:
+            rec.close()
+    want = result(tmp_path / "ref")
+    assert rec.fsyncs >= 2 and want["plots"]  # the report and at least one plot are durable writes
+    points = sorted(random.Random("issue30-compare").sample(range(1, rec.fsyncs + 1), min(3, rec.fsyncs)))
+    for k in [*points, rec.fsyncs]:  # and the last write: report.md itself
+        out = tmp_path / f"kill{k}"
+        assert _killed(argv(out), {"KILL_AT_FSYNC": str(k)}) == -signal.SIGKILL, k
+        if (out / "report.md").exists():
+            assert (out / "report.md").read_text() == want["report.md"], k
+        cli_ok(argv(out), capfd)
+        assert result(out) == want, k
+        assert not list(out.rglob("*.partial")), k
+    capfd.readouterr()
+    print(f"compare: {len(points) + 1} kill points of {rec.fsyncs} writes ({[*points, rec.fsyncs]}): all rerun identically")

@@ -244,6 +244,8 @@ def compare_runs(run_dirs: list[Path | str], out: Path | str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot_dir = out / "plots"
+    for d in (out, plot_dir):  # temp files a killed comparison left (this one redraws everything)
+        remove_partials(d)
     allpts = {k: eval_points(r) for k, r in runs.items()}
     names: list[str] = []
     for pts in allpts.values():
