@@ -62,6 +62,13 @@ ROWS: dict[str, dict] = {
     # ADMM with its final exact refit on the fixed mask (20 conjugate-gradient steps; the default refits none)
     "admm 70% refit": {"method": "admm", "sparsity": 0.7, "options": {"refit": 20}},
     "owl admm 70% refit": {"method": "admm", "sparsity": 0.7, "layer_sparsity": "owl", "options": {"refit": 20}},
+    # ADMM with a slower mask schedule and lighter dampening (60 iterations, the mask reaching its target over
+    # the first 45, 1% dampening): on SmolLM2 layers 6/20 it reconstructed 3-6 points better than the defaults
+    "admm 70% long": {"method": "admm", "sparsity": 0.7, "options": {"iters": 60, "gradual": 45, "damp": 0.01}},
+    "owl admm 70% long": {"method": "admm", "sparsity": 0.7, "layer_sparsity": "owl",
+                          "options": {"iters": 60, "gradual": 45, "damp": 0.01}},
+    "admm 2:4 long": {"method": "admm", "pattern": "2:4", "options": {"iters": 60, "gradual": 45, "damp": 0.01}},
+    "admm 60% long": {"method": "admm", "sparsity": 0.6, "options": {"iters": 60, "gradual": 45, "damp": 0.01}},
     "wanda dsnot 60%": {"method": "wanda", "sparsity": 0.6, "granularity": "row", "refine": "dsnot"},
 }
 
