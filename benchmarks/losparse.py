@@ -78,7 +78,7 @@ def code_state() -> dict:
 
 def tune_config(args, seed: int, **kw):
     """The shared budget of every row (one place, so the methods differ only in what they are)."""
-    from prunetune.data.mixing import MixSpec
+    from prunetune.data.spec import MixSpec
     from prunetune.tuning.config import TuneConfig
 
     base = dict(task="seq-cls", data="bbc-news", n_samples=args.n_samples, eval_samples=args.eval_samples,
@@ -100,7 +100,7 @@ def row_dense(args, seed, out):
 
 
 def _payt_like(args, seed, out, budget, schedule):
-    from prunetune.data.mixing import MixSpec
+    from prunetune.data.spec import MixSpec
     from prunetune.methods.payt import PaytMethod, PaytSpec
     from prunetune.tuning.finetune import finetune
 

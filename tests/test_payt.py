@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cli_helpers import cli_error, cli_ok
+from prunetune.data.spec import MixSpec
 from prunetune.methods.payt import PaytSpec, compute_masks, run_payt
 from prunetune.pruning.masks import MaskSet, sparsity_report
 from prunetune.tuning.config import TuneConfig
@@ -51,8 +52,7 @@ def test_compute_masks_is_exact_and_monotone(tiny_llama):
 @pytest.mark.parametrize("criterion", ["l2-cols", "l1-global"])
 def test_payt_reaches_target_in_real_zeros(tmp_path, criterion):
     spec = PaytSpec(sparsity=0.5, schedule="agp", start=0.2, every=1, unit="step", criterion=criterion)
-    r = run_payt("tiny-llama", _cfg(lora=True, mix=__import__("prunetune.data.mixing", fromlist=["MixSpec"]).MixSpec(
-        fraction=0.1)), spec, tmp_path / "payt")
+    r = run_payt("tiny-llama", _cfg(lora=True, mix=MixSpec(fraction=0.1)), spec, tmp_path / "payt")
     events = r["pruning_events"]
     # 16 + 2 mixed examples / batch 8 = 3 steps x 2 epochs; start 20% -> step floor(1.2) = 1, then every step
     assert r["global_step"] == 6 and [e["step"] for e in events] == [1, 2, 3, 4, 5]
@@ -201,10 +201,9 @@ def _old_driver(recipe, out) -> dict:
     cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
     spec = recipe.payt
     model = recipe.model.name
-    import dataclasses
 
     plain = copy.deepcopy(cfg)  # the baselines: no KD, no mixing (`baselines: plain`, the default)
-    plain.kd, plain.mix = False, dataclasses.replace(cfg.mix, fraction=0.0)
+    plain.kd, plain.mix = False, cfg.mix.model_copy(update={"fraction": 0.0})
     full_cfg = copy.deepcopy(plain)
     full_cfg.lora, full_cfg.lr = False, None
     lora_cfg = copy.deepcopy(plain)
@@ -284,7 +283,6 @@ def test_full_evaluate_baselines_are_plain_by_default_and_distilled_on_request(m
 
 def test_full_evaluate_plain_baseline_trains_without_teacher_or_mixing(tmp_path):
     """A real baseline run: teacher none and 0 mixed examples (the table's KD "no" and mixing "no" cells)."""
-    from prunetune.data.mixing import MixSpec
     from prunetune.methods.payt import comparison
 
     cfg = _cfg(lora=True, kd=True, epochs=1, mix=MixSpec(fraction=0.25))

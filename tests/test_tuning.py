@@ -421,13 +421,16 @@ def test_gradient_checkpointing_flag_leaves_the_loss_unchanged(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ mixing
 def test_mixing_adds_teacher_labelled_general_text(tiny_llama):
-    from prunetune.data.mixing import MixSpec, build_mixed, general_lines, mix_examples
+    from pydantic import ValidationError
+
+    from prunetune.data.mixing import build_mixed, general_lines, mix_examples
+    from prunetune.data.spec import MixSpec
     from prunetune.models.loading import load_model
 
     loaded = load_model("tiny-llama", "seq-cls", num_labels=3)
     train = [{"text": f"task example {i}", "label": i % 3} for i in range(40)]
-    mixed, summary = build_mixed(train, MixSpec(fraction=0.05, seed=1), loaded.model, loaded.tokenizer, "seq-cls",
-                                 max_length=32)
+    mixed, summary = build_mixed(train, MixSpec(fraction=0.05), loaded.model, loaded.tokenizer, "seq-cls",
+                                 max_length=32, seed=1)
     extra = [e for e in mixed if e.get("mixed")]
     assert len(mixed) == 42 and len(extra) == 2 and summary["mixed"] == 2
     enc = loaded.tokenizer([e["text"] for e in extra], return_tensors="pt", padding=True, truncation=True,
@@ -440,7 +443,7 @@ def test_mixing_adds_teacher_labelled_general_text(tiny_llama):
     assert general_lines(text, 3, "random", seed=2) != general_lines(text, 3, "random", seed=5)
     old = mix_examples(train[:5], [{"text": "g", "label": 0, "mixed": 1}] * 2, "old_first", seed=0)
     assert [e.get("mixed", 0) for e in old] == [1, 1, 0, 0, 0, 0, 0]
-    with pytest.raises(PrunetuneError, match="mix strategy"):
+    with pytest.raises(ValidationError, match="strategy"):
         MixSpec(strategy="newest")
 
 

@@ -12,38 +12,14 @@ then the task data, in a fixed order: the trainer then iterates sequentially).
 
 from __future__ import annotations
 
-import math
 import random
-from dataclasses import dataclass
 
 import torch
 
+from prunetune.data.spec import MixSpec
 from prunetune.errors import PrunetuneError
 
-STRATEGIES = ("random", "old_first")
-SAMPLINGS = ("first", "random")
 MIN_CHARS = 40  # WikiText headings and blank lines carry no content worth matching
-
-
-@dataclass(frozen=True)
-class MixSpec:
-    fraction: float = 0.05
-    source: str = "wikitext2"
-    split: str = "valid"
-    strategy: str = "random"
-    sampling: str = "first"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not (0.0 <= self.fraction <= 1.0):
-            raise PrunetuneError(f"--dataset-mix-ptg must be a fraction in [0, 1], got {self.fraction}")
-        if self.strategy not in STRATEGIES:
-            raise PrunetuneError(f"unknown mix strategy '{self.strategy}'; choose one of: {', '.join(STRATEGIES)}")
-        if self.sampling not in SAMPLINGS:
-            raise PrunetuneError(f"unknown mix sampling '{self.sampling}'; choose one of: {', '.join(SAMPLINGS)}")
-
-    def count(self, n_train: int) -> int:
-        return int(math.ceil(self.fraction * n_train)) if self.fraction > 0 else 0
 
 
 def general_lines(text: str, n: int, sampling: str = "first", seed: int = 0, min_chars: int = MIN_CHARS) -> list[str]:
@@ -86,15 +62,18 @@ def mix_examples(train: list[dict], extra: list[dict], strategy: str = "random",
 
 
 def build_mixed(train: list[dict], spec: MixSpec, teacher, tokenizer, task: str, max_length: int = 128,
-                data_dir: str | None = None) -> tuple[list[dict], dict]:
-    """Training examples with general text mixed in; returns them and a summary for the manifest."""
+                data_dir: str | None = None, seed: int = 0) -> tuple[list[dict], dict]:
+    """Training examples with general text mixed in; returns them and a summary for the manifest.
+
+    `spec` is the recipe's `tune.mix` section (`data.spec.MixSpec`); `seed` (the run's training seed) draws the
+    random sampling of lines and the shuffle."""
     n = spec.count(len(train))
     if n == 0:
         return list(train), {"mixed": 0}
     from prunetune.data.sources import load_text
 
     src = load_text(spec.source, spec.split, data_dir=data_dir)
-    texts = general_lines(src.text, n, spec.sampling, spec.seed)
+    texts = general_lines(src.text, n, spec.sampling, seed)
     if task == "seq-cls":
         if teacher is None:
             raise PrunetuneError("data mixing for classification needs a teacher to pseudo-label the general text")
@@ -107,4 +86,4 @@ def build_mixed(train: list[dict], spec: MixSpec, teacher, tokenizer, task: str,
     if task == "seq-cls":
         summary["pseudo_label_counts"] = {str(k): sum(1 for e in extra if e["label"] == k)
                                           for k in sorted({e["label"] for e in extra})}
-    return mix_examples(train, extra, spec.strategy, spec.seed), summary
+    return mix_examples(train, extra, spec.strategy, seed), summary

@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prunetune.data.mixing import MixSpec
-from prunetune.data.spec import DataSpec
+from prunetune.data.spec import DataSpec, MixSpec
 from prunetune.errors import PrunetuneError
 from prunetune.tuning.distill import check_kd
 from prunetune.tuning.lora import check_lora
@@ -30,8 +29,7 @@ def recipe_fields(spec: TuneSpec, data: DataSpec, seed: int = 0) -> dict[str, An
     n_samples, epochs = spec.n_samples, spec.epochs
     if spec.steps is not None:
         n_samples, epochs = spec.steps * spec.batch_size, 1.0
-    mix = MixSpec(fraction=spec.mix.fraction, source=spec.mix.source, split=spec.mix.split,
-                  strategy=spec.mix.strategy, sampling=spec.mix.sampling, seed=seed)
+    mix = spec.mix.model_copy()
     return dict(
         data=data.train, lora=spec.mode == "lora", lora_rank=spec.lora_rank, lora_alpha=spec.alpha,
         lora_dropout=spec.lora_dropout, rslora=spec.rslora, gradient_checkpointing=spec.gradient_checkpointing,
@@ -80,7 +78,7 @@ class TuneConfig:
     split_seed: int = _D["split_seed"]  # train/validation/test split: no training seed changes the test set
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
-    mix: MixSpec = field(default_factory=lambda: recipe_fields(TuneSpec(), DataSpec())["mix"])
+    mix: MixSpec = field(default_factory=MixSpec)  # the recipe's `tune.mix` section; it mixes with `seed`
     data_dir: str | None = _D["data_dir"]
     retention: bool = _D["retention"]
     retention_windows: int = _D["retention_windows"]
@@ -113,5 +111,6 @@ class TuneConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["mix"] = self.mix.record(self.seed)
         d["learning_rate"] = self.learning_rate
         return d

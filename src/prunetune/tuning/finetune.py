@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, TrainingArguments
 
-from prunetune.data.mixing import MixSpec, build_mixed
+from prunetune.data.mixing import build_mixed
 from prunetune.errors import PrunetuneError
 from prunetune.manifest import build_manifest, write_manifest
 from prunetune.models.export import merge_lora_keep_masks, prepare_out_dir, save_adapter_export, save_hf_dir
@@ -232,7 +232,7 @@ def _teacher(cfg: TuneConfig, model: nn.Module, original: dict, data: dict, out:
         return _freeze(copy.deepcopy(model)), "initial (frozen copy)"
     if cfg.teacher == "dense":
         dense_cfg = copy.deepcopy(cfg)
-        dense_cfg.kd, dense_cfg.retention, dense_cfg.mix = False, False, MixSpec(fraction=0.0)
+        dense_cfg.kd, dense_cfg.retention, dense_cfg.mix = False, False, cfg.mix.model_copy(update={"fraction": 0.0})
         t_dir = out / "teacher-dense"
         if not (resume and (t_dir / "model" / "config.json").is_file()):
             finetune(original["model"], dense_cfg, t_dir, tokenizer=original["tokenizer"], overwrite=True,
@@ -319,7 +319,7 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     if cfg.mix.fraction > 0:
         labeller = model if teacher == "shared" or teacher is None else teacher
         train_examples, mix_summary = build_mixed(data["train"], cfg.mix, labeller, tok, task, cfg.max_length,
-                                                  cfg.data_dir)
+                                                  cfg.data_dir, seed=cfg.seed)
 
     # -- LoRA, then the method's prepare ---------------------------------------------------------------
     # Adapter init draws from the global RNG: seed it here, or a run's result would depend on what ran

@@ -1,5 +1,5 @@
-"""The recipe's `tune` section (`TuneSpec`, with PAYT's data mixing `MixOptions`): fine-tuning's one schema of
-options and defaults, kept beside the code it configures; `config.Recipe` composes it."""
+"""The recipe's `tune` section (`TuneSpec`, with PAYT's data mixing `data.spec.MixSpec`): fine-tuning's one
+schema of options and defaults, kept beside the code it configures; `config.Recipe` composes it."""
 
 from __future__ import annotations
 
@@ -7,17 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from prunetune.data.spec import MixSpec
 from prunetune.schema import Spec
-
-
-class MixOptions(Spec):
-    """Data mixing (PAYT): general text, labelled by the teacher, mixed into the task's training examples."""
-
-    fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of the training set added as general text")
-    source: str = Field("wikitext2", description="text source of the general samples")
-    split: str = "valid"
-    strategy: Literal["random", "old_first"] = "random"
-    sampling: Literal["first", "random"] = "first"
 
 
 def default_learning_rate(mode: str) -> float:
@@ -57,7 +48,7 @@ class TuneSpec(Spec):
     eval_samples: int | None = Field(8, ge=1, description="held-out examples scored after each epoch")
     test_samples: int | None = Field(None, ge=1, description="test examples scored (None = the whole test split)")
     epochs: float = Field(1.0, gt=0)
-    mix: MixOptions = Field(default_factory=MixOptions)
+    mix: MixSpec = Field(default_factory=MixSpec)
     retention: bool = Field(False, description="also measure knowledge retention against the untuned model")
     retention_windows: int = Field(8, ge=1)
     save_steps: int | None = Field(None, ge=1, description="also checkpoint every N optimizer steps, so a killed "

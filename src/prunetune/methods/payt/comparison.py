@@ -4,7 +4,6 @@ table (dense full / LoRA FT, prune only, prune then FT, PAYT and its variants) t
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from pathlib import Path
 
@@ -93,7 +92,7 @@ def _plain(cfg):
     """`cfg` without KD and without data mixing: a baseline as PAYT's own comparison trains it, on the task alone."""
     plain = copy.deepcopy(cfg)
     plain.kd = False
-    plain.mix = dataclasses.replace(cfg.mix, fraction=0.0)
+    plain.mix = cfg.mix.model_copy(update={"fraction": 0.0})
     return plain
 
 
