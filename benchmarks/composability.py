@@ -89,22 +89,25 @@ def main() -> int:
     from prunetune.methods import composable as C
     from prunetune.models.arch import get_adapter
     from prunetune.models.loading import load_model
-    from prunetune.tuning.config import TuneConfig
+    from prunetune.data.spec import DataSpec
     from prunetune.tuning.data import load_task_data
     from prunetune.tuning.finetune import finetune
+    from prunetune.tuning.spec import TuneSpec
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t_run = time.perf_counter()
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
 
-    def cfg(epochs: float, export: bool = False, lr: float | None = None) -> TuneConfig:
-        return TuneConfig(task="seq-cls", data=a.data, lora=False, kd=False, epochs=epochs, lr=lr or a.lr,
-                          batch_size=a.batch_size, max_length=a.max_length, n_samples=a.n_samples,
-                          eval_samples=a.eval_samples, test_samples=4, retention=False, export=export)
+    run = {"data": DataSpec(train=a.data), "task": "seq-cls"}  # finetune's run arguments beside the spec
 
-    data = load_task_data(cfg(1.0))
-    val, test = data["validation"], load_task_data(TuneConfig(data=a.data, test_samples=None))["test"]
+    def cfg(epochs: float, lr: float | None = None) -> TuneSpec:
+        return TuneSpec(mode="full", kd=False, steps=None, epochs=epochs, lr=lr or a.lr, batch_size=a.batch_size,
+                        seqlen=a.max_length, n_samples=a.n_samples, eval_samples=a.eval_samples, test_samples=4,
+                        retention=False)
+
+    data = load_task_data(cfg(1.0), run["data"])
+    val, test = data["validation"], load_task_data(TuneSpec(test_samples=None), run["data"])["test"]
     steps_per_epoch = -(-len(data["train"]) // a.batch_size)
 
     def test_eval(model, tok) -> dict:
@@ -129,8 +132,8 @@ def main() -> int:
     dense = _load_json(work / "original.json")
     if dense is None:
         log("fine-tuning the dense original")
-        r = finetune(a.model, cfg(a.dense_epochs, export=True, lr=a.dense_lr), work / "original", overwrite=True,
-                     callbacks=(NoCheckpoints(),))
+        r = finetune(a.model, cfg(a.dense_epochs, lr=a.dense_lr), work / "original", **run, export=True,
+                     overwrite=True, callbacks=(NoCheckpoints(),))
         t = test_eval(r["_model"], r["_tokenizer"])
         clock = C.ValidationClock(r["_tokenizer"], val, a.max_length, [])
         dense = {"val_accuracy": clock.accuracy(r["_model"]), "val_n": len(val), "test": t,
@@ -164,8 +167,8 @@ def main() -> int:
             final = model
             log_rows: list = []
         else:
-            r = finetune(str(d), cfg(a.budget / steps_per_epoch), work / "runs" / name, overwrite=True,
-                         callbacks=(clock, NoCheckpoints()))
+            r = finetune(str(d), cfg(a.budget / steps_per_epoch), work / "runs" / name, **run, export=False,
+                         overwrite=True, callbacks=(clock, NoCheckpoints()))
             final = r["_model"]
             log_rows = _read_log(work / "runs" / name / "train_log.csv")
         s = clock.summary()

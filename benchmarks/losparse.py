@@ -76,24 +76,31 @@ def code_state() -> dict:
     return {"rev": rev or "unknown", "dirty": dirty}
 
 
-def tune_config(args, seed: int, **kw):
-    """The shared budget of every row (one place, so the methods differ only in what they are)."""
+def tune_spec(args, **kw):
+    """The shared budget of every row (one place, so the methods differ only in what they are): a `TuneSpec`."""
     from prunetune.data.spec import MixSpec
-    from prunetune.tuning.config import TuneConfig
+    from prunetune.tuning.spec import TuneSpec
 
-    base = dict(task="seq-cls", data="bbc-news", n_samples=args.n_samples, eval_samples=args.eval_samples,
-                epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=seed,
-                split_seed=SPLIT_SEED, retention=False, export=False, mix=MixSpec(fraction=0.0), kd=True)
+    base = dict(steps=None, n_samples=args.n_samples, eval_samples=args.eval_samples, epochs=args.epochs,
+                batch_size=args.batch_size, seqlen=args.max_length, retention=False, mix=MixSpec(fraction=0.0), kd=True)
     base.update(kw)
-    return TuneConfig(**base)
+    return TuneSpec(**base)
+
+
+def tune_run(seed: int, export: bool = False) -> dict:
+    """`finetune`'s run arguments, the same for every row: BBC News at the fixed split, the row's seed."""
+    from prunetune.data.spec import DataSpec
+
+    return {"task": "seq-cls", "data": DataSpec(train="bbc-news", split_seed=SPLIT_SEED), "seed": seed,
+            "export": export}
 
 
 # ------------------------------------------------------------------------------------------------ rows
 def row_dense(args, seed, out):
     from prunetune.tuning.finetune import finetune
 
-    cfg = tune_config(args, seed, lora=False, kd=False, lr=args.full_lr, export=True)
-    r = finetune(args.model, cfg, out, overwrite=True, kind="dense-full")
+    cfg = tune_spec(args, mode="full", kd=False, lr=args.full_lr)
+    r = finetune(args.model, cfg, out, **tune_run(seed, export=True), overwrite=True, kind="dense-full")
     return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "predictions": r["predictions"],
             "linear_kept_fraction": 1.0, "global_step": r["global_step"], "train_s": r["timings"]["train_s"],
             "teacher_dir": str(Path(out).resolve() / "model")}
@@ -104,8 +111,7 @@ def _payt_like(args, seed, out, budget, schedule):
     from prunetune.methods.payt import PaytMethod, PaytSpec
     from prunetune.tuning.finetune import finetune
 
-    cfg = tune_config(args, seed, lora=True, kd=True, kd_alpha=0.3, lr=args.lora_lr,
-                      mix=MixSpec(fraction=args.payt_mix))
+    cfg = tune_spec(args, mode="lora", kd=True, kd_alpha=0.3, lr=args.lora_lr, mix=MixSpec(fraction=args.payt_mix))
     if schedule == "oneshot":
         spec = PaytSpec(sparsity=round(1 - budget, 6), schedule="oneshot", start=0.0, every=1, unit="step",
                         criterion="wanda")
@@ -113,7 +119,8 @@ def _payt_like(args, seed, out, budget, schedule):
         spec = PaytSpec(sparsity=round(1 - budget, 6), schedule="agp", start=0.2, every=args.payt_every, unit="step",
                         criterion="wanda")
     method = PaytMethod(spec)
-    r = finetune(args.model, cfg, out, overwrite=True, method=method, kind="payt" if schedule != "oneshot" else "prune-lora")
+    r = finetune(args.model, cfg, out, **tune_run(seed), overwrite=True, method=method,
+                 kind="payt" if schedule != "oneshot" else "prune-lora")
     return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "predictions": r["predictions"],
             "sparsity": r["sparsity"], "linear_kept_fraction": 1 - r["sparsity"], "global_step": r["global_step"],
             "train_s": r["timings"]["train_s"], "merge_changed_predictions": r.get("merge_changed_predictions"),
@@ -128,7 +135,7 @@ def row_losparse(args, seed, out, budget, variant: str, rows_dir: Path, exports:
     from prunetune.methods.losparse import Losparse, LosparseSpec
     from prunetune.tuning.finetune import finetune
 
-    cfg = tune_config(args, seed, lora=False, kd=False, lr=args.losparse_lr)
+    cfg = tune_spec(args, mode="full", kd=False, lr=args.losparse_lr)
     rank_ratio = RANK_SPLIT[budget]
     # keep of S = budget − the actual low-rank fraction (ranks are rounded up), so U·V + kept S = the budget
     keep = round(budget - _lowrank_fraction(args.model, rank_ratio), 6)
@@ -142,7 +149,7 @@ def row_losparse(args, seed, out, budget, variant: str, rows_dir: Path, exports:
     spec = LosparseSpec(rank_ratio=rank_ratio, keep=keep, warmup_steps=args.warmup_unit,
                         initial_warmup=args.initial_warmup, final_warmup=args.final_warmup, deltaT=args.delta_t, **kw)
     method = Losparse(spec)
-    r = finetune(args.model, cfg, out, method=method, overwrite=True, kind="losparse")
+    r = finetune(args.model, cfg, out, **tune_run(seed), method=method, overwrite=True, kind="losparse")
     counts = method.counts  # measured on the factorised model, before finalize materialised it
     res = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "predictions": r["predictions"],
            "global_step": r["global_step"], "train_s": r["timings"]["train_s"],
@@ -152,7 +159,7 @@ def row_losparse(args, seed, out, budget, variant: str, rows_dir: Path, exports:
            "ranks": {n: d["rank"] for n, d in method.layer_info.items()}, "events": method.events,
            "schedule": method.summary()["losparse_schedule"], "spec": spec.to_dict()}
     if exports:
-        res["exports"] = export_and_time(args.model, r["_model"], r["_tokenizer"], r["_test"], cfg.max_length,
+        res["exports"] = export_and_time(args.model, r["_model"], r["_tokenizer"], r["_test"], cfg.seqlen,
                                          Path(out), res["predictions"])
     return res
 
@@ -267,15 +274,15 @@ def _recovery_batches(args, tok):
     import torch
     from transformers import DataCollatorForLanguageModeling
 
-    from prunetune.tuning.config import TuneConfig
+    from prunetune.data.spec import DataSpec
     from prunetune.tuning.data import encode_lm, load_task_data
+    from prunetune.tuning.spec import TuneSpec
 
-    cfg = TuneConfig(task="causal-lm", data="wikitext2", lora=False, kd=False, epochs=1, lr=args.sm_lr,
-                     batch_size=args.sm_batch, max_length=args.sm_seqlen, n_samples=args.sm_steps * args.sm_batch,
-                     eval_samples=4, seed=0, retention=False, export=False,
-                     data_dir=os.environ.get("PRUNETUNE_DATA_DIR"))
-    data = load_task_data(cfg, tok)
-    train = encode_lm(tok, [e["text"] for e in data["train"]], cfg.max_length)
+    cfg = TuneSpec(mode="full", kd=False, steps=None, epochs=1, lr=args.sm_lr, batch_size=args.sm_batch,
+                   seqlen=args.sm_seqlen, n_samples=args.sm_steps * args.sm_batch, eval_samples=4, retention=False)
+    data = load_task_data(cfg, DataSpec(train="wikitext2", data_dir=os.environ.get("PRUNETUNE_DATA_DIR")),
+                          task="causal-lm", seed=0, tokenizer=tok)
+    train = encode_lm(tok, [e["text"] for e in data["train"]], cfg.seqlen)
     steps = math.ceil(len(train) / cfg.batch_size)
     coll = DataCollatorForLanguageModeling(tok, mlm=False)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()

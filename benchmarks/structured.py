@@ -539,14 +539,15 @@ def main() -> None:
             if not d.exists():
                 print("cannot recover", row, "(its export is gone: re-run the row)", flush=True)
                 continue
-            from prunetune.tuning.config import TuneConfig
+            from prunetune.data.spec import DataSpec
             from prunetune.tuning.finetune import finetune
+            from prunetune.tuning.spec import TuneSpec
 
             t_r = time.perf_counter()
-            cfg = TuneConfig(task="causal-lm", data="wikitext2", kd=False, epochs=1, n_samples=samples,
-                             batch_size=2, max_length=256, eval_samples=2, test_samples=2, retention=False, lora_rank=8,
-                             lora_alpha=16, lora_dropout=0.0, lr=1e-3)
-            fin = finetune(str(d), cfg, work / f"{d.name}-lora", overwrite=True)
+            cfg = TuneSpec(kd=False, steps=None, epochs=1, n_samples=samples, batch_size=2, seqlen=256, eval_samples=2,
+                           test_samples=2, retention=False, lora_rank=8, lora_alpha=16, lora_dropout=0.0, lr=1e-3)
+            fin = finetune(str(d), cfg, work / f"{d.name}-lora", task="causal-lm", data=DataSpec(train="wikitext2"),
+                           overwrite=True)
             model, _ = load(str(work / f"{d.name}-lora" / "model"))
             res["recovered"] = {**ppl(model, tok, args.ppl_windows), "lora": {
                 "rank": 8, "samples": samples, "batch": 2, "seqlen": 256, "lr": 1e-3,

@@ -166,8 +166,9 @@ def assert_plain_reload_identical(model, out, task: str, model_type: str) -> flo
 # ------------------------------------------------------------------------------------------------ table
 @pytest.mark.parametrize("model_type,gran", TABLE, ids=[f"{t}-{g}" for t, g in TABLE])
 def test_arch_table(model_type, gran, tmp_path, data_files):
-    from prunetune.tuning.config import TuneConfig
+    from prunetune.data.spec import DataSpec
     from prunetune.tuning.finetune import finetune
+    from prunetune.tuning.spec import TuneSpec
 
     task, tunes = TYPES[model_type]
     loaded = tiny_model(model_type, task, num_labels=2)
@@ -191,9 +192,9 @@ def test_arch_table(model_type, gran, tmp_path, data_files):
         src = tmp_path / "pruned"
         save_hf_dir(model, tok, src, extra=masks.save)
         data = data_files / ("text.txt" if task == "causal-lm" else "labelled.jsonl")
-        cfg = TuneConfig(task=task, data=str(data), n_samples=4, eval_samples=2, test_samples=2, epochs=1,
-                         batch_size=2, max_length=24, lr=5e-2, kd=False, retention=False)
-        r = finetune(str(src), cfg, tmp_path / "ft", masks=masks)
+        cfg = TuneSpec(steps=None, n_samples=4, eval_samples=2, test_samples=2, epochs=1, batch_size=2, seqlen=24,
+                       lr=5e-2, kd=False, retention=False)
+        r = finetune(str(src), cfg, tmp_path / "ft", task=task, data=DataSpec(train=str(data)), masks=masks)
         assert r["global_step"] == 2
         model, out = r["_model"], tmp_path / "ft" / "model"
     else:

@@ -22,8 +22,9 @@ def test_headline_accuracy_is_the_exported_models(task_csv, tmp_path, monkeypatc
 
     import prunetune.models.export as export
     import prunetune.tuning.finetune as driver
-    from prunetune.tuning.config import TuneConfig
+    from prunetune.data.spec import DataSpec
     from prunetune.tuning.finetune import finetune
+    from prunetune.tuning.spec import TuneSpec
 
     real_merge = export.merge_lora_keep_masks
 
@@ -35,9 +36,9 @@ def test_headline_accuracy_is_the_exported_models(task_csv, tmp_path, monkeypatc
         return plain
 
     monkeypatch.setattr(driver, "merge_lora_keep_masks", flipping_merge)  # where the driver looks it up
-    cfg = TuneConfig(data=str(task_csv), n_samples=32, eval_samples=4, epochs=2, batch_size=8, max_length=32, lr=1e-2,
-                     kd=False, retention=False)
-    r = finetune("tiny-bert", cfg, tmp_path / "ft")
+    cfg = TuneSpec(steps=None, n_samples=32, eval_samples=4, epochs=2, batch_size=8, seqlen=32, lr=1e-2, kd=False,
+                   retention=False)
+    r = finetune("tiny-bert", cfg, tmp_path / "ft", data=DataSpec(train=str(task_csv)))
     saved = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     after, before = saved["test_after_merge"], saved["test_before_merge"]
     assert after["accuracy"] == pytest.approx(1 - before["accuracy"]) and after["accuracy"] != before["accuracy"]

@@ -132,10 +132,8 @@ def test_recipe_kd_alpha_alone_switches_kd_on_and_mixing_is_a_recipe_option():
     r = validate_recipe({"stages": ["finetune"], "tune": {"kd_alpha": 0.3, "mix": {"fraction": 0.05}}})
     assert r.tune.kd and r.tune.kd_alpha == 0.3 and r.tune.mix.fraction == 0.05
     assert not validate_recipe({"stages": ["finetune"], "tune": {"kd_alpha": None}}).tune.kd
-    from prunetune.pipelines.stages import tune_config
-
-    cfg = tune_config(r, r.tune, 0)
-    assert cfg.kd and cfg.kd_alpha == 0.3 and cfg.mix.fraction == 0.05 and cfg.learning_rate == 1e-3
+    rec = r.tune.record(r.data, task="seq-cls", seed=0, export=False)  # what the run trains with, as recorded
+    assert rec["kd"] and rec["kd_alpha"] == 0.3 and rec["mix"]["fraction"] == 0.05 and rec["learning_rate"] == 1e-3
 
 
 def test_negation_flags_and_bad_flags(tmp_path, capfd):

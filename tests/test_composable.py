@@ -386,18 +386,19 @@ def test_t5_composability_end_to_end_with_bleu(tmp_path):
 
 
 def test_seq2seq_task_from_the_driver_options(tmp_path):
-    """The driver's options (a TuneConfig-like object with task seq2seq) map onto the seq2seq run."""
-    from types import SimpleNamespace
-
+    """The driver's options (the `tune` spec, the data naming the pairs, the seed) map onto the seq2seq run."""
+    from prunetune.data.spec import DataSpec
     from prunetune.tuning.seq2seq import finetune_task
+    from prunetune.tuning.spec import TuneSpec
 
-    cfg = SimpleNamespace(task="seq2seq", data="synthetic", epochs=1.0, lr=3e-3, learning_rate=3e-3, batch_size=16,
-                          max_length=24, n_samples=48, eval_samples=8, seed=0, lora=False)
-    r = finetune_task("tiny-t5", cfg, tmp_path / "drv")
+    cfg = TuneSpec(mode="full", steps=None, epochs=1.0, lr=3e-3, batch_size=16, seqlen=24, n_samples=48,
+                   eval_samples=8)
+    pairs = DataSpec(train="synthetic")
+    r = finetune_task("tiny-t5", cfg, tmp_path / "drv", data=pairs, seed=0)
     assert r["global_step"] == 3 and r["train_examples"] == 48
     assert r["after"]["loss"] < r["before"]["loss"]
     with pytest.raises(PrunetuneError, match="use --full"):
-        finetune_task("tiny-t5", SimpleNamespace(**{**vars(cfg), "lora": True}), tmp_path / "x")
+        finetune_task("tiny-t5", cfg.model_copy(update={"mode": "lora"}), tmp_path / "x", data=pairs)
 
 
 def test_cli_compose_wanda_baseline_and_exported_model_reloads_in_plain_transformers(capfd, tmp_path):
@@ -443,10 +444,11 @@ def test_cli_compose_wanda_baseline_and_exported_model_reloads_in_plain_transfor
         pruned = sum(int((~m).sum()) for m in masks.values())
         assert pruned > 0
         # the reported test accuracy, recomputed on the same fixed test split (the data layer builds the split)
-        from prunetune.tuning.config import TuneConfig
+        from prunetune.data.spec import DataSpec
         from prunetune.tuning.data import load_task_data
+        from prunetune.tuning.spec import TuneSpec
 
-        data = load_task_data(TuneConfig(task="seq-cls", data=str(task), test_samples=12))
+        data = load_task_data(TuneSpec(test_samples=12), DataSpec(train=str(task)), task="seq-cls")
         with torch.no_grad():
             preds = [int(model(**tok(e["text"], truncation=True, max_length=24, return_tensors="pt")).logits.argmax(-1))
                      for e in data["test"]]

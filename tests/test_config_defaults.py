@@ -1,19 +1,18 @@
-"""One option schema: the tuning module's `TuneConfig` takes every default a recipe can set from the pydantic
-recipe specs (`prunetune.config`), and PAYT takes its `payt` section itself. One table row per shared option; a
-field on either side that is in no row and in no list of one-sided options fails the test, so a new option must
-say where it lives. Every command is a recipe with a command file and no flag default of its own."""
+"""One option schema: the recipe's pydantic specs are the only schema of every option and default. The tuning
+module takes the recipe's `tune` section (`TuneSpec`) itself, and PAYT its `payt` section: no twin dataclass, no
+converter. What a run's manifest records of its fine-tuning (`TuneSpec.record`, the keys manifests have always
+had) is checked here key by key: one table row per recorded option, its value as the schema writes it; a key or
+option in no row and in no list of one-sided ones fails the test, so a new option must say where it lives. Every
+command is a recipe with a command file and no flag default of its own."""
 
 from __future__ import annotations
-
-from dataclasses import asdict, fields
 
 import pytest
 
 from prunetune.config import DataSpec, PaytSpec as PaytOptions, TuneSpec, validate_recipe
 from prunetune.methods.payt import PaytSpec
-from prunetune.tuning.config import TuneConfig
 
-# TuneConfig field -> its default as the recipe schema writes it (t: TuneSpec(), d: DataSpec())
+# recorded key -> its value for a spec as the recipe schema writes it (t: TuneSpec, d: DataSpec)
 SHARED = {
     "data": lambda t, d: d.train,
     "lora": lambda t, d: t.mode == "lora",
@@ -22,7 +21,7 @@ SHARED = {
     "lora_dropout": lambda t, d: t.lora_dropout,
     "rslora": lambda t, d: t.rslora,
     "gradient_checkpointing": lambda t, d: t.gradient_checkpointing,
-    "lora_roles": lambda t, d: t.lora_roles,
+    "lora_roles": lambda t, d: tuple(t.lora_roles) if t.lora_roles is not None else None,
     "kd": lambda t, d: t.kd,
     "kd_alpha": lambda t, d: t.kd_alpha,
     "kd_temp": lambda t, d: t.kd_temp,
@@ -40,36 +39,51 @@ SHARED = {
     "retention": lambda t, d: t.retention,
     "retention_windows": lambda t, d: t.retention_windows,
     "save_steps": lambda t, d: t.save_steps,
+    "learning_rate": lambda t, d: t.learning_rate,
 }
-TUNING_ONLY = {"task", "seed", "grad_accum", "weight_decay", "warmup_ratio", "export", "mask_lora"}
-# TuneSpec fields that reach TuneConfig through another name or a conversion (every other one keeps its name)
+# recorded keys the run decides (finetune's arguments beside the spec) or the tuning module fixes
+RUN_ONLY = {"task": "seq-cls", "seed": 3, "weight_decay": 0.0, "export": False, "grad_accum": 1, "warmup_ratio": 0.0,
+            "mask_lora": True}
+# TuneSpec fields recorded under another name or through a conversion (every other one keeps its name)
 SCHEMA_ONLY = {"mode": "lora", "steps": "n_samples/epochs", "seqlen": "max_length"}
+SPECS = [TuneSpec(), TuneSpec(steps=None, n_samples=40, epochs=2.5, lora_rank=4, lora_roles=["q", "v"], kd_alpha=0.3,
+                              mode="full", lr=2e-4, seqlen=64)]
 
 
-def _value(cfg: TuneConfig, name: str):
-    v = getattr(cfg, name)
-    if name == "mix":
-        return {k: getattr(v, k) for k in ("fraction", "source", "split", "strategy", "sampling")}
-    return v
+def _record(t: TuneSpec, d: DataSpec) -> dict:
+    r = t.record(d, task="seq-cls", seed=3, export=False)
+    r["mix"] = {k: v for k, v in r["mix"].items() if k != "seed"}
+    return r
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=["default", "set"])
 @pytest.mark.parametrize("name", sorted(SHARED))
-def test_tune_config_default_is_the_recipe_schemas(name):
-    assert _value(TuneConfig(), name) == SHARED[name](TuneSpec(), DataSpec())
+def test_recorded_tune_setting_is_the_schemas(name, spec):
+    d = DataSpec(train="x.csv", split_seed=5)
+    assert _record(spec, d)[name] == SHARED[name](spec, d)
 
 
-def test_every_option_is_in_the_table_or_declared_one_sided():
-    cfg_fields = {f.name for f in fields(TuneConfig)}
-    assert cfg_fields == set(SHARED) | TUNING_ONLY, cfg_fields ^ (set(SHARED) | TUNING_ONLY)
-    unmapped = set(TuneSpec.model_fields) - set(SHARED) - set(SCHEMA_ONLY) - {"lora_alpha"}
-    assert unmapped == set(), f"TuneSpec options the tuning module never receives: {unmapped}"
+def test_every_option_is_recorded_and_every_recorded_key_is_in_the_table():
+    rec = TuneSpec().record(DataSpec(), task="seq-cls", seed=3, export=False)
+    assert set(rec) == set(SHARED) | set(RUN_ONLY), set(rec) ^ (set(SHARED) | set(RUN_ONLY))
+    assert {k: rec[k] for k in RUN_ONLY} == RUN_ONLY
+    assert rec["mix"]["seed"] == 3  # data mixing draws with the training seed
+    unmapped = set(TuneSpec.model_fields) - set(SHARED) - set(SCHEMA_ONLY)
+    assert unmapped == set(), f"TuneSpec options no manifest records: {unmapped}"
 
 
-def test_a_default_recipe_converts_to_the_dataclass_defaults():
-    from prunetune.pipelines.stages import tune_config
+def test_the_tuning_module_takes_the_spec_itself():
+    """No twin of `TuneSpec` and no converter: `finetune` takes the spec, a stage hands it the recipe's own."""
+    import importlib.util
+    import inspect
 
+    from prunetune.pipelines.stages import tune_run
+    from prunetune.tuning.finetune import finetune
+
+    assert importlib.util.find_spec("prunetune.tuning.config") is None
+    assert inspect.signature(finetune).parameters["spec"].annotation in (TuneSpec, "TuneSpec")
     recipe = validate_recipe({"model": {"task": "seq-cls"}, "stages": ["finetune"]})
-    assert asdict(tune_config(recipe, recipe.tune, seed=0)) == asdict(TuneConfig(export=False))
+    assert tune_run(recipe, seed=0) == {"data": recipe.data, "task": "seq-cls", "seed": 0, "export": False}
 
 
 def test_payt_has_one_schema():
@@ -86,10 +100,11 @@ def test_payt_has_one_schema():
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_learning_rate_rule_is_one(mode):
-    """The per-mode default learning rate is the schema's on both sides (1e-3 LoRA, 1e-4 full)."""
+    """The per-mode default learning rate is the schema's, and what a run records (1e-3 LoRA, 1e-4 full)."""
     spec = TuneSpec(mode=mode)
-    assert TuneConfig(lora=mode == "lora").learning_rate == spec.learning_rate == {"lora": 1e-3, "full": 1e-4}[mode]
-    assert TuneConfig(lora=mode == "lora", lr=3e-4).learning_rate == TuneSpec(mode=mode, lr=3e-4).learning_rate
+    assert spec.record(DataSpec(), task="seq-cls", seed=0, export=False)["learning_rate"] == spec.learning_rate
+    assert spec.learning_rate == {"lora": 1e-3, "full": 1e-4}[mode]
+    assert TuneSpec(mode=mode, lr=3e-4).learning_rate == 3e-4
 
 
 def _recipe_commands() -> list[str]:

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from cli_helpers import cli_killer, cli_ok
 from prunetune.errors import PrunetuneError
 from prunetune.methods.losparse import Losparse, LosparseSpec
-from prunetune.tuning.config import TuneConfig
+from prunetune.tuning.spec import TuneSpec
 from prunetune.tuning.finetune import finetune
 from prunetune.tuning.lifecycle import METHOD_STATE_JSON, METHOD_STATE_TENSORS
 
@@ -33,9 +33,10 @@ METHOD_SPEC = dict(rank_ratio=0.2, keep=0.3, initial_warmup_steps=2, final_warmu
 TRAINER_PICKLES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"}
 
 
-def _cfg() -> TuneConfig:
-    return TuneConfig(task="seq-cls", n_samples=16, eval_samples=4, test_samples=8, epochs=3, batch_size=4,
-                      max_length=24, retention=False, kd=False, lora=False, lr=5e-3)
+def _cfg() -> TuneSpec:
+    """Full fine-tuning (LoSparse trains U, V and S itself) of 16 task examples for 3 epochs."""
+    return TuneSpec(mode="full", steps=None, n_samples=16, eval_samples=4, test_samples=8, epochs=3, batch_size=4,
+                    seqlen=24, retention=False, kd=False, lr=5e-3)
 
 
 class _Crash(TrainerCallback):

@@ -14,14 +14,15 @@ from cli_helpers import cli_error, cli_ok
 from prunetune.data.spec import MixSpec
 from prunetune.methods.payt import PaytSpec, compute_masks, run_payt
 from prunetune.pruning.masks import MaskSet, sparsity_report
-from prunetune.tuning.config import TuneConfig
+from prunetune.tuning.spec import TuneSpec
 
 
-def _cfg(**kw) -> TuneConfig:
-    base = dict(task="seq-cls", n_samples=16, eval_samples=8, test_samples=40, epochs=2, batch_size=8,
-                max_length=32, retention=False, kd=True)
+def _tune(**kw) -> TuneSpec:
+    """LoRA on 16 examples of the default task data (bbc-news), 2 epochs, with KD."""
+    base = dict(steps=None, n_samples=16, eval_samples=8, test_samples=40, epochs=2, batch_size=8, seqlen=32,
+                retention=False, kd=True)
     base.update(kw)
-    return TuneConfig(**base)
+    return TuneSpec(**base)
 
 
 def test_compute_masks_is_exact_and_monotone(tiny_llama):
@@ -52,7 +53,7 @@ def test_compute_masks_is_exact_and_monotone(tiny_llama):
 @pytest.mark.parametrize("criterion", ["l2-cols", "l1-global"])
 def test_payt_reaches_target_in_real_zeros(tmp_path, criterion):
     spec = PaytSpec(sparsity=0.5, schedule="agp", start=0.2, every=1, unit="step", criterion=criterion)
-    r = run_payt("tiny-llama", _cfg(lora=True, mix=MixSpec(fraction=0.1)), spec, tmp_path / "payt")
+    r = run_payt("tiny-llama", _tune(mix=MixSpec(fraction=0.1)), spec, tmp_path / "payt")
     events = r["pruning_events"]
     # 16 + 2 mixed examples / batch 8 = 3 steps x 2 epochs; start 20% -> step floor(1.2) = 1, then every step
     assert r["global_step"] == 6 and [e["step"] for e in events] == [1, 2, 3, 4, 5]
@@ -78,7 +79,7 @@ def test_merged_export_reloads_with_plain_transformers_same_predictions(tmp_path
     from prunetune.evaluation.task import predict_classes
 
     spec = PaytSpec(sparsity=0.5, schedule="linear", start=0.0, every=1, unit="epoch")
-    r = run_payt("tiny-llama", _cfg(lora=True), spec, tmp_path / "run")
+    r = run_payt("tiny-llama", _tune(), spec, tmp_path / "run")
     assert r["merge_changed_predictions"] == 0
     assert r["test_after_merge"]["accuracy"] == r["test_before_merge"]["accuracy"]
     d = tmp_path / "run" / "model"
@@ -99,7 +100,7 @@ def test_payt_epoch_aligned_events_fall_on_epoch_boundaries(tmp_path):
     """`align: epoch` in a real run: 16 examples / batch 4 = 4 steps an epoch, 3 epochs (12 steps); start 0.5 is
     step floor(6) = 6, mid epoch 1, aligned down to that epoch's first step 4, then every epoch (8; 12 is the end)."""
     spec = PaytSpec(sparsity=0.5, schedule="linear", start=0.5, every=1, unit="epoch", align="epoch")
-    r = run_payt("tiny-llama", _cfg(lora=True, kd=False, epochs=3, batch_size=4), spec, tmp_path / "payt")
+    r = run_payt("tiny-llama", _tune(kd=False, epochs=3, batch_size=4), spec, tmp_path / "payt")
     assert r["global_step"] == 12
     assert [e["step"] for e in r["pruning_events"]] == [4, 8]
     assert [e["target"] for e in r["pruning_events"]] == pytest.approx([0.25, 0.5])
@@ -192,37 +193,34 @@ def _old_driver(recipe, out) -> dict:
     """The eight configurations exactly as `prunetune payt --full-evaluate` ran them before it became a recipe
     (the method's own driver, kept here as the reference): one process, one run after the other, each from
     the original model with the command's settings at the recipe's seed."""
-    import copy
-
     from prunetune.methods.payt import PaytMethod, prune_only
-    from prunetune.pipelines.stages import tune_config
+    from prunetune.pipelines.stages import tune_run
     from prunetune.tuning.finetune import finetune
 
-    cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
+    run, tune = tune_run(recipe, recipe.seed, export=True), recipe.tune
     spec = recipe.payt
     model = recipe.model.name
-
-    plain = copy.deepcopy(cfg)  # the baselines: no KD, no mixing (`baselines: plain`, the default)
-    plain.kd, plain.mix = False, cfg.mix.model_copy(update={"fraction": 0.0})
-    full_cfg = copy.deepcopy(plain)
-    full_cfg.lora, full_cfg.lr = False, None
-    lora_cfg = copy.deepcopy(plain)
-    lora_cfg.lora = True
-    nokd_cfg = copy.deepcopy(cfg)
-    nokd_cfg.kd = False
-    other_cfg = copy.deepcopy(cfg)
-    other_cfg.rslora = not cfg.rslora
+    # the baselines: no KD, no mixing (`baselines: plain`, the default)
+    plain = tune.model_copy(update={"kd": False, "mix": tune.mix.model_copy(update={"fraction": 0.0})})
+    full_cfg = plain.model_copy(update={"mode": "full", "lr": None})
+    lora_cfg = plain.model_copy(update={"mode": "lora"})
+    nokd_cfg = tune.model_copy(update={"kd": False})
+    other_cfg = tune.model_copy(update={"rslora": not tune.rslora})
     oneshot = PaytSpec(sparsity=spec.sparsity, schedule="oneshot", start=0.0, every=1, unit="step",
                        criterion=spec.criterion, nsamples=spec.nsamples, seqlen=spec.seqlen)
     plan = [
-        ("dense full FT", lambda d: finetune(model, full_cfg, d, kind="dense-full")),
-        ("dense LoRA FT", lambda d: finetune(model, lora_cfg, d, kind="dense-lora")),
-        ("prune (no FT)", lambda d: prune_only(model, cfg, spec)),
-        ("prune -> full FT", lambda d: finetune(model, full_cfg, d, method=PaytMethod(oneshot), kind="prune-full")),
-        ("prune -> LoRA FT", lambda d: finetune(model, lora_cfg, d, method=PaytMethod(oneshot), kind="prune-lora")),
-        ("PAYT", lambda d: finetune(model, cfg, d, method=PaytMethod(spec), kind="payt")),
-        ("PAYT without KD", lambda d: finetune(model, nokd_cfg, d, method=PaytMethod(spec), kind="payt-nokd")),
-        ("PAYT rsLoRA", lambda d: finetune(model, other_cfg, d, method=PaytMethod(spec), kind="payt-other-scaling")),
+        ("dense full FT", lambda d: finetune(model, full_cfg, d, **run, kind="dense-full")),
+        ("dense LoRA FT", lambda d: finetune(model, lora_cfg, d, **run, kind="dense-lora")),
+        ("prune (no FT)", lambda d: prune_only(model, tune, spec, data=run["data"], task=run["task"],
+                                               seed=run["seed"])),
+        ("prune -> full FT", lambda d: finetune(model, full_cfg, d, **run, method=PaytMethod(oneshot),
+                                                kind="prune-full")),
+        ("prune -> LoRA FT", lambda d: finetune(model, lora_cfg, d, **run, method=PaytMethod(oneshot),
+                                                kind="prune-lora")),
+        ("PAYT", lambda d: finetune(model, tune, d, **run, method=PaytMethod(spec), kind="payt")),
+        ("PAYT without KD", lambda d: finetune(model, nokd_cfg, d, **run, method=PaytMethod(spec), kind="payt-nokd")),
+        ("PAYT rsLoRA", lambda d: finetune(model, other_cfg, d, **run, method=PaytMethod(spec),
+                                           kind="payt-other-scaling")),
     ]
     return {label: fn(out / str(i)) for i, (label, fn) in enumerate(plan)}
 
@@ -247,22 +245,22 @@ def _capture_configurations(monkeypatch, baselines: str | None) -> dict:
     """Each trained configuration's tuning settings as `run_configuration` hands them to `finetune` (not run)."""
     from prunetune.config import load_recipe
     from prunetune.methods.payt import comparison
-    from prunetune.pipelines.stages import tune_config
+    from prunetune.pipelines.stages import tune_run
 
     seen: dict = {}
 
-    def fake(model, cfg, out, method=None, kind=None, **kw):
-        seen[kind] = (cfg, method)
+    def fake(model, tune, out, method=None, kind=None, **kw):
+        seen[kind] = (tune, method)
         return {"kind": kind}
 
     monkeypatch.setattr(comparison, "finetune", fake)
     recipe = load_recipe("payt")  # KD (alpha 0.3) and 5% mixing: what the PAYT rows train with
-    cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
-    assert cfg.kd and cfg.mix.fraction == 0.05
+    tune, run_kw = recipe.tune, tune_run(recipe, recipe.seed, export=True)
+    assert tune.kd and tune.mix.fraction == 0.05
     for run in ("dense-full", "dense-lora", "prune-full", "prune-lora", "payt", "payt-nokd", "payt-other-scaling"):
         kw = {} if baselines is None else {"baselines": baselines}
-        comparison.run_configuration(run, "tiny-llama", cfg, recipe.payt, "unused", **kw)
-    assert cfg.kd and cfg.mix.fraction == 0.05  # the caller's settings are not changed
+        comparison.run_configuration(run, "tiny-llama", tune, recipe.payt, "unused", **run_kw, **kw)
+    assert tune.kd and tune.mix.fraction == 0.05  # the caller's settings are not changed
     return seen
 
 
@@ -285,7 +283,7 @@ def test_full_evaluate_plain_baseline_trains_without_teacher_or_mixing(tmp_path)
     """A real baseline run: teacher none and 0 mixed examples (the table's KD "no" and mixing "no" cells)."""
     from prunetune.methods.payt import comparison
 
-    cfg = _cfg(lora=True, kd=True, epochs=1, mix=MixSpec(fraction=0.25))
+    cfg = _tune(kd=True, epochs=1, mix=MixSpec(fraction=0.25))
     spec = PaytSpec(sparsity=0.5, schedule="linear", start=0.0, unit="step")
     r = comparison.run_configuration("prune-lora", "tiny-llama", cfg, spec, tmp_path / "pl")
     assert r["teacher"] == "none" and r["mixing"]["mixed"] == 0 and r["train_examples"] == 16

@@ -114,10 +114,12 @@ def test_split_seed_is_a_data_option(task_csv):
 
 def test_training_seed_does_not_move_the_test_set(task_csv):
     """What `finetune --seed N` / `payt --seed N` use: the training seed picks train examples, never the test set."""
-    from prunetune.tuning.config import TuneConfig
+    from prunetune.data.spec import DataSpec
     from prunetune.tuning.data import load_task_data
+    from prunetune.tuning.spec import TuneSpec
 
-    parts = {s: load_task_data(TuneConfig(data=str(task_csv), seed=s, n_samples=32)) for s in (0, 1, 2)}
+    tune, data = TuneSpec(steps=None, n_samples=32), DataSpec(train=str(task_csv))
+    parts = {s: load_task_data(tune, data, seed=s) for s in (0, 1, 2)}
     digests = {examples_digest(p["test"]) for p in parts.values()}
     assert digests == {examples_digest(split_labelled(load_labelled(str(task_csv)), seed=0)["test"])}
     assert len({examples_digest(p["train"]) for p in parts.values()}) == 3  # the seed still varies training

@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
+from prunetune.data.spec import DataSpec
 from prunetune.errors import PrunetuneError
 from prunetune.methods.base import Method
 from prunetune.pruning.schedules import Schedule
 from prunetune.tuning.distill import kd_loss
-from prunetune.tuning.config import TuneConfig
 from prunetune.tuning.finetune import finetune
+from prunetune.tuning.spec import TuneSpec
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -194,11 +195,11 @@ def _masked_peft(dropout: float):
 
 def test_default_lora_dropout_takes_the_exact_path_and_the_merge_predicts_what_trained():
     """The default (0) trains through F.linear(x, (W + s·BA) ⊙ M): the training-mode forward is the merged model."""
-    from prunetune.config import TuneSpec, load_recipe
+    from prunetune.config import load_recipe
     from prunetune.models.export import merge_lora_keep_masks
     from prunetune.tuning.lora import takes_exact_path
 
-    assert TuneSpec().lora_dropout == TuneConfig().lora_dropout == 0.0
+    assert TuneSpec().lora_dropout == 0.0
     assert load_recipe("quickstart").tune.lora_dropout == 0.0
     assert load_recipe("payt-paper").tune.lora_dropout == 0.1  # the seed's value, kept on purpose
     ids = torch.randint(0, 200, (2, 16))
@@ -250,11 +251,15 @@ def test_masked_lora_linear_gradients_match_autograd(with_base):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _cfg(**kw) -> TuneConfig:
-    base = dict(task="seq-cls", n_samples=16, eval_samples=8, test_samples=40, epochs=2, batch_size=8,
-                max_length=32, retention=False, kd=True)
+def _tune(**kw) -> TuneSpec:
+    """LoRA on 16 examples of the default task data (bbc-news), 2 epochs, with KD."""
+    base = dict(steps=None, n_samples=16, eval_samples=8, test_samples=40, epochs=2, batch_size=8, seqlen=32,
+                retention=False, kd=True)
     base.update(kw)
-    return TuneConfig(**base)
+    return TuneSpec(**base)
+
+
+WIKI_LM = {"task": "causal-lm", "data": DataSpec(train="wikitext2")}  # finetune's run arguments: LM on WikiText
 
 
 class _ZeroWatcher:
@@ -307,8 +312,8 @@ def test_pruned_weights_stay_exactly_zero_through_training(tmp_path, lora):
         def on_train_begin(self, args, state, control, model=None, **kw):
             ref["model"] = model
 
-    r = finetune(str(src), _cfg(lora=lora, lr=5e-2, weight_decay=0.1), tmp_path / "run", masks=live,
-                 callbacks=(Grab(), watcher.cb))
+    r = finetune(str(src), _tune(mode="lora" if lora else "full", lr=5e-2), tmp_path / "run", weight_decay=0.1,
+                 masks=live, callbacks=(Grab(), watcher.cb))
     assert watcher.checked == r["global_step"] == 4
     assert watcher.bad == 0
     # the weights did train (not frozen by accident), and the export keeps exactly the masks' zeros
@@ -336,7 +341,7 @@ def test_resume_continues_from_checkpoint_step(tmp_path):
                 FirstStep.first = state.global_step
 
     out = tmp_path / "run"
-    cfg = _cfg(epochs=3)
+    cfg = _tune(epochs=3)
     with pytest.raises(KeyboardInterrupt):
         finetune("tiny-llama", cfg, out, callbacks=(Crash(),))
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
@@ -350,17 +355,16 @@ def test_resume_continues_from_checkpoint_step(tmp_path):
 
 def test_resume_missing_or_corrupt_checkpoint_is_one_line_error(tmp_path):
     with pytest.raises(PrunetuneError, match="no checkpoint"):
-        finetune("tiny-llama", _cfg(), tmp_path / "none", resume=True)
+        finetune("tiny-llama", _tune(), tmp_path / "none", resume=True)
     bad = tmp_path / "bad" / "checkpoints" / "checkpoint-4"
     bad.mkdir(parents=True)
     (bad / "trainer_state.json").write_text("{not json")
     with pytest.raises(PrunetuneError, match="corrupt"):
-        finetune("tiny-llama", _cfg(), tmp_path / "bad", resume=True)
+        finetune("tiny-llama", _tune(), tmp_path / "bad", resume=True)
 
 
 def test_causal_lm_finetune_with_kd_shared_teacher(tmp_path):
-    r = finetune("tiny-llama", _cfg(task="causal-lm", data="wikitext2", n_samples=8, eval_samples=2, epochs=1,
-                                     max_length=64), tmp_path / "lm")
+    r = finetune("tiny-llama", _tune(n_samples=8, eval_samples=2, epochs=1, seqlen=64), tmp_path / "lm", **WIKI_LM)
     assert r["teacher"].startswith("initial (frozen base shared")
     assert r["test_after_merge"]["loss"] == pytest.approx(r["test_before_merge"]["loss"], rel=1e-4)
     assert math.isfinite(r["test_after_merge"]["perplexity"])
@@ -410,9 +414,9 @@ def test_gradient_checkpointing_flag_leaves_the_loss_unchanged(tmp_path):
     runs = {}
     for gc in (False, True):
         seen.clear()
-        r = finetune("tiny-llama", _cfg(task="causal-lm", data="wikitext2", n_samples=8, eval_samples=2, epochs=1,
-                                         batch_size=4, max_length=64, kd=False, gradient_checkpointing=gc),
-                     tmp_path / f"gc{int(gc)}", callbacks=(Grab(),))
+        r = finetune("tiny-llama", _tune(n_samples=8, eval_samples=2, epochs=1, batch_size=4, seqlen=64, kd=False,
+                                         gradient_checkpointing=gc), tmp_path / f"gc{int(gc)}", **WIKI_LM,
+                     callbacks=(Grab(),))
         assert seen[tmp_path.name] == [gc] * r["global_step"]  # checkpointing is on exactly when asked
         runs[gc] = r
     assert runs[True]["train_loss"] == pytest.approx(runs[False]["train_loss"], rel=1e-6)
@@ -485,12 +489,12 @@ def test_payt_resume_restores_masks_and_skips_done_events(tmp_path):
     spec = PaytSpec(sparsity=0.5, schedule="linear", start=0.0, every=1, unit="step")
     out = tmp_path / "payt"
     with pytest.raises(KeyboardInterrupt):
-        run_payt("tiny-llama", _cfg(epochs=3), spec, out, callbacks=(Crash(),))
+        run_payt("tiny-llama", _tune(epochs=3), spec, out, callbacks=(Crash(),))
     from prunetune.pruning.masks import MaskSet
 
     saved = MaskSet.load(out / "checkpoints" / "checkpoint-2")
     assert saved.sparsity() == pytest.approx(0.5 * 2 / 6, abs=1e-3)  # events at steps 0 and 1 of 6 done
-    r = run_payt("tiny-llama", _cfg(epochs=3), spec, out, resume=True)
+    r = run_payt("tiny-llama", _tune(epochs=3), spec, out, resume=True)
     # the events before the checkpoint come back with PAYT's method state; the resumed run adds the rest
     assert [e["step"] for e in r["pruning_events"]] == [0, 1, 2, 3, 4, 5]
     assert r["pruning_events"][2]["mask_sparsity"] == pytest.approx(0.5 * 3 / 6, abs=1e-3)
@@ -498,13 +502,13 @@ def test_payt_resume_restores_masks_and_skips_done_events(tmp_path):
 
 
 def test_dense_teacher_then_teacher_from_path(tmp_path):
-    r = finetune("tiny-llama", _cfg(epochs=1, n_samples=8, teacher="dense"), tmp_path / "kd")
+    r = finetune("tiny-llama", _tune(epochs=1, n_samples=8, teacher="dense"), tmp_path / "kd")
     assert r["teacher"].startswith("dense") and (tmp_path / "kd" / "teacher-dense" / "model" / "config.json").is_file()
-    r2 = finetune("tiny-llama", _cfg(epochs=1, n_samples=8, teacher=str(tmp_path / "kd" / "teacher-dense" / "model")),
+    r2 = finetune("tiny-llama", _tune(epochs=1, n_samples=8, teacher=str(tmp_path / "kd" / "teacher-dense" / "model")),
                   tmp_path / "kd2")
     assert r2["teacher"].startswith("path")
     with pytest.raises(PrunetuneError, match="--teacher"):
-        finetune("tiny-llama", _cfg(teacher=str(tmp_path / "nope")), tmp_path / "kd3")
+        finetune("tiny-llama", _tune(teacher=str(tmp_path / "nope")), tmp_path / "kd3")
 
 
 def test_lora_run_does_not_depend_on_what_ran_before(tmp_path):
@@ -512,7 +516,7 @@ def test_lora_run_does_not_depend_on_what_ran_before(tmp_path):
     results = []
     for i, noise in enumerate((1, 12345)):
         torch.manual_seed(noise)  # a different global RNG state, as left by an earlier run
-        r = finetune("tiny-llama", _cfg(lora=True), tmp_path / f"run{i}")
+        r = finetune("tiny-llama", _tune(), tmp_path / f"run{i}")
         results.append(r)
     a, b = (r["_model"].state_dict() for r in results)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -571,7 +575,7 @@ def test_method_hooks_run_in_order_with_grads_and_extra_loss_logged(tmp_path):
     masks = compute_masks(loaded.model, "l1-global", 0.5)
     name = sorted(masks.names())[0]
     method = _Recorder(name)
-    r = finetune(loaded.model, _cfg(lora=True), tmp_path / "m", tokenizer=loaded.tokenizer, model_name="tiny-llama",
+    r = finetune(loaded.model, _tune(), tmp_path / "m", tokenizer=loaded.tokenizer, model_name="tiny-llama",
                  method=method, masks=masks)
     calls = method.calls
     assert calls[:2] == ["prepare", "callbacks"] and calls[-1] == "finalize" and method.is_peft
@@ -593,21 +597,21 @@ def test_in_memory_model_needs_tokenizer_and_matching_labels(tmp_path):
 
     loaded = load_model("tiny-llama", "seq-cls", num_labels=3)
     with pytest.raises(PrunetuneError, match="tokenizer"):
-        finetune(loaded.model, _cfg(), tmp_path / "a")
+        finetune(loaded.model, _tune(), tmp_path / "a")
     with pytest.raises(PrunetuneError, match="3 classes"):
-        finetune(loaded.model, _cfg(), tmp_path / "b", tokenizer=loaded.tokenizer)
+        finetune(loaded.model, _tune(), tmp_path / "b", tokenizer=loaded.tokenizer)
     with pytest.raises(PrunetuneError, match="model_name"):
-        finetune(loaded.model, _cfg(retention=True), tmp_path / "c", tokenizer=loaded.tokenizer)
+        finetune(loaded.model, _tune(retention=True), tmp_path / "c", tokenizer=loaded.tokenizer)
 
 
 def test_in_memory_model_trains_like_the_same_spec(tmp_path):
     from prunetune.models.loading import load_model
 
-    by_spec = finetune("tiny-llama", _cfg(lora=True), tmp_path / "spec")
+    by_spec = finetune("tiny-llama", _tune(), tmp_path / "spec")
     from prunetune.data.sources import load_labelled
 
     loaded = load_model("tiny-llama", "seq-cls", label_names=load_labelled("bbc-news").label_names)
-    in_mem = finetune(loaded.model, _cfg(lora=True), tmp_path / "mem", tokenizer=loaded.tokenizer)
+    in_mem = finetune(loaded.model, _tune(), tmp_path / "mem", tokenizer=loaded.tokenizer)
     assert in_mem["train_loss"] == by_spec["train_loss"] and in_mem["predictions"] == by_spec["predictions"]
 
 
@@ -636,16 +640,16 @@ def test_finetune_driver_runs_seq2seq_pairs(tmp_path):
     options it cannot honour (KD, a training-time method) are one-line errors, not silently ignored."""
     from prunetune.errors import PrunetuneError
     from prunetune.methods.base import Method
-    from prunetune.tuning.config import TuneConfig
     from prunetune.tuning.finetune import finetune
 
-    cfg = TuneConfig(task="seq2seq", data="synthetic", lora=False, kd=False, epochs=1.0, lr=3e-3, batch_size=16,
-                     max_length=24, n_samples=48, eval_samples=8, retention=False)
-    r = finetune("tiny-t5", cfg, tmp_path / "s2s")
+    cfg = TuneSpec(mode="full", kd=False, steps=None, epochs=1.0, lr=3e-3, batch_size=16, seqlen=24, n_samples=48,
+                   eval_samples=8, retention=False)
+    pairs = {"task": "seq2seq", "data": DataSpec(train="synthetic")}
+    r = finetune("tiny-t5", cfg, tmp_path / "s2s", **pairs)
     assert r["global_step"] == 3 and r["train_examples"] == 48
     assert r["after"]["loss"] < r["before"]["loss"]
     assert "bleu" in r["after"]
     with pytest.raises(PrunetuneError, match="--no-kd"):
-        finetune("tiny-t5", TuneConfig(**{**cfg.__dict__, "kd": True}), tmp_path / "kd")
+        finetune("tiny-t5", cfg.model_copy(update={"kd": True}), tmp_path / "kd", **pairs)
     with pytest.raises(PrunetuneError, match="seq2seq"):
-        finetune("tiny-t5", cfg, tmp_path / "m", method=Method())
+        finetune("tiny-t5", cfg, tmp_path / "m", **pairs, method=Method())

@@ -41,10 +41,10 @@ def test_mean_pooled_on_cuda_matches_cpu():
 def test_masked_lora_finetune_on_cuda_keeps_zeros_and_merge_exact(tmp_path):
     from prunetune.methods.payt import PaytSpec, run_payt
     from prunetune.pruning.masks import sparsity_report
-    from prunetune.tuning.config import TuneConfig
+    from prunetune.tuning.spec import TuneSpec
 
-    cfg = TuneConfig(task="seq-cls", n_samples=16, eval_samples=8, test_samples=24, epochs=2, batch_size=8,
-                     max_length=32, retention=False, lora_dropout=0.0, kd=True)
+    cfg = TuneSpec(steps=None, n_samples=16, eval_samples=8, test_samples=24, epochs=2, batch_size=8, seqlen=32,
+                   retention=False, lora_dropout=0.0, kd=True)
     r = run_payt("tiny-llama", cfg, PaytSpec(sparsity=0.5, schedule="linear", start=0.0, every=1, unit="step"),
                  tmp_path / "run")
     assert next(r["_model"].parameters()).device.type == "cuda"

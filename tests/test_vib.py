@@ -361,16 +361,18 @@ def test_unknown_structure_and_method():
 def test_finetune_drives_vib_gates_and_exports_a_shrunk_model(tmp_path):
     """`finetune(..., method=VibMethod(...))`: the trainer's steps train the gates (weights frozen), the
     Lagrangian reaches the target, and finalize folds μ and shrinks, so the export is the smaller model."""
+    from prunetune.data.spec import DataSpec
     from prunetune.models.loading import load_model
-    from prunetune.tuning.config import TuneConfig
     from prunetune.tuning.finetune import finetune
+    from prunetune.tuning.spec import TuneSpec
 
     dense = load_model("tiny-llama", "causal-lm").model
-    cfg = TuneConfig(task="causal-lm", data="wikitext2", n_samples=16, eval_samples=2, test_samples=4, epochs=1,
-                     batch_size=2, max_length=32, retention=False, kd=False, lora=False)
+    lm = {"task": "causal-lm", "data": DataSpec(train="wikitext2")}
+    cfg = TuneSpec(mode="full", steps=None, n_samples=16, eval_samples=2, test_samples=4, epochs=1, batch_size=2,
+                   seqlen=32, retention=False, kd=False)
     meth = VibMethod(VibConfig(target_sparsity=0.3, structures=("heads", "neurons"), round_to=16, vib_lr=0.1,
                                mu_lr=None, lagrangian_lr=0.1, init_log_sigma2=-2.0, center=False))
-    r = finetune("tiny-llama", cfg, tmp_path / "vib", method=meth)
+    r = finetune("tiny-llama", cfg, tmp_path / "vib", **lm, method=meth)
     assert r["method"] == "vib" and meth.step == r["global_step"] == 8  # one gate step per trainer step
     assert abs(r["thresholded_sparsity"] - 0.3) < 0.05  # the multipliers pulled the kept count to the target
     assert r["mu"]["neurons"]["min"] != r["mu"]["neurons"]["max"]  # the gates moved
@@ -382,10 +384,10 @@ def test_finetune_drives_vib_gates_and_exports_a_shrunk_model(tmp_path):
     dense_p = dict(dense.named_parameters())
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
         assert torch.equal(dict(plain.named_parameters())[name], dense_p[name])  # weights frozen, no hidden gates
-    lora = TuneConfig(task="causal-lm", data="wikitext2", n_samples=4, eval_samples=2, test_samples=4, epochs=1,
-                      batch_size=2, max_length=32, retention=False, kd=False, lora=True)
+    lora = TuneSpec(mode="lora", steps=None, n_samples=4, eval_samples=2, test_samples=4, epochs=1, batch_size=2,
+                    seqlen=32, retention=False, kd=False)
     with pytest.raises(PrunetuneError) as exc:  # LoRA would be frozen with the base weights: refused
-        finetune("tiny-llama", lora, tmp_path / "lora", method=VibMethod(VibConfig(target_sparsity=0.3)))
+        finetune("tiny-llama", lora, tmp_path / "lora", **lm, method=VibMethod(VibConfig(target_sparsity=0.3)))
     assert "without LoRA" in _one_line(exc)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunetune.pipelines.stages import read_curves, tune_config
+from prunetune.pipelines.stages import read_curves, tune_run
 from prunetune.registry import StageKind, register_stage
 
 
@@ -36,12 +36,13 @@ def run_compose(state, out_dir: Path) -> dict:
         model = str(state.model_dir)
     else:
         model = recipe.model.name
-    cfg = tune_config(recipe, recipe.tune, state.seed + state.index, task="seq-cls")
+    run = tune_run(recipe, state.seed + state.index, task="seq-cls")
     configs = parse_configurations(spec.attention, spec.linear, spec.n, spec.grid)
     settings = ModuleFTSettings(linear_steps=spec.linear_steps, linear_lr=spec.linear_lr,
                                 attention_steps=spec.attention_steps, attention_lr=spec.attention_lr,
                                 attention_batch=spec.module_batch, seed=state.seed)
-    res = run_composable(model, out_dir / "runs", configs, cfg, settings=settings,
+    res = run_composable(model, out_dir / "runs", configs, recipe.tune, data=run["data"], task=run["task"],
+                         seed=run["seed"], settings=settings,
                          attention_units=spec.attention_units, linear_units=spec.linear_units,
                          attention_criterion=spec.attention_criterion, linear_criterion=spec.linear_criterion,
                          module_texts=spec.module_texts, module_batch=spec.module_batch, baseline=spec.baseline,

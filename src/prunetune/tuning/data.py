@@ -13,7 +13,8 @@ import torch
 from prunetune.data.sources import load_labelled, load_text
 from prunetune.data.tasks import split_labelled, subsample
 from prunetune.errors import PrunetuneError
-from prunetune.tuning.config import TuneConfig
+from prunetune.data.spec import DataSpec
+from prunetune.tuning.spec import TuneSpec
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -54,29 +55,33 @@ def lm_chunks(tokenizer, text: str, max_length: int) -> list[str]:
     return out
 
 
-def load_task_data(cfg: TuneConfig, tokenizer=None) -> dict:
-    """train/validation/test examples and label names (a fixed seeded split: same test set for every run)."""
-    if cfg.task == "seq-cls":
-        data = load_labelled(cfg.data)
-        parts = split_labelled(data, seed=cfg.split_seed)
+def load_task_data(spec: TuneSpec, data: DataSpec, *, task: str = "seq-cls", seed: int = 0, tokenizer=None) -> dict:
+    """train/validation/test examples and label names (a fixed seeded split: same test set for every run).
+
+    `data.train` is the labelled task (`seq-cls`) or the text (`causal-lm`); `spec` sizes the parts; `seed`
+    (the training seed) picks the training subsample of a labelled task, `data.split_seed` everything else."""
+    n_train = spec.train_samples
+    if task == "seq-cls":
+        labelled = load_labelled(data.train)
+        parts = split_labelled(labelled, seed=data.split_seed)
         if not parts["train"] or not parts["test"]:
-            raise PrunetuneError(f"task data '{cfg.data}' is too small to split into train/validation/test")
-        return {"train": subsample(parts["train"], cfg.n_samples, cfg.seed),
-                "validation": subsample(parts["validation"] or parts["test"], cfg.eval_samples, cfg.split_seed),
-                "test": subsample(parts["test"], cfg.test_samples, cfg.split_seed), "label_names": data.label_names,
-                "name": data.name}
-    src = load_text(cfg.data, "train" if cfg.data != "wikitext2" else "valid", data_dir=cfg.data_dir)
+            raise PrunetuneError(f"task data '{data.train}' is too small to split into train/validation/test")
+        return {"train": subsample(parts["train"], n_train, seed),
+                "validation": subsample(parts["validation"] or parts["test"], spec.eval_samples, data.split_seed),
+                "test": subsample(parts["test"], spec.test_samples, data.split_seed),
+                "label_names": labelled.label_names, "name": labelled.name}
+    src = load_text(data.train, "train" if data.train != "wikitext2" else "valid", data_dir=data.data_dir)
     if tokenizer is None:
         raise PrunetuneError("causal-LM data needs the tokenizer")
-    chunks = lm_chunks(tokenizer, src.text, cfg.max_length)
+    chunks = lm_chunks(tokenizer, src.text, spec.seqlen)
     if len(chunks) < 3:
-        raise PrunetuneError(f"text '{src.name}' is too short: {len(chunks)} pieces of {cfg.max_length} tokens")
-    rng = random.Random(cfg.split_seed)
+        raise PrunetuneError(f"text '{src.name}' is too short: {len(chunks)} pieces of {spec.seqlen} tokens")
+    rng = random.Random(data.split_seed)
     rng.shuffle(chunks)
     n_test = max(1, len(chunks) // 10)
     test, val, train = chunks[:n_test], chunks[n_test : 2 * n_test], chunks[2 * n_test :]
-    train = train[: cfg.n_samples] if cfg.n_samples else train
-    val = val[: cfg.eval_samples] if cfg.eval_samples else val
-    test = test[: cfg.test_samples] if cfg.test_samples else test  # as for seq-cls: None = the whole split
+    train = train[:n_train] if n_train else train
+    val = val[: spec.eval_samples] if spec.eval_samples else val
+    test = test[: spec.test_samples] if spec.test_samples else test  # as for seq-cls: None = the whole split
     as_ex = lambda xs: [{"text": t} for t in xs]  # noqa: E731
     return {"train": as_ex(train), "validation": as_ex(val), "test": as_ex(test), "label_names": None, "name": src.name}

@@ -13,7 +13,6 @@ from torch import nn
 
 from prunetune.evaluation.perplexity import causal_lm_loss
 from prunetune.evaluation.task import classification_metrics, predict_classes
-from prunetune.tuning.config import TuneConfig
 
 
 def compute_metrics(eval_pred) -> dict:
@@ -42,13 +41,14 @@ def lm_loss(model: nn.Module, tokenizer, examples: list[dict], max_length: int) 
     return {"loss": nll / max(n, 1), "perplexity": math.exp(nll / max(n, 1)), "tokens": n}
 
 
-def task_eval(model: nn.Module, tokenizer, data: dict, cfg: TuneConfig) -> dict:
-    """The run's test score: accuracy + macro-F1 (seq-cls) or held-out LM loss (causal-lm)."""
-    if cfg.task == "seq-cls":
-        preds = predict_classes(model, tokenizer, [e["text"] for e in data["test"]], cfg.max_length, progress=False)
+def task_eval(model: nn.Module, tokenizer, data: dict, *, task: str, max_length: int, split_seed: int) -> dict:
+    """The run's test score: accuracy + macro-F1 (seq-cls) or held-out LM loss (causal-lm) on `data["test"]`
+    (`tuning.data.load_task_data`); `split_seed` only names the split in the protocol."""
+    if task == "seq-cls":
+        preds = predict_classes(model, tokenizer, [e["text"] for e in data["test"]], max_length, progress=False)
         labels = [e["label"] for e in data["test"]]
         return {**classification_metrics(preds, labels), "predictions": preds, "n": len(labels),
-                "protocol": f"{data['name']} test split (seeded stratified 80/10/10, split seed {cfg.split_seed}), "
-                            f"max_length {cfg.max_length}"}
-    r = lm_loss(model, tokenizer, data["test"], cfg.max_length)
-    return {**r, "protocol": f"{data['name']} held-out pieces of ~{cfg.max_length} tokens, mean token NLL"}
+                "protocol": f"{data['name']} test split (seeded stratified 80/10/10, split seed {split_seed}), "
+                            f"max_length {max_length}"}
+    r = lm_loss(model, tokenizer, data["test"], max_length)
+    return {**r, "protocol": f"{data['name']} held-out pieces of ~{max_length} tokens, mean token NLL"}

@@ -46,6 +46,7 @@ from torch import nn
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, TrainingArguments
 
 from prunetune.data.mixing import build_mixed
+from prunetune.data.spec import DataSpec
 from prunetune.errors import PrunetuneError
 from prunetune.manifest import build_manifest, write_manifest
 from prunetune.models.export import merge_lora_keep_masks, prepare_out_dir, save_adapter_export, save_hf_dir
@@ -55,7 +56,6 @@ from prunetune.pruning.masks import MASKS_FILE, MaskSet, sparsity_report
 from prunetune.rundir import atomic_write_json
 from prunetune.tuning.callbacks import (CsvLogger, EpochEndSave, MaskEnforcer, MethodStepHook, broadcast_masks,
                                         masks_digest, trim_logs)
-from prunetune.tuning.config import TuneConfig
 from prunetune.tuning.data import encode_cls, encode_lm, load_task_data
 from prunetune.tuning.evaluate import compute_metrics, task_eval
 from prunetune.tuning.fsdp import (check_fsdp_run, fsdp_requested, gather_full_model, model_on_meta,
@@ -63,7 +63,9 @@ from prunetune.tuning.fsdp import (check_fsdp_run, fsdp_requested, gather_full_m
 from prunetune.tuning.kd_trainer import CHECKPOINT_STATE, KDTrainer
 from prunetune.tuning.lifecycle import (METHOD_STATE_JSON, Method, MethodContext, load_method_state,
                                         method_state_problem)
-from prunetune.tuning.lora import apply_lora, mask_lora_updates
+from prunetune.tuning.distill import check_kd
+from prunetune.tuning.lora import apply_lora, check_lora, mask_lora_updates
+from prunetune.tuning.spec import TuneSpec, check_task
 
 CHECKPOINTS = "checkpoints"  # out/checkpoints/checkpoint-N: what --resume continues from
 
@@ -158,20 +160,22 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def training_args(out: Path, cfg: TuneConfig, steps_per_epoch: int, task: str, show: bool,
-                  world: int) -> TrainingArguments:
+def training_args(out: Path, spec: TuneSpec, steps_per_epoch: int, task: str, show: bool, world: int, *,
+                  seed: int, weight_decay: float = 0.0) -> TrainingArguments:
+    """The Trainer's arguments for `spec`'s budget: no gradient accumulation and no warm-up (fixed choices of the
+    tuning module, recorded as such by `TuneSpec.record`)."""
     return TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=max(cfg.batch_size, 16),
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
+        num_train_epochs=spec.train_epochs,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=max(spec.batch_size, 16),
+        gradient_accumulation_steps=1,
+        learning_rate=spec.learning_rate,
+        weight_decay=weight_decay,
+        warmup_steps=0,
         eval_strategy="epoch",
-        save_strategy="steps" if cfg.save_steps else "epoch",
-        **({"save_steps": cfg.save_steps} if cfg.save_steps else {}),
+        save_strategy="steps" if spec.save_steps else "epoch",
+        **({"save_steps": spec.save_steps} if spec.save_steps else {}),
         save_total_limit=2,
         metric_for_best_model="accuracy" if task == "seq-cls" else "loss",
         greater_is_better=task == "seq-cls",
@@ -181,12 +185,12 @@ def training_args(out: Path, cfg: TuneConfig, steps_per_epoch: int, task: str, s
         report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else [],  # the optional extra
         disable_tqdm=not show,
         remove_unused_columns=False,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        seed=seed,
+        data_seed=seed,
         dataloader_num_workers=0,
         ddp_backend=None if torch.cuda.is_available() or world == 1 else "gloo",
         use_cpu=not torch.cuda.is_available(),
-        **_checkpointing_args(cfg.gradient_checkpointing),
+        **_checkpointing_args(spec.gradient_checkpointing),
     )
 
 
@@ -198,87 +202,102 @@ def _checkpointing_args(on: bool) -> dict:
     return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
-def _load(model: str | nn.Module, tokenizer: Any, cfg: TuneConfig) -> tuple[nn.Module, Any, dict]:
+def _load(model: str | nn.Module, tokenizer: Any, spec: TuneSpec, source: DataSpec, task: str,
+          seed: int) -> tuple[nn.Module, Any, dict]:
     """The model, its tokenizer and the task data; an in-memory model must fit the task's labels."""
     if isinstance(model, str):
-        if cfg.task == "causal-lm":
+        if task == "causal-lm":
             loaded = load_model(model, "causal-lm")
-            return loaded.model, loaded.tokenizer, load_task_data(cfg, loaded.tokenizer)
-        data = load_task_data(cfg)
+            return loaded.model, loaded.tokenizer, load_task_data(spec, source, task=task, seed=seed,
+                                                                  tokenizer=loaded.tokenizer)
+        data = load_task_data(spec, source, task=task, seed=seed)
         loaded = load_model(model, "seq-cls", label_names=data["label_names"])
         return loaded.model, loaded.tokenizer, data
     if tokenizer is None:
         raise PrunetuneError("finetune: an in-memory model needs its tokenizer (tokenizer=...)")
-    data = load_task_data(cfg, tokenizer)
-    if cfg.task == "seq-cls":
+    data = load_task_data(spec, source, task=task, seed=seed, tokenizer=tokenizer)
+    if task == "seq-cls":
         n = int(getattr(model.config, "num_labels", 0) or 0)
         if n != len(data["label_names"]):
-            raise PrunetuneError(f"finetune: the model has {n} classes but task data '{cfg.data}' has "
+            raise PrunetuneError(f"finetune: the model has {n} classes but task data '{source.train}' has "
                                  f"{len(data['label_names'])}")
     return model, tokenizer, data
 
 
-def _teacher(cfg: TuneConfig, model: nn.Module, original: dict, data: dict, out: Path, resume: bool,
+def _teacher(spec: TuneSpec, run: dict, model: nn.Module, original: dict, data: dict, out: Path, resume: bool,
              teacher_model: nn.Module | None, changes_base: bool) -> tuple[Any, str]:
     """KD's teacher: a given model, the initial model (shared frozen base when LoRA leaves it intact), a dense
-    fine-tuned copy, or a model directory."""
-    if not cfg.kd:
+    fine-tuned copy (trained with `run`: the run's data, task, seed, export and weight decay), or a model
+    directory."""
+    if not spec.kd:
         return None, "none"
     if teacher_model is not None:
         return _freeze(teacher_model), "given"
-    if cfg.teacher == "initial":
-        if cfg.lora and not changes_base:
+    if spec.teacher == "initial":
+        if spec.lora and not changes_base:
             return "shared", "initial (frozen base shared, adapters disabled)"
         return _freeze(copy.deepcopy(model)), "initial (frozen copy)"
-    if cfg.teacher == "dense":
-        dense_cfg = copy.deepcopy(cfg)
-        dense_cfg.kd, dense_cfg.retention, dense_cfg.mix = False, False, cfg.mix.model_copy(update={"fraction": 0.0})
+    if spec.teacher == "dense":
+        dense = spec.model_copy(update={"kd": False, "retention": False,
+                                        "mix": spec.mix.model_copy(update={"fraction": 0.0})})
         t_dir = out / "teacher-dense"
         if not (resume and (t_dir / "model" / "config.json").is_file()):
-            finetune(original["model"], dense_cfg, t_dir, tokenizer=original["tokenizer"], overwrite=True,
+            finetune(original["model"], dense, t_dir, **run, tokenizer=original["tokenizer"], overwrite=True,
                      kind="teacher-dense")
-        teacher = _freeze(load_model(str(t_dir / "model"), cfg.task, label_names=data["label_names"]).model)
+        teacher = _freeze(load_model(str(t_dir / "model"), run["task"], label_names=data["label_names"]).model)
         return teacher, f"dense (fine-tuned without pruning: {t_dir / 'model'})"
-    p = Path(os.path.expanduser(cfg.teacher))
+    p = Path(os.path.expanduser(spec.teacher))
     if not p.exists():
-        raise PrunetuneError(f"--teacher must be 'initial', 'dense' or a model directory; '{cfg.teacher}' is none")
-    return _freeze(load_model(str(p), cfg.task, label_names=data["label_names"]).model), f"path {p.resolve()}"
+        raise PrunetuneError(f"--teacher must be 'initial', 'dense' or a model directory; '{spec.teacher}' is none")
+    return _freeze(load_model(str(p), run["task"], label_names=data["label_names"]).model), f"path {p.resolve()}"
 
 
 # ------------------------------------------------------------------------------------------------ main
-def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokenizer: Any = None,
-             model_name: str | None = None, method: Method | None = None, resume: bool = False, overwrite: bool = False,
-             callbacks: tuple = (), masks: MaskSet | None = None, kind: str = "finetune",
+def finetune(model: str | nn.Module, spec: TuneSpec, out: Path | str, *, data: DataSpec | None = None,
+             task: str = "seq-cls", seed: int = 0, export: bool = True, weight_decay: float = 0.0,
+             tokenizer: Any = None, model_name: str | None = None, method: Method | None = None, resume: bool = False,
+             overwrite: bool = False, callbacks: tuple = (), masks: MaskSet | None = None, kind: str = "finetune",
              teacher_model: nn.Module | None = None) -> dict:
     """Fine-tune `model` (a spec such as "tiny-llama" or a directory, or an nn.Module with its `tokenizer`)
-    on `cfg.data`, driving `method` (a `methods.base.Method`) through its hooks.
+    with the options of `spec` (the recipe's `tune` section, the one schema) on `data.train` (the recipe's
+    `data` section; None: its defaults), driving `method` (a `methods.base.Method`) through its hooks.
+
+    `task` is the head trained (seq-cls | causal-lm | seq2seq) and `seed` the training seed (adapter init, data
+    order, training subsample, data mixing); `export` writes `out/model` (and `out/adapter`); these, the data
+    and `weight_decay` are what a run adds to the spec, and the manifest records them with it (`TuneSpec.record`).
 
     An in-memory model is trained in place (LoRA is injected into it, the merge folds into its weights): pass
     a copy to keep the original. `model_name` names it in the manifest and is the original model that
-    retention compares against (needed for an in-memory model when `cfg.retention`). `masks`, when given, is
+    retention compares against (needed for an in-memory model when `spec.retention`). `masks`, when given, is
     filled in place, so the caller sees the run's final masks (a method's pruning included).
 
     Returns the metrics dict that is also written to `out/metrics.json`, plus `_model` (the plain, merged,
     finalized model), `_tokenizer` and `_test`.
     """
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    cfg.validate()
-    check_fsdp_run(method=method, kd=cfg.kd, lora=cfg.lora, teacher=cfg.teacher, teacher_model=teacher_model,
-                   mix=cfg.mix.fraction, task=cfg.task)
-    if cfg.task == "seq2seq":  # (source, target) pairs: Seq2SeqTrainer, generation and BLEU live in tuning.seq2seq
+    source = data if data is not None else DataSpec()
+    check_task(task)
+    check_kd(spec.kd_alpha, spec.kd_temp)  # a spec edited by model_copy(update=...) skipped pydantic's checks
+    if spec.lora:
+        check_lora(spec.lora_rank, spec.alpha, spec.lora_dropout)
+    run = {"data": source, "task": task, "seed": seed, "export": export, "weight_decay": weight_decay}
+    check_fsdp_run(method=method, kd=spec.kd, lora=spec.lora, teacher=spec.teacher, teacher_model=teacher_model,
+                   mix=spec.mix.fraction, task=task)
+    if task == "seq2seq":  # (source, target) pairs: Seq2SeqTrainer, generation and BLEU live in tuning.seq2seq
         if method is not None:
             raise PrunetuneError(f"method '{method.name}' does not support seq2seq fine-tuning yet")
-        if cfg.kd:
+        if spec.kd:
             raise PrunetuneError("seq2seq fine-tuning trains on the label cross-entropy only: turn KD off (--no-kd)")
         from prunetune.tuning.seq2seq import finetune_task
 
-        return finetune_task(model, cfg, out, tokenizer=tokenizer, masks=masks, callbacks=callbacks)
+        return finetune_task(model, spec, out, data=source, seed=seed, tokenizer=tokenizer, masks=masks,
+                             callbacks=callbacks)
     in_memory = not isinstance(model, str)
-    spec = model if not in_memory else model_name
-    if in_memory and cfg.retention and model_name is None:
+    model_id = model if not in_memory else model_name
+    if in_memory and spec.retention and model_name is None:
         raise PrunetuneError("finetune: retention compares with the original model: pass model_name= for an "
                              "in-memory model, or set retention off")
-    label = spec if spec is not None else f"{type(model).__name__} (in memory)"
+    label = model_id if model_id is not None else f"{type(model).__name__} (in memory)"
     out = Path(out)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if resume:
@@ -299,14 +318,13 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     t_start = time.perf_counter()
 
     # -- model and data ---------------------------------------------------------------------------
-    task = cfg.task
     original = ({"model": copy.deepcopy(model), "tokenizer": tokenizer}  # what a dense teacher starts from
-                if in_memory and cfg.kd and cfg.teacher == "dense" else {"model": model, "tokenizer": None})
-    model, tok, data = _load(model, tokenizer, cfg)
+                if in_memory and spec.kd and spec.teacher == "dense" else {"model": model, "tokenizer": None})
+    model, tok, data = _load(model, tokenizer, spec, source, task, seed)
     if masks is None:
         masks = MaskSet()
     if not len(masks):  # filled in place: callers holding this MaskSet see a method's final masks
-        masks.update(existing_masks(spec if not in_memory else None, model))
+        masks.update(existing_masks(model_id if not in_memory else None, model))
     if fsdp_requested():
         broadcast_masks(masks)
     if len(masks):
@@ -314,36 +332,35 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
 
     # -- teacher and data mixing (pseudo-labelled by the teacher) -----------------------------------
     changes_base = bool(method is not None and method.changes_base_weights)
-    teacher, teacher_desc = _teacher(cfg, model, original, data, out, resume, teacher_model, changes_base)
+    teacher, teacher_desc = _teacher(spec, run, model, original, data, out, resume, teacher_model, changes_base)
     train_examples, mix_summary = data["train"], {"mixed": 0}
-    if cfg.mix.fraction > 0:
+    if spec.mix.fraction > 0:
         labeller = model if teacher == "shared" or teacher is None else teacher
-        train_examples, mix_summary = build_mixed(data["train"], cfg.mix, labeller, tok, task, cfg.max_length,
-                                                  cfg.data_dir, seed=cfg.seed)
+        train_examples, mix_summary = build_mixed(data["train"], spec.mix, labeller, tok, task, spec.seqlen,
+                                                  source.data_dir, seed=seed)
 
     # -- LoRA, then the method's prepare ---------------------------------------------------------------
     # Adapter init draws from the global RNG: seed it here, or a run's result would depend on what ran
     # before it in the same process (the --full-evaluate rows differed from the same runs made alone).
-    torch.manual_seed(cfg.seed)
-    if cfg.lora:
-        model = apply_lora(model, task, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           rslora=cfg.rslora, **({"roles": tuple(cfg.lora_roles)} if cfg.lora_roles else {}))
-        if cfg.mask_lora:
-            mask_lora_updates(model, masks)
+    torch.manual_seed(seed)
+    if spec.lora:
+        model = apply_lora(model, task, rank=spec.lora_rank, alpha=spec.alpha, dropout=spec.lora_dropout,
+                           rslora=spec.rslora, **({"roles": tuple(spec.lora_roles)} if spec.lora_roles else {}))
+        mask_lora_updates(model, masks)  # the update is masked in the forward: the export is the trained model
 
     if task == "seq-cls":
-        train_ds = encode_cls(tok, train_examples, cfg.max_length)
-        val_ds = encode_cls(tok, data["validation"], cfg.max_length)
+        train_ds = encode_cls(tok, train_examples, spec.seqlen)
+        val_ds = encode_cls(tok, data["validation"], spec.seqlen)
         collator = DataCollatorWithPadding(tok)
     else:
-        train_ds = encode_lm(tok, [e["text"] for e in train_examples], cfg.max_length)
-        val_ds = encode_lm(tok, [e["text"] for e in data["validation"]], cfg.max_length)
+        train_ds = encode_lm(tok, [e["text"] for e in train_examples], spec.seqlen)
+        val_ds = encode_lm(tok, [e["text"] for e in data["validation"]], spec.seqlen)
         collator = DataCollatorForLanguageModeling(tok, mlm=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = max(1, math.ceil(len(train_ds) / (cfg.batch_size * world)) // cfg.grad_accum)
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / (spec.batch_size * world)))
     ctx = MethodContext(task=task, tokenizer=tok, masks=masks, train_texts=[e["text"] for e in data["train"]],
-                        max_steps=math.ceil(cfg.epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
-                        out=out, seed=cfg.seed)
+                        max_steps=math.ceil(spec.train_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
+                        out=out, seed=seed)
     if ckpt is not None:
         ctx.resumed_from = int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
     if method is not None:
@@ -353,17 +370,18 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
 
     # -- trainer ----------------------------------------------------------------------------------
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
-    args = training_args(out, cfg, steps_per_epoch, task, progress_enabled(), world)
+    args = training_args(out, spec, steps_per_epoch, task, progress_enabled(), world, seed=seed,
+                         weight_decay=weight_decay)
     enforcer = MaskEnforcer(masks, model_ref)
     cbs: list = []
     if method is not None:  # the method's own callbacks, then its step hook: both act before masks are enforced
         cbs += list(method.callbacks(ctx)) + [MethodStepHook(method, ctx, model_ref)]
-    cbs += [enforcer, CsvLogger(out / "train_log.csv"), *([EpochEndSave()] if cfg.save_steps else []), *callbacks]
+    cbs += [enforcer, CsvLogger(out / "train_log.csv"), *([EpochEndSave()] if spec.save_steps else []), *callbacks]
     trainer = KDTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
                         processing_class=tok, compute_metrics=compute_metrics if task == "seq-cls" else None,
-                        callbacks=cbs, teacher=teacher, kd_alpha=cfg.kd_alpha, kd_temp=cfg.kd_temp,
+                        callbacks=cbs, teacher=teacher, kd_alpha=spec.kd_alpha, kd_temp=spec.kd_temp,
                         causal=task == "causal-lm", method=method, method_ctx=ctx,
-                        sequential_train=cfg.mix.strategy == "old_first" and mix_summary.get("mixed", 0) > 0,
+                        sequential_train=spec.mix.strategy == "old_first" and mix_summary.get("mixed", 0) > 0,
                         masks=masks)
     if not progress_enabled():  # the CSV and TensorBoard logs hold what PrinterCallback would print
         from transformers.trainer_callback import PrinterCallback
@@ -418,25 +436,28 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
 
     # -- evaluate, export, retention ---------------------------------------------------------------
     t0 = time.perf_counter()
-    before = task_eval(model, tok, data, cfg)
+    scoring = {"task": task, "max_length": spec.seqlen, "split_seed": source.split_seed}
+    before = task_eval(model, tok, data, **scoring)
     timings["eval_s"] = time.perf_counter() - t0
     result["test_before_merge"] = {k: v for k, v in before.items() if k != "predictions"}
-    manifest_cfg = {"model": label, "tune": cfg.to_dict(), "method": method.name if method is not None else None}
+    manifest_cfg = {"model": label,
+                    "tune": spec.record(source, task=task, seed=seed, export=export, weight_decay=weight_decay),
+                    "method": method.name if method is not None else None}
     if method is not None:
         manifest_cfg[method.name] = method.to_dict()
-    card = {"base_model": spec, "method": method.name if method is not None else None,
-            "tags": ["lora" if cfg.lora else "fine-tuned"], "title": f"{kind}: {label}"}
-    if cfg.lora:
-        if cfg.export:
+    card = {"base_model": model_id, "method": method.name if method is not None else None,
+            "tags": ["lora" if spec.lora else "fine-tuned"], "title": f"{kind}: {label}"}
+    if spec.lora:
+        if export:
             save_adapter_export(model, tok, out / "adapter", masks,
-                                build_manifest(f"{kind}-adapter", manifest_cfg, seed=cfg.seed), card=card)
+                                build_manifest(f"{kind}-adapter", manifest_cfg, seed=seed), card=card)
         plain = merge_lora_keep_masks(model, masks)
     else:
         plain = model
         if len(masks):
             masks.apply(plain)
     plain.eval()
-    after = task_eval(plain, tok, data, cfg)
+    after = task_eval(plain, tok, data, **scoring)
     result["test_after_merge"] = {k: v for k, v in after.items() if k != "predictions"}
     if task == "seq-cls":  # the headline is the exported (merged) model's score: that is what a user ships
         result["accuracy"], result["macro_f1"] = after["accuracy"], after["macro_f1"]
@@ -445,19 +466,19 @@ def finetune(model: str | nn.Module, cfg: TuneConfig, out: Path | str, *, tokeni
     rep = sparsity_report(plain)
     result["sparsity"] = rep["sparsity"]
     result["layer_sparsity"] = {k: v["sparsity"] for k, v in rep["layers"].items()}
-    if cfg.retention:
+    if spec.retention:
         from prunetune.evaluation.retention import retention
 
         t0 = time.perf_counter()
-        result["retention"] = retention(plain, spec, tok, data_dir=cfg.data_dir, max_windows=cfg.retention_windows,
-                                        max_length=cfg.max_length)
+        result["retention"] = retention(plain, model_id, tok, data_dir=source.data_dir,
+                                        max_windows=spec.retention_windows, max_length=spec.seqlen)
         timings["retention_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     result["timings"] = timings
-    man = build_manifest(kind, manifest_cfg, seed=cfg.seed, metrics={k: v for k, v in result.items()
+    man = build_manifest(kind, manifest_cfg, seed=seed, metrics={k: v for k, v in result.items()
                                                                         if k not in ("predictions", "layer_sparsity")},
                          timings=timings)
-    if cfg.export:  # masks and model card inside the atomic write: all appear or none
+    if export:  # masks and model card inside the atomic write: all appear or none
         save_hf_dir(plain, tok, out / "model", man, extra=(lambda tmp: masks.save(tmp / MASKS_FILE)) if len(masks)
                     else None, card={**card, "sparsity": rep["sparsity"]})
     atomic_write_json(out / "metrics.json", result)

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunetune.data.spec import DataSpec
 from prunetune.errors import PrunetuneError, optional_import
 from prunetune.pruning.masks import MaskSet
+from prunetune.tuning.spec import TuneSpec
 
 SYNTHETIC_WORDS = {"one": "eins", "two": "zwei", "three": "drei", "red": "rot", "blue": "blau", "green": "gruen",
                    "house": "haus", "dog": "hund", "cat": "katze", "tree": "baum", "big": "gross",
@@ -242,18 +244,17 @@ def finetune_seq2seq(model: nn.Module, tokenizer, cfg: Seq2SeqConfig, out: Path 
     return result
 
 
-def from_tune_config(cfg: Any) -> Seq2SeqConfig:
-    """The seq2seq settings a `TuneConfig` (task "seq2seq") carries: the driver's options mean the same here."""
-    n = getattr(cfg, "n_samples", None)
-    return Seq2SeqConfig(data=cfg.data, epochs=cfg.epochs, lr=cfg.learning_rate if hasattr(cfg, "learning_rate")
-                         else cfg.lr, batch_size=cfg.batch_size, max_source_length=cfg.max_length,
-                         max_target_length=cfg.max_length, n_samples=n, eval_samples=getattr(cfg, "eval_samples", None),
-                         generation_max_length=cfg.max_length, seed=cfg.seed)
+def from_tune_spec(spec: TuneSpec, data: DataSpec, seed: int) -> Seq2SeqConfig:
+    """The seq2seq settings of the `finetune` driver's options (a `TuneSpec`, the `DataSpec` whose `train` names
+    the pairs, the training seed): they mean the same here."""
+    return Seq2SeqConfig(data=data.train, epochs=spec.train_epochs, lr=spec.learning_rate, batch_size=spec.batch_size,
+                         max_source_length=spec.seqlen, max_target_length=spec.seqlen, n_samples=spec.train_samples,
+                         eval_samples=spec.eval_samples, generation_max_length=spec.seqlen, seed=seed)
 
 
-def finetune_task(model: str | nn.Module, cfg: Any, out: Path | str, *, tokenizer: Any = None,
-                  masks: MaskSet | None = None, callbacks: tuple = ()) -> dict:
-    """The `finetune` driver's seq2seq branch: a spec or an in-memory model, a `TuneConfig` with task seq2seq."""
+def finetune_task(model: str | nn.Module, spec: TuneSpec, out: Path | str, *, data: DataSpec, seed: int = 0,
+                  tokenizer: Any = None, masks: MaskSet | None = None, callbacks: tuple = ()) -> dict:
+    """The `finetune` driver's seq2seq branch: a spec or an in-memory model, a `TuneSpec` (full fine-tuning)."""
     if isinstance(model, str):
         from prunetune.models.loading import load_model
 
@@ -261,6 +262,6 @@ def finetune_task(model: str | nn.Module, cfg: Any, out: Path | str, *, tokenize
         model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:
         raise PrunetuneError("seq2seq fine-tuning of an in-memory model needs its tokenizer")
-    if getattr(cfg, "lora", False):
+    if spec.lora:
         raise PrunetuneError("seq2seq fine-tuning is full fine-tuning here; use --full")
-    return finetune_seq2seq(model, tokenizer, from_tune_config(cfg), out, masks=masks, callbacks=callbacks)
+    return finetune_seq2seq(model, tokenizer, from_tune_spec(spec, data, seed), out, masks=masks, callbacks=callbacks)

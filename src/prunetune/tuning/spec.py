@@ -7,8 +7,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from prunetune.data.spec import MixSpec
+from prunetune.data.spec import DataSpec, MixSpec
+from prunetune.errors import PrunetuneError
 from prunetune.schema import Spec
+
+TASKS = ("seq-cls", "causal-lm", "seq2seq")  # the heads the tuning module trains (`finetune(task=...)`)
 
 
 def default_learning_rate(mode: str) -> float:
@@ -21,7 +24,9 @@ class TuneSpec(Spec):
     """LoRA (or full) fine-tuning; for a causal LM on text, for seq-cls on the labelled task.
 
     The one definition of every fine-tuning option and its default: recipes, the `finetune`/`payt` commands
-    and the tuning module's config (built from this by `pipelines.stages.tune_config`) all read it.
+    and the tuning module (`tuning.finetune.finetune(model, spec, out, data=..., task=..., seed=...)`, library
+    callers included) all read it. What a run adds to it is not an option of the method: which head trains
+    (`task`), on which data (the recipe's `data` section, `DataSpec`), with which seed.
     """
 
     mode: Literal["lora", "full"] = "lora"
@@ -75,4 +80,44 @@ class TuneSpec(Spec):
 
     @property
     def alpha(self) -> float:
+        """`lora_alpha`, else 2 x rank."""
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def lora(self) -> bool:
+        return self.mode == "lora"
+
+    @property
+    def train_samples(self) -> int | None:
+        """Training examples: `steps` x `batch_size` when `steps` is set (one epoch of them), else `n_samples`."""
+        return self.steps * self.batch_size if self.steps is not None else self.n_samples
+
+    @property
+    def train_epochs(self) -> float:
+        """Epochs over `train_samples`: one when `steps` sets the budget, else `epochs`."""
+        return 1.0 if self.steps is not None else self.epochs
+
+    def record(self, data: DataSpec, *, task: str, seed: int, export: bool, weight_decay: float = 0.0) -> dict:
+        """What a run's manifest records of its fine-tuning: these options resolved (the budget as examples and
+        epochs, LoRA's alpha and the learning rate with their defaults applied) with the run's data, head and
+        seed. The keys are the ones manifests have always had, so runs recorded before and after compare key
+        by key; `grad_accum`, `warmup_ratio` and `mask_lora` are the tuning module's fixed choices."""
+        return {"task": task, "data": data.train, "lora": self.lora, "lora_rank": self.lora_rank,
+                "lora_alpha": self.alpha, "lora_dropout": self.lora_dropout, "rslora": self.rslora,
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "lora_roles": tuple(self.lora_roles) if self.lora_roles is not None else None, "kd": self.kd,
+                "kd_alpha": self.kd_alpha, "kd_temp": self.kd_temp, "teacher": self.teacher,
+                "epochs": self.train_epochs, "lr": self.lr, "batch_size": self.batch_size, "grad_accum": 1,
+                "max_length": self.seqlen, "n_samples": self.train_samples, "eval_samples": self.eval_samples,
+                "test_samples": self.test_samples, "seed": seed, "split_seed": data.split_seed,
+                "weight_decay": weight_decay, "warmup_ratio": 0.0, "mix": self.mix.record(seed),
+                "data_dir": data.data_dir, "retention": self.retention, "retention_windows": self.retention_windows,
+                "save_steps": self.save_steps, "export": export, "mask_lora": True,
+                "learning_rate": self.learning_rate}
+
+
+def check_task(task: str) -> str:
+    """`task` if the tuning module trains that head, else a one-line error naming the ones it does."""
+    if task not in TASKS:
+        raise PrunetuneError(f"unknown task type '{task}'; choose one of: {', '.join(TASKS)}")
+    return task

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from prunetune.data.spec import DataSpec
 from prunetune.methods.composable.cache import ModuleCache, ModuleFTSettings
 from prunetune.methods.composable.compose import (
     ValidationClock,
@@ -24,9 +25,11 @@ from prunetune.methods.composable.compose import (
 from prunetune.methods.composable.plan import Configuration, DEFAULT_ATTENTION_UNITS, DEFAULT_LINEAR_UNITS, Plan, plan
 from prunetune.methods.composable.units import train_units
 from prunetune.models.arch import get_adapter
+from prunetune.tuning.spec import TuneSpec
 
 
-def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configuration], tune: Any, *,
+def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configuration], tune: TuneSpec, *,
+                   data: DataSpec | None = None, task: str = "seq-cls", seed: int = 0,
                    settings: ModuleFTSettings = ModuleFTSettings(),
                    attention_units: Sequence[str] = DEFAULT_ATTENTION_UNITS,
                    linear_units: Sequence[str] = DEFAULT_LINEAR_UNITS, attention_criterion: str = "l1",
@@ -34,8 +37,9 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
                    baseline: bool = True, cache_dir: Path | str | None = None,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Plan, fine-tune the unique modules once (cached), compose every configuration and fine-tune it at
-    model level (`tune`: a `tuning.config.TuneConfig`); with `baseline`, the same model-level fine-tuning from
-    the pruned modules without module-level fine-tuning. Writes `out/<config>/{composed,baseline}/` and returns
+    model level (`tune`: the recipe's `tune` section, on the labelled task `data.train` (`DataSpec`) with head
+    `task` at training seed `seed`, as `tuning.finetune.finetune` takes them); with `baseline`, the same
+    model-level fine-tuning from the pruned modules without module-level fine-tuning. Writes `out/<config>/{composed,baseline}/` and returns
     per-configuration metrics, validation curves and the compute time of both routes. Each configuration's
     fine-tuned model (composed arm) is exported to `out/<config>/composed/tuned/model/` (its row's `model`,
     relative to `out`): a plain HF directory with the pruned weights at zero and `masks.safetensors` beside."""
@@ -47,8 +51,10 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda msg: None)
     t_all = time.perf_counter()
-    data = load_task_data(tune)
-    loaded = load_model(model_spec, tune.task, label_names=data["label_names"])
+    source = data if data is not None else DataSpec()
+    run = {"data": source, "task": task, "seed": seed}
+    data = load_task_data(tune, source, task=task, seed=seed)
+    loaded = load_model(model_spec, task, label_names=data["label_names"])
     original, tok = loaded.model, loaded.tokenizer
     adapter = get_adapter(original)
     pl = plan(configs, adapter, attention_units=attention_units, linear_units=linear_units,
@@ -56,13 +62,13 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
     say(f"{len(pl.configs)} configurations -> {len(pl.units)} unique modules "
         f"({pl.unit_count_without_dedup} without deduplication)")
     texts = [e["text"] for e in data["train"]][: module_texts or None]
-    batches = text_batches(tok, texts, tune.max_length, module_batch)
+    batches = text_batches(tok, texts, tune.seqlen, module_batch)
     cache = ModuleCache(cache_dir if cache_dir is not None else out / "module-cache")
     t0 = time.perf_counter()
     results = train_units(original, batches, pl.units, settings, cache, progress=say)
     module_s = time.perf_counter() - t0
     steps_per_epoch = max(1, math.ceil(len(data["train"]) / tune.batch_size))
-    max_steps = max(1, math.ceil(tune.epochs * steps_per_epoch))
+    max_steps = max(1, math.ceil(tune.train_epochs * steps_per_epoch))
     checks = geometric_checks(max_steps)
     rows: list[dict] = []
     arms = [("composed", True)] + ([("baseline", False)] if baseline else [])
@@ -78,16 +84,14 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
             build_s = time.perf_counter() - t0
             d = out / c.name / arm
             save_composed(model, tok, masks, d / "start", {"configuration": c.to_dict(), "module_ft": module_ft})
-            clock = ValidationClock(tok, data["validation"], tune.max_length, checks)
-            start_acc = clock.accuracy(model) if tune.task == "seq-cls" else None
+            clock = ValidationClock(tok, data["validation"], tune.seqlen, checks)
+            start_acc = clock.accuracy(model) if task == "seq-cls" else None
             say(f"{c.name} {arm}: model-level fine-tuning ({max_steps} steps)")
-            arm_tune = copy.deepcopy(tune)
             # the configuration's product is the composed arm's fine-tuned model: exported by `finetune` itself
             # as every command's model is (plain HF dir, zeros kept, masks and model card beside, atomic) at
             # tuned/model; the baseline is the control, measured and not kept (one model per configuration)
-            arm_tune.export = module_ft
-            r = finetune(str(d / "start"), arm_tune, d / "tuned", overwrite=True, callbacks=(clock,),
-                         kind=f"compose-{arm}")
+            r = finetune(str(d / "start"), tune, d / "tuned", **run, export=module_ft, overwrite=True,
+                         callbacks=(clock,), kind=f"compose-{arm}")
             import shutil
 
             shutil.rmtree(d / "tuned" / "checkpoints", ignore_errors=True)

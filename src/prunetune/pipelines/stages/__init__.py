@@ -35,7 +35,7 @@ from prunetune.pipelines.stages.prune import (  # noqa: F401  (the registry find
     run_prune,
 )
 from prunetune.pipelines.stages.tune import (  # noqa: F401  (the registry finds run_* here)
-    tune_config,
+    tune_run,
     read_curves,
     sized_training_text,
     test_set_protocol,

@@ -13,7 +13,7 @@ from prunetune.errors import PrunetuneError
 from prunetune.methods.losparse import Losparse
 from prunetune.methods.shrink import prune_structured
 from prunetune.pipelines.stages.common import TUNE_DIR, dump, save_model
-from prunetune.pipelines.stages.tune import read_curves, sized_training_text, test_set_protocol, tune_config
+from prunetune.pipelines.stages.tune import read_curves, sized_training_text, test_set_protocol, tune_run
 from prunetune.registry import StageKind, register_stage
 from prunetune.tuning.finetune import finetune
 
@@ -69,12 +69,13 @@ def run_losparse(state, out_dir: Path) -> dict:
     recipe, spec = state.recipe, state.spec
     if recipe.tune.mode != "full":
         raise PrunetuneError("losparse trains U, V and S itself: set tune.mode: full (the command's --full)")
-    cfg = tune_config(recipe, recipe.tune, state.seed + state.index)
+    tune, seed = recipe.tune, state.seed + state.index
+    run = tune_run(recipe, seed)
     work = out_dir / TUNE_DIR
-    if cfg.task == "causal-lm":
-        cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
-                                           out_dir / "tune-train.txt"))
-    res = finetune(state.model_spec(), cfg, work, method=Losparse(spec), kind="losparse", resume=state.resume)
+    if run["task"] == "causal-lm":
+        run = tune_run(recipe, seed, train_text=sized_training_text(recipe, state.tokenizer(), tune.train_samples,
+                                                                     tune.seqlen, out_dir / "tune-train.txt"))
+    res = finetune(state.model_spec(), tune, work, **run, method=Losparse(spec), kind="losparse", resume=state.resume)
     if not state.is_main:  # trained along; rank 0 saves
         return {}
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -86,7 +87,7 @@ def run_losparse(state, out_dir: Path) -> dict:
     dump(out_dir / "losparse.json", {k: v for k, v in res.items() if k.startswith("losparse")})
     save_model(state, out_dir, model, tok, None, extra={"losparse": facts.get("parameters")})
     counts = facts.get("parameters", {})
-    proto = {"losparse": spec.to_dict(), "tune": cfg.to_dict(), "steps": res["global_step"],
+    proto = {"losparse": spec.to_dict(), "tune": tune.record(**run), "steps": res["global_step"],
              "what": "targeted linears: U·V + kept entries of S, against the dense linears they replace"}
     test = res.get("test_after_merge", {})
     metrics: dict = {"linear_kept_fraction": {"value": counts.get("linear_kept_fraction"), "protocol": proto},

@@ -17,23 +17,21 @@ from prunetune.pipelines.stages.prune import prune_model
 from prunetune.pruning.masks import MaskSet
 from prunetune.registry import StageKind, register_stage
 from prunetune.rundir import atomic_write_json, atomic_write_text
-from prunetune.tuning.config import TuneConfig, recipe_fields
 from prunetune.tuning.finetune import finetune
+from prunetune.tuning.spec import check_task
 
 PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
 
-def tune_config(recipe, spec, seed: int, task: str | None = None, *, retention: bool | None = None,
-                export: bool = False):
-    """The tuning module's `TuneConfig` for a recipe's pydantic `tune` settings (`tuning.config.recipe_fields`,
-    the one conversion, which also gives `TuneConfig` its defaults). Stages save the model themselves
-    (`export=False`); the full-evaluate configurations let the tuning module export theirs.
+def tune_run(recipe, seed: int, task: str | None = None, *, export: bool = False,
+             train_text: Path | None = None) -> dict:
+    """What `tuning.finetune.finetune` takes beside the recipe's `tune` spec: the recipe's `data` section (its
+    `train` replaced by `train_text`, the sized training text of a causal LM, when given), the head (`task`,
+    default the recipe model's), the seed, and whether the tuning module exports the model. Stages save the
+    model themselves (`export=False`); the full-evaluate configurations let the tuning module export theirs.
     """
-    fields = recipe_fields(spec, recipe.data, seed)
-    if retention is not None:
-        fields["retention"] = retention
-    cfg = TuneConfig(task=task or recipe.model.task, seed=seed, export=export, **fields)
-    return cfg.validate()
+    data = recipe.data if train_text is None else recipe.data.model_copy(update={"train": str(train_text)})
+    return {"data": data, "task": check_task(task or recipe.model.task), "seed": seed, "export": export}
 
 
 def read_curves(log_csv: Path) -> dict:
@@ -92,11 +90,11 @@ def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, 
     """Fine-tune `model_spec` with the tuning module; returns {model, tokenizer, curves, metrics}.
 
     `resume`: continue the tuning run in `work` from its last complete checkpoint."""
-    cfg = tune_config(recipe, spec, seed, task)
-    if cfg.task == "causal-lm":
-        cfg.data = str(sized_training_text(recipe, tokenizer, cfg.n_samples, cfg.max_length,
-                                           work.with_name(work.name + "-train.txt")))
-    res = finetune(model_spec, cfg, work, masks=masks if masks is not None else MaskSet(), resume=resume)
+    run = tune_run(recipe, seed, task)
+    if run["task"] == "causal-lm":
+        run = tune_run(recipe, seed, task, train_text=sized_training_text(
+            recipe, tokenizer, spec.train_samples, spec.seqlen, work.with_name(work.name + "-train.txt")))
+    res = finetune(model_spec, spec, work, **run, masks=masks if masks is not None else MaskSet(), resume=resume)
     if "_model" not in res:  # a rank other than 0 of a multi-process launch: rank 0 evaluates and saves
         return {"model": None, "tokenizer": None, "curves": {}, "metrics": {}}
     test = res.get("test_after_merge", {})
@@ -144,14 +142,15 @@ def run_payt(state, out_dir: Path) -> dict:
 
     recipe, spec = state.recipe, state.spec
     tspec = recipe.tune
-    cfg = tune_config(recipe, tspec, state.seed + state.index)
+    seed = state.seed + state.index
+    run = tune_run(recipe, seed)
     work = out_dir / TUNE_DIR
-    if cfg.task == "causal-lm":
-        cfg.data = str(sized_training_text(recipe, state.tokenizer(), cfg.n_samples, cfg.max_length,
-                                           out_dir / "tune-train.txt"))
+    if run["task"] == "causal-lm":
+        run = tune_run(recipe, seed, train_text=sized_training_text(recipe, state.tokenizer(), tspec.train_samples,
+                                                                     tspec.seqlen, out_dir / "tune-train.txt"))
     masks = state.masks() or MaskSet()
     pspec = spec  # the recipe's `payt` settings: the schema PAYT takes
-    res = payt_run(state.model_spec(), cfg, pspec, work, masks=masks, resume=state.resume)
+    res = payt_run(state.model_spec(), tspec, pspec, work, **run, masks=masks, resume=state.resume)
     if not state.is_main:  # trained along; rank 0 saves
         return {}
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -163,7 +162,7 @@ def run_payt(state, out_dir: Path) -> dict:
     test = res.get("test_after_merge", {})
     metrics = {"sparsity": metric, "train_loss": {"value": res["train_loss"], "protocol": {
         "steps": res["global_step"], "examples": res["train_examples"], "teacher": res["teacher"],
-        "payt": pspec.to_dict(), "tune": cfg.to_dict()}}}
+        "payt": pspec.to_dict(), "tune": tspec.record(**run)}}}
     for key in ("accuracy", "macro_f1", "loss"):
         if key in test:
             metrics[f"payt_test_{key}"] = {"value": test[key], "protocol": test_set_protocol(test, res, recipe)}
@@ -208,22 +207,22 @@ def run_full_evaluate(state, out_dir: Path) -> dict:
     import shutil
 
     recipe, spec = state.recipe, state.spec
-    cfg = tune_config(recipe, recipe.tune, recipe.seed, export=True)
+    run = tune_run(recipe, recipe.seed, export=True)
     pspec = recipe.payt
     if spec.run == "table":
-        return _full_evaluate_table(state, out_dir, cfg, pspec) if state.is_main else {}
+        return _full_evaluate_table(state, out_dir, run, pspec) if state.is_main else {}
     if not state.is_main and spec.run in ("original", "prune-only"):
         return {}
     work = out_dir / TUNE_DIR
-    res = run_configuration(spec.run, state.model_spec(), cfg, pspec, work, full_lr=spec.full_lr,
+    res = run_configuration(spec.run, state.model_spec(), recipe.tune, pspec, work, **run, full_lr=spec.full_lr,
                             resume=state.resume, baselines=spec.baselines)
     if not state.is_main:  # trained along; rank 0 evaluates and saves
         return {}
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the stage is the checkpoint
-    label = configuration_label(spec.run, cfg)
+    label = configuration_label(spec.run, recipe.tune)
     row = table_row(res)
     dump(out_dir / "result.json", {"configuration": spec.run, "label": label, "result": row})
-    proto = {"configuration": spec.run, "label": label, "kind": row.get("kind"), "seed": cfg.seed,
+    proto = {"configuration": spec.run, "label": label, "kind": row.get("kind"), "seed": run["seed"],
              "steps": row.get("global_step"), "teacher": row.get("teacher"), "model": "merged (the exported weights)"}
     metrics: dict = {}
     for key, name in (("accuracy", "task/accuracy"), ("macro_f1", "task/macro_f1"), ("sparsity", "sparsity"),
@@ -243,7 +242,7 @@ register_stage(StageKind("full_evaluate", f"{PACKAGE}:run_full_evaluate", "full_
                          reads=("data.train", "tune.teacher")))
 
 
-def _full_evaluate_table(state, out_dir: Path, cfg, pspec) -> dict:
+def _full_evaluate_table(state, out_dir: Path, run: dict, pspec) -> dict:
     """The comparison of the configuration stages run so far, from their results (nothing is recomputed)."""
     runs: dict[str, dict] = {}
     for h in state.history:
@@ -252,7 +251,8 @@ def _full_evaluate_table(state, out_dir: Path, cfg, pspec) -> dict:
             runs[done["label"]] = done["result"]
     if not runs:
         raise PrunetuneError(f"stage {state.name}: the full-evaluate table needs configuration stages before it")
-    payload = comparison_payload(state.model_spec(), cfg, pspec, runs, state.spec.full_lr, state.spec.baselines)
+    payload = comparison_payload(state.model_spec(), state.recipe.tune, pspec, runs, state.spec.full_lr,
+                                 state.spec.baselines, **run)
     for where in (out_dir, state.out):
         atomic_write_json(where / "full_evaluate.json", payload)
         atomic_write_text(where / "full_evaluate.md", payload["table"]["markdown"])
