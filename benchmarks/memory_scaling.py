@@ -121,6 +121,7 @@ def main() -> None:
                              streamed=stage["prune_seconds"]["protocol"]["streamed"],
                              sparsity=stage["sparsity"]["value"])
                 r.update(layers=n, method=method, path=path, load=load_average(), malloc=MALLOC[path],
+                         machine=cpu_model(), commit=commit(),
                          model=json.loads((models[n] / "random_llama.json").read_text()),
                          formula=formula_bytes(models[n], a.nsamples, a.seqlen, method))
                 r.pop("output_tail")
@@ -157,7 +158,8 @@ def _llmc_row(a, model: Path, method: str, layers: int, env: dict) -> dict:
                           "--calib", str(calib), "--method", method, "--sparsity", "0.5", "--json", str(js)], env)
         r["llmc"] = json.loads(js.read_text())
     r.pop("output_tail")
-    r.update(layers=layers, method=method, path="llm-compressor", load=load_average(),
+    r.update(layers=layers, method=method, path="llm-compressor", load=load_average(), machine=cpu_model(),
+             commit=commit(),
              model=json.loads((model / "random_llama.json").read_text()))
     print(f"{layers:>3} layers {method:<9} llm-compressor peak {r['peak_rss_mb']:8.0f} MiB  wall {r['wall_s']:7.1f} s",
           flush=True)
@@ -175,11 +177,20 @@ def render(data: dict) -> str:
     """The markdown table of a run's JSON (run_all.py renders BENCHMARKS.md's block with it; no torch import)."""
     rows = data["rows"]
     by = {(r["layers"], r["method"], r["path"]): r for r in rows}
-    out = [f"Calibration {data['calibration']}; {data['machine']['cores']} cores, {data['machine']['cpu']}; "
-           f"commit {data['commit']}. Peak = whole-process `ru_maxrss`; CPU = user + system seconds.", "",
+    machines = sorted({r.get("machine", data["machine"]["cpu"]) for r in rows})
+    tag = {m: chr(ord("A") + i) for i, m in enumerate(machines)} if len(machines) > 1 else {}
+    where = (f"{data['machine']['cores']} cores, {machines[0]}; commit {data['commit']}" if not tag else
+             f"{data['machine']['cores']}-core machines " + ", ".join(f"{t} = {m}" for m, t in tag.items())
+             + " (a row's peak and CPU time compare only within one machine; the machine column says which)")
+    out = [f"Calibration {data['calibration']}; {where}. Peak = whole-process `ru_maxrss`; CPU = user + system "
+           "seconds.", "",
            "| method | blocks | params | streaming peak MiB | bound MiB | in-memory peak MiB | peak ratio | "
-           "streaming CPU s | in-memory CPU s | CPU ratio | wall ratio | load (1 min) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "streaming CPU s | in-memory CPU s | CPU ratio | wall ratio | load (1 min) |" + (" machine |" if tag else ""),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if tag else "")]
+
+    def machine(*rs) -> str:
+        tags = list(dict.fromkeys(tag[r.get("machine", data["machine"]["cpu"])] for r in rs if r))
+        return f" {' (streaming) / '.join(tags)}{' (in memory)' if len(tags) > 1 else ''} |" if tag else ""
     for method in sorted({r["method"] for r in rows}, key=lambda m: (m != "wanda", m)):
         for n in sorted({r["layers"] for r in rows if r["method"] == method}):
             s, m = by.get((n, method, "stream")), by.get((n, method, "memory"))
@@ -194,17 +205,18 @@ def render(data: dict) -> str:
             out.append(f"| {method} | {n} | {ref['model']['parameters'] / 1e9:.2f}B | {cell(s, 'peak_rss_mb')} | "
                        f"{ref['formula']['issue_bound_mb']:,.0f} | {cell(m, 'peak_rss_mb')} | {ratio('peak_rss_mb')} | "
                        f"{cell(s, 'cpu_s', '{:.0f}')} | {cell(m, 'cpu_s', '{:.0f}')} | {ratio('cpu_s')} | "
-                       f"{ratio('wall_s')} | {ref['load'][0]:.1f} |")
+                       f"{ratio('wall_s')} | {ref['load'][0]:.1f} |" + machine(s, m))
         st = sorted((r for r in rows if r["method"] == method and r["path"] == "stream"), key=lambda r: r["layers"])
         if len(st) > 1:
             peaks = [r["peak_rss_mb"] for r in st]
             out.append(f"| {method}: streaming peak over {st[0]['layers']}-{st[-1]['layers']} blocks | | | "
-                       f"max/min {max(peaks) / min(peaks):.3f} | | | | | | | | |")
+                       f"max/min {max(peaks) / min(peaks):.3f} | | | | | | | | |" + (" |" if tag else ""))
     llmc = [r for r in rows if r["path"] == "llm-compressor"]
     for r in llmc:
         s = by.get((r["layers"], r["method"], "stream"))
         vs = f", streaming / llm-compressor {s['peak_rss_mb'] / r['peak_rss_mb']:.2f}x" if s else ""
-        out.append(f"\nllm-compressor {r['method']} on {r['layers']} blocks: peak {r['peak_rss_mb']:,.0f} MiB{vs}.")
+        on = f" (machine {tag[r['machine']]})" if tag and r.get("machine") in tag else ""
+        out.append(f"\nllm-compressor {r['method']} on {r['layers']} blocks{on}: peak {r['peak_rss_mb']:,.0f} MiB{vs}.")
     return "\n".join(out)
 
 
