@@ -24,6 +24,7 @@ ap.add_argument("--tag", default="")
 a = ap.parse_args()
 from prunetune.models.loading import load_model
 from prunetune.methods.shrink import prune_structured
+from prunetune.methods.vib import StructuredSpec
 from prunetune.pruning.shrink.scores import calibration_windows
 from prunetune.data.sources import load_wikitext2
 from prunetune.evaluation.perplexity import perplexity
@@ -31,10 +32,12 @@ torch.manual_seed(0)
 L = load_model("smollm2-135m", "causal-lm"); model, tok = L.model.eval(), L.tokenizer
 calib = calibration_windows(tok, "wikitext2", max(8, a.steps * a.batch), a.seqlen, seed=0)
 t0 = time.perf_counter()
-vib = dict(steps=a.steps, batch_size=a.batch, vib_lr=a.lr, mu_lr=a.mu_lr, lagrangian_lr=a.lag_lr,
-           lagrangian_warmup=a.warm, init_log_sigma2=a.init, beta=a.beta, antithetic=a.anti, loss=a.loss, optimizer=a.opt, widths=a.widths)
+vib = StructuredSpec(vib_steps=a.steps, vib_batch=a.batch, vib_lr=a.lr, vib_mu_lr=a.mu_lr, lagrangian_lr=a.lag_lr,
+                     lagrangian_warmup=a.warm, init_log_sigma2=a.init, vib_loss=a.loss, vib_widths=a.widths)
+vib_options = dict(beta=a.beta, antithetic=a.anti, optimizer=a.opt)
 ids = calib if a.method == "vib" else calib[:8]
-model, facts = prune_structured(model, a.method, a.sparsity, structures="heads,neurons", round_to=64, ids=ids, vib=vib)
+model, facts = prune_structured(model, a.method, a.sparsity, structures="heads,neurons", round_to=64, ids=ids, vib=vib,
+                                vib_options=vib_options)
 tp = time.perf_counter() - t0
 r = perplexity(model, tok, load_wikitext2("test"), seqlen=512, max_windows=a.windows, batch_size=4, progress=False)
 out = {"tag": a.tag, "args": vars(a), "ppl": r["value"], "prune_s": tp, "ppl_s": r["seconds"], "widths": facts["widths"],

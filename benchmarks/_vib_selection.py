@@ -30,7 +30,7 @@ from structured import load, ppl  # noqa: E402  (this directory's benchmark: sam
 from prunetune.pruning.shrink.scores import baseline_scores, calibration_windows, collect_moments
 from prunetune.pruning.shrink.surgery import shrink_selection
 from prunetune.pruning.shrink.widths import geometry, select
-from prunetune.methods.vib import VibConfig, VibMethod  # noqa: E402
+from prunetune.methods.vib import StructuredSpec, VibMethod  # noqa: E402
 
 VARIANTS = ("vib", "mu1", "flap", "vibheads", "vibneurons")
 
@@ -60,8 +60,8 @@ def main() -> None:
     del dense
     for var in variants:
         model, _ = load("smollm2-135m")
-        meth = VibMethod(VibConfig(target_sparsity=args.sparsity, structures=("heads", "neurons"), round_to=64,
-                                   center=True, widths="uniform"))
+        meth = VibMethod(StructuredSpec(sparsity=args.sparsity, structures=["heads", "neurons"], round_to=64,
+                                        vib_center=True, vib_widths="uniform"))
         meth.set_means(model, stats)
         meth.prepare(model)
         meth.gates.load_state_dict(state)

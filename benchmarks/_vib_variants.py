@@ -12,15 +12,16 @@ from prunetune.models.loading import load_model
 from prunetune.pruning.shrink.scores import calibration_windows, collect_moments
 from prunetune.pruning.shrink.surgery import flap_compensate, shrink_selection
 from prunetune.pruning.shrink.widths import geometry, select
-from prunetune.methods.vib import VibConfig, VibMethod, train_gates
+from prunetune.methods.vib import StructuredSpec, VibMethod, train_gates
 from prunetune.data.sources import load_wikitext2
 from prunetune.evaluation.perplexity import perplexity
 L = load_model("smollm2-135m", "causal-lm"); model, tok = L.model.eval(), L.tokenizer
 base = copy.deepcopy(model)
 ids = calibration_windows(tok, "wikitext2", max(8, a.steps * a.batch), 256, seed=0)
 stats = collect_moments(base, ids[:8], 4)
-cfg = VibConfig(target_sparsity=0.3, structures=("heads", "neurons"), steps=a.steps, batch_size=a.batch, vib_lr=a.lr,
-                mu_lr=a.mu_lr, lagrangian_lr=a.lag_lr, lagrangian_warmup=a.warm, init_log_sigma2=a.init, loss=a.loss)
+cfg = StructuredSpec(sparsity=0.3, structures=["heads", "neurons"], vib_steps=a.steps, vib_batch=a.batch, vib_lr=a.lr,
+                     vib_mu_lr=a.mu_lr, lagrangian_lr=a.lag_lr, lagrangian_warmup=a.warm, init_log_sigma2=a.init,
+                     vib_loss=a.loss)
 t0 = time.perf_counter()
 meth = VibMethod(cfg); train_gates(model, meth, ids)
 state = {k: v.detach().clone() for k, v in meth.gates.state_dict().items()}
@@ -33,7 +34,7 @@ for wmode in ("uniform", "learned"):
         for fold in (True, False):
             if wmode == "learned" and not fold: continue
             m = copy.deepcopy(base)
-            v = VibMethod(VibConfig(**{**cfg.__dict__, "widths": wmode}))
+            v = VibMethod(cfg.model_copy(update={"vib_widths": wmode}))
             v.prepare(m); v.gates.load_state_dict(state)
             sel = select(v.scores(), v.widths(geom), geom)
             if comp: flap_compensate(m, sel, stats)

@@ -352,9 +352,9 @@ def main() -> None:
     ap.add_argument("--vib-seqlen", type=int, default=256, help="tokens per gate-training window")
     ap.add_argument("--vib-widths", default="learned", choices=("learned", "uniform"),
                     help="VIB widths: learned KV count from thresholding, or the baselines' uniform rule")
-    ap.add_argument("--vib-optimizer", default="adam", choices=("adam", "nsgd"), help="gate optimizer (VibConfig.optimizer)")
+    ap.add_argument("--vib-optimizer", default="adam", choices=("adam", "nsgd"), help="gate optimizer (VibMethod's optimizer)")
     ap.add_argument("--vib-constraint", default="global", choices=("global", "per_layer"),
-                    help="Lagrangian on the global kept fraction, or on every layer's count (VibConfig.constraint)")
+                    help="Lagrangian on the global kept fraction, or on every layer's count (VibMethod's constraint)")
     ap.add_argument("--vib-lr-decay", type=float, default=1.0, help="gate lr factor reached at the last step")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
@@ -378,6 +378,7 @@ def main() -> None:
     from safetensors.torch import load_file, save_file
 
     from prunetune.methods.shrink import prune_structured
+    from prunetune.methods.vib import StructuredSpec
     from prunetune.pruning.shrink.scores import calibration_windows
     from prunetune.pruning.shrink.widths import allocate_widths, geometry
 
@@ -471,9 +472,9 @@ def main() -> None:
         samples = int(budget.group(1)) if budget else args.recover_samples
         method = method[: budget.start()] if budget else method
         hybrid = method.endswith("+flapneurons")  # vib+center+flapneurons@0.5: KV groups from the gates, neurons
-        method = method.removesuffix("+flapneurons")  # by FLAP (VibConfig.neuron_ranking; the same gates)
+        method = method.removesuffix("+flapneurons")  # by FLAP (StructuredSpec.vib_neuron_ranking; the same gates)
         comp = method.endswith("+comp")  # vib+comp@0.3 = the same gates as vib@0.3, plus FLAP's bias compensation
-        center = method.endswith("+center")  # vib+center@0.3 = gates on the deviation from the mean (VibConfig.center)
+        center = method.endswith("+center")  # vib+center@0.3 = gates on the deviation from the mean (StructuredSpec.vib_center)
         method = method.removesuffix("+comp").removesuffix("+center")
         vib_steps = int(steps) if steps else args.vib_steps
         structs = args.structures
@@ -486,12 +487,13 @@ def main() -> None:
         d = work / row.replace("@", "_")
         if res is None:
             model, _ = load(args.model)
-            vib = {"steps": vib_steps, "batch_size": args.vib_batch, "vib_lr": args.vib_lr, "mu_lr": args.vib_mu_lr,
-                   "init_log_sigma2": args.vib_init, "lagrangian_warmup": args.vib_warmup,
-                   "lagrangian_lr": args.vib_lag_lr, "beta": args.vib_beta, "loss": args.vib_loss,
-                   "antithetic": args.vib_antithetic, "widths": args.vib_widths,
-                   "lr_decay": args.vib_lr_decay, "compensate": comp, "center": center, "optimizer": args.vib_optimizer,
-                   "constraint": args.vib_constraint, "neuron_ranking": "flap" if hybrid else "vib"}
+            vib = StructuredSpec(vib_steps=vib_steps, vib_batch=args.vib_batch, vib_lr=args.vib_lr,
+                                 vib_mu_lr=args.vib_mu_lr, init_log_sigma2=args.vib_init,
+                                 lagrangian_warmup=args.vib_warmup, lagrangian_lr=args.vib_lag_lr, vib_loss=args.vib_loss,
+                                 vib_widths=args.vib_widths, vib_center=center,
+                                 vib_neuron_ranking="flap" if hybrid else "vib")
+            vib_options = {"beta": args.vib_beta, "antithetic": args.vib_antithetic, "lr_decay": args.vib_lr_decay,
+                           "compensate": comp, "optimizer": args.vib_optimizer, "constraint": args.vib_constraint}
             gate_file = work / (f"gates_{structs.replace(',', '-')}_{sparsity}_{vib_steps}"
                                 + ("_center" if center else "")
                                 + ("" if args.vib_constraint == "global" else f"_{args.vib_constraint}") + ".safetensors")
@@ -500,6 +502,7 @@ def main() -> None:
             t_p = time.perf_counter()
             model, facts = prune_structured(model, method, sparsity, structures=structs, round_to=args.round_to,
                                             ids=calib[: args.calib] if method != "vib" else vib_calib, vib=vib,
+                                            vib_options=vib_options,
                                             gate_state=gate_state, gates_out=gates_out)
             facts["prune_seconds"] = time.perf_counter() - t_p
             if method == "vib" and gate_state is None:

@@ -12,7 +12,7 @@ from prunetune.errors import PrunetuneError
 from prunetune.pruning.shrink.surgery import apply_masks
 from prunetune.pruning.shrink.widths import Widths, allocate_widths, geometry, parse_structures, select
 from prunetune.methods.shrink import prune_structured
-from prunetune.methods.vib import GateBank, VibConfig, VibMethod, train_gates
+from prunetune.methods.vib import GateBank, StructuredSpec, VibMethod, train_gates
 
 
 def tiny(tie: bool = True, hidden: int = 32, inter: int = 256, heads: int = 8, kv: int = 4) -> LlamaForCausalLM:
@@ -70,8 +70,8 @@ def test_kd_teacher_pass_is_the_dense_model_and_its_loss_starts_near_zero():
     model = tiny()
     x = ids(4, 16)
     dense = logits(model, x)
-    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=1, batch_size=4, loss="kd", init_log_sigma2=-12.0,
-                               center=False))
+    meth = VibMethod(StructuredSpec(sparsity=0.3, vib_steps=1, vib_batch=4, vib_loss="kd", init_log_sigma2=-12.0,
+                                    vib_center=False))
     meth.prepare(model)
     meth.gates.train()
     meth.bypass = True  # the hooks pass through: what train_gates uses as the teacher
@@ -80,9 +80,9 @@ def test_kd_teacher_pass_is_the_dense_model_and_its_loss_starts_near_zero():
     assert not torch.equal(logits(model, x), dense)  # the gates act (μ ≈ 1 ± 1%, tiny noise)
     meth.remove_hooks()
     model = tiny()
-    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=2, batch_size=4, loss="kd", init_log_sigma2=-12.0))
+    meth = VibMethod(StructuredSpec(sparsity=0.3, vib_steps=2, vib_batch=4, vib_loss="kd", init_log_sigma2=-12.0))
     train_gates(model, meth, x)
-    lm = VibMethod(VibConfig(target_sparsity=0.3, steps=2, batch_size=4, loss="lm", init_log_sigma2=-12.0))
+    lm = VibMethod(StructuredSpec(sparsity=0.3, vib_steps=2, vib_batch=4, vib_loss="lm", init_log_sigma2=-12.0))
     train_gates(tiny(), lm, x)
     # KL to the dense model of a model whose gates are ~1: ~0, while the LM loss is ~log(vocab)
     assert meth.history[0]["kd_loss"] < 1e-2 < 1.0 < lm.history[0]["lm_loss"]
@@ -90,7 +90,7 @@ def test_kd_teacher_pass_is_the_dense_model_and_its_loss_starts_near_zero():
 
 def test_multipliers_ascend_and_gates_descend():
     model = tiny()
-    meth = VibMethod(VibConfig(target_sparsity=0.5, steps=1, lagrangian_warmup=0.0, batch_size=2, center=False))
+    meth = VibMethod(StructuredSpec(sparsity=0.5, vib_steps=1, lagrangian_warmup=0.0, vib_batch=2, vib_center=False))
     meth.prepare(model)
     loss, logs = meth.extra_loss(model, None, None)
     assert logs["target"] == 0.5 and logs["thresholded_sparsity"] == 0.0
@@ -106,8 +106,8 @@ def test_nsgd_moves_each_gate_by_its_normalised_gradient_clipped_at_three_lr():
     from prunetune.methods.vib import NSGD_CLIP
 
     model = tiny()
-    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=1, batch_size=2, optimizer="nsgd", vib_lr=0.1, center=False,
-                               mu_lr=0.1, lagrangian_warmup=0.0))
+    meth = VibMethod(StructuredSpec(sparsity=0.3, vib_steps=1, vib_batch=2, vib_lr=0.1, vib_center=False, vib_mu_lr=0.1,
+                                    lagrangian_warmup=0.0), optimizer="nsgd")
     meth.prepare(model)
     bank = meth.gates.banks["neurons"]
     with torch.no_grad():
@@ -129,9 +129,9 @@ def test_nsgd_moves_each_gate_by_its_normalised_gradient_clipped_at_three_lr():
 def test_lagrangian_brings_thresholded_sparsity_to_target(structures):
     model = tiny(hidden=64 if "hidden" in structures else 32)
     target = 0.4
-    meth = VibMethod(VibConfig(target_sparsity=target, structures=structures, steps=120, batch_size=4,
-                               vib_lr=0.1, mu_lr=None, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0,
-                               loss="lm", widths="learned", center=False))
+    meth = VibMethod(StructuredSpec(sparsity=target, structures=structures, vib_steps=120, vib_batch=4, vib_lr=0.1,
+                                    vib_mu_lr=None, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0,
+                                    vib_loss="lm", vib_widths="learned", vib_center=False))
     train_gates(model, meth, ids(16, 16))
     # what thresholding actually removes (structures with log σ² − log μ² ≥ 0), not the expected value
     removed = meth.summary()["thresholded_sparsity"]
@@ -151,10 +151,10 @@ def test_lagrangian_brings_thresholded_sparsity_to_target(structures):
 def test_per_layer_constraint_brings_every_layer_to_the_uniform_widths():
     model = tiny()
     target = 0.4
-    cfg = VibConfig(target_sparsity=target, structures=("heads", "neurons"), steps=120, batch_size=4, vib_lr=0.1,
-                    mu_lr=None, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0, loss="lm",
-                    widths="uniform", center=False, constraint="per_layer", round_to=8)
-    meth = train_gates(model, VibMethod(cfg), ids(16, 16))
+    spec = StructuredSpec(sparsity=target, structures=["heads", "neurons"], vib_steps=120, vib_batch=4, vib_lr=0.1,
+                          vib_mu_lr=None, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0, vib_loss="lm",
+                          vib_widths="uniform", vib_center=False, round_to=8)
+    meth = train_gates(model, VibMethod(spec, constraint="per_layer"), ids(16, 16))
     geom = meth.gates.geom
     want = allocate_widths(geom, target, ("heads", "neurons"), 8)
     assert meth.lambdas.shape == (2 * geom.layers, 2)  # one pair per (kind, layer)
@@ -168,11 +168,11 @@ def test_per_layer_constraint_brings_every_layer_to_the_uniform_widths():
 
 def test_per_layer_constraint_needs_uniform_widths():
     with pytest.raises(PrunetuneError, match="uniform"):
-        VibConfig(constraint="per_layer", widths="learned")
+        VibMethod(StructuredSpec(vib_widths="learned"), constraint="per_layer")
 
 
 def test_target_ramps_over_the_warmup_fraction():
-    meth = VibMethod(VibConfig(target_sparsity=0.3, steps=100, lagrangian_warmup=0.5))
+    meth = VibMethod(StructuredSpec(sparsity=0.3, vib_steps=100, lagrangian_warmup=0.5))
     assert meth.target_at(0) == 0 and meth.target_at(25) == pytest.approx(0.15) and meth.target_at(80) == 0.3
 
 
@@ -184,8 +184,8 @@ def test_folding_mu_keeps_the_gated_models_eval_outputs(tie, structures, center)
     from prunetune.pruning.shrink.scores import collect_moments
 
     model = tiny(tie=tie)
-    meth = VibMethod(VibConfig(target_sparsity=0.3, structures=structures, steps=6, batch_size=2, vib_lr=0.3,
-                               round_to=8, center=center))
+    meth = VibMethod(StructuredSpec(sparsity=0.3, structures=structures, vib_steps=6, vib_batch=2, vib_lr=0.3,
+                                    round_to=8, vib_center=center))
     if center:
         meth.set_means(model, collect_moments(model, ids()))
         assert meth.means["neurons"].abs().sum() > 0
@@ -210,8 +210,8 @@ def test_shrink_equals_masked_and_loads_in_plain_transformers(method, tmp_path):
     comp, center = method == "vib+comp", method == "vib+center"
     method = method.partition("+")[0]
     kw = dict(structures="heads,neurons", round_to=16, ids=ids(),
-              vib={"steps": 4, "batch_size": 2, "compensate": comp, "center": center,
-                   "loss": "kd" if comp or center else "lm"})
+              vib=StructuredSpec(vib_steps=4, vib_batch=2, vib_center=center,
+                                 vib_loss="kd" if comp or center else "lm"), vib_options={"compensate": comp})
     masked, fm = prune_structured(copy.deepcopy(base), method, 0.3, shrink=False, **kw)
     shrunk, fs = prune_structured(copy.deepcopy(base), method, 0.3, shrink=True, **kw)
     assert fm["widths"] == fs["widths"]
@@ -247,19 +247,20 @@ def _kept(model) -> tuple[list, list]:
 
 def test_flap_neuron_ranking_takes_kv_groups_from_the_gates_and_neurons_from_flap():
     base, x = tiny(), ids()
-    vib = {"steps": 6, "batch_size": 2, "center": True, "widths": "uniform", "loss": "kd", "lagrangian_lr": 10.0}
+    vib = StructuredSpec(vib_steps=6, vib_batch=2, vib_center=True, vib_widths="uniform", vib_loss="kd",
+                         lagrangian_lr=10.0)
     kw = dict(structures="heads,neurons", round_to=16, ids=x, shrink=False)
     gates: dict = {}
     own, _ = prune_structured(copy.deepcopy(base), "vib", 0.5, vib=vib, gates_out=gates, **kw)
-    hybrid, facts = prune_structured(copy.deepcopy(base), "vib", 0.5, vib={**vib, "neuron_ranking": "flap"},
-                                     gate_state=gates, **kw)
+    hybrid, facts = prune_structured(copy.deepcopy(base), "vib", 0.5, gate_state=gates, **kw,
+                                     vib=vib.model_copy(update={"vib_neuron_ranking": "flap"}))
     flap, _ = prune_structured(copy.deepcopy(base), "flap", 0.5, **kw)
     (h_own, n_own), (h_hyb, n_hyb), (_, n_flap) = _kept(own), _kept(hybrid), _kept(flap)
     assert h_hyb == h_own and n_hyb == n_flap  # the same trained gates, FLAP's neurons
     assert n_own != n_flap  # the two rankings differ here, so the check above can fail
     assert facts["vib"]["config"]["neuron_ranking"] == "flap"
     with pytest.raises(PrunetuneError, match="center"):
-        VibConfig(neuron_ranking="flap", center=False)
+        VibMethod(StructuredSpec(vib_neuron_ranking="flap", vib_center=False))
 
 
 def test_hidden_dimension_shrink_within_1e_3_with_rmsnorm_rescale(tmp_path):
@@ -339,11 +340,19 @@ def test_family_without_hidden_coupling_is_one_line_error():
     assert "Llama" in _one_line(exc)
 
 
-@pytest.mark.parametrize("bad", [dict(target_sparsity=1.0), dict(vib_lr=0), dict(lagrangian_warmup=2.0),
-                                 dict(structures="heads,layers"), dict(steps=0), dict(center=True, compensate=True)])
-def test_bad_vib_options_are_one_line_errors(bad):
+@pytest.mark.parametrize("bad", [dict(sparsity=1.0), dict(vib_lr=0), dict(lagrangian_warmup=2.0),
+                                 dict(structures=["heads", "layers"]), dict(vib_steps=0)])
+def test_bad_vib_options_are_refused_by_the_schema(bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        StructuredSpec(**bad)
+
+
+@pytest.mark.parametrize("bad", [dict(compensate=True), dict(lr_decay=2.0), dict(optimizer="sgd"), dict(beta=0.0)])
+def test_bad_vib_method_options_are_one_line_errors(bad):
     with pytest.raises(PrunetuneError) as exc:
-        VibConfig(**bad)
+        VibMethod(StructuredSpec(vib_center=True), **bad)
     _one_line(exc)
 
 
@@ -370,8 +379,8 @@ def test_finetune_drives_vib_gates_and_exports_a_shrunk_model(tmp_path):
     lm = {"task": "causal-lm", "data": DataSpec(train="wikitext2")}
     cfg = TuneSpec(mode="full", steps=None, n_samples=16, eval_samples=2, test_samples=4, epochs=1, batch_size=2,
                    seqlen=32, retention=False, kd=False)
-    meth = VibMethod(VibConfig(target_sparsity=0.3, structures=("heads", "neurons"), round_to=16, vib_lr=0.1,
-                               mu_lr=None, lagrangian_lr=0.1, init_log_sigma2=-2.0, center=False))
+    meth = VibMethod(StructuredSpec(sparsity=0.3, structures=["heads", "neurons"], round_to=16, vib_lr=0.1,
+                                    vib_mu_lr=None, lagrangian_lr=0.1, init_log_sigma2=-2.0, vib_center=False))
     r = finetune("tiny-llama", cfg, tmp_path / "vib", **lm, method=meth)
     assert r["method"] == "vib" and meth.step == r["global_step"] == 8  # one gate step per trainer step
     assert abs(r["thresholded_sparsity"] - 0.3) < 0.05  # the multipliers pulled the kept count to the target
@@ -387,7 +396,7 @@ def test_finetune_drives_vib_gates_and_exports_a_shrunk_model(tmp_path):
     lora = TuneSpec(mode="lora", steps=None, n_samples=4, eval_samples=2, test_samples=4, epochs=1, batch_size=2,
                     seqlen=32, retention=False, kd=False)
     with pytest.raises(PrunetuneError) as exc:  # LoRA would be frozen with the base weights: refused
-        finetune("tiny-llama", lora, tmp_path / "lora", **lm, method=VibMethod(VibConfig(target_sparsity=0.3)))
+        finetune("tiny-llama", lora, tmp_path / "lora", **lm, method=VibMethod(StructuredSpec(sparsity=0.3)))
     assert "without LoRA" in _one_line(exc)
 
 
@@ -395,10 +404,10 @@ def test_centred_gates_need_the_calibration_means_and_leave_a_removed_structure_
     from prunetune.pruning.shrink.scores import collect_moments
 
     with pytest.raises(PrunetuneError) as exc:
-        VibMethod(VibConfig(center=True)).prepare(tiny())
+        VibMethod(StructuredSpec(vib_center=True)).prepare(tiny())
     assert "set_means" in _one_line(exc)
     model = tiny()
-    meth = VibMethod(VibConfig(center=True, structures=("neurons",)))
+    meth = VibMethod(StructuredSpec(vib_center=True, structures=["neurons"]))
     stats = collect_moments(model, ids())
     meth.set_means(model, stats)
     meth.prepare(model)
@@ -414,19 +423,22 @@ def test_centred_gates_need_the_calibration_means_and_leave_a_removed_structure_
     assert torch.allclose(seen["x"], mean.expand_as(seen["x"]), atol=1e-6)  # down_proj sees the mean, not 0
 
 
-def test_vib_config_defaults_are_the_recipe_schemas():
-    """Every VibConfig option the recipe's `structured` section also has defaults to StructuredSpec's value."""
-    from prunetune.methods.vib import StructuredSpec
+def test_vib_takes_the_recipe_schema_itself_and_records_the_settings_under_their_result_names():
+    """One schema: `VibMethod` takes the recipe's `structured` section (no VibConfig twin, no converter), and
+    what a result records (`summary()["config"]`) keeps the names results have always had."""
+    import prunetune.methods.vib as vib
 
-    spec, cfg = StructuredSpec(), VibConfig()
-    pairs = {"target_sparsity": "sparsity", "vib_lr": "vib_lr", "mu_lr": "vib_mu_lr", "lagrangian_lr": "lagrangian_lr",
-             "lagrangian_warmup": "lagrangian_warmup", "att_mul": "att_mul", "kl_factor": "kl_factor",
-             "structures": "structures", "round_to": "round_to", "steps": "vib_steps", "batch_size": "vib_batch",
-             "init_log_sigma2": "init_log_sigma2", "widths": "vib_widths", "loss": "vib_loss", "center": "vib_center",
-             "neuron_ranking": "vib_neuron_ranking"}
-    for mine, theirs in pairs.items():
-        want = getattr(spec, theirs)
-        assert getattr(cfg, mine) == (tuple(want) if isinstance(want, list) else want), mine
-    vib_fields = {f for f in StructuredSpec.model_fields if f.startswith("vib_")} | {"lagrangian_lr", "lagrangian_warmup",
-                                                                                   "att_mul", "kl_factor", "init_log_sigma2"}
-    assert vib_fields <= set(pairs.values())  # no VIB option of the recipe is left without its twin here
+    assert not hasattr(vib, "VibConfig")
+    spec = StructuredSpec(sparsity=0.4, vib_steps=3, vib_batch=5, vib_mu_lr=None, vib_loss="lm", vib_widths="learned",
+                          vib_center=False, structures=["neurons", "heads"])
+    rec = VibMethod(spec, seed=7, optimizer="nsgd").summary()["config"]
+    assert rec == {"target_sparsity": 0.4, "vib_lr": spec.vib_lr, "mu_lr": None, "lagrangian_lr": spec.lagrangian_lr,
+                   "lagrangian_warmup": spec.lagrangian_warmup, "att_mul": spec.att_mul, "kl_factor": spec.kl_factor,
+                   "beta": 1.0, "straight_through": True, "structures": ["heads", "neurons"], "round_to": 64,
+                   "steps": 3, "batch_size": 5, "init_log_sigma2": spec.init_log_sigma2, "antithetic": False,
+                   "optimizer": "nsgd", "widths": "learned", "compensate": False, "center": False, "lr_decay": 1.0,
+                   "constraint": "global", "neuron_ranking": "vib", "loss": "lm", "seed": 7}
+    vib_fields = {f for f in StructuredSpec.model_fields if f.startswith("vib_")} | {
+        "lagrangian_lr", "lagrangian_warmup", "att_mul", "kl_factor", "init_log_sigma2", "sparsity", "structures",
+        "round_to"}
+    assert vib_fields == set(StructuredSpec.model_fields) - {"method", "nsamples", "seqlen"}  # all recorded above

@@ -14,19 +14,23 @@ from prunetune.errors import PrunetuneError
 from prunetune.pruning.shrink.scores import BASELINES, baseline_scores, collect_moments
 from prunetune.pruning.shrink.surgery import apply_masks, flap_compensate, shrink_selection
 from prunetune.pruning.shrink.widths import allocate_widths, check_inputs, geometry, parse_structures, select
-from prunetune.methods.vib import VibConfig, VibMethod, train_gates
+from prunetune.methods.vib import StructuredSpec, VibMethod, train_gates
 
 
 def prune_structured(model: nn.Module, method: str, sparsity: float, *, structures: str | tuple[str, ...] =
                      ("heads", "neurons"), round_to: int = 64, ids: torch.Tensor | None = None,
-                     shrink: bool = True, vib: dict | None = None, batch_size: int = 4,
+                     shrink: bool = True, vib: StructuredSpec | None = None, vib_options: dict | None = None,
+                     batch_size: int = 4,
                      gate_state: dict[str, torch.Tensor] | None = None,
                      gates_out: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
     """One-shot structured pruning to `sparsity` of block parameters; returns (model, facts).
 
     `method` is `vib` (gates trained on `ids`, see `methods.vib`) or a baseline (`l1`, `l2`, `wanda`, `flap`;
-    Wanda and FLAP need `ids`). With `shrink=False` the removed structures are zeroed instead (same outputs
-    for heads and neurons), which needs no surgery. VIB's trained gates are copied into `gates_out` when given;
+    Wanda and FLAP need `ids`). VIB's options are `vib`'s (the recipe's `structured` section, its one schema;
+    None: the defaults), whose sparsity, structures and round_to are the arguments', and `vib_options`, the
+    method's own keyword options (`VibMethod`: seed, optimizer, constraint, compensate, ...). With
+    `shrink=False` the removed structures are zeroed instead (same outputs for heads and neurons), which needs no
+    surgery. VIB's trained gates are copied into `gates_out` when given;
     passing them back as `gate_state` reuses them instead of training again (same model,
     sparsity and structures), e.g. to compare selections or compensation from one gate training.
     """
@@ -37,11 +41,12 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
     if method == "vib":
         if ids is None:
             raise PrunetuneError("vib needs calibration text (token windows) to train its gates")
-        cfg = VibConfig(**{**(vib or {}), "target_sparsity": sparsity, "structures": structs, "round_to": round_to})
-        meth = VibMethod(cfg)
+        spec = (vib if vib is not None else StructuredSpec()).model_copy(
+            update={"sparsity": sparsity, "structures": list(structs), "round_to": round_to})
+        meth = VibMethod(spec, **(vib_options or {}))
         # FLAP's compensation and centred gates need the dense model's input means: one pass before the gates go in
-        stats = collect_moments(model, ids[:8], batch_size) if cfg.compensate or cfg.center else None
-        if cfg.center:
+        stats = collect_moments(model, ids[:8], batch_size) if meth.compensate or spec.vib_center else None
+        if spec.vib_center:
             meth.set_means(model, stats)
         if gate_state is None:
             train_gates(model, meth, ids)
@@ -52,10 +57,10 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
         if gates_out is not None:
             gates_out.update({k: v.detach().cpu().clone() for k, v in meth.gates.state_dict().items()})
         widths, scores = meth.widths(geom), meth.scores()
-        if cfg.neuron_ranking == "flap":  # the hybrid: KV groups from the gates, neurons by FLAP's fluctuation
+        if spec.vib_neuron_ranking == "flap":  # the hybrid: KV groups from the gates, neurons by FLAP's fluctuation
             scores["neurons"] = baseline_scores(model, "flap", stats)["neurons"]
         sel = select(scores, widths, geom)
-        if cfg.compensate:  # on the dense weights (before the μ fold): a removed structure's mean output
+        if meth.compensate:  # on the dense weights (before the μ fold): a removed structure's mean output
             flap_compensate(model, sel, stats)
         meth.fold(model, sel)
         facts["vib"] = meth.summary()

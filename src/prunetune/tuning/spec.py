@@ -85,6 +85,7 @@ class TuneSpec(Spec):
 
     @property
     def lora(self) -> bool:
+        """LoRA adapters rather than full fine-tuning (the name the tuning module and its manifests use)."""
         return self.mode == "lora"
 
     @property

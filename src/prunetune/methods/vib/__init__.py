@@ -7,5 +7,5 @@ from __future__ import annotations
 
 from prunetune.methods.vib.spec import StructuredSpec  # noqa: F401  the method's public names
 from prunetune.methods.vib.gates import EPS, GateBank, VibGates  # noqa: F401  the method's public names
-from prunetune.methods.vib.method import NSGD_CLIP, VibConfig, VibMethod  # noqa: F401  the method's public names
+from prunetune.methods.vib.method import NSGD_CLIP, VibMethod  # noqa: F401  the method's public names
 from prunetune.methods.vib.train import train_gates  # noqa: F401  the method's public names

@@ -13,17 +13,17 @@ The loss is the LM loss on calibration text + `kl_factor` × VIBNet's closed-for
 ½ Σ log(1 + μ²/σ²), + a Lagrangian that pulls the kept fraction of block parameters to the target:
 λ₁(ŝ − t) + λ₂(ŝ − t)², where ŝ is the expected sparsity from soft keep-probabilities
 sigmoid(−β·(log σ² − log μ²)) (β = 10: sharp enough that ŝ tracks the thresholded count) and t ramps from 0
-to `target_sparsity` over the first `lagrangian_warmup` of the steps. The multipliers maximise the loss
+to `sparsity` over the first `lagrangian_warmup` of the steps. The multipliers maximise the loss
 (gradient ascent: their gradients are negated before an ordinary Adam step, the seed's negative learning
 rate; torch refuses a negative one). `att_mul` weighs attention parameters in ŝ.
 
-The task term is the LM loss (`loss="lm"`) or, for short budgets, the KL from the dense model's next-token
-distribution to the gated model's (`loss="kd"`; the dense pass is the same model with the hooks bypassed).
+The task term is the LM loss (`vib_loss="lm"`) or, for short budgets, the KL from the dense model's next-token
+distribution to the gated model's (`vib_loss="kd"`; the dense pass is the same model with the hooks bypassed).
 Why KD on CPU budgets: at z = 1 the KL and its gradient are exactly 0, so a gate's gradient carries only the
 second-order signal (how much its noise hurts), while the LM loss adds each example's first-order gradient
 (large, zero-mean noise). SmolLM2 at 30% of block parameters, 8 test windows (BENCHMARKS.md, structured):
 LM loss, VIB_LR 0.5 on μ and σ, 16 x 1 x 256 tokens: ppl 3,543; KD, 16 x 2 x 256 tokens, lr 0.2 on log σ² and
-0.01 on μ, uniform widths: 99 (FLAP 87.5, Wanda 139). No LM run at the KD settings was afforded on the CPU. The gates' μ get their own, smaller learning rate (`mu_lr`): μ stays near 1,
+0.01 on μ, uniform widths: 99 (FLAP 87.5, Wanda 139). No LM run at the KD settings was afforded on the CPU. The gates' μ get their own, smaller learning rate (`vib_mu_lr`): μ stays near 1,
 so folding it is a mild rescale, not a new model. `antithetic` pairs each example with the negated noise
 (cancels the first-order term for the LM loss at twice the tokens).
 
@@ -32,12 +32,12 @@ folded into the weights it scales (o_proj columns, down_proj columns; embedding 
 hidden channels, with the final norm's gain divided by μ when the LM head is tied to the embedding), so the
 pruned model computes what the gated model computes in eval mode (z = μ on kept structures, 0 elsewhere)
 and needs no fine-tuning to be usable. Uniform widths and rounding then come from `pruning.shrink.widths`:
-`widths="learned"` takes the KV-group count (and hidden width) from the thresholded gates, `"uniform"` the
+`vib_widths="learned"` takes the KV-group count (and hidden width) from the thresholded gates, `"uniform"` the
 baselines' rule (every structure keeps the same fraction), so that only VIB's ranking differs; at a short
 budget the thresholded count has not converged (1% removed of a 30% target after 16 steps) and the learned
 KV count keeps 3 of 3 groups (ppl 217, with μ lr 0.02 and multiplier lr 0.5; 99 with the uniform 2 of 3).
 
-Centred gates (`center=True`) change what removal means. A plain gate multiplies a structure's output x, so
+Centred gates (`vib_center=True`) change what removal means. A plain gate multiplies a structure's output x, so
 z = 0 removes x and its mean alike; FLAP instead replaces a removed structure by its calibration mean (a bias),
 which costs only the structure's fluctuation. With `center` a head or neuron gate computes m + z·(x − m), m the
 dense model's calibration mean of that o_proj / down_proj input: the noise probes the fluctuation, removal
@@ -56,15 +56,13 @@ width of 704), so the global constraint stays the default.
 At this budget the gates rank KV groups far better than neurons: 90 head gates and 46,080 neuron gates learn
 from the same 8,192 tokens. With the same trained gates (benchmarks/_vib_selection.py, 8 windows), VIB's KV
 groups with FLAP's neurons gave 73.1 at 30% and 125.8 at 50% of block parameters, against 79.3 / 243.4 for
-VIB's own selection and 87.5 / 179.8 for FLAP's. `neuron_ranking="flap"` is that hybrid: the gates still
+VIB's own selection and 87.5 / 179.8 for FLAP's. `vib_neuron_ranking="flap"` is that hybrid: the gates still
 train on both kinds (the neuron noise is part of what the head gates learn under), the KV groups come from
 the gates, the neurons from FLAP's fluctuation of the dense model, and the fold is unchanged (kept
 structures scaled by μ, removed ones left at their means).
 """
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -87,73 +85,31 @@ from prunetune.pruning.shrink.widths import (
 
 NSGD_CLIP = 3.0  # "nsgd": a gate moves at most 3 x lr per step (unclipped, one spike sent log σ² to inf)
 
-_SPEC = StructuredSpec()  # the recipe schema: every option shared with it takes its default from there
+OPTIMIZERS = ("adam", "nsgd")  # gates: Adam per gate, or the gradient over its kind's RMS per step (NSGD_CLIP)
+CONSTRAINTS = ("global", "per_layer")  # one kept fraction, or every layer's count of each gated kind
 
 
-@dataclass
-class VibConfig:
-    """VIB options; names and meanings of TVA-Prune's seed where it has them. An option the recipe's
-    `structured` section also has takes its default from `StructuredSpec` (the one place defaults live);
-    the rest are this class's own (no recipe key)."""
-
-    target_sparsity: float = _SPEC.sparsity  # TARGET_SPARSITY: fraction of block parameters removed
-    vib_lr: float = _SPEC.vib_lr  # VIB_LR: Adam learning rate of the gates' log σ²
-    mu_lr: float | None = _SPEC.vib_mu_lr  # learning rate of the gates' μ (None = vib_lr); small keeps μ near 1
-    lagrangian_lr: float = _SPEC.lagrangian_lr  # learning rate of the multipliers (ascent)
-    lagrangian_warmup: float = _SPEC.lagrangian_warmup  # LAGRANGIAN_WARMUP: fraction of steps the target ramps over
-    att_mul: float = _SPEC.att_mul  # ATT_MUL: weight of attention parameters in the sparsity count
-    kl_factor: float = _SPEC.kl_factor  # weight of the summed KL term
-    beta: float = 1.0  # sharpness of the soft keep-probability sigmoid(−β·log α)
-    straight_through: bool = True  # constrain the thresholded sparsity (value), with the expected one's gradient
-    structures: tuple[str, ...] = tuple(_SPEC.structures)
-    round_to: int = _SPEC.round_to
-    steps: int = _SPEC.vib_steps  # gate-training budget: steps x batch_size x seqlen tokens
-    batch_size: int = _SPEC.vib_batch
-    init_log_sigma2: float = _SPEC.init_log_sigma2
-    antithetic: bool = False  # pair every example with a copy under the negated noise (variance reduction)
-    optimizer: str = "adam"  # gates: "adam" (per gate) or "nsgd" (gradient / its RMS over the gate kind, per step)
-    widths: str = _SPEC.vib_widths  # "learned": KV groups / hidden width from thresholding; "uniform": baselines' rule
-    compensate: bool = False  # FLAP's bias compensation for the removed structures (prune_structured)
-    center: bool = _SPEC.vib_center  # head/neuron gates scale the deviation from the calibration mean
-    lr_decay: float = 1.0  # gate lr decays linearly to this fraction of itself after the warmup (1 = constant)
-    constraint: str = "global"  # "global": one kept fraction; "per_layer": every layer's count of each kind
-    neuron_ranking: str = _SPEC.vib_neuron_ranking  # "flap": KV groups from the gates, neurons by FLAP (hybrid)
-    loss: str = _SPEC.vib_loss  # gate-training objective of `train_gates`: "lm" (next-token CE) or "kd" (KL to dense)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.structures = parse_structures(self.structures)
-        if not 0.0 <= self.target_sparsity < 1.0:
-            raise PrunetuneError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
-        if not 0.0 <= self.lagrangian_warmup <= 1.0:
-            raise PrunetuneError(f"lagrangian_warmup is a fraction of the steps in [0, 1], got {self.lagrangian_warmup}")
-        if not 0.0 <= self.lr_decay <= 1.0:
-            raise PrunetuneError(f"lr_decay is a fraction in [0, 1], got {self.lr_decay}")
-        for name in ("vib_lr", "lagrangian_lr", "att_mul", "beta", "mu_lr"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise PrunetuneError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.optimizer not in ("adam", "nsgd"):
-            raise PrunetuneError(f"vib optimizer must be 'adam' or 'nsgd', got '{self.optimizer}'")
-        if self.widths not in ("learned", "uniform"):
-            raise PrunetuneError(f"vib widths must be 'learned' or 'uniform', got '{self.widths}'")
-        if self.constraint not in ("global", "per_layer"):
-            raise PrunetuneError(f"vib constraint must be 'global' or 'per_layer', got '{self.constraint}'")
-        if self.constraint == "per_layer" and self.widths != "uniform":
-            raise PrunetuneError("vib constraint 'per_layer' drives every layer to the uniform widths: it needs "
-                                 "widths 'uniform' (learned widths come from the global constraint)")
-        if self.neuron_ranking not in ("vib", "flap"):
-            raise PrunetuneError(f"vib neuron_ranking must be 'vib' or 'flap', got '{self.neuron_ranking}'")
-        if self.neuron_ranking == "flap" and not (self.center and self.widths == "uniform"):
-            raise PrunetuneError("vib neuron_ranking 'flap' ranks neurons by FLAP's fluctuation at the uniform widths, "
-                                 "with removed neurons left at their means: it needs center and widths 'uniform'")
-        if self.loss not in ("lm", "kd"):
-            raise PrunetuneError(f"vib loss must be 'lm' or 'kd', got '{self.loss}'")
-        if self.center and self.compensate:
-            raise PrunetuneError("vib center already leaves a removed structure at its mean (its own compensation): "
-                                 "use center or compensate, not both")
-        if self.steps < 1 or self.batch_size < 1:
-            raise PrunetuneError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
-
+def check_options(spec: StructuredSpec, *, optimizer: str, constraint: str, lr_decay: float, beta: float,
+                  compensate: bool) -> None:
+    """The one-line errors for option combinations VIB cannot run (the spec's own fields are checked by pydantic
+    as it is built; these involve the method's keyword options or more than one field)."""
+    if not 0.0 <= lr_decay <= 1.0:
+        raise PrunetuneError(f"lr_decay is a fraction in [0, 1], got {lr_decay}")
+    if not beta > 0:
+        raise PrunetuneError(f"beta must be > 0, got {beta}")
+    if optimizer not in OPTIMIZERS:
+        raise PrunetuneError(f"vib optimizer must be 'adam' or 'nsgd', got '{optimizer}'")
+    if constraint not in CONSTRAINTS:
+        raise PrunetuneError(f"vib constraint must be 'global' or 'per_layer', got '{constraint}'")
+    if constraint == "per_layer" and spec.vib_widths != "uniform":
+        raise PrunetuneError("vib constraint 'per_layer' drives every layer to the uniform widths: it needs "
+                             "widths 'uniform' (learned widths come from the global constraint)")
+    if spec.vib_neuron_ranking == "flap" and not (spec.vib_center and spec.vib_widths == "uniform"):
+        raise PrunetuneError("vib neuron_ranking 'flap' ranks neurons by FLAP's fluctuation at the uniform widths, "
+                             "with removed neurons left at their means: it needs center and widths 'uniform'")
+    if spec.vib_center and compensate:
+        raise PrunetuneError("vib center already leaves a removed structure at its mean (its own compensation): "
+                             "use center or compensate, not both")
 
 
 class VibMethod(Method):
@@ -166,8 +122,23 @@ class VibMethod(Method):
 
     name = "vib"
 
-    def __init__(self, config: VibConfig | None = None, **kw) -> None:
-        self.cfg = config or VibConfig(**kw)
+    def __init__(self, spec: StructuredSpec | None = None, *, seed: int = 0, beta: float = 1.0,
+                 straight_through: bool = True, antithetic: bool = False, optimizer: str = "adam",
+                 lr_decay: float = 1.0, constraint: str = "global", compensate: bool = False) -> None:
+        """`spec`: the recipe's `structured` section, VIB's one schema (TVA-Prune's names: TARGET_SPARSITY is
+        `sparsity`, VIB_LR `vib_lr`, ...; None: its defaults). The keyword options are the method's own knobs,
+        which no recipe sets: `beta` sharpens the soft keep-probability sigmoid(−β·log α); `straight_through`
+        constrains the thresholded sparsity (value) with the expected one's gradient; `antithetic` pairs every
+        example with the negated noise; `optimizer` "adam" or "nsgd" for the gates; `lr_decay` the fraction the
+        gate lr decays to after the warm-up (1 = constant); `constraint` "global" or "per_layer"; `compensate`
+        FLAP's bias compensation of removed structures (applied by `methods.shrink.prune_structured`); `seed`
+        the gates' init and noise."""
+        self.spec = spec if spec is not None else StructuredSpec()
+        check_options(self.spec, optimizer=optimizer, constraint=constraint, lr_decay=lr_decay, beta=beta,
+                      compensate=compensate)
+        self.structures = parse_structures(self.spec.structures)
+        self.seed, self.beta, self.straight_through, self.antithetic = seed, beta, straight_through, antithetic
+        self.optimizer, self.lr_decay, self.constraint, self.compensate = optimizer, lr_decay, constraint, compensate
         self.gates: VibGates | None = None
         self.lambdas = nn.Parameter(torch.zeros(2))
         self._hooks: list = []
@@ -175,7 +146,7 @@ class VibMethod(Method):
         self.bypass = False  # hooks pass through: the model computes as the dense model (teacher for "kd")
         self._frozen: list[nn.Parameter] = []
         self.history: list[dict] = []
-        self.total_steps = self.cfg.steps
+        self.total_steps = self.spec.vib_steps
         self.step = 0
         self._opt: torch.optim.Optimizer | None = None
         self._lag_opt: torch.optim.Optimizer | None = None
@@ -188,14 +159,14 @@ class VibMethod(Method):
             raise PrunetuneError("vib trains only its gates with the model's weights frozen: fine-tune it without "
                                  "LoRA (lora off), then recover the shrunk model with LoRA")
         geom = geometry(model)
-        if self.cfg.center and self.means is None:
+        if self.spec.vib_center and self.means is None:
             raise PrunetuneError("vib center needs the calibration means of the o_proj / down_proj inputs: call "
                                  "set_means(model, collect_moments(...)) first (prune_structured does)")
-        if "hidden" in self.cfg.structures and get_adapter(model).family != "llama":
+        if "hidden" in self.structures and get_adapter(model).family != "llama":
             raise PrunetuneError("hidden-dimension gates need a family with hidden-dimension coupling (Llama)")
         device = next(model.parameters()).device
-        self.gates = VibGates(geom, self.cfg.structures, self.cfg.init_log_sigma2, self.cfg.seed).to(device)
-        self._layer_targets = self._per_layer_targets(geom) if self.cfg.constraint == "per_layer" else None
+        self.gates = VibGates(geom, self.structures, self.spec.init_log_sigma2, self.seed).to(device)
+        self._layer_targets = self._per_layer_targets(geom) if self.constraint == "per_layer" else None
         shape = (2,) if self._layer_targets is None else (sum(w.numel() for _, w in self._layer_targets.values()), 2)
         self.lambdas = nn.Parameter(torch.zeros(shape, device=device))  # (λ₁, λ₂), per (kind, layer) if per-layer
         for p in model.parameters():
@@ -203,14 +174,14 @@ class VibMethod(Method):
                 p.requires_grad_(False)
                 self._frozen.append(p)
         self._install(model)
-        mu_lr = self.cfg.vib_lr if self.cfg.mu_lr is None else self.cfg.mu_lr
+        mu_lr = self.spec.vib_lr if self.spec.vib_mu_lr is None else self.spec.vib_mu_lr
         banks = list(self.gates.banks.values())
-        groups = [{"params": [b.log_sigma2 for b in banks], "lr": self.cfg.vib_lr},
+        groups = [{"params": [b.log_sigma2 for b in banks], "lr": self.spec.vib_lr},
                   {"params": [b.mu for b in banks], "lr": mu_lr}]
-        self._opt = (torch.optim.Adam(groups) if self.cfg.optimizer == "adam" else torch.optim.SGD(groups))
+        self._opt = (torch.optim.Adam(groups) if self.optimizer == "adam" else torch.optim.SGD(groups))
         for b in banks:
-            b.antithetic = self.cfg.antithetic
-        self._lag_opt = torch.optim.Adam([self.lambdas], lr=self.cfg.lagrangian_lr)
+            b.antithetic = self.antithetic
+        self._lag_opt = torch.optim.Adam([self.lambdas], lr=self.spec.lagrangian_lr)
         self._base_lrs = [g["lr"] for g in self._opt.param_groups]
         if ctx is not None and ctx.max_steps:
             self.total_steps = ctx.max_steps
@@ -274,26 +245,26 @@ class VibMethod(Method):
 
     def ramp(self, step: int) -> float:
         """Fraction of the target in force at `step` (LAGRANGIAN_WARMUP: linear from 0, then 1)."""
-        warm = self.cfg.lagrangian_warmup * self.total_steps
+        warm = self.spec.lagrangian_warmup * self.total_steps
         return min(1.0, step / warm) if warm > 0 else 1.0
 
     def target_at(self, step: int) -> float:
-        return self.cfg.target_sparsity * self.ramp(step)
+        return self.spec.sparsity * self.ramp(step)
 
     def _per_layer_targets(self, geom: Geometry) -> dict[str, tuple[float, torch.Tensor]]:
         """Per gated kind: the removed fraction the uniform widths leave in every layer, and each constraint's
         weight = the share of (ATT_MUL-weighted) block parameters it governs, so that one multiplier moves a
         gate as far as the global constraint's would: the same multiplier lr serves both."""
-        w = allocate_widths(geom, self.cfg.target_sparsity, self.cfg.structures, self.cfg.round_to)
-        dense = geom.layers * (self.cfg.att_mul * geom.attn_params(geom.kv_heads, geom.hidden)
+        w = allocate_widths(geom, self.spec.sparsity, self.structures, self.spec.round_to)
+        dense = geom.layers * (self.spec.att_mul * geom.attn_params(geom.kv_heads, geom.hidden)
                                + geom.mlp_params(geom.inter, geom.hidden))
         out = {}
         for kind, kept, n, params in (
-                ("heads", w.kv, geom.kv_heads, self.cfg.att_mul * geom.attn_params(geom.kv_heads, geom.hidden)),
+                ("heads", w.kv, geom.kv_heads, self.spec.att_mul * geom.attn_params(geom.kv_heads, geom.hidden)),
                 ("neurons", w.neurons, geom.inter, geom.mlp_params(geom.inter, geom.hidden))):
-            if kind in self.cfg.structures:
+            if kind in self.structures:
                 out[kind] = (1.0 - kept / n, torch.full((geom.layers,), params / dense))
-        if "hidden" in self.cfg.structures:
+        if "hidden" in self.structures:
             out["hidden"] = (1.0 - w.hidden / geom.hidden, torch.ones(1))
         return out
 
@@ -301,12 +272,12 @@ class VibMethod(Method):
         """Σ weight·(λ₁·gap + λ₂·gap²) over every (kind, layer): gap = removed fraction of that layer's gates
         (thresholded value, expected gradient) − its uniform target, ramped like the global one."""
         assert self.gates is not None and self._layer_targets is not None
-        soft, hard = self.gates.soft(self.cfg.beta), self.gates.hard()
+        soft, hard = self.gates.soft(self.beta), self.gates.hard()
         lag, i = self.lambdas.new_zeros(()), 0
         for kind, (target, weight) in self._layer_targets.items():
             expected = 1.0 - soft[kind].mean(-1).reshape(-1)
             thresholded = 1.0 - hard[kind].mean(-1).reshape(-1)
-            r = thresholded + (expected - expected.detach()) if self.cfg.straight_through else expected
+            r = thresholded + (expected - expected.detach()) if self.straight_through else expected
             gap = r - target * self.ramp(step)
             lam = self.lambdas[i:i + gap.numel()]
             lag = lag + (weight.to(gap.device) * (lam[:, 0] * gap + lam[:, 1] * gap * gap)).sum()
@@ -316,21 +287,21 @@ class VibMethod(Method):
     def lr_scale(self, step: int) -> float:
         """Gate lr factor: 1 while the target ramps up, then linear to `lr_decay` at the last step, so the gates
         settle where the multipliers put the thresholded count instead of oscillating around it."""
-        warm = self.cfg.lagrangian_warmup * self.total_steps
+        warm = self.spec.lagrangian_warmup * self.total_steps
         if step < warm or self.total_steps <= warm:
             return 1.0
         frac = (step - warm) / max(1.0, self.total_steps - 1 - warm)
-        return 1.0 - (1.0 - self.cfg.lr_decay) * min(1.0, frac)
+        return 1.0 - (1.0 - self.lr_decay) * min(1.0, frac)
 
     def extra_loss(self, model: nn.Module, inputs: dict | None, outputs, ctx: MethodContext | None = None):
         assert self.gates is not None
         step = ctx.step if ctx is not None else self.step
         kl = self.gates.kl()
-        expected = 1.0 - self.gates.kept_fraction(self.gates.soft(self.cfg.beta), self.cfg.att_mul)
+        expected = 1.0 - self.gates.kept_fraction(self.gates.soft(self.beta), self.spec.att_mul)
         with torch.no_grad():
-            hard = 1.0 - self.gates.kept_fraction(self.gates.hard(), self.cfg.att_mul)
+            hard = 1.0 - self.gates.kept_fraction(self.gates.hard(), self.spec.att_mul)
         # the value is what thresholding removes, the gradient the expected count's (straight-through)
-        s = hard + (expected - expected.detach()) if self.cfg.straight_through else expected
+        s = hard + (expected - expected.detach()) if self.straight_through else expected
         t = self.target_at(step)
         if self._layer_targets is None:
             gap = s - t
@@ -341,13 +312,13 @@ class VibMethod(Method):
         logs = {"kl": float(kl.detach()), "expected_sparsity": float(expected.detach()),
                 "thresholded_sparsity": float(hard),
                 "target": t, "lambda1": float(lam[0]), "lambda2": float(lam[1])}
-        return self.cfg.kl_factor * kl + lag, logs
+        return self.spec.kl_factor * kl + lag, logs
 
     def after_step(self, model: nn.Module, ctx: MethodContext | None = None) -> None:
         assert self._opt is not None and self._lag_opt is not None
         if self.lambdas.grad is not None:
             self.lambdas.grad.neg_()  # ascent on the multipliers
-        if self.cfg.optimizer == "nsgd":  # keep each gate's gradient size relative to its kind's: the score
+        if self.optimizer == "nsgd":  # keep each gate's gradient size relative to its kind's: the score
             for group in self._opt.param_groups:  # accumulates the mean gradient, not its sign (Adam would)
                 for p in group["params"]:
                     if p.grad is not None:  # a spike on one of 46k neurons can be ~200 RMS: clipped at
@@ -365,14 +336,13 @@ class VibMethod(Method):
         geom = geometry(model)
         sel = select(self.scores(), self.widths(geom), geom)
         self.fold(model, sel)
-        return shrink_selection(model, sel, self.cfg.structures)
+        return shrink_selection(model, sel, self.structures)
 
     def summary(self) -> dict:
-        out: dict = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()},
-                     "steps_done": self.step}
+        out: dict = {"config": self.record(), "steps_done": self.step}
         if self.gates is not None:
             hard = self.gates.hard()
-            out["thresholded_sparsity"] = 1.0 - float(self.gates.kept_fraction(hard, self.cfg.att_mul))
+            out["thresholded_sparsity"] = 1.0 - float(self.gates.kept_fraction(hard, self.spec.att_mul))
             out["kept"] = {k: (v.sum(-1).tolist() if v.dim() > 1 else int(v.sum())) for k, v in hard.items()}
             out["mu"] = {k: {"mean": float(b.mu.detach().mean()), "min": float(b.mu.detach().min()),
                                  "max": float(b.mu.detach().max())}
@@ -381,8 +351,22 @@ class VibMethod(Method):
             out["last"] = self.history[-1]
         return out
 
+    def record(self) -> dict:
+        """The settings a result records (`summary()["config"]`, the fine-tuning manifest's `vib`): the spec's
+        VIB options and the method's own, under the names results have always had (TVA-Prune's where it has
+        them: `target_sparsity`, `steps`, `batch_size`, ...), so old and new results compare key by key."""
+        sp = self.spec
+        return {"target_sparsity": sp.sparsity, "vib_lr": sp.vib_lr, "mu_lr": sp.vib_mu_lr,
+                "lagrangian_lr": sp.lagrangian_lr, "lagrangian_warmup": sp.lagrangian_warmup, "att_mul": sp.att_mul,
+                "kl_factor": sp.kl_factor, "beta": self.beta, "straight_through": self.straight_through,
+                "structures": list(self.structures), "round_to": sp.round_to, "steps": sp.vib_steps,
+                "batch_size": sp.vib_batch, "init_log_sigma2": sp.init_log_sigma2, "antithetic": self.antithetic,
+                "optimizer": self.optimizer, "widths": sp.vib_widths, "compensate": self.compensate,
+                "center": sp.vib_center, "lr_decay": self.lr_decay, "constraint": self.constraint,
+                "neuron_ranking": sp.vib_neuron_ranking, "loss": sp.vib_loss, "seed": self.seed}
+
     def to_dict(self) -> dict:
-        return {"name": self.name, **self.summary()["config"]}
+        return {"name": self.name, **self.record()}
 
     # -- selection and fold ------------------------------------------------------------------------
     def scores(self) -> dict[str, torch.Tensor]:
@@ -398,11 +382,11 @@ class VibMethod(Method):
     def widths(self, geom: Geometry) -> Widths:
         """Uniform widths at the target: VIB's learned KV groups and hidden width, rounded; neurons fill the
         exact parameter budget (so VIB and the baselines keep the same number of parameters)."""
-        if self.cfg.widths == "uniform":
-            return allocate_widths(geom, self.cfg.target_sparsity, self.cfg.structures, self.cfg.round_to)
+        if self.spec.vib_widths == "uniform":
+            return allocate_widths(geom, self.spec.sparsity, self.structures, self.spec.round_to)
         learned = self.learned_widths()
         hint = Widths(round(learned.get("heads", geom.kv_heads)), geom.inter, round(learned.get("hidden", geom.hidden)))
-        return allocate_widths(geom, self.cfg.target_sparsity, self.cfg.structures, self.cfg.round_to, hint=hint)
+        return allocate_widths(geom, self.spec.sparsity, self.structures, self.spec.round_to, hint=hint)
 
     def set_means(self, model: nn.Module, stats: dict) -> None:
         """Calibration means of every o_proj / down_proj input (`collect_moments` of the dense model), for

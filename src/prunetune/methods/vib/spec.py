@@ -16,7 +16,8 @@ class StructuredSpec(Spec):
 
     The VIB options keep TVA-Prune's names: TARGET_SPARSITY is `sparsity`, VIB_LR `vib_lr`,
     LAGRANGIAN_WARMUP `lagrangian_warmup`, ATT_MUL `att_mul`. The gate-training budget is
-    `vib_steps` x `vib_batch` x `seqlen` tokens, recorded with every result.
+    `vib_steps` x `vib_batch` x `seqlen` tokens, recorded with every result. It is the one schema of VIB's
+    options: `VibMethod(spec)` takes it (library callers too); what no recipe sets is a keyword argument there.
     """
 
     method: Literal["vib", "l1", "l2", "wanda", "flap"] = "vib"
@@ -29,7 +30,8 @@ class StructuredSpec(Spec):
     vib_steps: int = Field(16, ge=1, description="gate-training steps")
     vib_batch: int = Field(2, ge=1, description="windows per gate-training step")
     vib_lr: float = Field(0.2, gt=0, description="VIB_LR: Adam learning rate of the gates' log sigma^2")
-    vib_mu_lr: float = Field(0.01, gt=0, description="learning rate of the gates' mu (small: mu stays near 1 for the fold)")
+    vib_mu_lr: float | None = Field(0.01, gt=0, description="learning rate of the gates' mu (small: mu stays near 1 "
+                                    "for the fold); None = vib_lr")
     vib_loss: Literal["kd", "lm"] = Field("kd", description="gate objective: KL to the dense model, or the LM loss")
     vib_widths: Literal["uniform", "learned"] = Field(
         "uniform", description="uniform: the baselines' width rule; learned: KV groups from VIB's thresholding")

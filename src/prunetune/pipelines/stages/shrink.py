@@ -31,14 +31,9 @@ def run_structured(state, out_dir: Path) -> dict:
         src = load_text(rec.data.calib, rec.data.calib_split, data_dir=rec.data.data_dir)
         n = max(spec.nsamples, spec.vib_steps * spec.vib_batch) if spec.method == "vib" else spec.nsamples
         ids = calibration_samples(loaded.tokenizer, src.text, n, spec.seqlen, state.seed, src.name)
-    vib = {"steps": spec.vib_steps, "batch_size": spec.vib_batch, "vib_lr": spec.vib_lr,
-           "lagrangian_lr": spec.lagrangian_lr, "lagrangian_warmup": spec.lagrangian_warmup, "att_mul": spec.att_mul,
-           "kl_factor": spec.kl_factor, "init_log_sigma2": spec.init_log_sigma2, "seed": state.seed,
-           "mu_lr": spec.vib_mu_lr, "loss": spec.vib_loss, "widths": spec.vib_widths, "center": spec.vib_center,
-           "neuron_ranking": spec.vib_neuron_ranking}
     t0 = time.perf_counter()
     model, facts = prune_structured(loaded.model, spec.method, spec.sparsity, structures=tuple(spec.structures),
-                                    round_to=spec.round_to, ids=ids, vib=vib)
+                                    round_to=spec.round_to, ids=ids, vib=spec, vib_options={"seed": state.seed})
     seconds = time.perf_counter() - t0
     calib = (f"{ids.shape[0]} x {ids.shape[1]} tokens of {rec.data.calib}/{rec.data.calib_split}, seed {state.seed}"
              if ids is not None else "none")
