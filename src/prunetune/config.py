@@ -94,8 +94,9 @@ class PruneSpec(Spec):
     owl_m: float = Field(5.0, description="OWL: an outlier scores above M x its block's mean Wanda score")
     refine: str | None = Field(None, description="none | dsnot (mask refinement after the criterion, calibrated "
                                "criteria only); None = the method's own (none)")
-    admm_iters: int = Field(20, description="ADMM iterations (admm, owl-admm), in [1, 10000]")
-    admm_damp: float = Field(0.1, description="ADMM dampening, a fraction of mean(diag XᵀX), in (0, 10]")
+    admm_iters: int = Field(60, description="ADMM iterations (admm, owl-admm), in [1, 10000]; the mask reaches "
+                            "its target over the first three quarters")
+    admm_damp: float = Field(0.01, description="ADMM dampening, a fraction of mean(diag XᵀX), in (0, 10]")
 
     def method_options(self) -> dict | None:
         """The criterion's own options (ADMM's), None for criteria that take none."""

@@ -79,9 +79,9 @@ def prune_cmd(
     refine: Annotated[Optional[str], typer.Option(
         "--refine", help="none | dsnot: prune-and-grow swaps after the criterion (calibrated criteria)")] = None,
     admm_iters: Annotated[Optional[int], typer.Option(
-        "--admm-iters", help="ADMM iterations (recipe default: 20)")] = None,
+        "--admm-iters", help="ADMM iterations; the mask reaches its target over the first 3/4 (recipe default: 60)")] = None,
     admm_damp: Annotated[Optional[float], typer.Option(
-        "--admm-damp", help="ADMM dampening, fraction of mean(diag XᵀX) (recipe default: 0.1)")] = None,
+        "--admm-damp", help="ADMM dampening, fraction of mean(diag XᵀX) (recipe default: 0.01)")] = None,
     eval_ppl: Annotated[Optional[str], typer.Option(
         "--eval-ppl", help="perplexity before and after (windows of --seqlen) on wikitext2 | bbc-news | FILE")] = None,
     max_windows: Annotated[Optional[int], typer.Option(
