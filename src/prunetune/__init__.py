@@ -10,7 +10,8 @@ __all__ = ["PrunetuneError", "__version__", "load_model", "prune"]
 
 
 def __getattr__(name: str):
-    # Lazy: importing the package must stay cheap (the CLI's --help should not import torch).
+    # Lazy: importing the package must stay cheap (the CLI's --help should not import torch), and both modules
+    # import this package first (a cycle at import).
     if name == "load_model":
         from prunetune.models.loading import load_model
 

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prunetune.errors import PrunetuneError
+
 PARTIAL = ".partial"
 
 
@@ -150,8 +152,6 @@ def load_run(run_dir: Path | str) -> dict:
     """A finished (or partial) run as data: recipe, run manifest and stage manifests in order."""
     import yaml
 
-    from prunetune.errors import PrunetuneError
-
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise PrunetuneError(f"{run_dir} is not a prunetune run directory (no {MANIFEST})")
@@ -210,8 +210,6 @@ class RunLock:
         """Take the lock or raise PrunetuneError naming who holds it."""
         import datetime as _dt
         import socket
-
-        from prunetune.errors import PrunetuneError
 
         try:
             import fcntl

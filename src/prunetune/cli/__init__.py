@@ -3,6 +3,9 @@
 `app` (cli/app.py) is the typer app; each command module registers its command on it and its flags in
 `common.COMMAND_FLAGS`; importing this package imports them all. `main` (cli/main.py) is the console script:
 every user mistake ends as one line on stderr and exit code 2; tracebacks are for bugs.
+
+Importing the CLI loads neither torch nor pydantic nor matplotlib, so `prunetune --help` answers at once: a
+command imports the modules that load them inside its function, when it runs (each such import says so).
 """
 
 from __future__ import annotations

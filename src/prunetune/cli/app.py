@@ -27,6 +27,7 @@ def _options(
 ) -> None:
     """Options of every command (also accepted after the command name)."""
     if allow_pickle:
+        # only with the flag: models.loading imports torch, which --help must not load
         from prunetune.models.loading import ALLOW_PICKLE_ENV
 
         os.environ[ALLOW_PICKLE_ENV] = "1"  # read by the loader, inherited by the ranks of a launch

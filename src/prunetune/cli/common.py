@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from prunetune.errors import PrunetuneError
+from prunetune.rundir import RunLock
 
 
 NEW_OUTPUTS: list[tuple[Path, Path]] = []  # (output dir, topmost dir it creates): removed if a failure leaves them empty
@@ -89,9 +90,9 @@ ALL_SAMPLES = ("n_samples", "eval_samples", "test_samples")  # 0 on the command 
 def run_and_report(rec, out: Path, *, resume: bool, overwrite: bool, con) -> dict:
     """Run a recipe through the runner, then write its report (the runner does not import reporting; under a
     multi-process launcher, rank 0 writes it)."""
+    # at run time, not at import: the runner loads torch and pydantic, reporting matplotlib (fast --help)
     from prunetune.pipelines.runner import is_main_process, run_recipe
     from prunetune.reporting.report import write_run_report
-    from prunetune.rundir import RunLock
 
     lock = RunLock(out).acquire() if is_main_process() else None  # the report is written under the run's lock too
     try:
@@ -108,6 +109,7 @@ def run_and_report(rec, out: Path, *, resume: bool, overwrite: bool, con) -> dic
 def command_data(command: str, model: str, flags: dict, extra: dict | None = None, base: str | None = None) -> dict:
     """The raw recipe a command runs, before validation: its recipe file (or the preset `base`, run as this
     command's stages) + the flags that were given."""
+    # at run time: config loads pydantic and torch, which --help must not load
     from prunetune.config import COMMANDS_DIR, read_recipe_file
 
     data, _ = read_recipe_file(str(COMMANDS_DIR / f"{command}.yaml"))
@@ -140,6 +142,7 @@ def command_data(command: str, model: str, flags: dict, extra: dict | None = Non
 
 def validated_command_recipe(command: str, data: dict, flags: dict):
     """`data` validated; an error names the flag the user typed, not only the recipe key it sets."""
+    # at run time: config loads pydantic and torch, which --help must not load
     from prunetune.config import validate_recipe
 
     mapping = COMMAND_FLAGS[command]
@@ -162,6 +165,7 @@ def command_recipe(command: str, model: str, flags: dict, extra: dict | None = N
 def show_recipe(recipe) -> None:
     import yaml
 
+    # at run time: config loads pydantic and torch, which --help must not load
     from prunetune.config import recipe_to_dict
 
     sys.stdout.write(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
@@ -170,6 +174,7 @@ def show_recipe(recipe) -> None:
 def default_calib_split(data: dict, calib_split: str | None) -> None:
     """Without `--calib-split`, the calibration source's usual split (WikiText-2 has no train split: valid)."""
     if calib_split is None:
+        # at run time: config and pruning.api load pydantic and torch, which --help must not load
         from prunetune.config import DataSpec
         from prunetune.pruning.api import default_calib_split
 

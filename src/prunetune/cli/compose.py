@@ -84,6 +84,7 @@ def compose(
     quiet_libraries()
     import datetime as _dt
 
+    # at run time: the runner loads torch and pydantic, which --help must not load
     from prunetune.pipelines.runner import check_recipe
 
     flags = {k: v for k, v in locals().items() if k in COMPOSE_FLAGS or k == "lora"}

@@ -58,6 +58,8 @@ def eval_cmd(
     import gc
     import time
 
+    # at run time, each evaluation's module only when asked for: they load torch, which --help must not; the
+    # data readers and the manifest load csv and importlib.metadata (~0.1 s that --help need not pay)
     from prunetune.data.sources import load_labelled, load_text
     from prunetune.data.tasks import split_labelled, subsample
     from prunetune.manifest import build_manifest
@@ -160,6 +162,7 @@ def eval_cmd(
 
 def _check_classifier(spec: str, label_names: list[str]) -> bool:
     """True when `spec` is a trained classifier for these labels; a mismatch is an error, not a silent new head."""
+    # at run time: models.loading imports torch, which --help must not load
     from prunetune.models.loading import natural_task
 
     task, kw = natural_task(spec)

@@ -22,6 +22,7 @@ def info(
     quiet_libraries()
     from rich.table import Table
 
+    # at run time: these load torch, which --help must not load
     from prunetune.evaluation.speed import size_on_disk
     from prunetune.models.arch import get_adapter, nonzero_count, parameter_count
     from prunetune.models.loading import load_model, natural_task, weights_path

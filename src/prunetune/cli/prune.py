@@ -101,6 +101,7 @@ def prune_cmd(
     A one-stage recipe (prune, export; evaluate before and after with --eval-ppl) run like `prunetune run`.
     """
     quiet_libraries()
+    # at run time: these load torch (config also pydantic; data.sources csv), which --help must not load
     from prunetune.data.sources import load_text
     from prunetune.models.loading import natural_task
     from prunetune.pruning.api import validate
@@ -144,6 +145,7 @@ def prune_cmd(
         nat_task, _ = natural_task(model)
         if nat_task != "causal-lm":
             raise PrunetuneError(f"--eval-ppl needs a causal LM; {model} is a {nat_task} model")
+    # at run time: the stages load torch and pydantic
     from prunetune.pipelines.stages import streaming_checkpoint
 
     streams = not resume and streaming_checkpoint(model, recipe, spec, out) is not None
@@ -151,6 +153,7 @@ def prune_cmd(
         raise PrunetuneError("--eval-ppl loads the whole model, which this run streams because it does not fit "
                              "(or --stream); evaluate the pruned model with `prunetune eval` where it fits")
     out = claim_out(out)
+    # at run time: calibrate loads torch
     from prunetune.pruning.calibrate import bound_heap_growth
 
     bound_heap_growth(memory_first=streams)  # this process only prunes (and evaluates): free tensors go back to the OS

@@ -28,6 +28,7 @@ def run(
     quiet_libraries()
     import datetime as _dt
 
+    # at run time: config loads pydantic and torch, which --help must not load
     from prunetune.config import load_recipe
 
     rec = load_recipe(recipe, set_ or [])
@@ -39,6 +40,7 @@ def run(
     con = console()
     con.print(f"[bold]prunetune run[/bold] {rec.name} -> {out}")
     man = run_and_report(rec, out, resume=resume, overwrite=overwrite, con=con)
+    # at run time: the runner loads torch and pydantic
     from prunetune.pipelines.runner import is_main_process
 
     if is_main_process():  # under a multi-process launcher, rank 0 reports
@@ -50,6 +52,7 @@ def recipes() -> None:
     """List the recipe presets shipped with prunetune."""
     from rich.table import Table
 
+    # at run time: config loads pydantic and torch, which --help must not load
     from prunetune.config import load_recipe, preset_names
 
     t = Table(title="presets (prunetune run NAME)", header_style="bold")
@@ -68,6 +71,7 @@ def compare(
     out: Annotated[Path, typer.Option("--out", help="directory for report.md and plots/")],
 ) -> None:
     """Compare runs: one results table and PNG plots (metric vs sparsity, layers, weights, curves)."""
+    # at run time: reporting loads matplotlib, which --help must not load
     from prunetune.reporting.report import compare_runs
 
     path = compare_runs(runs, out)

@@ -56,6 +56,7 @@ from prunetune.cli.options import (
     TestSamples,
 )
 from prunetune.errors import PrunetuneError
+from prunetune.rundir import atomic_write_json
 
 
 
@@ -90,8 +91,8 @@ def run_tuning_command(recipe, title: str, out: Path, *, resume: bool, overwrite
     Under a multi-process launcher (torchrun, accelerate launch) every rank runs the same recipe through the
     runner, which trains the stage on all ranks together and lets rank 0 alone write, report and print.
     """
+    # at run time: the runner loads torch and pydantic, which --help must not load
     from prunetune.pipelines.runner import is_main_process
-    from prunetune.rundir import atomic_write_json
 
     out = claim_out(out)
     run_and_report(recipe, out, resume=resume, overwrite=overwrite, con=console())
@@ -108,6 +109,7 @@ def full_evaluate_recipe(recipe, full_lr: float | None, baselines: str | None = 
     """`payt --full-evaluate`: the payt command's recipe with one stage per configuration of the comparison
     (`methods.payt.CONFIGURATIONS`; "original" only when retention is measured), each from the recipe's model,
     then the table stage. Same settings, same seed: `--print-recipe` prints it, `--resume` continues it."""
+    # at run time: config and methods.payt load pydantic and torch, which --help must not load
     from prunetune.config import recipe_to_dict, validate_recipe
     from prunetune.methods.payt import CONFIGURATIONS
 
@@ -203,6 +205,7 @@ def payt(
     if out is None:
         raise PrunetuneError("payt needs --out (or --print-recipe)")
     if full_evaluate:  # eight runs compared in one table: a multi-stage recipe, run like any other
+        # at run time: the runner loads torch and pydantic
         from prunetune.pipelines.runner import is_main_process
 
         out = claim_out(out)

@@ -16,6 +16,7 @@ import random
 
 import torch
 
+from prunetune.data.sources import load_text
 from prunetune.data.spec import MixSpec
 from prunetune.errors import PrunetuneError
 
@@ -70,7 +71,6 @@ def build_mixed(train: list[dict], spec: MixSpec, teacher, tokenizer, task: str,
     n = spec.count(len(train))
     if n == 0:
         return list(train), {"mixed": 0}
-    from prunetune.data.sources import load_text
 
     src = load_text(spec.source, spec.split, data_dir=data_dir)
     texts = general_lines(src.text, n, spec.sampling, seed)

@@ -18,8 +18,11 @@ import time
 import torch
 from torch import nn
 
+from prunetune.data.sources import TextSource, load_text
 from prunetune.errors import PrunetuneError
+from prunetune.evaluation.perplexity import perplexity, pseudo_perplexity
 from prunetune.models.arch import get_adapter
+from prunetune.models.loading import load_model
 
 SENT_MIN_CHARS = 40
 
@@ -65,9 +68,6 @@ def retention(tuned: nn.Module, original_spec: str, tokenizer, *, data_dir: str 
 
     `original` (a previous result for the untuned model) is only echoed for comparison.
     """
-    from prunetune.data.sources import load_text
-    from prunetune.models.loading import load_model
-
     t0 = time.perf_counter()
     family = get_adapter(tuned).family
     src = load_text("wikitext2", "test", data_dir=data_dir)
@@ -75,8 +75,6 @@ def retention(tuned: nn.Module, original_spec: str, tokenizer, *, data_dir: str 
     tuned.eval()
     try:
         if family == "llama":
-            from prunetune.evaluation.perplexity import perplexity
-
             lm = load_model(original_spec, "causal-lm").model
             _transplant(tuned, lm)
             r = perplexity(lm, tokenizer, src, seqlen=seqlen, max_windows=max_windows, progress=False)
@@ -89,9 +87,6 @@ def retention(tuned: nn.Module, original_spec: str, tokenizer, *, data_dir: str 
             except PrunetuneError:
                 mlm = None
             if mlm is not None:
-                from prunetune.data.sources import TextSource
-                from prunetune.evaluation.perplexity import pseudo_perplexity
-
                 _transplant(tuned, mlm)
                 scored = texts[: max(1, n_sentences // 4)]
                 r = pseudo_perplexity(mlm, tokenizer, TextSource("\n".join(scored), src.name, src.variant),

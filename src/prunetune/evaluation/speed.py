@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from prunetune.errors import PrunetuneError
-from prunetune.models.arch import nonzero_count, parameter_count
+from prunetune.models.arch import nonzero_count, parameter_count, unwrap
 
 
 def size_on_disk(path: str | Path) -> dict:
@@ -107,8 +107,6 @@ def generate_speed(model, tokenizer=None, new_tokens: int = 32, prompt_len: int 
 
 
 def _is_causal(model) -> bool:
-    from prunetune.models.arch import unwrap
-
     return "ForCausalLM" in unwrap(model).__class__.__name__
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from prunetune.errors import PrunetuneError
+from prunetune.models.card import write_model_card
 from prunetune.rundir import atomic_dir  # noqa: F401  (re-exported: callers used to import it from here)
 
 
@@ -58,8 +59,6 @@ def save_hf_dir(model: torch.nn.Module, tokenizer: Any, out: Path | str, manifes
     `card` (base model, method, sparsity, ...; see `models.card`) completes the `README.md` model card that
     every export carries, so the directory can be pushed to a model hub as it is.
     """
-    from prunetune.models.card import write_model_card
-
     with atomic_dir(out, manifest) as tmp:
         strip_quantization_config(model)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -118,7 +117,6 @@ def save_adapter_export(peft_model: torch.nn.Module, tokenizer: Any, out: Path |
             tokenizer.save_pretrained(tmp / "base")
         if masks is not None and len(masks):
             masks.save(tmp / "base")
-        from prunetune.models.card import write_model_card
 
         write_model_card(tmp / "base", manifest, card, cfg)
     return Path(out)

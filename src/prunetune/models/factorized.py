@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunetune.errors import PrunetuneError
+from prunetune.models.card import write_model_card
+from prunetune.models.export import atomic_dir, strip_quantization_config
 
 MARKER = "losparse.json"
 FACTORIZED_FILE = "losparse.safetensors"
@@ -129,8 +131,6 @@ def write_factorized(root: nn.Module, tokenizer: Any, out: Path | str, layers: d
     model.safetensors."""
     from safetensors.torch import save_file
 
-    from prunetune.models.export import atomic_dir, strip_quantization_config
-
     tensors = {f"{n}.{k}": v.detach().contiguous() for n, d in layers.items() for k, v in d.items()}
     prefixes = tuple(f"{n}." for n in layers)
     rest = _untie({k: v.detach().contiguous() for k, v in root.state_dict().items() if not k.startswith(prefixes)})
@@ -145,7 +145,6 @@ def write_factorized(root: nn.Module, tokenizer: Any, out: Path | str, layers: d
         marker = {"format": "prunetune-losparse", "version": FORMAT_VERSION, "layers": desc,
                   "loader": "prunetune.load_model(dir) rebuilds FactorizedLinear layers", **(marker_extra or {})}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, default=str))
-        from prunetune.models.card import write_model_card
 
         write_model_card(tmp, manifest, {"method": "losparse", "tags": ["low-rank", "factorized"],
                                          **(card or {})}, root.config)

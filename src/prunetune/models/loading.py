@@ -25,6 +25,9 @@ from typing import Literal
 import torch
 
 from prunetune.errors import PrunetuneError
+from prunetune.models.export import strip_quantization_config
+from prunetune.models.factorized import load_factorized
+from prunetune.rundir import RECIPE, is_run_dir
 
 Task = Literal["causal-lm", "seq-cls", "masked-lm", "seq2seq", "base"]
 TASKS: tuple[str, ...] = ("causal-lm", "seq-cls", "masked-lm", "seq2seq", "base")
@@ -288,7 +291,6 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:
         raise PrunetuneError(f"cannot read GGUF file {gguf}: {type(exc).__name__}: {exc}") from None
-    from prunetune.models.export import strip_quantization_config
 
     strip_quantization_config(model)
     model.save_pretrained(tmp)
@@ -332,8 +334,6 @@ ALLOW_PICKLE_ENV = "PRUNETUNE_ALLOW_PICKLE"  # `prunetune --allow-pickle ...` se
 def resolve_spec(spec: str) -> str:
     """A run directory stands for the model it exported (`runs/a` -> `runs/a/model`), as users chain commands
     (`prunetune prune runs/a ...`, `eval runs/a`); every other spec is returned unchanged."""
-    from prunetune.rundir import RECIPE, is_run_dir
-
     path = Path(os.path.expanduser(spec))
     if not path.is_dir() or (path / "config.json").is_file() or not (is_run_dir(path) or (path / RECIPE).is_file()):
         return spec
@@ -448,8 +448,6 @@ def _load_any(spec: str, task: str, dtype: torch.dtype, kw: dict):
         model, tok = _load_alias(spec, task, dtype, **kw)
         source = ALIASES[spec]
     elif path.is_dir() and (path / "losparse.json").is_file():  # factorised LoSparse export (models/factorized.py)
-        from prunetune.models.factorized import load_factorized
-
         model, tok = load_factorized(path, task, dtype)
         source = str(path.resolve())
     elif path.is_dir():

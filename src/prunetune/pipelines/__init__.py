@@ -7,6 +7,7 @@ __all__ = ["run_recipe", "load_run"]
 
 def __getattr__(name: str):
     if name in __all__:
+        # on first use: importing a stage module (the registry does, by name) need not load the runner too
         from prunetune.pipelines import runner
 
         return getattr(runner, name)

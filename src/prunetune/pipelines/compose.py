@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prunetune.methods.composable import (ATTENTION_UNITS, LINEAR_ROLES, ModuleFTSettings, check_linear_criterion,
+                                          check_units, parse_configurations, run_composable)
 from prunetune.pipelines.stages import read_curves, tune_run
 from prunetune.registry import StageKind, register_stage
 
@@ -19,9 +21,6 @@ from prunetune.registry import StageKind, register_stage
 def check_compose(spec) -> None:
     """The method's checks of a recipe's `compose` settings (rates pair up, units and criterion exist), run
     before a run directory is made; a mistake is one PrunetuneError line."""
-    from prunetune.methods.composable import (ATTENTION_UNITS, LINEAR_ROLES, check_linear_criterion, check_units,
-                                              parse_configurations)
-
     parse_configurations(spec.attention, spec.linear, spec.n, spec.grid)
     check_units(spec.attention_units, "attention_units", tuple(ATTENTION_UNITS))
     check_units(spec.linear_units, "linear_units", LINEAR_ROLES)
@@ -29,8 +28,6 @@ def check_compose(spec) -> None:
 
 
 def run_compose(state, out_dir: Path) -> dict:
-    from prunetune.methods.composable import ModuleFTSettings, parse_configurations, run_composable
-
     recipe, spec = state.recipe, state.spec
     if state.model_dir is not None:
         model = str(state.model_dir)

@@ -44,7 +44,13 @@ from typing import Any
 import yaml
 
 from prunetune.config import Recipe, recipe_to_dict, validate_recipe
+from prunetune.data.sources import load_labelled, load_text
 from prunetune.errors import PrunetuneError
+from prunetune.manifest import build_manifest
+from prunetune.models.loading import load_model, natural_task
+from prunetune.pipelines.stages import resumable_checkpoint
+from prunetune.pruning.calibrate import release_freed_memory
+from prunetune.pruning.masks import MASKS_FILE, MaskSet
 from prunetune.registry import stage_kind
 from prunetune.rundir import (  # noqa: F401 (load_run re-exported)
     RunLock, atomic_write_json, atomic_write_text, entries, fsync_tree, load_run, remove_partials, umask_modes)
@@ -130,17 +136,11 @@ class RunState:
     def load(self):
         """The current model (fresh from disk, so resume and straight runs see the same bytes)."""
         if self._loaded is None:
-            from prunetune.models.loading import load_model
-
             kw: dict = {}
             task = self.recipe.model.task
             if task == "auto":  # the head the checkpoint was saved with (a classifier keeps its labels)
-                from prunetune.models.loading import natural_task
-
                 task, kw = natural_task(self.model_spec())
             elif task == "seq-cls":  # same labels, same order: a saved head is kept
-                from prunetune.data.sources import load_labelled
-
                 kw["label_names"] = load_labelled(self.recipe.data.train).label_names
             self._loaded = load_model(self.model_spec(), task, dtype=self.recipe.model.dtype, **kw)
         return self._loaded
@@ -155,8 +155,6 @@ class RunState:
 
     def masks(self):
         """The masks of the last pruning (None before any)."""
-        from prunetune.pruning.masks import MASKS_FILE, MaskSet
-
         if self.model_dir is not None and (self.model_dir / MASKS_FILE).is_file():
             return MaskSet.load(self.model_dir)
         return None
@@ -245,8 +243,6 @@ def run_recipe(recipe: Recipe, out: Path | str, *, resume: bool = False, overwri
     Under a multi-process launcher every rank calls this with the same arguments (see the module's
     docstring); only rank 0 logs and writes, and every rank returns the same manifest.
     """
-    from prunetune.pipelines.stages import resumable_checkpoint
-
     out = Path(out)
     check_recipe(recipe)
     main = is_main_process()
@@ -316,8 +312,6 @@ def check_inputs(recipe: Recipe) -> None:
     """The local files a recipe reads (training, calibration, perplexity data; a teacher directory) exist and
     hold what the stages need, checked before any stage runs: a typo in a path, an empty file or a CSV
     without its text column fails in a second, not after pruning or an hour of training."""
-    from prunetune.data.sources import load_labelled, load_text
-
     reads = {r for st in recipe.stages for r in stage_kind(st.type).reads}  # what each stage kind declares
     d = recipe.data
     if reads & {"data.train", "data.train:labelled"} and _local(d.train):
@@ -447,8 +441,6 @@ def _release_memory() -> None:
     """
     import gc
 
-    from prunetune.pruning.calibrate import release_freed_memory
-
     gc.collect()
     release_freed_memory()
 
@@ -472,8 +464,6 @@ def write_run_manifest(out: Path, recipe: Recipe, history: list[dict], complete:
                        wall: float | None = None, write: bool = True) -> dict:
     """The run's manifest.json, rebuilt from the stage manifests (so a resumed run records the same metrics);
     `write=False`: only built (the ranks other than 0)."""
-    from prunetune.manifest import build_manifest
-
     timings = {h["stage"]: h["seconds"] for h in history}
     if wall is not None:
         timings["wall_this_invocation"] = wall

@@ -23,6 +23,10 @@ import math
 import torch
 
 from prunetune.errors import PrunetuneError
+from prunetune.models.arch import get_adapter, unwrap
+from prunetune.pruning import calibrate
+from prunetune.pruning.calibrate import release_freed_memory
+from prunetune.pruning.criteria.wanda import ColumnNormStats, wanda_scores
 
 OWL_LAMBDA = 0.08
 OWL_M = 5.0
@@ -71,10 +75,6 @@ def owl_block_ratios(model, ids: torch.Tensor, targets: dict[str, torch.nn.Modul
     A `calibrate.sequential` pass whose per-block step only measures (nothing is pruned), so the blocks see
     dense inputs, as in the reference; encoder-decoder models get `collect_all`'s single dense pass. With a
     streaming `io` each block is read as in the pruning pass but dropped unwritten after it (`_ReadOnly`)."""
-    from prunetune.models.arch import get_adapter, unwrap
-    from prunetune.pruning import calibrate
-    from prunetune.pruning.criteria.wanda import ColumnNormStats, wanda_scores
-
     adapter = get_adapter(unwrap(model))
     ratios: list[float] = []
     sizes: list[int] = []
@@ -111,7 +111,5 @@ class _ReadOnly:
         self.io.load(module)
 
     def release(self, module: torch.nn.Module) -> None:
-        from prunetune.pruning.calibrate import release_freed_memory
-
         module.to("meta")
         release_freed_memory()

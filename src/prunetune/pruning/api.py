@@ -38,6 +38,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from prunetune.data.calibration import calibration_samples
+from prunetune.data.sources import TextSource, load_text
 from prunetune.errors import PrunetuneError
 from prunetune.models.arch import get_adapter, unwrap
 from prunetune.pruning import calibrate
@@ -46,7 +48,7 @@ from prunetune.pruning.criteria import ALL_GRANULARITIES, Criterion, criterion_n
 from prunetune.pruning.granularity import check_sparsity, global_masks, mask_from_scores, parse_nm
 from prunetune.pruning.masks import MaskSet
 from prunetune.pruning.refine import WithMoments, check_refine, dsnot
-from prunetune.pruning.shrink.couplings import MASK_STRUCTURES, structured_masks
+from prunetune.pruning.shrink.couplings import MASK_STRUCTURES, couplings, structured_masks
 
 
 def resolve_granularity(method: str, granularity: str | None, pattern: str | None = None) -> str:
@@ -129,7 +131,6 @@ def masked_layers(model: nn.Module, targets: dict[str, nn.Linear], granularity: 
     pruning masks only the targets inside a coupling of that kind (the MLP has no heads)."""
     if granularity not in MASK_STRUCTURES:
         return list(targets)
-    from prunetune.pruning.shrink.couplings import couplings
 
     adapter = get_adapter(model)
     inside = {m.name for b in adapter.blocks() for c in couplings(adapter, b, granularity) for m in c.members}
@@ -143,9 +144,6 @@ def default_calib_split(source: str) -> str:
 
 def calibration_ids(calib, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """Token ids [n, seqlen] from a LongTensor, a TextSource or a source name (the last two need a tokenizer)."""
-    from prunetune.data.calibration import calibration_samples
-    from prunetune.data.sources import TextSource, load_text
-
     if isinstance(calib, torch.Tensor):
         if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
             raise PrunetuneError(f"calib tensor must be integer token ids [n, seqlen], got {calib.dtype} "

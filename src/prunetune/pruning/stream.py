@@ -35,6 +35,11 @@ from pathlib import Path
 import torch
 
 from prunetune.errors import PrunetuneError
+from prunetune.models.arch import get_adapter
+from prunetune.models.loading import resolve_dtype
+from prunetune.pruning.api import (calibration_ids, masked_layers, prune as prune_in_memory, resolve_granularity,
+                                   select_targets, validate)
+from prunetune.pruning.calibrate import release_freed_memory
 from prunetune.pruning.masks import MASKS_FILE, MaskSet, PackedMask, packed_masks_header
 
 WEIGHTS_FILE = "model.safetensors"
@@ -331,8 +336,6 @@ def decide(ckpt: Checkpoint, stream: bool | None, max_memory: int | None, plan: 
 
 def output_bytes(ckpt: Checkpoint, dtype: str) -> int:
     """What the pruned copy takes on disk: the weights at the export dtype plus one mask bit per weight."""
-    from prunetune.models.loading import resolve_dtype
-
     out_elt = torch.empty((), dtype=resolve_dtype(dtype, ckpt.dtype())).element_size()
     total = 0
     for t in ckpt.tensors.values():
@@ -368,7 +371,6 @@ class StreamIO:
         self.written = 0
         self.layer_sparsity: dict[str, dict] = {}
         self.zeros = self.numel = 0
-        from prunetune.models.arch import get_adapter
 
         self.masked = list(masked)
         # real zeros are counted over every prunable linear, as `sparsity_report` counts them
@@ -430,7 +432,6 @@ class StreamIO:
             self.masks.write(name, packed.bits)
             del masks.masks[name]
         module.to("meta")
-        from prunetune.pruning.calibrate import release_freed_memory
 
         release_freed_memory()
 
@@ -481,9 +482,6 @@ def prune_checkpoint(path: Path | str, out: Path | str, method: str = "wanda", s
     model read from and written to disk. Returns the per-layer real zeros and the dtypes used. `extras`:
     `api.prune`'s layer_sparsity, owl_lambda, owl_m, refine and options (OWL's measuring pass streams too).
     """
-    from prunetune.models.loading import resolve_dtype
-    from prunetune.pruning.api import prune
-
     ckpt = open_checkpoint(path)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -494,8 +492,6 @@ def prune_checkpoint(path: Path | str, out: Path | str, method: str = "wanda", s
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
-    from prunetune.pruning.api import masked_layers, resolve_granularity, select_targets, validate
-    from prunetune.pruning.calibrate import release_freed_memory
 
     validate(method, sparsity, pattern, granularity, **extras)
     masked = masked_layers(model, select_targets(model, skip), resolve_granularity(method, granularity, pattern))
@@ -503,15 +499,13 @@ def prune_checkpoint(path: Path | str, out: Path | str, method: str = "wanda", s
     io = StreamIO(ckpt, model, out, compute, compute, device, masked)
     try:
         if calib is not None:  # block 0's inputs need the embedding rows of the calibration tokens only
-            from prunetune.pruning.api import calibration_ids
-
             calib = calibration_ids(calib, tokenizer, nsamples, seqlen, seed)
             _calibration_embedding(model, ckpt, calib, compute)
         release_freed_memory()  # what tokenising the calibration text left on the heap, before any block
-        masks = prune(model, method, sparsity, pattern=pattern, granularity=granularity, calib=calib,
-                      tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, skip=skip, device=device, seed=seed,
-                      progress=progress, batch_size=batch_size, previous=previous, io=io, masks=io.pruned,
-                      **extras)
+        masks = prune_in_memory(model, method, sparsity, pattern=pattern, granularity=granularity, calib=calib,
+                                tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, skip=skip, device=device,
+                                seed=seed, progress=progress, batch_size=batch_size, previous=previous, io=io,
+                                masks=io.pruned, **extras)
         if len(masks):
             raise PrunetuneError(f"internal: {len(masks)} masks were never written (e.g. {masks.names()[0]})")
         io.copy_rest()
@@ -586,8 +580,6 @@ def prune(model: torch.nn.Module | str | Path, method: str = "wanda", sparsity: 
     local HF directory of safetensors) is pruned by streaming into the new directory `out` in `dtype` and
     returns `prune_checkpoint`'s summary (real zeros per layer, dtypes), not a MaskSet, which would hold a
     bit per weight of a model that need not fit in memory (the masks are in `out/masks.safetensors`)."""
-    from prunetune.pruning.api import prune as prune_in_memory
-
     if not isinstance(model, (str, Path)):
         return prune_in_memory(model, method, sparsity, **kw)
     if out is None:

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from prunetune.rundir import atomic_write_bytes
+
 DPI = 110
 
 
@@ -20,8 +22,6 @@ def _save(fig, path: Path) -> Path:
     """Render to memory, then publish atomically: a report killed mid-plot leaves the previous PNG or none,
     never a truncated one (the report is redrawn whole on `--resume`)."""
     import io
-
-    from prunetune.rundir import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from prunetune.errors import PrunetuneError
-from prunetune.rundir import atomic_write_text, remove_partials
+from prunetune.rundir import atomic_write_text, load_run, remove_partials
 from prunetune.reporting import plots
 
 EVAL_PREFIXES = ("ppl/", "task/", "harness/")
@@ -75,8 +75,6 @@ def _ordering_rows(run: dict) -> list[dict]:
 # --------------------------------------------------------------------------------------------- run report
 def write_run_report(run_dir: Path | str) -> Path:
     """`run_dir/report.md` and `run_dir/plots/*.png` for one run."""
-    from prunetune.rundir import load_run
-
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     man, recipe = run["manifest"], run["recipe"]
@@ -230,8 +228,6 @@ def _ordering_section(rows: list[dict], plot_dir: Path, rel: str) -> list[str]:
 # --------------------------------------------------------------------------------------------- compare
 def compare_runs(run_dirs: list[Path | str], out: Path | str) -> Path:
     """`out/report.md` + plots comparing runs: final metrics table, metric vs sparsity, layers, weights, curves."""
-    from prunetune.rundir import load_run
-
     if not run_dirs:
         raise PrunetuneError("compare needs at least one run directory")
     runs: dict[str, dict] = {}

@@ -48,6 +48,7 @@ from transformers import DataCollatorForLanguageModeling, DataCollatorWithPaddin
 from prunetune.data.mixing import build_mixed
 from prunetune.data.spec import DataSpec
 from prunetune.errors import PrunetuneError
+from prunetune.evaluation.retention import retention
 from prunetune.manifest import build_manifest, write_manifest
 from prunetune.models.export import merge_lora_keep_masks, prepare_out_dir, save_adapter_export, save_hf_dir
 from prunetune.models.loading import load_model
@@ -65,6 +66,7 @@ from prunetune.tuning.lifecycle import (METHOD_STATE_JSON, Method, MethodContext
                                         method_state_problem)
 from prunetune.tuning.distill import check_kd
 from prunetune.tuning.lora import apply_lora, check_lora, mask_lora_updates
+from prunetune.tuning.seq2seq import finetune_task
 from prunetune.tuning.spec import TuneSpec, check_task
 
 CHECKPOINTS = "checkpoints"  # out/checkpoints/checkpoint-N: what --resume continues from
@@ -288,7 +290,6 @@ def finetune(model: str | nn.Module, spec: TuneSpec, out: Path | str, *, data: D
             raise PrunetuneError(f"method '{method.name}' does not support seq2seq fine-tuning yet")
         if spec.kd:
             raise PrunetuneError("seq2seq fine-tuning trains on the label cross-entropy only: turn KD off (--no-kd)")
-        from prunetune.tuning.seq2seq import finetune_task
 
         return finetune_task(model, spec, out, data=source, seed=seed, tokenizer=tokenizer, masks=masks,
                              callbacks=callbacks)
@@ -467,8 +468,6 @@ def finetune(model: str | nn.Module, spec: TuneSpec, out: Path | str, *, data: D
     result["sparsity"] = rep["sparsity"]
     result["layer_sparsity"] = {k: v["sparsity"] for k, v in rep["layers"].items()}
     if spec.retention:
-        from prunetune.evaluation.retention import retention
-
         t0 = time.perf_counter()
         result["retention"] = retention(plain, model_id, tok, data_dir=source.data_dir,
                                         max_windows=spec.retention_windows, max_length=spec.seqlen)

@@ -14,6 +14,7 @@ from prunetune.evaluation.perplexity import causal_lm_loss
 from prunetune.pruning.masks import MASKS_FILE
 from prunetune.rundir import atomic_write_json
 from prunetune.tuning.distill import kd_loss
+from prunetune.tuning.fsdp import fsdp_requested
 from prunetune.tuning.lifecycle import save_method_state
 
 #: written last into every checkpoint: its presence marks the checkpoint complete; it holds what the Trainer
@@ -52,7 +53,6 @@ class KDTrainer(Trainer):
         data parallel instead, whose ranks other than 0 hold no weights under FSDP's RAM-efficient loading.
         """
         super().create_accelerator_and_postprocess()
-        from prunetune.tuning.fsdp import fsdp_requested
 
         if fsdp_requested() and not self.is_fsdp_enabled:
             raise PrunetuneError(f"the launch asks for FSDP but accelerate runs it as "

@@ -46,6 +46,7 @@ from torch import nn
 
 from prunetune.errors import PrunetuneError
 from prunetune.pruning.masks import MaskSet
+from prunetune.rundir import atomic_write_json
 
 #: a method's state inside a checkpoint directory: its tensors, and its other values with the tensors' names
 METHOD_STATE_TENSORS = "method_state.safetensors"
@@ -122,8 +123,6 @@ def save_method_state(method: Method, ckpt: Path | str, step: int) -> None:
     names the tensors, so a checkpoint missing them is seen as incomplete). Written before the checkpoint's
     completion mark; nothing of it is pickled."""
     from safetensors.torch import save_file
-
-    from prunetune.rundir import atomic_write_json
 
     ckpt = Path(ckpt)
     state = method.state_dict()

@@ -25,6 +25,8 @@ from torch import nn
 
 from prunetune.data.spec import DataSpec
 from prunetune.errors import PrunetuneError, optional_import
+from prunetune.evaluation.task import bleu
+from prunetune.models.loading import load_model
 from prunetune.pruning.masks import MaskSet
 from prunetune.tuning.spec import TuneSpec
 
@@ -160,8 +162,6 @@ def generate(model: nn.Module, tokenizer, sources: list[str], prefix: str = "", 
 
 def evaluate_bleu(model: nn.Module, tokenizer, pairs: list[dict], cfg: Seq2SeqConfig) -> dict:
     """Corpus BLEU of greedy generations against the references (sacrebleu, signature recorded)."""
-    from prunetune.evaluation.task import bleu
-
     hyps = generate(model, tokenizer, [p["source"] for p in pairs], cfg.prefix, cfg.generation_max_length,
                     cfg.max_source_length)
     r = bleu(hyps, [p["target"] for p in pairs])
@@ -196,6 +196,7 @@ def finetune_seq2seq(model: nn.Module, tokenizer, cfg: Seq2SeqConfig, out: Path 
     """
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
+    # with transformers, when training: the callbacks subclass its TrainerCallback (this module loads torch only)
     from prunetune.tuning.callbacks import CsvLogger, MaskEnforcer
 
     cfg.validate()
@@ -256,8 +257,6 @@ def finetune_task(model: str | nn.Module, spec: TuneSpec, out: Path | str, *, da
                   tokenizer: Any = None, masks: MaskSet | None = None, callbacks: tuple = ()) -> dict:
     """The `finetune` driver's seq2seq branch: a spec or an in-memory model, a `TuneSpec` (full fine-tuning)."""
     if isinstance(model, str):
-        from prunetune.models.loading import load_model
-
         loaded = load_model(model, "seq2seq")
         model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:

@@ -15,6 +15,8 @@ from torch import nn
 
 from prunetune.methods.composable.plan import Unit
 from prunetune.models.arch import unwrap
+from prunetune.models.loading import cache_dir
+from prunetune.rundir import atomic_write_bytes, atomic_write_text
 
 
 # Criteria are the registry's (`pruning.criteria`): a linear unit takes any that scores weights from the weights
@@ -59,8 +61,6 @@ def data_hash(batches: Sequence[dict]) -> str:
 
 
 def default_cache_dir() -> Path:
-    from prunetune.models.loading import cache_dir
-
     return cache_dir() / "composable"
 
 
@@ -100,8 +100,6 @@ class ModuleCache:
         (`rundir.atomic_write_bytes`): a process killed in between leaves tensors without their JSON, which
         `get` counts as a miss, so the unit is trained and written again, never loaded half-made."""
         from safetensors.torch import save
-
-        from prunetune.rundir import atomic_write_bytes, atomic_write_text
 
         self.root.mkdir(parents=True, exist_ok=True)
         p = self.path(key)

@@ -13,9 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunetune.evaluation.task import predict_classes
+from prunetune.methods.base import Method
 from prunetune.methods.composable.plan import Configuration, Unit
 from prunetune.methods.composable.units import UnitResults, unit_roles
 from prunetune.models.arch import get_adapter
+from prunetune.models.export import save_hf_dir
 from prunetune.pruning.masks import MaskSet
 
 
@@ -40,7 +43,7 @@ def compose(model: nn.Module, units: Sequence[Unit], results: UnitResults, *, in
     return out, masks
 
 
-class ComposedStart:
+class ComposedStart(Method):
     """The `Method` lifecycle face of composition: `prepare` swaps one configuration's (fine-tuned or merely
     pruned) units into the model it is given and hands their masks to the run, which then keeps pruned
     weights at zero through model-level fine-tuning; `summary` says what was composed.
@@ -83,16 +86,6 @@ class ComposedStart:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "units": len(self.units)}
-
-
-def _as_method(cls: type) -> type:
-    """Make `ComposedStart` a `methods.base.Method` subclass (kept lazy so importing this module stays light)."""
-    from prunetune.methods.base import Method
-
-    return type(cls.__name__, (cls, Method), {"__doc__": cls.__doc__})
-
-
-ComposedStart = _as_method(ComposedStart)
 
 
 def text_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
@@ -138,8 +131,6 @@ class ValidationClock(_callback_base()):
         self._t0: float | None = None
 
     def accuracy(self, model) -> float:
-        from prunetune.evaluation.task import predict_classes
-
         preds = predict_classes(model, self.tok, [e["text"] for e in self.examples], self.max_length,
                                 progress=False)
         return sum(int(p == e["label"]) for p, e in zip(preds, self.examples)) / len(self.examples)
@@ -185,7 +176,5 @@ def geometric_checks(max_steps: int, first: int = 2) -> list[int]:
 
 def save_composed(model: nn.Module, tokenizer, masks: MaskSet, out: Path | str, info: dict | None = None) -> Path:
     """A plain HF directory with the composed weights and their masks (what `finetune` loads and keeps)."""
-    from prunetune.models.export import save_hf_dir
-
     return save_hf_dir(model, tokenizer, out, {"kind": "composed", **(info or {})},
                        extra=lambda tmp: masks.save(tmp))

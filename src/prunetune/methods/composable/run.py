@@ -25,6 +25,10 @@ from prunetune.methods.composable.compose import (
 from prunetune.methods.composable.plan import Configuration, DEFAULT_ATTENTION_UNITS, DEFAULT_LINEAR_UNITS, Plan, plan
 from prunetune.methods.composable.units import train_units
 from prunetune.models.arch import get_adapter
+from prunetune.models.loading import load_model
+from prunetune.tuning.data import load_task_data
+from prunetune.tuning.finetune import finetune
+from prunetune.tuning.seq2seq import finetune_seq2seq, load_pairs, split_pairs
 from prunetune.tuning.spec import TuneSpec
 
 
@@ -43,10 +47,6 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
     per-configuration metrics, validation curves and the compute time of both routes. Each configuration's
     fine-tuned model (composed arm) is exported to `out/<config>/composed/tuned/model/` (its row's `model`,
     relative to `out`): a plain HF directory with the pruned weights at zero and `masks.safetensors` beside."""
-    from prunetune.models.loading import load_model
-    from prunetune.tuning.data import load_task_data
-    from prunetune.tuning.finetune import finetune
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda msg: None)
@@ -124,9 +124,6 @@ def run_composable_seq2seq(model_spec: str, out: Path | str, configs: Sequence[C
     """The same method for an encoder-decoder (T5 translation): module-level FT captures the encoder and the
     decoder on (source, target) pairs, and model-level fine-tuning is `tuning.seq2seq.finetune_seq2seq`
     (`tune`: a `Seq2SeqConfig`) with BLEU on the test pairs, per configuration, with and without module FT."""
-    from prunetune.models.loading import load_model
-    from prunetune.tuning.seq2seq import finetune_seq2seq, load_pairs, split_pairs
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model_spec, "seq2seq")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from prunetune.pruning.api import registered_name
+from prunetune.pruning.schedules import Schedule
 from prunetune.schema import Spec
 
 
@@ -47,8 +48,6 @@ class PaytSpec(Spec):
 
     def as_schedule(self):
         """The pruning schedule these settings describe (`pruning.schedules.Schedule`)."""
-        from prunetune.pruning.schedules import Schedule
-
         return Schedule(self.schedule, self.sparsity, self.start, self.every, self.unit, self.end, self.align)
 
     def to_dict(self) -> dict:

@@ -14,6 +14,8 @@ from torch import nn
 
 from prunetune.errors import PrunetuneError
 from prunetune.models.arch import base_linear, get_adapter, unwrap
+from prunetune.pruning.api import calibration_ids
+from prunetune.pruning.calibrate import collect_all, layer_key
 from prunetune.pruning.criteria import get_criterion
 from prunetune.pruning.criteria.flap import MomentStats
 from prunetune.pruning.shrink.couplings import (
@@ -79,8 +81,6 @@ def baseline_scores(model: nn.Module, method: str, stats: dict[str, MomentStats]
 
 def collect_moments(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, MomentStats]:
     """Input moments of every projection from one pass of the dense model over the calibration windows."""
-    from prunetune.pruning.calibrate import collect_all, layer_key
-
     adapter = get_adapter(model)
     targets = {layer_key(adapter, lin) for _, lin in adapter.linears().values()}
     return collect_all(model, ids, lambda _n, lin, dev: MomentStats(lin.in_features, dev), targets,
@@ -88,8 +88,6 @@ def collect_moments(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) ->
 
 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    from prunetune.pruning.api import calibration_ids
-
     return calibration_ids(source, tokenizer, nsamples, seqlen, seed)
 
 

@@ -43,6 +43,7 @@ from torch import nn
 from prunetune.errors import PrunetuneError
 from prunetune.models.arch import ArchAdapter, base_linear, get_adapter, unwrap
 from prunetune.pruning.criteria.flap import MomentStats
+from prunetune.pruning.masks import MaskSet
 from prunetune.pruning.shrink.couplings import (
     STRUCTURES,
     Coupling,
@@ -209,8 +210,6 @@ def shrink(model: torch.nn.Module, keep) -> dict[str, dict[str, int]]:
     The model is changed in place; `save_pretrained` then writes a directory that stock transformers loads.
     Masks of the shrunk layers no longer match their shapes: re-derive them with `MaskSet.from_model`.
     """
-    from prunetune.pruning.masks import MaskSet
-
     adapter = shrinkable_adapter(model)
     if isinstance(keep, MaskSet):
         present = [k for k in ("heads", "neurons") if k in adapter.shrinkable]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from prunetune.data.sources import load_bbc_news
+from prunetune.data.tasks import split_labelled
+
 WORDS = 64  # title + first sentences: enough to tell the topic, short enough for CPU scoring
 
 
@@ -12,9 +15,6 @@ def _short(text: str, words: int = WORDS) -> str:
 def load_docs(**_: object) -> dict:
     """{'test': Dataset} of {'text', 'label'} from prunetune's fixed BBC News test split (seed 0)."""
     import datasets
-
-    from prunetune.data.sources import load_bbc_news
-    from prunetune.data.tasks import split_labelled
 
     data = load_bbc_news()
     test = split_labelled(data)["test"]
