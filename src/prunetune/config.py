@@ -34,7 +34,10 @@ from prunetune.methods.losparse.spec import LosparseSpec
 from prunetune.methods.ordering import OrderSpec
 from prunetune.methods.payt.spec import FullEvaluateSpec, PaytSpec
 from prunetune.methods.vib.spec import StructuredSpec
-from prunetune.pruning.api import registered_name
+from prunetune.pruning.api import registered_name, validate
+from prunetune.pruning.criteria import get_criterion
+from prunetune.pruning.granularity import parse_nm
+from prunetune.pruning.stream import parse_bytes
 from prunetune.registry import stage_kind, stage_names
 from prunetune.schema import Spec, checked
 from prunetune.tuning.spec import TuneSpec
@@ -100,8 +103,6 @@ class PruneSpec(Spec):
 
     def method_options(self) -> dict | None:
         """The criterion's own options (ADMM's), None for criteria that take none."""
-        from prunetune.pruning.criteria import get_criterion
-
         return {"iters": self.admm_iters, "damp": self.admm_damp} if hasattr(get_criterion(self.method), "check") \
             else None
 
@@ -118,15 +119,11 @@ class PruneSpec(Spec):
     @field_validator("pattern")
     @classmethod
     def _nm(cls, v: str | None) -> str | None:
-        from prunetune.pruning.granularity import parse_nm
-
         return None if v in (None, "", "none") else checked(parse_nm, v)
 
     @field_validator("max_memory")
     @classmethod
     def _size(cls, v: str | None) -> str | None:
-        from prunetune.pruning.stream import parse_bytes
-
         return None if v is None else checked(parse_bytes, v)
 
     @field_validator("device")
@@ -141,8 +138,6 @@ class PruneSpec(Spec):
     @model_validator(mode="after")
     def _engine_accepts(self) -> PruneSpec:
         """The engine's own check (granularity allowed for the method, N:M only per row): once, at load."""
-        from prunetune.pruning.api import validate
-
         try:
             validate(self.method, self.sparsity, self.pattern, self.granularity, **self.extras())
         except PrunetuneError as exc:
