@@ -12,7 +12,7 @@ from prunetune.models.arch import get_adapter
 from prunetune.models.loading import load_model, tiny_config
 from prunetune.pruning.allocation import outlier_ratio, owl_block_ratios, owl_sparsities
 from prunetune.pruning.api import prune
-from prunetune.pruning.criteria.admm import admm_prune
+from prunetune.pruning.criteria.admm import _kth_smallest, admm_prune
 from prunetune.pruning.criteria.sparsegpt import HessianStats, sparsegpt_prune
 from prunetune.pruning.criteria.wanda import wanda_scores
 from prunetune.pruning.granularity import mask_from_scores
@@ -93,6 +93,22 @@ def test_admm_counts_are_exact_and_previous_zeros_stay(per):
     assert not (keep2 & ~prev).any() and (W2[~prev] == 0).all()  # nothing revived
     if per == "layer":
         assert int((~keep2).sum()) == max(math.floor(0.5 * 3000), int((~prev).sum()))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "infinities", "constant"])
+def test_admm_fast_threshold_equals_kthvalue(kind):
+    """The sampled bracket behind the gradual mask's thresholds gives kthvalue's value bit for bit, at every k,
+    also where ties or ±inf (forced and N:M-kept weights) sit at the threshold and the bracket must fall back."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(200_000, generator=g).abs()
+    if kind == "ties":
+        x = (x * 4).round() / 4  # a few distinct values: the bracket holds thousands of equal ones
+    elif kind == "infinities":
+        x[:30_000], x[50_000:90_000] = float("-inf"), float("inf")
+    elif kind == "constant":
+        x = torch.full_like(x, 0.5)
+    for k in (1, 2, 997, 30_000, 30_001, 100_000, 139_999, 159_999, 160_000, 199_999, 200_000):
+        assert torch.equal(_kth_smallest(x, k), torch.kthvalue(x, k).values), k
 
 
 def test_admm_nm_is_exact_per_group():

@@ -64,7 +64,11 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover - transformers missing is reported where it is used
         pass
-    for mod in ("huggingface_hub.utils.logging", "datasets.utils.logging"):
+    # datasets reads these when (if) it is imported; importing it here to quiet it would load pyarrow and pandas
+    # (~100 MiB) into commands that never use it, such as `prunetune prune`
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for mod in ("huggingface_hub.utils.logging",):
         try:  # their own handlers ignore the root's levels; set each library's verbosity too
             lib = __import__(mod, fromlist=["set_verbosity"])
             lib.set_verbosity(logging.CRITICAL)

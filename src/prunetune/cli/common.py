@@ -92,13 +92,14 @@ def run_and_report(rec, out: Path, *, resume: bool, overwrite: bool, con) -> dic
     multi-process launcher, rank 0 writes it)."""
     # at run time, not at import: the runner loads torch and pydantic, reporting matplotlib (fast --help)
     from prunetune.pipelines.runner import is_main_process, run_recipe
-    from prunetune.reporting.report import write_run_report
 
     lock = RunLock(out).acquire() if is_main_process() else None  # the report is written under the run's lock too
     try:
         man = run_recipe(rec, out, resume=resume, overwrite=overwrite,
                          log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
-        if is_main_process():
+        if is_main_process():  # reporting imports matplotlib: after the run, not resident through its peak
+            from prunetune.reporting.report import write_run_report
+
             write_run_report(out)
     finally:
         if lock is not None:

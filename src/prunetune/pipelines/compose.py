@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prunetune.methods.composable import (ATTENTION_UNITS, LINEAR_ROLES, ModuleFTSettings, check_linear_criterion,
-                                          check_units, parse_configurations, run_composable)
+                                          check_units, parse_configurations)
 from prunetune.pipelines.stages import read_curves, tune_run
 from prunetune.registry import StageKind, register_stage
 
@@ -28,6 +28,10 @@ def check_compose(spec) -> None:
 
 
 def run_compose(state, out_dir: Path) -> dict:
+    # the training code (run_composable: transformers' Trainer, peft, datasets, ~120 MiB) loads when this stage
+    # runs, not when the registry imports this module for a run without it (`prunetune prune`'s pruning peak)
+    from prunetune.methods.composable import run_composable
+
     recipe, spec = state.recipe, state.spec
     if state.model_dir is not None:
         model = str(state.model_dir)

@@ -162,9 +162,17 @@ class RunState:
 
 def seed_everything(seed: int) -> None:
     """Python, NumPy and torch (all devices) RNGs, as transformers seeds them."""
-    from transformers import set_seed
+    # transformers' set_seed does exactly these for CPU and CUDA, but its module (trainer_utils) imports peft and
+    # accelerate: ~100 MiB a `prunetune prune` run would carry through its pruning peak
+    import random
 
-    set_seed(seed)
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
 
 
 # --------------------------------------------------------------------------------------------- run dir

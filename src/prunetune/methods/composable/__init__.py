@@ -33,6 +33,9 @@ original model; their small disagreements after composition are what the short m
 
 from __future__ import annotations
 
+from importlib import import_module
+from types import ModuleType
+
 from prunetune.methods.composable.plan import (  # noqa: F401  the method's public names
     ATTENTION_UNITS,
     LINEAR_ROLES,
@@ -77,11 +80,22 @@ from prunetune.methods.composable.compose import (  # noqa: F401  the method's p
     compose,
     ComposedStart,
     text_batches,
-    ValidationClock,
     geometric_checks,
     save_composed,
 )
-from prunetune.methods.composable.run import (  # noqa: F401  the method's public names
-    run_composable,
-    run_composable_seq2seq,
-)
+
+#: the training side's public names, imported on first use (PEP 562): importing the package, or its `spec` alone
+#: (the recipe schema does, so every command does), must not load transformers' Trainer, peft and datasets
+#: (about 120 MiB resident and seconds of import that `prune` never uses). Only `run` is deferred: a lazy name
+#: equal to a submodule's (`plan`, `compose`) would be shadowed by the module once anything imports it.
+_LAZY = {"ValidationClock", "run_composable", "run_composable_seq2seq"}
+__all__ = [n for n, v in dict(globals()).items() if not n.startswith("_") and not isinstance(v, ModuleType)
+           and n not in ("annotations", "import_module", "ModuleType")] + sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.run"), name)
+    globals()[name] = value
+    return value

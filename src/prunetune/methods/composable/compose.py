@@ -5,15 +5,13 @@ keeps pruned weights at zero; the data and the model-level fine-tuning's helpers
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunetune.evaluation.task import predict_classes
 from prunetune.methods.base import Method
 from prunetune.methods.composable.plan import Configuration, Unit
 from prunetune.methods.composable.units import UnitResults, unit_roles
@@ -104,65 +102,6 @@ def text_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: i
             b["decoder_attention_mask"] = lab["attention_mask"]
         out.append(b)
     return out
-
-
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class ValidationClock(_callback_base()):
-    """Times optimizer steps and checks validation accuracy at given steps; stops once it reaches `target`.
-
-    The clock counts what a run needs: its steps and, when it stops on a target, the checks that decided it.
-    Checks taken only to draw a curve (no target) are timed apart (`curve_eval_s`).
-    """
-
-    def __init__(self, tokenizer, examples: Sequence[dict], max_length: int, check_steps: Iterable[int],
-                 target: float | None = None) -> None:
-        self.tok, self.examples, self.max_length = tokenizer, list(examples), max_length
-        self.check_steps = set(check_steps)
-        self.target = target
-        self.step_s = 0.0
-        self.eval_s = 0.0
-        self.points: list[dict] = []  # step, accuracy, clock
-        self.reached_at: int | None = None
-        self._t0: float | None = None
-
-    def accuracy(self, model) -> float:
-        preds = predict_classes(model, self.tok, [e["text"] for e in self.examples], self.max_length,
-                                progress=False)
-        return sum(int(p == e["label"]) for p, e in zip(preds, self.examples)) / len(self.examples)
-
-    def clock(self) -> float:
-        return self.step_s + (self.eval_s if self.target is not None else 0.0)
-
-    def check(self, model, step: int) -> bool:
-        t = time.perf_counter()
-        acc = self.accuracy(model)
-        self.eval_s += time.perf_counter() - t
-        self.points.append({"step": step, "accuracy": acc, "clock_s": self.clock()})
-        if self.target is not None and acc >= self.target - 1e-9 and self.reached_at is None:
-            self.reached_at = step
-            return True
-        return False
-
-    def on_step_begin(self, args, state, control, **kw):
-        self._t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, model=None, **kw):
-        if self._t0 is not None:
-            self.step_s += time.perf_counter() - self._t0
-            self._t0 = None
-        if state.global_step in self.check_steps or state.global_step == state.max_steps:
-            if self.check(model, state.global_step):
-                control.should_training_stop = True
-        return control
-
-    def summary(self) -> dict:
-        return {"step_s": self.step_s, "eval_s": self.eval_s, "clock_s": self.clock(), "target": self.target,
-                "reached_at_step": self.reached_at, "points": self.points}
 
 
 def geometric_checks(max_steps: int, first: int = 2) -> list[int]:

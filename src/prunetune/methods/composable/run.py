@@ -8,15 +8,17 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from prunetune.data.spec import DataSpec
+from prunetune.evaluation.task import predict_classes
 from prunetune.methods.composable.cache import ModuleCache, ModuleFTSettings
 from prunetune.methods.composable.compose import (
-    ValidationClock,
     compose,
     geometric_checks,
     save_composed,
@@ -30,6 +32,60 @@ from prunetune.tuning.data import load_task_data
 from prunetune.tuning.finetune import finetune
 from prunetune.tuning.seq2seq import finetune_seq2seq, load_pairs, split_pairs
 from prunetune.tuning.spec import TuneSpec
+
+
+
+class ValidationClock(TrainerCallback):
+    """Times optimizer steps and checks validation accuracy at given steps; stops once it reaches `target`.
+
+    The clock counts what a run needs: its steps and, when it stops on a target, the checks that decided it.
+    Checks taken only to draw a curve (no target) are timed apart (`curve_eval_s`).
+    """
+
+    def __init__(self, tokenizer, examples: Sequence[dict], max_length: int, check_steps: Iterable[int],
+                 target: float | None = None) -> None:
+        self.tok, self.examples, self.max_length = tokenizer, list(examples), max_length
+        self.check_steps = set(check_steps)
+        self.target = target
+        self.step_s = 0.0
+        self.eval_s = 0.0
+        self.points: list[dict] = []  # step, accuracy, clock
+        self.reached_at: int | None = None
+        self._t0: float | None = None
+
+    def accuracy(self, model) -> float:
+        preds = predict_classes(model, self.tok, [e["text"] for e in self.examples], self.max_length,
+                                progress=False)
+        return sum(int(p == e["label"]) for p, e in zip(preds, self.examples)) / len(self.examples)
+
+    def clock(self) -> float:
+        return self.step_s + (self.eval_s if self.target is not None else 0.0)
+
+    def check(self, model, step: int) -> bool:
+        t = time.perf_counter()
+        acc = self.accuracy(model)
+        self.eval_s += time.perf_counter() - t
+        self.points.append({"step": step, "accuracy": acc, "clock_s": self.clock()})
+        if self.target is not None and acc >= self.target - 1e-9 and self.reached_at is None:
+            self.reached_at = step
+            return True
+        return False
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if self._t0 is not None:
+            self.step_s += time.perf_counter() - self._t0
+            self._t0 = None
+        if state.global_step in self.check_steps or state.global_step == state.max_steps:
+            if self.check(model, state.global_step):
+                control.should_training_stop = True
+        return control
+
+    def summary(self) -> dict:
+        return {"step_s": self.step_s, "eval_s": self.eval_s, "clock_s": self.clock(), "target": self.target,
+                "reached_at_step": self.reached_at, "points": self.points}
 
 
 def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configuration], tune: TuneSpec, *,

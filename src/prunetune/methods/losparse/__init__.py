@@ -4,25 +4,38 @@ schedule (`platon`), the lifecycle that prunes S while fine-tuning (`method`) an
 
 from __future__ import annotations
 
-from prunetune.methods.losparse.spec import SEED_NAMES, LosparseSpec  # noqa: F401  the method's public names
-from prunetune.methods.losparse.platon import (  # noqa: F401  the method's public names
-    DIRECTIONS,
-    STRUCTURED_METHODS,
-    LosparseSchedule,
-    PlatonScores,
-    select_keep,
-    unit_direction,
-)
-from prunetune.methods.losparse.layers import (  # noqa: F401  the method's public names
-    DEFAULT_ROLES,
-    LowRankSparseLinear,
-    check_rank,
-    factorize,
-    losparse_layers,
-    materialize,
-    parameter_counts,
-    rank_for,
-    targets,
-)
-from prunetune.methods.losparse.export import save_factorized  # noqa: F401  the method's public names
-from prunetune.methods.losparse.method import Losparse  # noqa: F401  the method's public names
+from importlib import import_module
+
+#: the method's public names and the module of each, imported on first use (PEP 562): importing the package, or
+#: its `spec` alone (the recipe schema does, so every command does), must not load the method's training code
+#: (transformers' Trainer, peft, datasets: about 120 MiB resident and seconds of import that `prune` never uses)
+_EXPORTS = {
+    "SEED_NAMES": "spec",
+    "LosparseSpec": "spec",
+    "DIRECTIONS": "platon",
+    "STRUCTURED_METHODS": "platon",
+    "LosparseSchedule": "platon",
+    "PlatonScores": "platon",
+    "select_keep": "platon",
+    "unit_direction": "platon",
+    "DEFAULT_ROLES": "layers",
+    "LowRankSparseLinear": "layers",
+    "check_rank": "layers",
+    "factorize": "layers",
+    "losparse_layers": "layers",
+    "materialize": "layers",
+    "parameter_counts": "layers",
+    "rank_for": "layers",
+    "targets": "layers",
+    "save_factorized": "export",
+    "Losparse": "method",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -9,7 +9,6 @@ from prunetune.manifest import build_manifest
 from prunetune.models.export import save_hf_dir
 from prunetune.pruning.masks import sparsity_report
 from prunetune.registry import stage_kind
-from prunetune.tuning.finetune import CHECKPOINTS, last_good_checkpoint
 
 
 TUNE_DIR = "tune"  # a training stage's tuning run: out_dir/tune (logs, metrics, checkpoints/)
@@ -21,6 +20,9 @@ def resumable_checkpoint(stage_type: str, out_dir: Path) -> tuple[Path | None, l
     method's own state, such as LoSparse's PLATON averages, in each checkpoint through the method lifecycle."""
     if not stage_kind(stage_type).resumable:
         return None, []
+    # inside: tuning.finetune loads transformers' Trainer, peft and datasets (about 120 MiB resident), which a
+    # run without a training stage (`prunetune prune`) must not carry through its pruning peak
+    from prunetune.tuning.finetune import CHECKPOINTS, last_good_checkpoint
 
     return last_good_checkpoint(out_dir / TUNE_DIR / CHECKPOINTS)
 

@@ -10,12 +10,10 @@ import torch
 from prunetune.data.calibration import calibration_samples
 from prunetune.data.sources import load_text
 from prunetune.errors import PrunetuneError
-from prunetune.methods.losparse import Losparse
 from prunetune.methods.shrink import prune_structured
 from prunetune.pipelines.stages.common import TUNE_DIR, dump, save_model
 from prunetune.pipelines.stages.tune import read_curves, sized_training_text, test_set_protocol, tune_run
 from prunetune.registry import StageKind, register_stage
-from prunetune.tuning.finetune import finetune
 
 PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
 
@@ -59,6 +57,10 @@ register_stage(StageKind("structured", f"{PACKAGE}:run_structured", "structured"
 def run_losparse(state, out_dir: Path) -> dict:
     """LoSparse fine-tuning (full FT of U, V, S and the rest); saves the materialised model as the stage's
     model and the factorised export beside it (`factorized/`, loaded by `prunetune.load_model`)."""
+    # the training code (transformers' Trainer, peft, datasets: ~120 MiB) loads when a training stage runs, not
+    # when the registry imports this module for a run without one (`prunetune prune`'s pruning peak)
+    from prunetune.methods.losparse import Losparse
+    from prunetune.tuning.finetune import finetune
     import shutil
 
     recipe, spec = state.recipe, state.spec

@@ -8,16 +8,12 @@ from pathlib import Path
 from prunetune.data.sources import load_text
 from prunetune.errors import PrunetuneError
 from prunetune.evaluation.task import examples_digest
-from prunetune.methods.ordering import OrderingSteps, run_orderings
-from prunetune.methods.payt import comparison_payload, configuration_label, run_configuration, table_row
-from prunetune.methods.payt import run_payt as payt_run
 from prunetune.pipelines.stages.common import TUNE_DIR, dump, save_model, sparsity_metric
 from prunetune.pipelines.stages.evaluate import evaluate_model
 from prunetune.pipelines.stages.prune import prune_model
 from prunetune.pruning.masks import MaskSet
 from prunetune.registry import StageKind, register_stage
 from prunetune.rundir import atomic_write_json, atomic_write_text
-from prunetune.tuning.finetune import finetune
 from prunetune.tuning.spec import check_task
 
 PACKAGE = "prunetune.pipelines.stages"  # stages are looked up on the package (tests patch them there)
@@ -90,6 +86,9 @@ def finetune_model(model_spec: str, recipe, spec, masks, seed: int, work: Path, 
     """Fine-tune `model_spec` with the tuning module; returns {model, tokenizer, curves, metrics}.
 
     `resume`: continue the tuning run in `work` from its last complete checkpoint."""
+    # the training code (transformers' Trainer, peft, datasets: ~120 MiB) loads when a training stage runs, not
+    # when the registry imports this module for a run without one (`prunetune prune`'s pruning peak)
+    from prunetune.tuning.finetune import finetune
     run = tune_run(recipe, seed, task)
     if run["task"] == "causal-lm":
         run = tune_run(recipe, seed, task, train_text=sized_training_text(
@@ -138,6 +137,9 @@ register_stage(StageKind("finetune", f"{PACKAGE}:run_finetune", "tune", produces
 
 def run_payt(state, out_dir: Path) -> dict:
     """Prune-As-You-Tune through `prunetune.methods.payt`; saves the merged sparse model and its masks."""
+    # the training code (transformers' Trainer, peft, datasets: ~120 MiB) loads when a training stage runs, not
+    # when the registry imports this module for a run without one (`prunetune prune`'s pruning peak)
+    from prunetune.methods.payt import run_payt as payt_run
     import shutil
 
     recipe, spec = state.recipe, state.spec
@@ -176,6 +178,9 @@ register_stage(StageKind("payt", f"{PACKAGE}:run_payt", "payt", produces_model=T
 
 def run_order_study(state, out_dir: Path) -> dict:
     """Prune/fine-tune orderings from the current model; rows of metrics after every step."""
+    # the training code (transformers' Trainer, peft, datasets: ~120 MiB) loads when a training stage runs, not
+    # when the registry imports this module for a run without one (`prunetune prune`'s pruning peak)
+    from prunetune.methods.ordering import OrderingSteps, run_orderings
     rows = run_orderings(state, out_dir, OrderingSteps(prune=prune_model, finetune=finetune_model,
                                                        evaluate=evaluate_model, save=save_model))
     dump(out_dir / "ordering.json", rows)
@@ -204,6 +209,9 @@ def run_full_evaluate(state, out_dir: Path) -> dict:
     Under a multi-process launcher the trained configurations run on every rank; the untrained ones
     ("original", "prune-only": evaluation only) and the table on rank 0.
     """
+    # the training code (transformers' Trainer, peft, datasets: ~120 MiB) loads when a training stage runs, not
+    # when the registry imports this module for a run without one (`prunetune prune`'s pruning peak)
+    from prunetune.methods.payt import configuration_label, run_configuration, table_row
     import shutil
 
     recipe, spec = state.recipe, state.spec
@@ -244,6 +252,9 @@ register_stage(StageKind("full_evaluate", f"{PACKAGE}:run_full_evaluate", "full_
 
 def _full_evaluate_table(state, out_dir: Path, run: dict, pspec) -> dict:
     """The comparison of the configuration stages run so far, from their results (nothing is recomputed)."""
+    # the training code (transformers' Trainer, peft, datasets: ~120 MiB) loads when a training stage runs, not
+    # when the registry imports this module for a run without one (`prunetune prune`'s pruning peak)
+    from prunetune.methods.payt import comparison_payload
     runs: dict[str, dict] = {}
     for h in state.history:
         if h["type"] == "full_evaluate" and h["stage_config"]["settings"].get("run") != "table":

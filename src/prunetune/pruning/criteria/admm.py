@@ -56,13 +56,35 @@ def check_options(iters: int, gradual: int, damp: float, rho: float, refit: int)
         raise PrunetuneError(f"ADMM refit steps must be an integer in [0, 10000], got {refit}")
 
 
+def _kth_smallest(x: torch.Tensor, k: int, sample: int = 8192) -> torch.Tensor:
+    """`torch.kthvalue(x, k).values`, exactly, in a fraction of its time on a large 1-D tensor.
+
+    The gradual mask asks for one threshold per ADMM iteration, and on CPU kthvalue copies and quick-selects
+    the whole layer (it was half of ADMM's time on a 576 x 1536 layer, the matmuls the other half). A strided
+    sample's quantiles bracket the k-th value with ~4 standard deviations to spare; one count below the bracket
+    and a selection inside it (a few percent of the elements) give the same value. If the bracket missed
+    (ties, or bad luck), the full kthvalue answers."""
+    n = x.numel()
+    if n <= 4 * sample:
+        return torch.kthvalue(x, k).values
+    s = torch.sort(x[:: n // sample]).values
+    m, q = s.numel(), k / n
+    half = 4.0 * math.sqrt(q * (1 - q) / m) + 2.0 / m
+    lo, hi = s[max(int((q - half) * m), 1) - 1], s[min(int((q + half) * m) + 1, m) - 1]
+    below = int((x < lo).sum())
+    inside = x[(x >= lo) & (x <= hi)]
+    if below < k <= below + inside.numel():
+        return torch.kthvalue(inside, k - below).values
+    return torch.kthvalue(x, k).values
+
+
 def _threshold_keep(score: torch.Tensor, k: int, dim: int | None) -> torch.Tensor:
     """Keep what is above the k-th lowest score (of the whole tensor, or of each row): an O(n) selection for
     the intermediate masks of the gradual schedule, where a tie kept or dropped changes nothing that lasts."""
     if k <= 0:
         return torch.ones_like(score, dtype=torch.bool)
     if dim is None:
-        return score > torch.kthvalue(score.reshape(-1), k).values
+        return score > _kth_smallest(score.reshape(-1), k)
     return score > torch.kthvalue(score, k, dim=1, keepdim=True).values
 
 
@@ -187,12 +209,14 @@ def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, *, patter
     W = Wn.clone()
     U = torch.zeros_like(W)
     W0HA = W0H.matmul(A)  # the constant part of every least-squares step
+    keep_f = keep_m.to(W.dtype)  # (multiplying by the bool mask would convert it to float at every iteration)
     for t in range(iters):
         V = U.add_(W)  # V = W + U, in U's storage (U is rebuilt from it below)
         if not fixed and t < gradual:
             s_t = sparsity - sparsity * (1 - (t + 1) / gradual) ** 3
             keep_m = _keep_mask(V.abs(), s_t, per, pattern, forced, exact=t == gradual - 1)
-        Z = V * keep_m
+            keep_f = keep_m.to(W.dtype)
+        Z = V * keep_f
         U = V.sub_(Z)  # U = V - Z
         W = torch.addmm(W0HA, Z.sub_(U), A, alpha=rho)  # W = (W₀H + ρ (Z − U)) A
         del Z
