@@ -180,11 +180,11 @@ def test_arch_table(model_type, gran, tmp_path, data_files):
 
     before = {n: lin.weight.detach().clone() for n, (_, lin) in get_adapter(model).linears().items()}
     if tunes and task == "seq2seq":
-        from prunetune.tuning.seq2seq import Seq2SeqConfig, finetune_seq2seq
+        from prunetune.tuning.seq2seq import finetune_seq2seq
 
-        cfg = Seq2SeqConfig(max_steps=2, batch_size=2, n_samples=4, eval_samples=2, lr=5e-2,
-                            max_source_length=24, max_target_length=24, generation_max_length=4)
-        r = finetune_seq2seq(model, tok, cfg, tmp_path / "ft", masks=masks)
+        cfg = TuneSpec(mode="full", steps=2, batch_size=2, eval_samples=2, lr=5e-2, seqlen=24)
+        r = finetune_seq2seq(model, tok, cfg, tmp_path / "ft", data=DataSpec(train="synthetic"),
+                             generation_max_length=4, masks=masks)
         assert r["global_step"] == 2
         model, out = r["_model"], tmp_path / "export"
         save_hf_dir(model, tok, out, extra=masks.save)

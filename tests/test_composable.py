@@ -239,15 +239,18 @@ def test_t5_units_include_cross_attention_and_compose():
 def test_seq2seq_finetuning_lowers_loss_and_computes_bleu(tmp_path):
     from prunetune.models.loading import load_model
     from prunetune.pruning.masks import MaskSet
-    from prunetune.tuning.seq2seq import Seq2SeqConfig, finetune_seq2seq
+    from prunetune.data.spec import DataSpec
+    from prunetune.tuning.seq2seq import finetune_seq2seq
+    from prunetune.tuning.spec import TuneSpec
 
     ld = load_model("tiny-t5", "seq2seq")
     lin = get_adapter(ld.model).blocks()[0].linears["up"]
     name = get_adapter(ld.model).name_of(lin)
     mask = torch.rand(lin.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
-    cfg = Seq2SeqConfig(max_steps=40, lr=3e-3, batch_size=16, n_samples=160, eval_samples=10,
-                        generation_max_length=16)
-    r = finetune_seq2seq(ld.model, ld.tokenizer, cfg, tmp_path / "s2s", masks=MaskSet({name: mask}))
+    cfg = TuneSpec(mode="full", steps=None, epochs=4.0, lr=3e-3, batch_size=16, seqlen=64, n_samples=160,
+                   eval_samples=10)  # 4 epochs of 10 steps
+    r = finetune_seq2seq(ld.model, ld.tokenizer, cfg, tmp_path / "s2s", data=DataSpec(train="synthetic"),
+                         generation_max_length=16, masks=MaskSet({name: mask}))
     assert r["after"]["loss"] < 0.6 * r["before"]["loss"]
     assert r["global_step"] == 40
     assert 0.0 <= r["bleu"] <= 100.0 and "signature" in str(r["after"]["protocol"])
@@ -368,11 +371,12 @@ def test_every_family_plans_trains_and_composes(model_type):
 
 
 def test_t5_composability_end_to_end_with_bleu(tmp_path):
-    from prunetune.tuning.seq2seq import Seq2SeqConfig
+    from prunetune.tuning.spec import TuneSpec
 
-    tune = Seq2SeqConfig(max_steps=6, lr=3e-3, batch_size=16, n_samples=64, eval_samples=8, generation_max_length=12)
+    tune = TuneSpec(mode="full", steps=None, epochs=1.5, lr=3e-3, batch_size=16, seqlen=64, n_samples=64,
+                    eval_samples=8)  # 6 steps of 16 over 64 pairs
     configs = C.parse_configurations([0.25, 0.5], [0.5, 0.5])
-    res = C.run_composable_seq2seq("tiny-t5", tmp_path / "t5", configs, tune, module_texts=16,
+    res = C.run_composable_seq2seq("tiny-t5", tmp_path / "t5", configs, tune, generation_max_length=12, module_texts=16,
                                    settings=C.ModuleFTSettings(linear_steps=5, attention_steps=2))
     assert res["plan"]["unique_units"] < res["plan"]["units_without_dedup"]  # linear 0.5 shared
     for row in res["rows"]:

@@ -9,6 +9,11 @@ Pairs come from a `.jsonl`/`.csv` file with `source` and `target` columns (an op
 deterministic toy translation used by the tests), or, for online users, from a HF dataset such as
 `bentrevett/multi30k` or `wmt16:de-en` through `datasets`. Masks, when given, are enforced after every
 optimizer step exactly as in the classification driver (`trainer.MaskEnforcer`).
+
+The options are the `finetune` driver's own (`tuning.spec.TuneSpec`, full fine-tuning): `seqlen` bounds the
+source, the target and, unless `generation_max_length` says otherwise, the generation; `steps` (or `n_samples` x
+`epochs`) is the budget, `lr`, `batch_size` and `eval_samples` mean what they mean there. A run adds the pairs
+(`DataSpec.train`), the seed and, optionally, the source prefix.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,33 +37,6 @@ from prunetune.tuning.spec import TuneSpec
 SYNTHETIC_WORDS = {"one": "eins", "two": "zwei", "three": "drei", "red": "rot", "blue": "blau", "green": "gruen",
                    "house": "haus", "dog": "hund", "cat": "katze", "tree": "baum", "big": "gross",
                    "small": "klein", "the": "das", "and": "und", "is": "ist", "old": "alt"}
-
-
-@dataclass
-class Seq2SeqConfig:
-    """Everything a seq2seq run depends on (recorded in its metrics)."""
-
-    data: str = "synthetic"
-    prefix: str = ""
-    epochs: float = 1.0
-    max_steps: int | None = None
-    lr: float = 1e-3
-    batch_size: int = 8
-    max_source_length: int = 64
-    max_target_length: int = 64
-    n_samples: int | None = 200
-    eval_samples: int | None = 50
-    generation_max_length: int = 64
-    seed: int = 0
-
-    def validate(self) -> Seq2SeqConfig:
-        if self.batch_size < 1:
-            raise PrunetuneError("--batch-size must be >= 1")
-        if not self.lr > 0:
-            raise PrunetuneError(f"--lr must be > 0, got {self.lr}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise PrunetuneError(f"--epochs must be > 0, got {self.epochs}")
-        return self
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -160,21 +137,22 @@ def generate(model: nn.Module, tokenizer, sources: list[str], prefix: str = "", 
     return out
 
 
-def evaluate_bleu(model: nn.Module, tokenizer, pairs: list[dict], cfg: Seq2SeqConfig) -> dict:
-    """Corpus BLEU of greedy generations against the references (sacrebleu, signature recorded)."""
-    hyps = generate(model, tokenizer, [p["source"] for p in pairs], cfg.prefix, cfg.generation_max_length,
-                    cfg.max_source_length)
+def evaluate_bleu(model: nn.Module, tokenizer, pairs: list[dict], prefix: str = "", max_length: int = 64,
+                  generation_max_length: int = 64) -> dict:
+    """Corpus BLEU of greedy generations against the references (sacrebleu, signature recorded); sources are
+    truncated to `max_length` tokens, generations to `generation_max_length` new tokens."""
+    hyps = generate(model, tokenizer, [p["source"] for p in pairs], prefix, generation_max_length, max_length)
     r = bleu(hyps, [p["target"] for p in pairs])
     return {"bleu": r["value"], "protocol": {**r["protocol"], "n": len(pairs), "decoding": "greedy"},
             "examples": [{"source": p["source"], "hyp": h, "ref": p["target"]} for p, h in list(zip(pairs, hyps))[:3]]}
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, tokenizer, pairs: list[dict], cfg: Seq2SeqConfig) -> float:
-    """Mean token cross-entropy of the references (teacher forcing)."""
+def eval_loss(model: nn.Module, tokenizer, pairs: list[dict], prefix: str = "", max_length: int = 64) -> float:
+    """Mean token cross-entropy of the references (teacher forcing), sources and targets cut at `max_length`."""
     was = model.training
     model.eval()
-    ds = PairDataset(tokenizer, pairs, cfg.prefix, cfg.max_source_length, cfg.max_target_length)
+    ds = PairDataset(tokenizer, pairs, prefix, max_length, max_length)
     col = collator(tokenizer, model)
     tot, n = 0.0, 0
     for s in range(0, len(ds), 16):
@@ -187,9 +165,23 @@ def eval_loss(model: nn.Module, tokenizer, pairs: list[dict], cfg: Seq2SeqConfig
 
 
 # ------------------------------------------------------------------------------------------------ training
-def finetune_seq2seq(model: nn.Module, tokenizer, cfg: Seq2SeqConfig, out: Path | str, *,
+def record(spec: TuneSpec, data: DataSpec, seed: int, prefix: str = "",
+           generation_max_length: int | None = None) -> dict:
+    """What a seq2seq run's metrics record of its settings (`config`): the spec's options resolved (the budget
+    as examples and epochs, the learning rate with its default) with the run's pairs, seed and prefix, under the
+    keys these records have always had (`max_steps` is always None: `steps` becomes examples x one epoch)."""
+    return {"data": data.train, "prefix": prefix, "epochs": spec.train_epochs, "max_steps": None,
+            "lr": spec.learning_rate, "batch_size": spec.batch_size, "max_source_length": spec.seqlen,
+            "max_target_length": spec.seqlen, "n_samples": spec.train_samples, "eval_samples": spec.eval_samples,
+            "generation_max_length": generation_max_length or spec.seqlen, "seed": seed}
+
+
+def finetune_seq2seq(model: nn.Module, tokenizer, spec: TuneSpec, out: Path | str, *, data: DataSpec,
+                     seed: int = 0, prefix: str = "", generation_max_length: int | None = None,
                      masks: MaskSet | None = None, callbacks: tuple = ()) -> dict:
-    """Full fine-tuning of an in-memory encoder-decoder on pairs; pruned weights stay zero (masks enforced).
+    """Full fine-tuning of an in-memory encoder-decoder on the pairs `data.train` names; pruned weights stay zero
+    (masks enforced). `prefix` is put before every source; generations stop after `generation_max_length` new
+    tokens (default: `spec.seqlen`).
 
     Returns metrics (loss and BLEU on the test pairs before and after, train loss, steps, timings) and the
     model under `_model`; writes `out/metrics.json` and `out/train_log.csv`.
@@ -199,25 +191,33 @@ def finetune_seq2seq(model: nn.Module, tokenizer, cfg: Seq2SeqConfig, out: Path 
     # with transformers, when training: the callbacks subclass its TrainerCallback (this module loads torch only)
     from prunetune.tuning.callbacks import CsvLogger, MaskEnforcer
 
-    cfg.validate()
+    if spec.lora:
+        raise PrunetuneError("seq2seq fine-tuning is full fine-tuning here; use --full")
+    config = record(spec, data, seed, prefix, generation_max_length)
+    length, gen_length, n_samples = spec.seqlen, config["generation_max_length"], spec.train_samples
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = load_pairs(cfg.data, cfg.seed, n=max(50, int((cfg.n_samples or 400) / 0.8) + 2))
+    pairs = load_pairs(data.train, seed, n=max(50, int((n_samples or 400) / 0.8) + 2))
     parts = split_pairs(pairs, seed=0)
-    train = parts["train"][: cfg.n_samples] if cfg.n_samples else parts["train"]
-    val = parts["validation"][: cfg.eval_samples] if cfg.eval_samples else parts["validation"]
+    train = parts["train"][: n_samples] if n_samples else parts["train"]
+    val = parts["validation"][: spec.eval_samples] if spec.eval_samples else parts["validation"]
     test = parts["test"]
     masks = masks if masks is not None else MaskSet()
     if len(masks):
         masks.apply(model)
-    before = {"loss": eval_loss(model, tokenizer, test, cfg), **evaluate_bleu(model, tokenizer, test, cfg)}
-    train_ds = PairDataset(tokenizer, train, cfg.prefix, cfg.max_source_length, cfg.max_target_length)
-    val_ds = PairDataset(tokenizer, val, cfg.prefix, cfg.max_source_length, cfg.max_target_length)
+
+    def scores(m: nn.Module) -> dict:
+        return {"loss": eval_loss(m, tokenizer, test, prefix, length),
+                **evaluate_bleu(m, tokenizer, test, prefix, length, gen_length)}
+
+    before = scores(model)
+    train_ds = PairDataset(tokenizer, train, prefix, length, length)
+    val_ds = PairDataset(tokenizer, val, prefix, length, length)
     args = Seq2SeqTrainingArguments(
-        output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 16),
-        learning_rate=cfg.lr, logging_strategy="steps", logging_steps=1, save_strategy="no",
-        eval_strategy="no", report_to=[], disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed,
+        output_dir=str(out / "checkpoints"), num_train_epochs=spec.train_epochs, max_steps=-1,
+        per_device_train_batch_size=spec.batch_size, per_device_eval_batch_size=max(spec.batch_size, 16),
+        learning_rate=spec.learning_rate, logging_strategy="steps", logging_steps=1, save_strategy="no",
+        eval_strategy="no", report_to=[], disable_tqdm=True, seed=seed, data_seed=seed,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         predict_with_generate=False)
     model_ref = {"model": model}
@@ -234,23 +234,15 @@ def finetune_seq2seq(model: nn.Module, tokenizer, cfg: Seq2SeqConfig, out: Path 
     model = trainer.model
     if len(masks):
         masks.apply(model)
-    after = {"loss": eval_loss(model, tokenizer, test, cfg), **evaluate_bleu(model, tokenizer, test, cfg)}
+    after = scores(model)
     result: dict[str, Any] = {
-        "kind": "finetune-seq2seq", "config": asdict(cfg), "train_examples": len(train_ds),
+        "kind": "finetune-seq2seq", "config": config, "train_examples": len(train_ds),
         "test_examples": len(test), "global_step": trainer.state.global_step, "train_loss": float(tr.training_loss),
         "before": before, "after": after, "bleu": after["bleu"], "loss": after["loss"],
         "mask_enforcement": enforcer.summary(), "timings": {"train_s": train_s}}
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     result["_model"] = model
     return result
-
-
-def from_tune_spec(spec: TuneSpec, data: DataSpec, seed: int) -> Seq2SeqConfig:
-    """The seq2seq settings of the `finetune` driver's options (a `TuneSpec`, the `DataSpec` whose `train` names
-    the pairs, the training seed): they mean the same here."""
-    return Seq2SeqConfig(data=data.train, epochs=spec.train_epochs, lr=spec.learning_rate, batch_size=spec.batch_size,
-                         max_source_length=spec.seqlen, max_target_length=spec.seqlen, n_samples=spec.train_samples,
-                         eval_samples=spec.eval_samples, generation_max_length=spec.seqlen, seed=seed)
 
 
 def finetune_task(model: str | nn.Module, spec: TuneSpec, out: Path | str, *, data: DataSpec, seed: int = 0,
@@ -261,6 +253,4 @@ def finetune_task(model: str | nn.Module, spec: TuneSpec, out: Path | str, *, da
         model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:
         raise PrunetuneError("seq2seq fine-tuning of an in-memory model needs its tokenizer")
-    if spec.lora:
-        raise PrunetuneError("seq2seq fine-tuning is full fine-tuning here; use --full")
-    return finetune_seq2seq(model, tokenizer, from_tune_spec(spec, data, seed), out, masks=masks, callbacks=callbacks)
+    return finetune_seq2seq(model, tokenizer, spec, out, data=data, seed=seed, masks=masks, callbacks=callbacks)

@@ -4,12 +4,10 @@ level FT), for classification and seq2seq.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from prunetune.models.arch import get_adapter
 from prunetune.models.loading import load_model
 from prunetune.tuning.data import load_task_data
 from prunetune.tuning.finetune import finetune
-from prunetune.tuning.seq2seq import finetune_seq2seq, load_pairs, split_pairs
+from prunetune.tuning.seq2seq import finetune_seq2seq, load_pairs, record, split_pairs
 from prunetune.tuning.spec import TuneSpec
 
 
@@ -173,21 +171,25 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
     return summary
 
 
-def run_composable_seq2seq(model_spec: str, out: Path | str, configs: Sequence[Configuration], tune: Any, *,
+def run_composable_seq2seq(model_spec: str, out: Path | str, configs: Sequence[Configuration], tune: TuneSpec, *,
+                           data: DataSpec = DataSpec(train="synthetic"), seed: int = 0, prefix: str = "",
+                           generation_max_length: int | None = None,
                            settings: ModuleFTSettings = ModuleFTSettings(), module_texts: int | None = 128,
                            module_batch: int = 8, baseline: bool = True, cache_dir: Path | str | None = None,
                            **plan_kw: Any) -> dict:
     """The same method for an encoder-decoder (T5 translation): module-level FT captures the encoder and the
     decoder on (source, target) pairs, and model-level fine-tuning is `tuning.seq2seq.finetune_seq2seq`
-    (`tune`: a `Seq2SeqConfig`) with BLEU on the test pairs, per configuration, with and without module FT."""
+    (`tune`: a full fine-tuning `TuneSpec`, on the pairs `data.train` names, with `seed`, `prefix` and
+    `generation_max_length` as there) with BLEU on the test pairs, per configuration, with and without module FT."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model_spec, "seq2seq")
     original, tok = loaded.model, loaded.tokenizer
     pl = plan(configs, get_adapter(original), **plan_kw)
-    pairs = split_pairs(load_pairs(tune.data, tune.seed, n=max(50, int((tune.n_samples or 400) / 0.8) + 2)))["train"]
+    n_samples = tune.train_samples
+    pairs = split_pairs(load_pairs(data.train, seed, n=max(50, int((n_samples or 400) / 0.8) + 2)))["train"]
     pairs = pairs[: module_texts or None]
-    batches = text_batches(tok, [tune.prefix + p["source"] for p in pairs], tune.max_source_length, module_batch,
+    batches = text_batches(tok, [prefix + p["source"] for p in pairs], tune.seqlen, module_batch,
                            targets=[p["target"] for p in pairs])
     cache = ModuleCache(cache_dir if cache_dir is not None else out / "module-cache")
     t0 = time.perf_counter()
@@ -202,13 +204,14 @@ def run_composable_seq2seq(model_spec: str, out: Path | str, configs: Sequence[C
                                                         finetune=False)
             model, masks = compose(original, pl.members[c.name], res)
             build_s = time.perf_counter() - t0
-            r = finetune_seq2seq(model, tok, copy.deepcopy(tune), out / c.name / arm, masks=masks)
+            r = finetune_seq2seq(model, tok, tune, out / c.name / arm, data=data, seed=seed, prefix=prefix,
+                                 generation_max_length=generation_max_length, masks=masks)
             row[arm] = {"build_s": build_s, "train_s": r["timings"]["train_s"], "bleu": r["bleu"],
                         "loss": r["loss"], "start": r["before"], "train_loss": r["train_loss"],
                         "log": str(out / c.name / arm / "train_log.csv")}
             row[arm]["start"] = {k: v for k, v in r["before"].items() if k != "examples"}
         rows.append(row)
     summary = {"plan": pl.to_dict(), "modules": {**results.summary(), "wall_s": module_s}, "rows": rows,
-               "settings": settings.to_dict(), "tune": asdict(tune)}
+               "settings": settings.to_dict(), "tune": record(tune, data, seed, prefix, generation_max_length)}
     (out / "composable.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
