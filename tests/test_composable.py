@@ -217,6 +217,31 @@ def test_cache_hit_skips_work_and_changed_setting_misses(bert, batches, tmp_path
     assert len(list((tmp_path / "cache").glob("*.json"))) == 8
 
 
+KEYS = {  # computed by the code before issue 27 (ModuleFTSettings); a cache written then must still be found
+    ("default", 0): "a2d5ace95456a7d21f2357bd", ("default", 1): "b77daefe5417c4c610d81ab1",
+    ("changed", 0): "aec5203d72022779a5c86c12", ("changed", 1): "9042fee46c605d21a6fec48c"}
+
+
+def test_cache_key_is_pinned():
+    """The module cache's key (and the settings it records, in order) for the default settings and for changed
+    ones: the same settings always find the same entries, across refactors of where the settings live."""
+    import json
+
+    cache = C.ModuleCache("unused")
+    settings = {"default": C.ModuleFTSettings(),
+                "changed": C.ModuleFTSettings(linear_steps=30, attention_steps=8, linear_lr=1e-3, attention_lr=1e-3,
+                                              attention_batch=4, seed=3)}
+    for (name, i), want in KEYS.items():
+        unit = [C.Unit(0, "o", "l1", 0.5), C.Unit(2, "attention", "l2", 0.25)][i]
+        key, meta = cache.key(unit, "m" * 20, "d" * 20, settings[name])
+        assert key == want, (name, i)
+        assert list(meta["settings"]) == ["linear_steps", "linear_lr", "attention_steps", "attention_lr",
+                                          "attention_batch", "seed"]
+    _, meta = cache.key(C.Unit(0, "o", "l1", 0.5), "m" * 20, "d" * 20, settings["default"])
+    assert json.dumps(meta["settings"]) == ('{"linear_steps": 150, "linear_lr": 0.001, "attention_steps": 60, '
+                                            '"attention_lr": 0.0005, "attention_batch": 8, "seed": 0}')
+
+
 # ------------------------------------------------------------------------------------------ T5 and seq2seq
 def test_t5_units_include_cross_attention_and_compose():
     from prunetune.models.loading import load_model
