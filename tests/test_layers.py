@@ -52,6 +52,8 @@ def _copy_with(tmp_path: Path, module: str, line: str, where: str) -> Path:
      "prunetune.pruning.masks -> prunetune.evaluation.task"),
     ("prunetune.reporting.plots", "from prunetune.pipelines import stages",
      "prunetune.reporting.plots -> prunetune.pipelines.stages"),
+    ("prunetune.pruning.shrink.scores", "from prunetune.pruning.api import prune",  # the cycle issue 27 broke
+     "prunetune.pruning.shrink.scores -> prunetune.pruning.api"),
 ])
 def test_upward_import_breaks_the_check(tmp_path, module, line, broken, where):
     r = _lint(_copy_with(tmp_path, module, line, where))

@@ -159,7 +159,7 @@ def test_cli_bad_task_data_is_one_line_exit_2(tmp_path, capsys):
 def test_wanda_events_tokenise_the_training_text_once_and_masks_are_unchanged(tiny_llama, monkeypatch):
     """PAYT's callback cuts the calibration windows at its first event and reuses them: same masks, one tokenising."""
     from prunetune.methods.payt import PaytCallback
-    from prunetune.pruning import api  # where calibration_ids finds calibration_samples
+    from prunetune.pruning import calibrate  # where calibration_ids finds calibration_samples
 
     text = " ".join(f"article {i} about markets, football and elections." for i in range(400))
     import copy
@@ -169,8 +169,8 @@ def test_wanda_events_tokenise_the_training_text_once_and_masks_are_unchanged(ti
     want = [compute_masks(first, "wanda", s, tokenizer=tiny_llama.tokenizer, calib_text=text, nsamples=4, seqlen=32)
             for s in (0.3, 0.6)]
     calls = []
-    real = api.calibration_samples
-    monkeypatch.setattr(api, "calibration_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = calibrate.calibration_samples
+    monkeypatch.setattr(calibrate, "calibration_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec = PaytSpec(sparsity=0.6, criterion="wanda", nsamples=4, seqlen=32)
     cb = PaytCallback(spec, MaskSet(), {"model": model}, tokenizer=tiny_llama.tokenizer, calib_text=text)
     got = []

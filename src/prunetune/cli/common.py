@@ -175,9 +175,9 @@ def show_recipe(recipe) -> None:
 def default_calib_split(data: dict, calib_split: str | None) -> None:
     """Without `--calib-split`, the calibration source's usual split (WikiText-2 has no train split: valid)."""
     if calib_split is None:
-        # at run time: config and pruning.api load pydantic and torch, which --help must not load
+        # at run time: config and pruning.calibrate load pydantic and torch, which --help must not load
         from prunetune.config import DataSpec
-        from prunetune.pruning.api import default_calib_split
+        from prunetune.pruning.calibrate import default_calib_split
 
         d = data.setdefault("data", {})
         d["calib_split"] = default_calib_split(d.get("calib", DataSpec.model_fields["calib"].default))

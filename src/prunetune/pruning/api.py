@@ -38,12 +38,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from prunetune.data.calibration import calibration_samples
-from prunetune.data.sources import TextSource, load_text
 from prunetune.errors import PrunetuneError
 from prunetune.models.arch import get_adapter, unwrap
 from prunetune.pruning import calibrate
 from prunetune.pruning.allocation import LAYER_SPARSITY, OWL_LAMBDA, OWL_M, check_owl, owl_block_ratios, owl_sparsities
+from prunetune.pruning.calibrate import calibration_ids
 from prunetune.pruning.criteria import ALL_GRANULARITIES, Criterion, criterion_names, get_criterion
 from prunetune.pruning.granularity import check_sparsity, global_masks, mask_from_scores, parse_nm
 from prunetune.pruning.masks import MaskSet
@@ -135,27 +134,6 @@ def masked_layers(model: nn.Module, targets: dict[str, nn.Linear], granularity: 
     adapter = get_adapter(model)
     inside = {m.name for b in adapter.blocks() for c in couplings(adapter, b, granularity) for m in c.members}
     return [n for n in targets if n in inside]
-
-
-def default_calib_split(source: str) -> str:
-    """WikiText-2 calibrates on `valid` (test is for perplexity); other sources on their training part."""
-    return "valid" if source == "wikitext2" else "train"
-
-
-def calibration_ids(calib, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Token ids [n, seqlen] from a LongTensor, a TextSource or a source name (the last two need a tokenizer)."""
-    if isinstance(calib, torch.Tensor):
-        if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
-            raise PrunetuneError(f"calib tensor must be integer token ids [n, seqlen], got {calib.dtype} "
-                                 f"{tuple(calib.shape)}")
-        return calib.long()
-    if not isinstance(calib, (str, TextSource)):
-        raise PrunetuneError(f"calib must be token ids, a TextSource or a source name, got {type(calib).__name__}")
-    if tokenizer is None:
-        raise PrunetuneError("calibration from text needs a tokenizer: pass tokenizer=...")
-    if isinstance(calib, str):
-        calib = load_text(calib, default_calib_split(calib))
-    return calibration_samples(tokenizer, calib.text, nsamples, seqlen, seed, calib.name)
 
 
 def _masks_from_scores(adapter, blocks, scores: dict[str, torch.Tensor], sparsity: float, granularity: str,

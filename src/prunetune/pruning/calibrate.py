@@ -17,6 +17,9 @@ can still be calibrated on it.
 Encoder-decoder models (T5) have two stacks that talk through cross-attention; for them, and for global
 thresholds that need every layer's scores before any pruning, `collect_all` gathers statistics for all
 layers in one pass over the dense model instead.
+
+What it runs on comes first: `calibration_ids` turns the calibration argument (token ids, a `TextSource` or a
+source name) into token windows, for `prune`, the streaming pruner, the structured scores and PAYT alike.
 """
 
 from __future__ import annotations
@@ -27,8 +30,32 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from prunetune.data.calibration import calibration_samples
+from prunetune.data.sources import TextSource, load_text
+from prunetune.errors import PrunetuneError
 from prunetune.models.arch import Block, get_adapter, unwrap
 from prunetune.progress import track
+
+
+def default_calib_split(source: str) -> str:
+    """WikiText-2 calibrates on `valid` (test is for perplexity); other sources on their training part."""
+    return "valid" if source == "wikitext2" else "train"
+
+
+def calibration_ids(calib, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Token ids [n, seqlen] from a LongTensor, a TextSource or a source name (the last two need a tokenizer)."""
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
+            raise PrunetuneError(f"calib tensor must be integer token ids [n, seqlen], got {calib.dtype} "
+                                 f"{tuple(calib.shape)}")
+        return calib.long()
+    if not isinstance(calib, (str, TextSource)):
+        raise PrunetuneError(f"calib must be token ids, a TextSource or a source name, got {type(calib).__name__}")
+    if tokenizer is None:
+        raise PrunetuneError("calibration from text needs a tokenizer: pass tokenizer=...")
+    if isinstance(calib, str):
+        calib = load_text(calib, default_calib_split(calib))
+    return calibration_samples(tokenizer, calib.text, nsamples, seqlen, seed, calib.name)
 
 
 class Stats(Protocol):

@@ -37,9 +37,8 @@ import torch
 from prunetune.errors import PrunetuneError
 from prunetune.models.arch import get_adapter
 from prunetune.models.loading import resolve_dtype
-from prunetune.pruning.api import (calibration_ids, masked_layers, prune as prune_in_memory, resolve_granularity,
-                                   select_targets, validate)
-from prunetune.pruning.calibrate import release_freed_memory
+from prunetune.pruning.api import masked_layers, prune as prune_in_memory, resolve_granularity, select_targets, validate
+from prunetune.pruning.calibrate import calibration_ids, release_freed_memory
 from prunetune.pruning.masks import MASKS_FILE, MaskSet, PackedMask, packed_masks_header
 
 WEIGHTS_FILE = "model.safetensors"

@@ -26,7 +26,8 @@ from prunetune.data.sources import TextSource
 from prunetune.errors import PrunetuneError
 from prunetune.methods.payt.spec import PaytSpec  # the one schema of PAYT's settings (the recipe's `payt` section)
 from prunetune.models.arch import get_adapter, unwrap
-from prunetune.pruning.api import calibration_ids, prune
+from prunetune.pruning.api import prune
+from prunetune.pruning.calibrate import calibration_ids
 from prunetune.pruning.criteria import criterion_names, get_criterion
 from prunetune.pruning.granularity import global_masks, structured_mask
 from prunetune.pruning.masks import MaskSet, sparsity_report

@@ -14,8 +14,7 @@ from torch import nn
 
 from prunetune.errors import PrunetuneError
 from prunetune.models.arch import base_linear, get_adapter, unwrap
-from prunetune.pruning.api import calibration_ids
-from prunetune.pruning.calibrate import collect_all, layer_key
+from prunetune.pruning.calibrate import calibration_ids, collect_all, layer_key
 from prunetune.pruning.criteria import get_criterion
 from prunetune.pruning.criteria.flap import MomentStats
 from prunetune.pruning.shrink.couplings import (
