@@ -189,6 +189,8 @@ def render(data: dict) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if tag else "")]
 
     def machine(*rs) -> str:
+        if not tag:
+            return ""
         tags = list(dict.fromkeys(tag[r.get("machine", data["machine"]["cpu"])] for r in rs if r))
         return f" {' (streaming) / '.join(tags)}{' (in memory)' if len(tags) > 1 else ''} |" if tag else ""
     for method in sorted({r["method"] for r in rows}, key=lambda m: (m != "wanda", m)):

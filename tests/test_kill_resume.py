@@ -157,13 +157,15 @@ def _tensors(path: Path) -> tuple[dict, dict]:
 
 
 def report(out: Path) -> dict:
-    """report.md without what measures the machine or names the directory (paths, creation time, stage
-    seconds, timing metrics in the stage summaries), and the names of its plots."""
+    """report.md without what measures the machine or names the directory (paths, creation time, the checkout's
+    commit, stage seconds, timing metrics in the stage summaries), and the names of its plots."""
     lines, section = [], ""
     for line in (out / "report.md").read_text().replace(str(out), "<out>").splitlines():
         section = line if line.startswith("## ") else section
         if line.startswith(("- status:", "- created:")):
             continue
+        if line.startswith("- seed "):  # the checkout's commit: another worktree may land one between kill and resume
+            line = re.sub(r"git `[^`]*`", "git <rev>", line)
         if section == "## Stages" and re.match(r"\| \d\d-", line):  # stage | type | seconds | summary
             cells = line.split(" | ")
             line = " | ".join([cells[0], cells[1], _TIMED.sub(r"\1 <t>", " | ".join(cells[3:]))])

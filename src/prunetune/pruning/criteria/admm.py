@@ -210,16 +210,19 @@ def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, *, patter
     U = torch.zeros_like(W)
     W0HA = W0H.matmul(A)  # the constant part of every least-squares step
     keep_f = keep_m.to(W.dtype)  # (multiplying by the bool mask would convert it to float at every iteration)
+    # every iteration writes into the same four layer-sized buffers: fresh temporaries at each of 60 iterations
+    # fragmented the heap between threads and made the process's peak vary by ~90 MiB from run to run
+    Z, score = torch.empty_like(W), torch.empty_like(W)
     for t in range(iters):
         V = U.add_(W)  # V = W + U, in U's storage (U is rebuilt from it below)
         if not fixed and t < gradual:
             s_t = sparsity - sparsity * (1 - (t + 1) / gradual) ** 3
-            keep_m = _keep_mask(V.abs(), s_t, per, pattern, forced, exact=t == gradual - 1)
-            keep_f = keep_m.to(W.dtype)
-        Z = V * keep_f
+            keep_m = _keep_mask(torch.abs(V, out=score), s_t, per, pattern, forced, exact=t == gradual - 1)
+            keep_f.copy_(keep_m)
+        torch.mul(V, keep_f, out=Z)
         U = V.sub_(Z)  # U = V - Z
-        W = torch.addmm(W0HA, Z.sub_(U), A, alpha=rho)  # W = (W₀H + ρ (Z − U)) A
-        del Z
+        torch.addmm(W0HA, Z.sub_(U), A, alpha=rho, out=W)  # W = (W₀H + ρ (Z − U)) A
+    del Z, score
     Z = (W + U) * keep_m
     if refit:
         H_fit = Hn  # the dampened H: the refit optimises the objective ADMM converges to
