@@ -33,8 +33,9 @@ original model; their small disagreements after composition are what the short m
 
 from __future__ import annotations
 
-from importlib import import_module
 from types import ModuleType
+
+from prunetune.lazy import lazy_exports
 
 from prunetune.methods.composable.plan import (  # noqa: F401  the method's public names
     ATTENTION_UNITS,
@@ -84,18 +85,10 @@ from prunetune.methods.composable.compose import (  # noqa: F401  the method's p
     save_composed,
 )
 
-#: the training side's public names, imported on first use (PEP 562): importing the package, or its `spec` alone
-#: (the recipe schema does, so every command does), must not load transformers' Trainer, peft and datasets
-#: (about 120 MiB resident and seconds of import that `prune` never uses). Only `run` is deferred: a lazy name
-#: equal to a submodule's (`plan`, `compose`) would be shadowed by the module once anything imports it.
-_LAZY = {"ValidationClock", "run_composable", "run_composable_seq2seq"}
+#: the training side's public names, imported on first use (`prunetune.lazy`): the recipe schema imports `spec`,
+#: and `prune` must not load transformers' Trainer, peft and datasets. Only `run` is deferred (`plan` and
+#: `compose` are also submodules' names, which a deferred name must not be).
+_LAZY = {name: "run" for name in ("ValidationClock", "run_composable", "run_composable_seq2seq")}
 __all__ = [n for n, v in dict(globals()).items() if not n.startswith("_") and not isinstance(v, ModuleType)
-           and n not in ("annotations", "import_module", "ModuleType")] + sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.run"), name)
-    globals()[name] = value
-    return value
+           and n not in ("annotations", "lazy_exports", "ModuleType")] + sorted(_LAZY)
+__getattr__ = lazy_exports(__name__, _LAZY, globals())

@@ -5,11 +5,10 @@ standalone gate-training loop (`train`). `methods.shrink` runs it (or a structur
 
 from __future__ import annotations
 
-from importlib import import_module
+from prunetune.lazy import lazy_exports
 
-#: the method's public names and the module of each, imported on first use (PEP 562): importing the package, or
-#: its `spec` alone (the recipe schema does, so every command does), must not load the method's training code
-#: (transformers' Trainer, peft, datasets: about 120 MiB resident and seconds of import that `prune` never uses)
+#: the method's public names and the module of each, imported on first use (`prunetune.lazy`: the recipe
+#: schema imports `spec`, and `prune` must not load the training side)
 _EXPORTS = {
     "StructuredSpec": "spec",
     "EPS": "gates",
@@ -21,10 +20,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
