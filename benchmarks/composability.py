@@ -536,6 +536,7 @@ def plot_seeds(data: dict, path: Path) -> Path:
     ax2.bar([i - 0.2 for i in cx], [cs[n]["baseline_clock_mean_s"] for n in names], 0.4, label="baseline clock")
     ax2.bar([i + 0.2 for i in cx], [cs[n]["composed_clock_mean_s"] for n in names], 0.4,
             label="composed clock (excl. module FT)")
+    ax2.set_ylim(0, 1.4 * max(max(cs[n]["baseline_clock_mean_s"], cs[n]["composed_clock_mean_s"]) for n in names))
     ax2.set_xticks(list(cx), [f"{cs[n]['attention']:g}/{cs[n]['linear']:g}" for n in names], fontsize=8)
     ax2.set_xlabel("heads / linear removed")
     ax2.set_ylabel("wall seconds (mean over seeds)")
@@ -546,7 +547,7 @@ def plot_seeds(data: dict, path: Path) -> Path:
     ax3.set_ylabel("test accuracy difference (pp)")
     h1, l1 = ax2.get_legend_handles_labels()
     h2, l2 = ax3.get_legend_handles_labels()
-    ax2.legend(h1 + h2, l1 + l2, fontsize=7)
+    ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
     fig.suptitle(f"{data['model']} / {data['data']}: {len(names)} configurations, seeds {', '.join(seeds)}")
     return plots._save(fig, path)
 
