@@ -10,7 +10,7 @@ from prunetune.methods import composable as C
 from prunetune.models.arch import get_adapter
 from tests.cli_helpers import cli_error
 
-SETTINGS = C.ModuleFTSettings(linear_steps=30, attention_steps=8, linear_lr=1e-3, attention_lr=1e-3)
+SETTINGS = C.ComposeSpec(linear_steps=30, attention_steps=8, linear_lr=1e-3, attention_lr=1e-3)
 TEXTS = [f"the {w} article number {i} talks about {w} and more {w} things" for i, w in
          enumerate(["sport", "business", "politics", "tech", "music", "film", "rain", "sun"] * 2)]
 
@@ -199,7 +199,7 @@ def test_cache_hit_skips_work_and_changed_setting_misses(bert, batches, tmp_path
         for k, v in first.tensors[u.id].items():
             assert torch.equal(v, second.tensors[u.id][k])
 
-    changed = C.ModuleFTSettings(**{**SETTINGS.to_dict(), "linear_steps": SETTINGS.linear_steps + 1})
+    changed = SETTINGS.model_copy(update={"linear_steps": SETTINGS.linear_steps + 1})
     third = C.train_units(model, batches, units, changed, C.ModuleCache(tmp_path / "cache"))
     assert sorted(third.trained) == sorted(u.id for u in units)
     other_data = C.text_batches(bert[1], TEXTS[:8], 32, 8)
@@ -217,7 +217,7 @@ def test_cache_hit_skips_work_and_changed_setting_misses(bert, batches, tmp_path
     assert len(list((tmp_path / "cache").glob("*.json"))) == 8
 
 
-KEYS = {  # computed by the code before issue 27 (ModuleFTSettings); a cache written then must still be found
+KEYS = {  # computed by the code before issue 27 (a ModuleFTSettings dataclass); a cache written then is still found
     ("default", 0): "a2d5ace95456a7d21f2357bd", ("default", 1): "b77daefe5417c4c610d81ab1",
     ("changed", 0): "aec5203d72022779a5c86c12", ("changed", 1): "9042fee46c605d21a6fec48c"}
 
@@ -228,16 +228,16 @@ def test_cache_key_is_pinned():
     import json
 
     cache = C.ModuleCache("unused")
-    settings = {"default": C.ModuleFTSettings(),
-                "changed": C.ModuleFTSettings(linear_steps=30, attention_steps=8, linear_lr=1e-3, attention_lr=1e-3,
-                                              attention_batch=4, seed=3)}
+    settings = {"default": (C.ComposeSpec(), 0),
+                "changed": (C.ComposeSpec(linear_steps=30, attention_steps=8, linear_lr=1e-3, attention_lr=1e-3,
+                                          module_batch=4), 3)}
     for (name, i), want in KEYS.items():
         unit = [C.Unit(0, "o", "l1", 0.5), C.Unit(2, "attention", "l2", 0.25)][i]
-        key, meta = cache.key(unit, "m" * 20, "d" * 20, settings[name])
+        key, meta = cache.key(unit, "m" * 20, "d" * 20, *settings[name])
         assert key == want, (name, i)
         assert list(meta["settings"]) == ["linear_steps", "linear_lr", "attention_steps", "attention_lr",
                                           "attention_batch", "seed"]
-    _, meta = cache.key(C.Unit(0, "o", "l1", 0.5), "m" * 20, "d" * 20, settings["default"])
+    _, meta = cache.key(C.Unit(0, "o", "l1", 0.5), "m" * 20, "d" * 20, *settings["default"])
     assert json.dumps(meta["settings"]) == ('{"linear_steps": 150, "linear_lr": 0.001, "attention_steps": 60, '
                                             '"attention_lr": 0.0005, "attention_batch": 8, "seed": 0}')
 
@@ -254,7 +254,7 @@ def test_t5_units_include_cross_attention_and_compose():
     pl = C.plan(configs, get_adapter(ld.model))
     kinds = {u.kind for u in pl.units}
     assert {"attention", "cross-attention", "o", "co", "up", "down"} <= kinds
-    res = C.train_units(ld.model, batches, pl.units, C.ModuleFTSettings(linear_steps=5, attention_steps=2))
+    res = C.train_units(ld.model, batches, pl.units, C.ComposeSpec(linear_steps=5, attention_steps=2))
     assert all(s["mse_after"] <= s["mse_before"] for s in res.stats.values())
     composed, masks = C.compose(ld.model, pl.members[configs[0].name], res)
     assert 0.3 < masks.sparsity() < 0.6
@@ -383,7 +383,7 @@ def test_every_family_plans_trains_and_composes(model_type):
     pl = C.plan(configs, ad)
     kinds = {u.kind for u in pl.units}
     assert "attention" in kinds and "down" in kinds and "o" in kinds
-    res = C.train_units(model, batches, pl.units, C.ModuleFTSettings(linear_steps=6, attention_steps=3))
+    res = C.train_units(model, batches, pl.units, C.ComposeSpec(linear_steps=6, attention_steps=3))
     for uid, st in res.stats.items():
         assert st["mse_after"] <= st["mse_before"] * 1.001, uid
     composed, masks = C.compose(model, pl.members[configs[0].name], res)
@@ -401,8 +401,8 @@ def test_t5_composability_end_to_end_with_bleu(tmp_path):
     tune = TuneSpec(mode="full", steps=None, epochs=1.5, lr=3e-3, batch_size=16, seqlen=64, n_samples=64,
                     eval_samples=8)  # 6 steps of 16 over 64 pairs
     configs = C.parse_configurations([0.25, 0.5], [0.5, 0.5])
-    res = C.run_composable_seq2seq("tiny-t5", tmp_path / "t5", configs, tune, generation_max_length=12, module_texts=16,
-                                   settings=C.ModuleFTSettings(linear_steps=5, attention_steps=2))
+    res = C.run_composable_seq2seq("tiny-t5", tmp_path / "t5", configs, tune, generation_max_length=12,
+                                   spec=C.ComposeSpec(linear_steps=5, attention_steps=2, module_texts=16))
     assert res["plan"]["unique_units"] < res["plan"]["units_without_dedup"]  # linear 0.5 shared
     for row in res["rows"]:
         for arm in ("composed", "baseline"):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunetune.methods.composable import (ATTENTION_UNITS, LINEAR_ROLES, ModuleFTSettings, check_linear_criterion,
-                                          check_units, parse_configurations)
+from prunetune.methods.composable import (ATTENTION_UNITS, LINEAR_ROLES, check_linear_criterion, check_units,
+                                          parse_configurations)
 from prunetune.pipelines.stages import read_curves, tune_run
 from prunetune.registry import StageKind, register_stage
 
@@ -39,15 +39,8 @@ def run_compose(state, out_dir: Path) -> dict:
         model = recipe.model.name
     run = tune_run(recipe, state.seed + state.index, task="seq-cls")
     configs = parse_configurations(spec.attention, spec.linear, spec.n, spec.grid)
-    settings = ModuleFTSettings(linear_steps=spec.linear_steps, linear_lr=spec.linear_lr,
-                                attention_steps=spec.attention_steps, attention_lr=spec.attention_lr,
-                                attention_batch=spec.module_batch, seed=state.seed)
     res = run_composable(model, out_dir / "runs", configs, recipe.tune, data=run["data"], task=run["task"],
-                         seed=run["seed"], settings=settings,
-                         attention_units=spec.attention_units, linear_units=spec.linear_units,
-                         attention_criterion=spec.attention_criterion, linear_criterion=spec.linear_criterion,
-                         module_texts=spec.module_texts, module_batch=spec.module_batch, baseline=spec.baseline,
-                         cache_dir=spec.cache_dir)
+                         seed=run["seed"], spec=spec, module_seed=state.seed)
     write_report(res, out_dir)
     metrics: dict = {}
     for row in res["rows"]:

@@ -55,9 +55,10 @@ from prunetune.methods.composable.plan import (  # noqa: F401  the method's publ
     linear_criterion_needs_activations,
     plan,
 )
+from prunetune.methods.composable.spec import ComposeSpec  # noqa: F401  the method's settings (recipe `compose`)
 from prunetune.methods.composable.cache import (  # noqa: F401  the method's public names
     CACHE_FORMAT,
-    ModuleFTSettings,
+    module_ft_settings,
     tensor_hash,
     model_hash,
     data_hash,

@@ -1,5 +1,5 @@
-"""Module-level fine-tuning settings and the safetensors cache of trained units, keyed by everything a unit depends
-on (model, data, settings, unit).
+"""The safetensors cache of trained units, keyed by everything a unit depends on (model, data, the module-level
+fine-tuning settings of the `compose` spec, unit).
 """
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from prunetune.methods.composable.plan import Unit
+from prunetune.methods.composable.spec import ComposeSpec
 from prunetune.models.arch import unwrap
 from prunetune.models.loading import cache_dir
 from prunetune.rundir import atomic_write_bytes, atomic_write_text
@@ -25,19 +26,13 @@ from prunetune.rundir import atomic_write_bytes, atomic_write_text
 CACHE_FORMAT = 1
 
 
-@dataclass(frozen=True)
-class ModuleFTSettings:
-    """Module-level fine-tuning settings; every field is part of the cache key."""
-
-    linear_steps: int = 150
-    linear_lr: float = 1e-3
-    attention_steps: int = 60
-    attention_lr: float = 5e-4
-    attention_batch: int = 8  # sequences per attention-unit step
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def module_ft_settings(spec: ComposeSpec, seed: int = 0) -> dict:
+    """What module-level fine-tuning depends on beyond the model, the data and the unit: the spec's steps and
+    learning rates, its `module_batch` (sequences per attention-unit step, recorded as `attention_batch`) and the
+    seed. Every cache key hashes this dict and results record it (`settings`); its keys and their order are the
+    ones caches have always been written with, so an entry written before is found again."""
+    return {"linear_steps": spec.linear_steps, "linear_lr": spec.linear_lr, "attention_steps": spec.attention_steps,
+            "attention_lr": spec.attention_lr, "attention_batch": spec.module_batch, "seed": seed}
 
 
 def tensor_hash(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -72,9 +67,10 @@ class ModuleCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, unit: Unit, model_h: str, data_h: str, settings: ModuleFTSettings) -> tuple[str, dict]:
+    def key(self, unit: Unit, model_h: str, data_h: str, spec: ComposeSpec, seed: int = 0) -> tuple[str, dict]:
+        """The entry's key and what it hashes: the model, the data, the unit and `module_ft_settings`."""
         meta = {"format": CACHE_FORMAT, "model": model_h, "data": data_h, "unit": asdict(unit),
-                "settings": settings.to_dict()}
+                "settings": module_ft_settings(spec, seed)}
         return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24], meta
 
     def path(self, key: str) -> Path:

@@ -9,20 +9,20 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 from transformers import TrainerCallback
 
 from prunetune.data.spec import DataSpec
 from prunetune.evaluation.task import predict_classes
-from prunetune.methods.composable.cache import ModuleCache, ModuleFTSettings
+from prunetune.methods.composable.cache import ModuleCache, module_ft_settings
 from prunetune.methods.composable.compose import (
     compose,
     geometric_checks,
     save_composed,
     text_batches,
 )
-from prunetune.methods.composable.plan import Configuration, DEFAULT_ATTENTION_UNITS, DEFAULT_LINEAR_UNITS, Plan, plan
+from prunetune.methods.composable.plan import Configuration, Plan, plan
+from prunetune.methods.composable.spec import ComposeSpec
 from prunetune.methods.composable.units import train_units
 from prunetune.models.arch import get_adapter
 from prunetune.models.loading import load_model
@@ -88,15 +88,13 @@ class ValidationClock(TrainerCallback):
 
 def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configuration], tune: TuneSpec, *,
                    data: DataSpec | None = None, task: str = "seq-cls", seed: int = 0,
-                   settings: ModuleFTSettings = ModuleFTSettings(),
-                   attention_units: Sequence[str] = DEFAULT_ATTENTION_UNITS,
-                   linear_units: Sequence[str] = DEFAULT_LINEAR_UNITS, attention_criterion: str = "l1",
-                   linear_criterion: str = "l1", module_texts: int | None = 128, module_batch: int = 8,
-                   baseline: bool = True, cache_dir: Path | str | None = None,
+                   spec: ComposeSpec = ComposeSpec(), module_seed: int = 0,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Plan, fine-tune the unique modules once (cached), compose every configuration and fine-tune it at
     model level (`tune`: the recipe's `tune` section, on the labelled task `data.train` (`DataSpec`) with head
-    `task` at training seed `seed`, as `tuning.finetune.finetune` takes them); with `baseline`, the same
+    `task` at training seed `seed`, as `tuning.finetune.finetune` takes them). `spec` (the recipe's `compose`
+    section) gives the units, criteria, module-level steps, texts and batches, the cache directory and whether
+    to run the baseline; `module_seed` seeds module-level FT. With `spec.baseline`, the same
     model-level fine-tuning from the pruned modules without module-level fine-tuning. Writes `out/<config>/{composed,baseline}/` and returns
     per-configuration metrics, validation curves and the compute time of both routes. Each configuration's
     fine-tuned model (composed arm) is exported to `out/<config>/composed/tuned/model/` (its row's `model`,
@@ -111,21 +109,21 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
     loaded = load_model(model_spec, task, label_names=data["label_names"])
     original, tok = loaded.model, loaded.tokenizer
     adapter = get_adapter(original)
-    pl = plan(configs, adapter, attention_units=attention_units, linear_units=linear_units,
-              attention_criterion=attention_criterion, linear_criterion=linear_criterion)
+    pl = plan(configs, adapter, attention_units=spec.attention_units, linear_units=spec.linear_units,
+              attention_criterion=spec.attention_criterion, linear_criterion=spec.linear_criterion)
     say(f"{len(pl.configs)} configurations -> {len(pl.units)} unique modules "
         f"({pl.unit_count_without_dedup} without deduplication)")
-    texts = [e["text"] for e in data["train"]][: module_texts or None]
-    batches = text_batches(tok, texts, tune.seqlen, module_batch)
-    cache = ModuleCache(cache_dir if cache_dir is not None else out / "module-cache")
+    texts = [e["text"] for e in data["train"]][: spec.module_texts or None]
+    batches = text_batches(tok, texts, tune.seqlen, spec.module_batch)
+    cache = ModuleCache(spec.cache_dir if spec.cache_dir is not None else out / "module-cache")
     t0 = time.perf_counter()
-    results = train_units(original, batches, pl.units, settings, cache, progress=say)
+    results = train_units(original, batches, pl.units, spec, cache, seed=module_seed, progress=say)
     module_s = time.perf_counter() - t0
     steps_per_epoch = max(1, math.ceil(len(data["train"]) / tune.batch_size))
     max_steps = max(1, math.ceil(tune.train_epochs * steps_per_epoch))
     checks = geometric_checks(max_steps)
     rows: list[dict] = []
-    arms = [("composed", True)] + ([("baseline", False)] if baseline else [])
+    arms = [("composed", True)] + ([("baseline", False)] if spec.baseline else [])
     for c in pl.configs:
         row: dict = {"config": c.to_dict()}
         for arm, module_ft in arms:
@@ -133,7 +131,8 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
             if module_ft:
                 model, masks = compose(original, pl.members[c.name], results)
             else:
-                pruned = train_units(original, batches, pl.members[c.name], settings, None, finetune=False)
+                pruned = train_units(original, batches, pl.members[c.name], spec, None, seed=module_seed,
+                                     finetune=False)
                 model, masks = compose(original, pl.members[c.name], pruned)
             build_s = time.perf_counter() - t0
             d = out / c.name / arm
@@ -160,10 +159,10 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
     summary = {"plan": pl.to_dict(), "modules": {**results.summary(), "wall_s": module_s,
                                                   "cache": {"hits": cache.hits, "misses": cache.misses,
                                                             "dir": str(cache.root)}},
-               "settings": settings.to_dict(), "rows": rows,
+               "settings": module_ft_settings(spec, module_seed), "rows": rows,
                "compute_s": {"with_composability": composed_s, "module_ft": module_s,
                              "without_composability": (sum(r["baseline"]["build_s"] + r["baseline"]["step_s"]
-                                                           for r in rows) if baseline else None)},
+                                                           for r in rows) if spec.baseline else None)},
                "protocol": {"model_ft_steps": max_steps, "checks": checks, "validation": len(data["validation"]),
                             "test": len(data["test"]), "texts_captured": len(texts)},
                "wall_s": time.perf_counter() - t_all}
@@ -173,35 +172,35 @@ def run_composable(model_spec: str, out: Path | str, configs: Sequence[Configura
 
 def run_composable_seq2seq(model_spec: str, out: Path | str, configs: Sequence[Configuration], tune: TuneSpec, *,
                            data: DataSpec = DataSpec(train="synthetic"), seed: int = 0, prefix: str = "",
-                           generation_max_length: int | None = None,
-                           settings: ModuleFTSettings = ModuleFTSettings(), module_texts: int | None = 128,
-                           module_batch: int = 8, baseline: bool = True, cache_dir: Path | str | None = None,
-                           **plan_kw: Any) -> dict:
+                           generation_max_length: int | None = None, spec: ComposeSpec = ComposeSpec(),
+                           module_seed: int = 0) -> dict:
     """The same method for an encoder-decoder (T5 translation): module-level FT captures the encoder and the
     decoder on (source, target) pairs, and model-level fine-tuning is `tuning.seq2seq.finetune_seq2seq`
     (`tune`: a full fine-tuning `TuneSpec`, on the pairs `data.train` names, with `seed`, `prefix` and
-    `generation_max_length` as there) with BLEU on the test pairs, per configuration, with and without module FT."""
+    `generation_max_length` as there) with BLEU on the test pairs, per configuration, with and without module FT;
+    `spec` and `module_seed` as in `run_composable`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model_spec, "seq2seq")
     original, tok = loaded.model, loaded.tokenizer
-    pl = plan(configs, get_adapter(original), **plan_kw)
+    pl = plan(configs, get_adapter(original), attention_units=spec.attention_units, linear_units=spec.linear_units,
+              attention_criterion=spec.attention_criterion, linear_criterion=spec.linear_criterion)
     n_samples = tune.train_samples
     pairs = split_pairs(load_pairs(data.train, seed, n=max(50, int((n_samples or 400) / 0.8) + 2)))["train"]
-    pairs = pairs[: module_texts or None]
-    batches = text_batches(tok, [prefix + p["source"] for p in pairs], tune.seqlen, module_batch,
+    pairs = pairs[: spec.module_texts or None]
+    batches = text_batches(tok, [prefix + p["source"] for p in pairs], tune.seqlen, spec.module_batch,
                            targets=[p["target"] for p in pairs])
-    cache = ModuleCache(cache_dir if cache_dir is not None else out / "module-cache")
+    cache = ModuleCache(spec.cache_dir if spec.cache_dir is not None else out / "module-cache")
     t0 = time.perf_counter()
-    results = train_units(original, batches, pl.units, settings, cache)
+    results = train_units(original, batches, pl.units, spec, cache, seed=module_seed)
     module_s = time.perf_counter() - t0
     rows = []
     for c in pl.configs:
         row: dict = {"config": c.to_dict()}
-        for arm, module_ft in [("composed", True)] + ([("baseline", False)] if baseline else []):
+        for arm, module_ft in [("composed", True)] + ([("baseline", False)] if spec.baseline else []):
             t0 = time.perf_counter()
-            res = results if module_ft else train_units(original, batches, pl.members[c.name], settings, None,
-                                                        finetune=False)
+            res = results if module_ft else train_units(original, batches, pl.members[c.name], spec, None,
+                                                        seed=module_seed, finetune=False)
             model, masks = compose(original, pl.members[c.name], res)
             build_s = time.perf_counter() - t0
             r = finetune_seq2seq(model, tok, tune, out / c.name / arm, data=data, seed=seed, prefix=prefix,
@@ -212,6 +211,7 @@ def run_composable_seq2seq(model_spec: str, out: Path | str, configs: Sequence[C
             row[arm]["start"] = {k: v for k, v in r["before"].items() if k != "examples"}
         rows.append(row)
     summary = {"plan": pl.to_dict(), "modules": {**results.summary(), "wall_s": module_s}, "rows": rows,
-               "settings": settings.to_dict(), "tune": record(tune, data, seed, prefix, generation_max_length)}
+               "settings": module_ft_settings(spec, module_seed),
+               "tune": record(tune, data, seed, prefix, generation_max_length)}
     (out / "composable.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -15,7 +15,8 @@ class ComposeSpec(Spec):
     per configuration (`tune` settings; full fine-tuning when tune.mode is full).
 
     The method's own checks (rates pair up, units and criterion exist) run before any run starts
-    (`pipelines.compose.check_compose`, the stage's declared `check`).
+    (`pipelines.compose.check_compose`, the stage's declared `check`). `run_composable` and `train_units` read
+    it directly; what the module cache's key hashes of it is `cache.module_ft_settings`.
     """
 
     attention: list[float | str] = Field(default_factory=lambda: [0.25, 0.5], description=(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
-from prunetune.methods.composable.cache import ModuleCache, ModuleFTSettings, data_hash, model_hash
+from prunetune.methods.composable.cache import ModuleCache, data_hash, model_hash
 from prunetune.methods.composable.capture import BlockCapture, first_tensor, attention_container, capture_blocks
 from prunetune.methods.composable.plan import (
     ATTENTION_UNITS,
@@ -25,6 +25,7 @@ from prunetune.methods.composable.plan import (
     registered_criterion,
     scores_linear,
 )
+from prunetune.methods.composable.spec import ComposeSpec
 from prunetune.models.arch import ArchAdapter, Block, get_adapter
 from prunetune.pruning.criteria import get_criterion
 from prunetune.pruning.granularity import unstructured_mask
@@ -65,7 +66,7 @@ def _augmented(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 
 
 def train_linear_unit(lin: nn.Linear, unit: Unit, gram: torch.Tensor, n: int,
-                      settings: ModuleFTSettings) -> tuple[dict[str, torch.Tensor], dict]:
+                      spec: ComposeSpec) -> tuple[dict[str, torch.Tensor], dict]:
     """Prune one linear and fine-tune its kept weights (and bias) to reproduce its original output (MSE)."""
     w0 = lin.weight.detach().float()
     b0 = lin.bias.detach().float() if lin.bias is not None else None
@@ -76,14 +77,14 @@ def train_linear_unit(lin: nn.Linear, unit: Unit, gram: torch.Tensor, n: int,
     param = nn.Parameter(target * full_mask)
     g = gram / max(n, 1)
     before = float(((param.detach() - target) * ((param.detach() - target) @ g)).sum() / w0.shape[0])
-    opt = torch.optim.Adam([param], lr=settings.linear_lr)
+    opt = torch.optim.Adam([param], lr=spec.linear_lr)
     curve = [before]
-    for step in range(settings.linear_steps):
+    for step in range(spec.linear_steps):
         with torch.no_grad():
             delta = param - target
             prod = delta @ g
             param.grad = (2.0 / w0.shape[0]) * prod * full_mask  # d/dŴ of tr(ΔŴ G ΔŴᵀ)/d_out, masked
-            if step % 10 == 0 or step == settings.linear_steps - 1:
+            if step % 10 == 0 or step == spec.linear_steps - 1:
                 curve.append(float((delta * prod).sum() / w0.shape[0]))
         opt.step()
         with torch.no_grad():
@@ -123,7 +124,7 @@ def _sub_mse(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> to
 
 
 def train_attention_unit(model: nn.Module, adapter: ArchAdapter, block: Block, unit: Unit,
-                         calls: list, settings: ModuleFTSettings) -> tuple[dict[str, torch.Tensor], dict]:
+                         calls: list, spec: ComposeSpec, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
     """Remove heads from q/k/v and fine-tune the kept ones so the attention sublayer's output (original o
     frozen) matches the original's on the captured inputs."""
     roles = ATTENTION_UNITS[unit.kind]
@@ -163,10 +164,10 @@ def train_attention_unit(model: nn.Module, adapter: ArchAdapter, block: Block, u
             return tot / max(cnt, 1)
 
     before = eval_mse()
-    gen = torch.Generator().manual_seed(settings.seed)
-    opt = torch.optim.Adam(params, lr=settings.attention_lr)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=spec.attention_lr)
     curve = [before]
-    for step in range(settings.attention_steps):
+    for step in range(spec.attention_steps):
         i = int(torch.randint(len(calls), (1,), generator=gen))
         a, kw, target, valid = calls[i]
         loss = _sub_mse(first_tensor(work(*a, **kw)), target, valid)
@@ -210,12 +211,13 @@ class UnitResults:
                 "units": self.stats}
 
 
-def train_units(model: nn.Module, batches: Sequence[dict], units: Sequence[Unit], settings: ModuleFTSettings,
-                cache: ModuleCache | None = None, *, finetune: bool = True,
+def train_units(model: nn.Module, batches: Sequence[dict], units: Sequence[Unit], spec: ComposeSpec,
+                cache: ModuleCache | None = None, *, seed: int = 0, finetune: bool = True,
                 progress: Callable[[str], None] | None = None) -> UnitResults:
     """Prune (and with `finetune`, fine-tune) every unit once; one activation capture per block for all its
     missing units. With `finetune=False` the units are just pruned (the baseline's starting point; no cache), an
-    activation criterion's linears from one capture of `batches`."""
+    activation criterion's linears from one capture of `batches`. `spec` gives the module-level steps and
+    learning rates (the recipe's `compose` section), `seed` the sampling and initialisation."""
     adapter = get_adapter(model)
     blocks = {b.index: b for b in adapter.blocks()}
     res = UnitResults()
@@ -226,7 +228,7 @@ def train_units(model: nn.Module, batches: Sequence[dict], units: Sequence[Unit]
     for u in units:
         if finetune and cache is not None:
             t0 = time.perf_counter()
-            key, meta = cache.key(u, m_h, d_h, settings)
+            key, meta = cache.key(u, m_h, d_h, spec, seed)
             keys[u.id] = (key, meta)
             hit = cache.get(key)
             res.timings["load_s"] += time.perf_counter() - t0
@@ -236,7 +238,7 @@ def train_units(model: nn.Module, batches: Sequence[dict], units: Sequence[Unit]
                 res.stats[u.id] = {"cached": True}
                 continue
         todo.setdefault(u.block, []).append(u)
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(seed)
     if not finetune:
         # an activation criterion (Wanda) scores from the inputs' column norms: the same capture of the original
         # model on `batches` that module-level FT makes, linears only, so both arms start from the same mask
@@ -268,11 +270,11 @@ def train_units(model: nn.Module, batches: Sequence[dict], units: Sequence[Unit]
         for u in bunits:
             t0 = time.perf_counter()
             if u.kind in ATTENTION_UNITS:
-                tensors, stats = train_attention_unit(model, adapter, block, u, cap.attention[u.kind], settings)
+                tensors, stats = train_attention_unit(model, adapter, block, u, cap.attention[u.kind], spec, seed)
             else:
                 lin = block.linears[u.kind]
                 n = int(cap.gram[u.kind][-1, -1])  # the ones column counts the tokens this input saw
-                t, stats = train_linear_unit(lin, u, cap.gram[u.kind], n, settings)
+                t, stats = train_linear_unit(lin, u, cap.gram[u.kind], n, spec)
                 tensors = {f"{u.kind}.{k}": v for k, v in t.items()}
             stats["train_s"] = time.perf_counter() - t0
             res.timings["train_s"] += stats["train_s"]
