@@ -219,7 +219,7 @@ def main() -> int:
             if r is None:
                 log(f"{name}: prune + {a.budget} steps")
                 t0 = time.perf_counter()
-                res = C.train_units(original, [], pl.members[c.name], C.ModuleFTSettings(seed=seed), None,
+                res = C.train_units(original, [], pl.members[c.name], C.ComposeSpec(), None, seed=seed,
                                     finetune=False)
                 model, masks = C.compose(original, pl.members[c.name], res)
                 prune_s = time.perf_counter() - t0
@@ -238,16 +238,17 @@ def main() -> int:
         # -- 2. composability -------------------------------------------------------------------------
         mod_path = work / f"modules{tag}.json"
         mod = _load_json(mod_path)
-        settings = C.ModuleFTSettings(linear_steps=a.linear_steps, linear_lr=a.linear_lr,
-                                      attention_steps=a.attention_steps, attention_lr=a.attention_lr,
-                                      attention_batch=a.attention_batch, seed=seed)
+        settings = C.ComposeSpec(linear_steps=a.linear_steps, linear_lr=a.linear_lr,
+                                 attention_steps=a.attention_steps, attention_lr=a.attention_lr,
+                                 module_batch=a.attention_batch)
         texts = [e["text"] for e in data["train"][: a.module_texts]]
         batches = C.text_batches(tok, texts, a.max_length, a.attention_batch)
         cache = C.ModuleCache(work / f"module-cache{tag}")  # one per seed: its first run pays the real cost
         t0 = time.perf_counter()
-        results = C.train_units(original, batches, pl.units, settings, cache, progress=log)
+        results = C.train_units(original, batches, pl.units, settings, cache, seed=seed, progress=log)
         if mod is None:  # the first run that trained them holds the real cost
-            mod = {"wall_s": time.perf_counter() - t0, **results.summary(), "settings": settings.to_dict(),
+            mod = {"wall_s": time.perf_counter() - t0, **results.summary(),
+                   "settings": C.module_ft_settings(settings, seed),
                    "texts": len(texts), "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))}
             _write_json(mod_path, mod)
         log(f"module-level FT{tag}: {mod['wall_s']:.0f}s for {len(pl.units)} units")
