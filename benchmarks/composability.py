@@ -484,9 +484,10 @@ def render_seeds(data: dict) -> str:
         + f"; mean {sm['ratio_mean']:.2f}× ± {sm['ratio_sd']:.2f} (sd), ratio of the summed clocks "
           f"{sm['ratio_of_sums']:.2f}×; ≥ 2× in {sm['seeds_at_2x']} of {len(seeds)} seeds.**",
         f"**Paired test accuracy, composed − baseline over {pd['n']} (seed, configuration) pairs on the same "
-        f"{pd['test_n']}-article test split: {pp(pd['mean'])} ± {100 * pd['sd']:.1f} pp (mean ± sd), 95% CI of the "
-        f"mean [{pp(pd['ci95'][0])}, {pp(pd['ci95'][1])}] pp ({'contains' if pd['zero_in_ci95'] else 'excludes'} 0; "
-        f"one test article = {100 / pd['test_n']:.2f} pp); every configuration reached its target: "
+        f"{pd['test_n']}-article test split: {pp(pd['mean'])} ± {100 * pd['sd']:.1f} pp (mean ± sd), "
+        + (f"95% CI of the mean [{pp(pd['ci95'][0])}, {pp(pd['ci95'][1])}] pp "
+           f"({'contains' if pd['zero_in_ci95'] else 'excludes'} 0; " if pd["n"] > 1 else "(one pair: no CI; ")
+        + f"one test article = {100 / pd['test_n']:.2f} pp); every configuration reached its target: "
         f"{'yes' if sm['all_reached'] else 'no'}.**",
     ]
     return "\n".join(lines)
