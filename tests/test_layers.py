@@ -1,11 +1,14 @@
 """The layers of DESIGN.md hold: `lint-imports` passes on the package, fails on an upward import, and no
 module imports one that imports it back (cycles are invisible to a layers contract inside one package).
 
-Every import counts, also one inside a function (pyproject.toml's [tool.importlinter] says why).
+Every import counts, also one inside a function (pyproject.toml's [tool.importlinter] says why). An import
+kept inside a function says why (CONTRIBUTING.md); the two reasons that are promises are checked here:
+`prunetune --help` loads no torch, and `prunetune prune` no training library.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -132,3 +135,34 @@ def test_no_import_cycles():
     cycles = {tuple(c) for c in _scc(_import_graph())}
     assert cycles - KNOWN_CYCLES == set(), "new import cycle(s)"
     assert KNOWN_CYCLES - cycles == set(), "a known cycle is gone: remove it from KNOWN_CYCLES"
+
+
+HEAVY = ("torch", "pydantic", "matplotlib", "transformers", "transformers.trainer", "peft", "datasets", "accelerate")
+
+
+def _loaded_after(argv: list[str], tmp_path: Path) -> set[str]:
+    """The heavy libraries in sys.modules after `prunetune ARGV` ran in a fresh interpreter."""
+    code = (f"import json, sys\nsys.argv = ['prunetune', *{argv!r}]\nfrom prunetune.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return set(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["prune", "--help"], ["finetune", "--help"]])
+def test_help_loads_no_torch(tmp_path, argv):
+    """cli/ imports what loads torch, pydantic or matplotlib inside the command that uses it (typer itself loads
+    pydantic to show one command's options)."""
+    assert _loaded_after(argv, tmp_path) - {"pydantic"} == set()
+
+
+def test_prune_loads_no_training_library(tmp_path):
+    """The stages import the fine-tuning code inside the functions that train and the methods' packages defer
+    their training side (prunetune.lazy): a prune run never loads transformers' Trainer, peft or datasets."""
+    loaded = _loaded_after(["prune", "tiny-llama", "--method", "wanda", "--sparsity", "0.5",
+                            "--out", str(tmp_path / "run")], tmp_path)
+    assert "torch" in loaded  # it did prune
+    assert loaded & {"transformers.trainer", "peft", "datasets"} == set()

@@ -9,7 +9,10 @@ import typer
 
 from prunetune.cli.app import app, quiet_libraries
 from prunetune.cli.common import console, table, write_json
+from prunetune.data.sources import load_labelled, load_text
+from prunetune.data.tasks import split_labelled, subsample
 from prunetune.errors import PrunetuneError
+from prunetune.manifest import build_manifest
 
 
 @app.command("eval")
@@ -58,11 +61,7 @@ def eval_cmd(
     import gc
     import time
 
-    # at run time, each evaluation's module only when asked for: they load torch, which --help must not; the
-    # data readers and the manifest load csv and importlib.metadata (~0.1 s that --help need not pay)
-    from prunetune.data.sources import load_labelled, load_text
-    from prunetune.data.tasks import split_labelled, subsample
-    from prunetune.manifest import build_manifest
+    # at run time, and each evaluation's module only when asked for: they load torch, which --help must not
     from prunetune.models.loading import load_model, natural_task, weights_path
 
     if not (ppl or task or pppl or speed or harness):

@@ -19,6 +19,7 @@ from prunetune.cli.common import (
     table,
     validated_command_recipe,
 )
+from prunetune.data.sources import load_text
 from prunetune.errors import PrunetuneError
 
 
@@ -101,13 +102,11 @@ def prune_cmd(
     A one-stage recipe (prune, export; evaluate before and after with --eval-ppl) run like `prunetune run`.
     """
     quiet_libraries()
-    # at run time: these load torch (config also pydantic; data.sources csv), which --help must not load
-    from prunetune.data.sources import load_text
+    # at run time: these load torch (config also pydantic), which --help must not load
+    from prunetune.config import PruneSpec
     from prunetune.models.loading import natural_task
     from prunetune.pruning.api import validate
     from prunetune.pruning.criteria import get_criterion
-
-    from prunetune.config import PruneSpec
 
     flags = {k: v for k, v in locals().items() if k in PRUNE_FLAGS}
     flags["skip"] = list(skip) if skip else None

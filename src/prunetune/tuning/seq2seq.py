@@ -32,6 +32,7 @@ from prunetune.errors import PrunetuneError, optional_import
 from prunetune.evaluation.task import bleu
 from prunetune.models.loading import load_model
 from prunetune.pruning.masks import MaskSet
+from prunetune.tuning.callbacks import CsvLogger, MaskEnforcer
 from prunetune.tuning.spec import TuneSpec
 
 SYNTHETIC_WORDS = {"one": "eins", "two": "zwei", "three": "drei", "red": "rot", "blue": "blau", "green": "gruen",
@@ -187,9 +188,6 @@ def finetune_seq2seq(model: nn.Module, tokenizer, spec: TuneSpec, out: Path | st
     model under `_model`; writes `out/metrics.json` and `out/train_log.csv`.
     """
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
-
-    # with transformers, when training: the callbacks subclass its TrainerCallback (this module loads torch only)
-    from prunetune.tuning.callbacks import CsvLogger, MaskEnforcer
 
     if spec.lora:
         raise PrunetuneError("seq2seq fine-tuning is full fine-tuning here; use --full")
