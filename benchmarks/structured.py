@@ -345,6 +345,8 @@ def main() -> None:
     ap.add_argument("--vib-init", type=float, default=-4.0, help="initial log sigma^2 of the gates")
     ap.add_argument("--vib-mu-lr", type=float, default=None, help="learning rate of the gates' mu (default --vib-lr)")
     ap.add_argument("--vib-lag-lr", type=float, default=0.5, help="learning rate of the Lagrange multipliers")
+    ap.add_argument("--vib-lag-step", default="adam", choices=["adam", "gap"],
+                    help="how the multipliers move (StructuredSpec.lagrangian_step)")
     ap.add_argument("--vib-warmup", type=float, default=0.5, help="LAGRANGIAN_WARMUP (fraction of the steps)")
     ap.add_argument("--vib-beta", type=float, default=1.0, help="sharpness of the soft keep-probability")
     ap.add_argument("--vib-loss", default="lm", choices=("lm", "kd"), help="gate objective: LM loss or KL to dense")
@@ -391,7 +393,7 @@ def main() -> None:
                                                "loadavg": os.getloadavg()})
     dense, tok = load(args.model)
     geom = geometry(dense)
-    budgets = [r.split("@")[0].partition(":")[2] for r in args.rows.split(",") if r.startswith("vib:")]
+    budgets = [m.group(1) for r in args.rows.split(",") if (m := re.match(r"^vib[\w+]*:(\d+)@", r))]  # vib+center:256@0.5
     longest = max([args.vib_steps] + [int(b) for b in budgets])
     calib = calibration_windows(tok, "wikitext2", args.calib, 256, seed=0)
     vib_calib = calibration_windows(tok, "wikitext2", longest * args.vib_batch, args.vib_seqlen, seed=0)
@@ -473,11 +475,17 @@ def main() -> None:
         method = method[: budget.start()] if budget else method
         hybrid = method.endswith("+flapneurons")  # vib+center+flapneurons@0.5: KV groups from the gates, neurons
         method = method.removesuffix("+flapneurons")  # by FLAP (StructuredSpec.vib_neuron_ranking; the same gates)
+        split = "measured" if method.endswith("+measured") else "equal"  # flap+measured@0.3: StructuredSpec.split
+        method = method.removesuffix("+measured")
+        learned = method.endswith("+learned")  # vib+center+learned@0.3: the gates' KV count (vib_widths learned)
+        method = method.removesuffix("+learned")
+        neurons_only = method.endswith("+neurons")  # flap+neurons@0.3: the whole budget from MLP neurons
+        method = method.removesuffix("+neurons")
         comp = method.endswith("+comp")  # vib+comp@0.3 = the same gates as vib@0.3, plus FLAP's bias compensation
         center = method.endswith("+center")  # vib+center@0.3 = gates on the deviation from the mean (StructuredSpec.vib_center)
         method = method.removesuffix("+comp").removesuffix("+center")
         vib_steps = int(steps) if steps else args.vib_steps
-        structs = args.structures
+        structs = "neurons" if neurons_only else args.structures
         if target.startswith("flops"):
             structs = ",".join(dict.fromkeys(args.structures.split(",") + ["hidden"]))
             sparsity = flops_sparsity()
@@ -490,13 +498,16 @@ def main() -> None:
             vib = StructuredSpec(vib_steps=vib_steps, vib_batch=args.vib_batch, vib_lr=args.vib_lr,
                                  vib_mu_lr=args.vib_mu_lr, init_log_sigma2=args.vib_init,
                                  lagrangian_warmup=args.vib_warmup, lagrangian_lr=args.vib_lag_lr, vib_loss=args.vib_loss,
-                                 vib_widths=args.vib_widths, vib_center=center,
-                                 vib_neuron_ranking="flap" if hybrid else "vib")
+                                 vib_widths="learned" if learned else args.vib_widths, vib_center=center,
+                                 vib_neuron_ranking="flap" if hybrid else "vib", split=split,  # explicit: rows keep their meaning
+                                 lagrangian_step=args.vib_lag_step)
             vib_options = {"beta": args.vib_beta, "antithetic": args.vib_antithetic, "lr_decay": args.vib_lr_decay,
                            "compensate": comp, "optimizer": args.vib_optimizer, "constraint": args.vib_constraint}
             gate_file = work / (f"gates_{structs.replace(',', '-')}_{sparsity}_{vib_steps}"
                                 + ("_center" if center else "")
-                                + ("" if args.vib_constraint == "global" else f"_{args.vib_constraint}") + ".safetensors")
+                                + ("" if args.vib_constraint == "global" else f"_{args.vib_constraint}")
+                                + ("" if args.vib_lag_step == "adam" else f"_{args.vib_lag_step}{args.vib_lag_lr:g}")
+                                + ".safetensors")
             gate_state = load_file(gate_file) if method == "vib" and gate_file.exists() else None
             gates_out: dict = {}
             t_p = time.perf_counter()

@@ -248,7 +248,7 @@ def _kept(model) -> tuple[list, list]:
 def test_flap_neuron_ranking_takes_kv_groups_from_the_gates_and_neurons_from_flap():
     base, x = tiny(), ids()
     vib = StructuredSpec(vib_steps=6, vib_batch=2, vib_center=True, vib_widths="uniform", vib_loss="kd",
-                         lagrangian_lr=10.0)
+                         lagrangian_lr=10.0, vib_neuron_ranking="vib")
     kw = dict(structures="heads,neurons", round_to=16, ids=x, shrink=False)
     gates: dict = {}
     own, _ = prune_structured(copy.deepcopy(base), "vib", 0.5, vib=vib, gates_out=gates, **kw)
@@ -433,12 +433,96 @@ def test_vib_takes_the_recipe_schema_itself_and_records_the_settings_under_their
                           vib_center=False, structures=["neurons", "heads"])
     rec = VibMethod(spec, seed=7, optimizer="nsgd").summary()["config"]
     assert rec == {"target_sparsity": 0.4, "vib_lr": spec.vib_lr, "mu_lr": None, "lagrangian_lr": spec.lagrangian_lr,
-                   "lagrangian_warmup": spec.lagrangian_warmup, "att_mul": spec.att_mul, "kl_factor": spec.kl_factor,
+                   "lagrangian_step": spec.lagrangian_step, "lagrangian_warmup": spec.lagrangian_warmup, "att_mul": spec.att_mul, "kl_factor": spec.kl_factor,
                    "beta": 1.0, "straight_through": True, "structures": ["heads", "neurons"], "round_to": 64,
                    "steps": 3, "batch_size": 5, "init_log_sigma2": spec.init_log_sigma2, "antithetic": False,
                    "optimizer": "nsgd", "widths": "learned", "compensate": False, "center": False, "lr_decay": 1.0,
-                   "constraint": "global", "neuron_ranking": "vib", "loss": "lm", "seed": 7}
+                   "constraint": "global", "neuron_ranking": "vib", "loss": "lm", "split": "equal", "seed": 7}
     vib_fields = {f for f in StructuredSpec.model_fields if f.startswith("vib_")} | {
-        "lagrangian_lr", "lagrangian_warmup", "att_mul", "kl_factor", "init_log_sigma2", "sparsity", "structures",
+        "lagrangian_lr", "lagrangian_step", "split", "lagrangian_warmup", "att_mul", "kl_factor", "init_log_sigma2", "sparsity", "structures",
         "round_to"}
     assert vib_fields == set(StructuredSpec.model_fields) - {"method", "nsamples", "seqlen"}  # all recorded above
+
+
+# ------------------------------------------------------------------------------- split between kinds
+def test_split_candidates_are_every_kv_count_at_the_same_budget():
+    from prunetune.pruning.shrink.widths import split_candidates
+
+    geom = geometry(tiny(hidden=64, inter=256, heads=8, kv=4))
+    for sparsity in (0.2, 0.3, 0.5):
+        equal = allocate_widths(geom, sparsity, ("heads", "neurons"), 16)
+        cands = split_candidates(geom, sparsity, ("heads", "neurons"), 16)
+        unit = geom.layers * geom.mlp_params(16, geom.hidden)
+        assert equal in cands and len({c.kv for c in cands}) == len(cands)
+        for c in cands:
+            assert abs(geom.block_params(c) - geom.block_params(equal)) <= unit
+            assert c.neurons % 16 == 0 and c.neurons <= geom.inter and c.hidden == geom.hidden
+        assert [c.kv for c in cands] == sorted((c.kv for c in cands), reverse=True)
+    assert max(c.kv for c in split_candidates(geom, 0.2, ("heads", "neurons"), 16)) == 4  # all KV groups kept
+    assert split_candidates(geom, 0.3, ("neurons",), 16) == [allocate_widths(geom, 0.3, ("neurons",), 16)]
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda", "vib"])
+def test_measured_split_keeps_the_candidate_with_the_lowest_calibration_loss(method):
+    from prunetune.methods.shrink import calibration_loss
+
+    model, x = tiny(hidden=64, inter=256, heads=8, kv=4), ids(8, 16)
+    spec = StructuredSpec(split="measured", vib_steps=3, vib_batch=2)
+    out, facts = prune_structured(model, method, 0.3, round_to=16, ids=x, vib=spec)
+    tried = facts["split"]["tried"]
+    assert len(tried) >= 2 and facts["split"]["rule"] == "measured"
+    best = min(tried, key=lambda t: t["loss"])
+    assert facts["split"]["chosen"] == best["widths"] == facts["widths"]
+    # the shrunk model is the candidate that was scored: same calibration loss
+    assert calibration_loss(out, x[:8]) == pytest.approx(best["loss"], rel=1e-4)
+    if method == "vib":
+        assert "kept" in facts["vib"]
+
+
+def test_measured_split_is_refused_with_learned_widths_and_with_compensation():
+    with pytest.raises(PrunetuneError, match="choose one"):
+        VibMethod(StructuredSpec(split="measured", vib_widths="learned"))
+    with pytest.raises(PrunetuneError, match="center"):
+        VibMethod(StructuredSpec(split="measured", vib_center=False), compensate=True)
+
+
+def test_gap_step_moves_the_multipliers_by_the_gap_and_never_pushes_past_the_target():
+    """lagrangian_step "gap": λ += lr·(gap, gap²)/sparsity (Adam would move λ by lr whatever the gap), λ₁ is reset
+    where it would push away from the target, and the gates' Adam has no momentum."""
+    model = tiny()
+    spec = StructuredSpec(sparsity=0.5, vib_steps=4, lagrangian_warmup=0.0, vib_batch=2, vib_center=False,
+                          lagrangian_lr=10.0, lagrangian_step="gap")
+    meth = VibMethod(spec)
+    meth.prepare(model)
+    assert all(g["betas"][0] == 0.0 for g in meth._opt.param_groups)
+    loss, logs = meth.extra_loss(model, None, None)
+    gap = logs["thresholded_sparsity"] - 0.5  # -0.5: nothing removed yet
+    loss.backward()
+    meth.after_step(model)
+    assert meth.lambdas[0].item() == pytest.approx(10.0 * gap / 0.5)  # -10 at a gap of the whole target
+    assert meth.lambdas[1].item() == pytest.approx(10.0 * gap * gap / 0.5)
+    # past the target: a negative λ₁ would keep pushing more structures out; it is reset to 0
+    with torch.no_grad():
+        for b in meth.gates.banks.values():
+            b.log_sigma2.fill_(5.0)  # every gate past the threshold: sparsity 1 > 0.5
+    loss, logs = meth.extra_loss(model, None, None)
+    assert logs["thresholded_sparsity"] == 1.0
+    loss.backward()
+    meth.after_step(model)
+    assert meth.lambdas[0].item() == 0.0 and meth.lambdas[1].item() > 0
+    half = VibMethod(StructuredSpec(sparsity=0.5, vib_steps=4, lagrangian_warmup=0.0, vib_batch=2, vib_center=False))
+    half.prepare(tiny())
+    assert all(g["betas"][0] == 0.9 for g in half._opt.param_groups)  # "adam" (the default) keeps TVA-Prune's
+
+
+def test_default_neuron_ranking_is_the_hybrid_with_centred_gates():
+    """Issue 29 item 10: the default is what measured best at 20/30/50% on SmolLM2 (the gates' KV groups, FLAP's
+    neurons: 51.72 / 73.11 / 138.67 against FLAP's 73.13 / 89.52 / 180.32 at 64 windows); without centred gates
+    (FLAP's removal) the neurons stay the gates'."""
+    assert StructuredSpec().vib_neuron_ranking == "auto" and StructuredSpec().neuron_ranking() == "flap"
+    assert StructuredSpec(vib_center=False).neuron_ranking() == "vib"
+    assert StructuredSpec(vib_neuron_ranking="vib").neuron_ranking() == "vib"
+    model, x = tiny(), ids()
+    _, facts = prune_structured(model, "vib", 0.3, round_to=8, ids=x, vib=StructuredSpec(vib_steps=2))
+    assert facts["vib"]["config"]["neuron_ranking"] == "flap"
+    VibMethod(StructuredSpec(vib_neuron_ranking="flap", vib_widths="learned"))  # any widths now

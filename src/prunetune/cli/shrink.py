@@ -23,7 +23,7 @@ from prunetune.errors import PrunetuneError
 
 SHRINK_FLAGS = {  # flag parameter -> recipe key (no defaults here: commands/shrink.yaml and StructuredSpec hold them)
     "method": "structured.method", "sparsity": "structured.sparsity", "structures": "structured.structures",
-    "round_to": "structured.round_to", "calib": "data.calib", "calib_split": "data.calib_split",
+    "round_to": "structured.round_to", "split": "structured.split", "calib": "data.calib", "calib_split": "data.calib_split",
     "nsamples": "structured.nsamples", "seqlen": "structured.seqlen", "vib_steps": "structured.vib_steps",
     "vib_batch": "structured.vib_batch", "vib_lr": "structured.vib_lr", "vib_loss": "structured.vib_loss",
     "vib_widths": "structured.vib_widths", "vib_center": "structured.vib_center",
@@ -49,6 +49,9 @@ def shrink_cmd(
         "--structures", help="comma list of heads, neurons, hidden")] = None,
     round_to: Annotated[Optional[int], typer.Option(
         "--round-to", help="kept neuron / hidden widths are multiples of this")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        "--split", help="budget between KV groups and neurons: equal (same fraction each) or measured (each KV "
+                        "count tried on calibration text, lowest loss wins)")] = None,
     calib: Annotated[Optional[str], typer.Option("--calib", help="calibration / gate-training text source")] = None,
     calib_split: Annotated[Optional[str], typer.Option(
         "--calib-split", help="default: valid for wikitext2, else train")] = None,
@@ -66,7 +69,7 @@ def shrink_cmd(
         "--vib-center/--no-vib-center", help="gates on each structure's "
                                               "deviation from its calibration mean (a removed one leaves its mean as a bias)")] = None,
     vib_neuron_ranking: Annotated[Optional[str], typer.Option(
-        "--vib-neuron-ranking", help="vib (the gates) or flap "
+        "--vib-neuron-ranking", help="auto (flap with centred gates), vib (the gates) or flap "
                                                      "(FLAP's fluctuation ranks neurons, the gates KV groups)")] = None,
     lagrangian_warmup: Annotated[Optional[float], typer.Option(
         "--lagrangian-warmup", help="fraction of steps the target ramps over")] = None,

@@ -7,13 +7,26 @@ methods; VIB holds the gates; this module only dispatches and records what was d
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prunetune.errors import PrunetuneError
 from prunetune.pruning.shrink.scores import BASELINES, baseline_scores, collect_moments
 from prunetune.pruning.shrink.surgery import apply_masks, flap_compensate, shrink_selection
-from prunetune.pruning.shrink.widths import allocate_widths, check_inputs, geometry, parse_structures, select
+from prunetune.pruning.shrink.widths import (
+    Geometry,
+    Widths,
+    allocate_widths,
+    check_inputs,
+    geometry,
+    parse_structures,
+    select,
+    split_candidates,
+)
 from prunetune.methods.vib import StructuredSpec, VibMethod, train_gates
 
 
@@ -57,8 +70,15 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
         if gates_out is not None:
             gates_out.update({k: v.detach().cpu().clone() for k, v in meth.gates.state_dict().items()})
         widths, scores = meth.widths(geom), meth.scores()
-        if spec.vib_neuron_ranking == "flap":  # the hybrid: KV groups from the gates, neurons by FLAP's fluctuation
+        if spec.neuron_ranking() == "flap":  # the hybrid: KV groups from the gates, neurons by FLAP's fluctuation
             scores["neurons"] = baseline_scores(model, "flap", stats)["neurons"]
+        if spec.split == "measured":  # the gated model in eval computes what the fold of a selection will
+            def gated(w: Widths) -> nn.Module:
+                meth.set_eval_keep(select(scores, w, geom))
+                return model
+
+            widths, facts["split"] = measured_split(geom, sparsity, structs, round_to, gated, ids, batch_size)
+            meth.clear_eval_keep()
         sel = select(scores, widths, geom)
         if meth.compensate:  # on the dense weights (before the μ fold): a removed structure's mean output
             flap_compensate(model, sel, stats)
@@ -71,9 +91,21 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
                 raise PrunetuneError(f"{method} needs calibration text to score structures")
             stats = collect_moments(model, ids, batch_size)
             facts["calibration"] = {"windows": int(ids.shape[0]), "seqlen": int(ids.shape[1])}
-        scores = baseline_scores(model, method, stats)
+        scores = {k: v for k, v in baseline_scores(model, method, stats).items() if k in structs}
         widths = allocate_widths(geom, sparsity, structs, round_to)
-        sel = select({k: v for k, v in scores.items() if k in structs}, widths, geom)
+        if spec_split(vib) == "measured":
+            def masked(w: Widths) -> nn.Module:  # a copy with the selection zeroed (and compensated, for FLAP)
+                trial = copy.deepcopy(model)
+                trial_sel = select(scores, w, geom)
+                if method == "flap":
+                    flap_compensate(trial, trial_sel, stats)
+                apply_masks(trial, trial_sel)
+                return trial
+
+            if ids is None:
+                raise PrunetuneError(f"split 'measured' tries each split on calibration text: {method} was given none")
+            widths, facts["split"] = measured_split(geom, sparsity, structs, round_to, masked, ids, batch_size)
+        sel = select(scores, widths, geom)
         if method == "flap":
             assert stats is not None
             flap_compensate(model, sel, stats)
@@ -92,3 +124,46 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
         apply_masks(model, sel)
     facts["shrunk"] = shrink
     return model, facts
+
+
+def spec_split(spec: StructuredSpec | None) -> str:
+    return spec.split if spec is not None else StructuredSpec().split
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy over the windows `ids`: what a measured split compares."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            b = ids[i:i + batch_size].to(device)
+            logits = model(input_ids=b).logits[:, :-1].float()
+            total += float(F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum"))
+            n += b[:, 1:].numel()
+    finally:
+        model.train(was)
+    return total / n
+
+
+MEASURE_WINDOWS = 8  # calibration windows a measured split scores each candidate on
+
+
+def measured_split(geom: Geometry, sparsity: float, structures: tuple[str, ...], round_to: int,
+                   pruned: Callable[[Widths], nn.Module], ids: torch.Tensor, batch_size: int = 4
+                   ) -> tuple[Widths, dict]:
+    """The split between KV groups and neurons with the lowest calibration loss: each candidate
+    (`pruning.shrink.widths.split_candidates`) is applied by `pruned` (the model as that split leaves it) and
+    scored on the first `MEASURE_WINDOWS` windows. Why measure: every structure kind keeping the same fraction
+    removes one of SmolLM2's three KV groups already at 20%, and which kind goes matters more than which
+    structures inside a kind (BENCHMARKS.md, structured pruning: the split between kinds)."""
+    tried = []
+    for w in split_candidates(geom, sparsity, structures, round_to):
+        loss = calibration_loss(pruned(w), ids[:MEASURE_WINDOWS], batch_size)
+        tried.append({"widths": w.to_dict(), "loss": loss,
+                      "block_sparsity": 1 - geom.block_params(w) / geom.block_params(geom.dense())})
+    best = min(tried, key=lambda t: t["loss"])
+    return Widths(**best["widths"]), {"rule": "measured", "windows": min(MEASURE_WINDOWS, int(ids.shape[0])),
+                                      "tried": tried, "chosen": best["widths"]}

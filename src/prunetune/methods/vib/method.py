@@ -104,9 +104,15 @@ def check_options(spec: StructuredSpec, *, optimizer: str, constraint: str, lr_d
     if constraint == "per_layer" and spec.vib_widths != "uniform":
         raise PrunetuneError("vib constraint 'per_layer' drives every layer to the uniform widths: it needs "
                              "widths 'uniform' (learned widths come from the global constraint)")
-    if spec.vib_neuron_ranking == "flap" and not (spec.vib_center and spec.vib_widths == "uniform"):
-        raise PrunetuneError("vib neuron_ranking 'flap' ranks neurons by FLAP's fluctuation at the uniform widths, "
-                             "with removed neurons left at their means: it needs center and widths 'uniform'")
+    if spec.vib_neuron_ranking == "flap" and not spec.vib_center:
+        raise PrunetuneError("vib neuron_ranking 'flap' ranks neurons by FLAP's fluctuation, with removed neurons "
+                             "left at their means: it needs center")
+    if spec.split == "measured" and spec.vib_widths == "learned":
+        raise PrunetuneError("split 'measured' tries every KV-group count; widths 'learned' takes it from the gates: "
+                             "choose one")
+    if spec.split == "measured" and compensate:
+        raise PrunetuneError("split 'measured' scores each split with the gates in eval, which do not apply FLAP's "
+                             "compensation: use center (the default) instead of compensate")
     if spec.vib_center and compensate:
         raise PrunetuneError("vib center already leaves a removed structure at its mean (its own compensation): "
                              "use center or compensate, not both")
@@ -152,6 +158,7 @@ class VibMethod(Method):
         self._lag_opt: torch.optim.Optimizer | None = None
         self.means: dict[str, torch.Tensor] | None = None  # center: o_proj / down_proj input means [layers, n]
         self._layer_targets: dict[str, tuple[float, torch.Tensor]] | None = None  # constraint "per_layer"
+        self._gaps = torch.zeros(1)  # the last step's constraint gaps (lagrangian_step "gap")
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
@@ -178,7 +185,9 @@ class VibMethod(Method):
         banks = list(self.gates.banks.values())
         groups = [{"params": [b.log_sigma2 for b in banks], "lr": self.spec.vib_lr},
                   {"params": [b.mu for b in banks], "lr": mu_lr}]
-        self._opt = (torch.optim.Adam(groups) if self.optimizer == "adam" else torch.optim.SGD(groups))
+        # lagrangian_step "gap": no momentum on the gates either, so they stop crossing when the push reverses
+        betas = (0.0, 0.999) if self.spec.lagrangian_step == "gap" else (0.9, 0.999)
+        self._opt = (torch.optim.Adam(groups, betas=betas) if self.optimizer == "adam" else torch.optim.SGD(groups))
         for b in banks:
             b.antithetic = self.antithetic
         self._lag_opt = torch.optim.Adam([self.lambdas], lr=self.spec.lagrangian_lr)
@@ -273,7 +282,7 @@ class VibMethod(Method):
         (thresholded value, expected gradient) − its uniform target, ramped like the global one."""
         assert self.gates is not None and self._layer_targets is not None
         soft, hard = self.gates.soft(self.beta), self.gates.hard()
-        lag, i = self.lambdas.new_zeros(()), 0
+        lag, i, gaps = self.lambdas.new_zeros(()), 0, []
         for kind, (target, weight) in self._layer_targets.items():
             expected = 1.0 - soft[kind].mean(-1).reshape(-1)
             thresholded = 1.0 - hard[kind].mean(-1).reshape(-1)
@@ -282,6 +291,8 @@ class VibMethod(Method):
             lam = self.lambdas[i:i + gap.numel()]
             lag = lag + (weight.to(gap.device) * (lam[:, 0] * gap + lam[:, 1] * gap * gap)).sum()
             i += gap.numel()
+            gaps.append(gap.detach())
+        self._gaps = torch.cat(gaps)
         return lag
 
     def lr_scale(self, step: int) -> float:
@@ -306,6 +317,7 @@ class VibMethod(Method):
         if self._layer_targets is None:
             gap = s - t
             lag = self.lambdas[0] * gap + self.lambdas[1] * gap * gap
+            self._gaps = gap.detach().reshape(1)
         else:
             lag = self._per_layer_lagrangian(step)
         lam = self.lambdas.detach().reshape(-1, 2).mean(0)  # per-layer: the mean multiplier
@@ -327,10 +339,29 @@ class VibMethod(Method):
         for group, lr in zip(self._opt.param_groups, self._base_lrs):
             group["lr"] = lr * scale
         self._opt.step()
-        self._lag_opt.step()
+        if self.spec.lagrangian_step == "adam":
+            self._lag_opt.step()
+        else:
+            self._gap_step()
         self._opt.zero_grad(set_to_none=True)
         self._lag_opt.zero_grad(set_to_none=True)
         self.step += 1
+
+    @torch.no_grad()
+    def _gap_step(self) -> None:
+        """lagrangian_step "gap": plain ascent, λ += lr·∂L/∂λ / sparsity, so a multiplier moves by lr at a gap of
+        the whole target and less as the kept count closes in (Adam moves it by lr whatever the gap: at 3x and 4x
+        the 16-step budget the multipliers built up while the gates lagged and overshot, 46-72% of block
+        parameters past the threshold for a 30-50% target). Anti-windup: λ₁ never pushes away from the target;
+        it is set to 0 where its sign and the gap's disagree (the gates already past it come back under λ₂'s
+        quadratic term alone, whose force is proportional to the gap). The gates' Adam runs without momentum in
+        this mode (β₁ = 0): with it, gates kept crossing for several steps after the push reversed."""
+        grad = self.lambdas.grad
+        if grad is None:
+            return
+        self.lambdas.sub_(grad, alpha=self.spec.lagrangian_lr / max(self.spec.sparsity, 1e-3))  # grad is negated
+        lam1 = self.lambdas.view(-1, 2)[:, 0]
+        lam1[lam1 * self._gaps.to(lam1.device) < 0] = 0.0
 
     def finalize(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
         geom = geometry(model)
@@ -357,13 +388,14 @@ class VibMethod(Method):
         them: `target_sparsity`, `steps`, `batch_size`, ...), so old and new results compare key by key."""
         sp = self.spec
         return {"target_sparsity": sp.sparsity, "vib_lr": sp.vib_lr, "mu_lr": sp.vib_mu_lr,
-                "lagrangian_lr": sp.lagrangian_lr, "lagrangian_warmup": sp.lagrangian_warmup, "att_mul": sp.att_mul,
+                "lagrangian_lr": sp.lagrangian_lr, "lagrangian_step": sp.lagrangian_step,
+                "lagrangian_warmup": sp.lagrangian_warmup, "att_mul": sp.att_mul,
                 "kl_factor": sp.kl_factor, "beta": self.beta, "straight_through": self.straight_through,
                 "structures": list(self.structures), "round_to": sp.round_to, "steps": sp.vib_steps,
                 "batch_size": sp.vib_batch, "init_log_sigma2": sp.init_log_sigma2, "antithetic": self.antithetic,
                 "optimizer": self.optimizer, "widths": sp.vib_widths, "compensate": self.compensate,
                 "center": sp.vib_center, "lr_decay": self.lr_decay, "constraint": self.constraint,
-                "neuron_ranking": sp.vib_neuron_ranking, "loss": sp.vib_loss, "seed": self.seed}
+                "neuron_ranking": sp.neuron_ranking(), "loss": sp.vib_loss, "split": sp.split, "seed": self.seed}
 
     def to_dict(self) -> dict:
         return {"name": self.name, **self.record()}
@@ -457,3 +489,9 @@ class VibMethod(Method):
                 keep = torch.zeros(idx.shape[:-1] + (n,), dtype=torch.bool)
                 keep.scatter_(-1, idx, True)
                 self.gates.banks[kind].keep_override = keep.to(self.gates.banks[kind].mu.device)
+
+    def clear_eval_keep(self) -> None:
+        """Back to the gates' own thresholded keep set (after a measured split tried its selections)."""
+        assert self.gates is not None
+        for bank in self.gates.banks.values():
+            bank.keep_override = None

@@ -181,6 +181,25 @@ def allocate_widths(geom: Geometry, sparsity: float, structures: tuple[str, ...]
     return Widths(kv, fit_neurons(geom, target, kv, hidden, round_to), hidden)
 
 
+def split_candidates(geom: Geometry, sparsity: float, structures: tuple[str, ...], round_to: int = 64
+                     ) -> list[Widths]:
+    """The splits between kinds that a measured choice tries: every whole KV-group count, from all kept (the
+    whole budget from MLP neurons) down to one, the neurons absorbing the rest and the hidden width as the equal
+    split has it. Only counts that reach the equal split's parameter count within one rounding unit of neurons
+    in every layer are candidates (a count whose neurons would have to exceed the MLP width, or fall below one
+    rounding unit, cannot). Without both heads and neurons there is no split to choose: the equal one."""
+    equal = allocate_widths(geom, sparsity, structures, round_to)
+    if not ("heads" in structures and "neurons" in structures):
+        return [equal]
+    tol = geom.layers * geom.mlp_params(round_to, equal.hidden)
+    out = []
+    for kv in range(geom.kv_heads, 0, -1):
+        w = allocate_widths(geom, sparsity, structures, round_to, hint=Widths(kv, geom.inter, equal.hidden))
+        if w.kv == kv and abs(geom.block_params(w) - geom.block_params(equal)) <= tol:
+            out.append(w)
+    return out or [equal]
+
+
 def _heads_and_hidden(geom: Geometry, kv_f: float, hid_f: float, structures: tuple[str, ...],
                       round_to: int) -> tuple[int, int]:
     """Whole KV groups nearest `kv_f` and a hidden width nearest `hid_f` that stock transformers accepts.
