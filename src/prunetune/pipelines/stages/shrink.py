@@ -23,7 +23,7 @@ def run_structured(state, out_dir: Path) -> dict:
     spec = state.spec
     loaded = state.load()
     rec = state.recipe
-    needs = spec.method in ("vib", "wanda", "flap")
+    needs = spec.method in ("vib", "wanda", "flap") or spec.split == "measured"  # each split is scored on it
     ids = None
     if needs:
         src = load_text(rec.data.calib, rec.data.calib_split, data_dir=rec.data.data_dir)
