@@ -29,6 +29,7 @@ SHRINK_FLAGS = {  # flag parameter -> recipe key (no defaults here: commands/shr
     "vib_widths": "structured.vib_widths", "vib_center": "structured.vib_center",
     "vib_neuron_ranking": "structured.vib_neuron_ranking",
     "lagrangian_warmup": "structured.lagrangian_warmup", "lagrangian_lr": "structured.lagrangian_lr",
+    "lagrangian_step": "structured.lagrangian_step",
     "att_mul": "structured.att_mul",
     "max_windows": "eval.max_windows", "seed": "seed", "data_dir": "data.data_dir",
 }
@@ -75,6 +76,8 @@ def shrink_cmd(
         "--lagrangian-warmup", help="fraction of steps the target ramps over")] = None,
     lagrangian_lr: Annotated[Optional[float], typer.Option(
         "--lagrangian-lr", help="learning rate of the Lagrange multipliers")] = None,
+    lagrangian_step: Annotated[Optional[str], typer.Option(
+        "--lagrangian-step", help="adam (fixed step) or gap (step x gap, no push past the target)")] = None,
     att_mul: Annotated[Optional[float], typer.Option(
         "--att-mul", help="weight of attention parameters in the sparsity count")] = None,
     eval_ppl: Annotated[bool, typer.Option(
