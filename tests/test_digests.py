@@ -252,10 +252,18 @@ def recorded(tmp_path_factory):
     yield old, new
     if UPDATE:
         FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        merged = {"machine": new["machine"], "cases": {**old["cases"], **new["cases"]}}
-        merged["cases"] = dict(sorted(merged["cases"].items()))
-        lines = ",\n".join(f" {json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in merged["cases"].items())
-        FIXTURE.write_text(f'{{"machine": {json.dumps(merged["machine"])}, "case_machines": {{}}, "cases": {{\n{lines}\n}}}}\n')
+        cases = dict(sorted({**old["cases"], **new["cases"]}.items()))
+        if set(new["cases"]) >= set(old["cases"]):  # every case recorded here: the fixture is this machine's
+            machine, per_case = new["machine"], {}
+        else:  # some cases re-recorded: they name this machine, the rest keep the fixture's
+            machine, per_case = old["machine"] or new["machine"], dict(old.get("case_machines", {}))
+            for name in new["cases"]:
+                per_case.pop(name, None)
+                if new["machine"] != machine:
+                    per_case[name] = new["machine"]
+        lines = ",\n".join(f" {json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in cases.items())
+        FIXTURE.write_text(f'{{"machine": {json.dumps(machine)}, "case_machines": '
+                           f'{json.dumps(dict(sorted(per_case.items())))}, "cases": {{\n{lines}\n}}}}\n')
 
 
 def _close(a, b, where: str) -> list[str]:

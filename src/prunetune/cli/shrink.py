@@ -23,7 +23,8 @@ from prunetune.errors import PrunetuneError
 
 SHRINK_FLAGS = {  # flag parameter -> recipe key (no defaults here: commands/shrink.yaml and StructuredSpec hold them)
     "method": "structured.method", "sparsity": "structured.sparsity", "structures": "structured.structures",
-    "round_to": "structured.round_to", "split": "structured.split", "calib": "data.calib", "calib_split": "data.calib_split",
+    "round_to": "structured.round_to", "split": "structured.split", "calib": "data.calib",
+    "calib_split": "data.calib_split",
     "nsamples": "structured.nsamples", "seqlen": "structured.seqlen", "vib_steps": "structured.vib_steps",
     "vib_batch": "structured.vib_batch", "vib_lr": "structured.vib_lr", "vib_loss": "structured.vib_loss",
     "vib_widths": "structured.vib_widths", "vib_center": "structured.vib_center",

@@ -11,10 +11,10 @@ import copy
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prunetune.errors import PrunetuneError
+from prunetune.evaluation.perplexity import causal_lm_loss
 from prunetune.pruning.shrink.scores import BASELINES, baseline_scores, collect_moments
 from prunetune.pruning.shrink.surgery import apply_masks, flap_compensate, shrink_selection
 from prunetune.pruning.shrink.widths import (
@@ -51,11 +51,11 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
     geom = geometry(model)
     check_inputs(geom, sparsity, structs, round_to)
     facts: dict = {"method": method, "sparsity_target": sparsity, "structures": list(structs), "round_to": round_to}
+    spec = (vib if vib is not None else StructuredSpec()).model_copy(
+        update={"sparsity": sparsity, "structures": list(structs), "round_to": round_to})
     if method == "vib":
         if ids is None:
             raise PrunetuneError("vib needs calibration text (token windows) to train its gates")
-        spec = (vib if vib is not None else StructuredSpec()).model_copy(
-            update={"sparsity": sparsity, "structures": list(structs), "round_to": round_to})
         meth = VibMethod(spec, **(vib_options or {}))
         # FLAP's compensation and centred gates need the dense model's input means: one pass before the gates go in
         stats = collect_moments(model, ids[:8], batch_size) if meth.compensate or spec.vib_center else None
@@ -93,7 +93,7 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
             facts["calibration"] = {"windows": int(ids.shape[0]), "seqlen": int(ids.shape[1])}
         scores = {k: v for k, v in baseline_scores(model, method, stats).items() if k in structs}
         widths = allocate_widths(geom, sparsity, structs, round_to)
-        if spec_split(vib) == "measured":
+        if spec.split == "measured":
             def masked(w: Widths) -> nn.Module:  # a copy with the selection zeroed (and compensated, for FLAP)
                 trial = copy.deepcopy(model)
                 trial_sel = select(scores, w, geom)
@@ -126,10 +126,6 @@ def prune_structured(model: nn.Module, method: str, sparsity: float, *, structur
     return model, facts
 
 
-def spec_split(spec: StructuredSpec | None) -> str:
-    return spec.split if spec is not None else StructuredSpec().split
-
-
 @torch.no_grad()
 def calibration_loss(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token cross-entropy over the windows `ids`: what a measured split compares."""
@@ -139,10 +135,8 @@ def calibration_loss(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -
     total, n = 0.0, 0
     try:
         for i in range(0, ids.shape[0], batch_size):
-            b = ids[i:i + batch_size].to(device)
-            logits = model(input_ids=b).logits[:, :-1].float()
-            total += float(F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum"))
-            n += b[:, 1:].numel()
+            nll, count = causal_lm_loss(model, ids[i:i + batch_size].to(device), reduction="sum")
+            total, n = total + float(nll), n + count
     finally:
         model.train(was)
     return total / n
