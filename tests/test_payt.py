@@ -105,7 +105,7 @@ def test_payt_epoch_aligned_events_fall_on_epoch_boundaries(tmp_path):
     assert [e["step"] for e in r["pruning_events"]] == [4, 8]
     assert [e["target"] for e in r["pruning_events"]] == pytest.approx([0.25, 0.5])
     assert r["pruning_events"][-1]["real_sparsity"] == pytest.approx(0.5, abs=1e-12)
-    unaligned = PaytSpec(sparsity=0.5, schedule="linear", start=0.5, every=1, unit="epoch").as_schedule()
+    unaligned = PaytSpec(sparsity=0.5, schedule="linear", start=0.5, every=1, unit="epoch")
     assert [e.step for e in unaligned.plan(12, 4)] == [6, 10]
 
 

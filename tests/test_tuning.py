@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from prunetune.data.spec import DataSpec
 from prunetune.errors import PrunetuneError
@@ -18,8 +19,12 @@ from prunetune.tuning.spec import TuneSpec
 
 
 # ------------------------------------------------------------------------------------------------ schedules
+def steps_of(total: int, per_epoch: int, **kw) -> list[int]:
+    return [e.step for e in Schedule(**kw).plan(total, per_epoch)]
+
+
 def test_linear_schedule_values_with_delay_and_every_n_epochs():
-    s = Schedule("linear", target=0.6, start=0.25, every=2, unit="epoch")
+    s = Schedule(schedule="linear", sparsity=0.6, start=0.25, every=2, unit="epoch")
     # 8 epochs x 10 steps: first event at step 20, then every 2 epochs = 20 steps: 20, 40, 60
     plan = s.plan(total_steps=80, steps_per_epoch=10)
     assert [e.step for e in plan] == [20, 40, 60]
@@ -32,7 +37,7 @@ def test_linear_schedule_values_with_delay_and_every_n_epochs():
 
 
 def test_agp_cubic_schedule_values_every_n_steps():
-    s = Schedule("agp", target=0.5, start=0.0, every=5, unit="step")
+    s = Schedule(schedule="agp", sparsity=0.5, start=0.0, every=5, unit="step")
     plan = s.plan(total_steps=20, steps_per_epoch=7)
     assert [e.step for e in plan] == [0, 5, 10, 15]
     n = 4
@@ -48,26 +53,28 @@ def test_schedule_hits_target_exactly_where_float_arithmetic_would_not():
     for target in (0.7, 0.3, 0.9, 0.1 + 0.2):
         for kind in ("linear", "agp", "oneshot"):
             for total in (1, 3, 7, 10, 33):
-                plan = Schedule(kind, target, start=0.1, every=1, unit="step").plan(total, 3)
+                plan = Schedule(schedule=kind, sparsity=target, start=0.1, every=1, unit="step").plan(total, 3)
                 assert plan[-1].sparsity == target
                 assert all(0.0 <= e.sparsity <= target for e in plan)
                 assert all(e.step < total for e in plan)
 
 
 def test_agp_with_end_reaches_target_early_then_recovers():
-    s = Schedule("agp", target=0.5, start=0.1, every=10, unit="step", end=0.5)
+    s = Schedule(schedule="agp", sparsity=0.5, start=0.1, every=10, unit="step", end=0.5)
     plan = s.plan(total_steps=100, steps_per_epoch=10)
     assert [e.step for e in plan] == [10, 20, 30, 40, 50]  # nothing after end * total
     assert [e.sparsity for e in plan] == pytest.approx([0.5 * (1 - (1 - k / 5) ** 3) for k in range(1, 6)])
     assert plan[-1].sparsity == 0.5 and s.sparsity_at(99, 100, 10) == 0.5
     # end = 1 is the default: the same events as before the option existed
-    assert [e.step for e in Schedule("agp", 0.5, 0.1, 10, "step", 1.0).plan(100, 10)] == list(range(10, 100, 10))
+    every_10 = steps_of(100, 10, schedule="agp", sparsity=0.5, start=0.1, every=10, unit="step", end=1.0)
+    assert every_10 == list(range(10, 100, 10))
     # an end too close to the start still yields the one (exact) event at the start
-    assert [(e.step, e.sparsity) for e in Schedule("linear", 0.4, 0.3, 5, "step", 0.31).plan(10, 5)] == [(3, 0.4)]
+    late = Schedule(schedule="linear", sparsity=0.4, start=0.3, every=5, unit="step", end=0.31).plan(10, 5)
+    assert [(e.step, e.sparsity) for e in late] == [(3, 0.4)]
 
 
 def test_oneshot_schedule_is_one_event_at_the_delay():
-    plan = Schedule("oneshot", 0.5, start=0.5, unit="epoch").plan(total_steps=10, steps_per_epoch=5)
+    plan = Schedule(schedule="oneshot", sparsity=0.5, start=0.5, unit="epoch").plan(total_steps=10, steps_per_epoch=5)
     assert [(e.step, e.sparsity) for e in plan] == [(5, 0.5)]
 
 
@@ -75,29 +82,31 @@ def test_epoch_aligned_start_prunes_on_epoch_boundaries():
     """PAYT's own code rounds the start down to an epoch (floor(start x epochs)) and prunes at epoch boundaries:
     `align: epoch`. The default (`step`) starts at floor(start x total steps), mid-epoch."""
     # 5 epochs x 10 steps, start 0.3: floor(15) = step 15 (mid epoch 2) -> epoch 1's first step, 10
-    aligned = Schedule("linear", 0.5, start=0.3, every=1, unit="epoch", align="epoch").plan(50, 10)
+    aligned = Schedule(schedule="linear", sparsity=0.5, start=0.3, every=1, unit="epoch", align="epoch").plan(50, 10)
     assert [e.step for e in aligned] == [10, 20, 30, 40]
     assert all(e.step % 10 == 0 for e in aligned)
     assert [e.sparsity for e in aligned] == pytest.approx([0.125, 0.25, 0.375, 0.5])
-    plain = Schedule("linear", 0.5, start=0.3, every=1, unit="epoch").plan(50, 10)
+    plain = Schedule(schedule="linear", sparsity=0.5, start=0.3, every=1, unit="epoch").plan(50, 10)
     assert [e.step for e in plain] == [15, 25, 35, 45]
     # 4 epochs of 7 steps (28), start 0.6: floor(16.8) = 16 -> epoch 2 starts at step 14; every 2 epochs
-    assert [e.step for e in Schedule("agp", 0.5, 0.6, 2, "epoch", align="epoch").plan(28, 7)] == [14]
-    assert [e.step for e in Schedule("agp", 0.5, 0.4, 1, "epoch", align="epoch").plan(28, 7)] == [7, 14, 21]
+    assert steps_of(28, 7, schedule="agp", sparsity=0.5, start=0.6, every=2, unit="epoch", align="epoch") == [14]
+    assert steps_of(28, 7, schedule="agp", sparsity=0.5, start=0.4, every=1, unit="epoch", align="epoch") == [7, 14, 21]
     # start 0: both are step 0 (the payt-paper preset's start), so aligning changes nothing there
-    assert [e.step for e in Schedule("linear", 0.5, 0.0, 1, "epoch", align="epoch").plan(28, 7)] == [0, 7, 14, 21]
+    from_0 = steps_of(28, 7, schedule="linear", sparsity=0.5, start=0.0, every=1, unit="epoch", align="epoch")
+    assert from_0 == [0, 7, 14, 21]
     # a oneshot at start 0.5 of 3 epochs x 4 steps: floor(6) = 6 -> epoch 1 -> step 4
-    assert [e.step for e in Schedule("oneshot", 0.5, 0.5, align="epoch").plan(12, 4)] == [4]
+    assert steps_of(12, 4, schedule="oneshot", sparsity=0.5, start=0.5, align="epoch") == [4]
 
 
 @pytest.mark.parametrize("kw,msg", [
-    ({"align": "batch"}, "unknown schedule alignment"),
-    ({"target": 1.0}, "target sparsity"), ({"target": -0.1}, "target sparsity"), ({"start": 1.0}, "start"),
-    ({"kind": "cosine"}, "unknown pruning schedule"), ({"every": 0}, "N >= 1"),
-    ({"start": 0.5, "end": 0.5}, "pruning end"), ({"end": 1.5}, "pruning end"),
+    ({"align": "batch"}, "align"), ({"unit": "batch"}, "unit"),
+    ({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"), ({"start": 1.0}, "start"),
+    ({"schedule": "cosine"}, "schedule"), ({"every": 0}, "every"),
+    ({"start": 0.5, "end": 0.5}, "must be after start"), ({"end": 1.5}, "end"), ({"kind": "agp"}, "kind"),
 ])
 def test_schedule_rejects_bad_values(kw, msg):
-    with pytest.raises(PrunetuneError, match=msg):
+    """One schema with the recipe's keys: a bad value or an unknown key is a validation error naming the key."""
+    with pytest.raises(ValidationError, match=msg):
         Schedule(**kw)
 
 

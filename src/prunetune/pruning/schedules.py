@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from prunetune.errors import PrunetuneError
-
-SCHEDULES = ("oneshot", "linear", "agp")
-UNITS = ("epoch", "step")
-ALIGNS = ("step", "epoch")
+from prunetune.schema import Spec
 
 
 @dataclass(frozen=True)
@@ -37,44 +37,36 @@ class PruningEvent:
     of: int  # number of events
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """Validated schedule settings; `plan` turns them into events once the step count is known."""
+class Schedule(Spec):
+    """When pruning happens and how much: the schedule keys of a recipe section, one schema for every method that
+    prunes while it trains (PAYT's `payt` section derives from it and adds its criterion). `plan` turns the
+    settings into events once the step count is known."""
 
-    kind: str = "agp"
-    target: float = 0.5
-    start: float = 0.0  # fraction of training before the first pruning event
-    every: int = 1  # distance between events, in `unit`s
-    unit: str = "epoch"
-    end: float = 1.0  # fraction of training by which the last event has happened (1.0: the last that fits)
-    align: str = "step"  # epoch: the first event at the start of the epoch holding floor(start * total_steps)
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="the sparsity the last event asks for, exactly")
+    schedule: Literal["agp", "linear", "oneshot"] = "agp"
+    start: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of training before the first pruning event")
+    end: float = Field(1.0, gt=0.0, le=1.0, description="fraction of training by which the last event has "
+                       "happened (1.0: the last that fits); with end < 1 the rest of training recovers")
+    every: int = Field(1, ge=1, description="distance between events, in units")
+    unit: Literal["epoch", "step"] = "epoch"
+    align: Literal["step", "epoch"] = Field(
+        "step", description="step: the first event at floor(start x total steps); epoch: rounded down to the start "
+        "of its epoch (floor(start x epochs)), as PAYT's own code does, so with unit epoch every event is on an "
+        "epoch boundary")
 
-    def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise PrunetuneError(f"unknown pruning schedule '{self.kind}'; choose one of: {', '.join(SCHEDULES)}")
-        if not (0.0 <= float(self.target) < 1.0) or math.isnan(float(self.target)):
-            raise PrunetuneError(f"target sparsity must be in [0, 1), got {self.target}")
-        if not (0.0 <= float(self.start) < 1.0) or math.isnan(float(self.start)):
-            raise PrunetuneError(f"pruning start must be a fraction of training in [0, 1), got {self.start}")
-        if not (float(self.start) < float(self.end) <= 1.0) or math.isnan(float(self.end)):
-            raise PrunetuneError(f"pruning end must be a fraction of training in (start, 1], got {self.end} "
-                                 f"(start {self.start})")
-        if int(self.every) < 1:
-            raise PrunetuneError(f"prune every N {self.unit}s needs N >= 1, got {self.every}")
-        if self.unit not in UNITS:
-            raise PrunetuneError(f"unknown schedule unit '{self.unit}'; choose epoch or step")
-        if self.align not in ALIGNS:
-            raise PrunetuneError(f"unknown schedule alignment '{self.align}'; choose step or epoch")
+    @model_validator(mode="after")
+    def _end_after_start(self) -> Schedule:
+        if self.end <= self.start:  # checked at load, not after the stages before the pruning one have run
+            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
+        return self
 
     def fraction(self, k: int, n: int) -> float:
         """Sparsity of event k of n; exactly the target at k == n."""
-        if k >= n:
-            return float(self.target)
-        if self.kind == "oneshot":
-            return float(self.target)
+        if k >= n or self.schedule == "oneshot":
+            return float(self.sparsity)
         r = k / n
-        value = self.target * (r if self.kind == "linear" else 1.0 - (1.0 - r) ** 3)
-        return min(float(self.target), max(0.0, value))
+        value = self.sparsity * (r if self.schedule == "linear" else 1.0 - (1.0 - r) ** 3)
+        return min(float(self.sparsity), max(0.0, value))
 
     def steps(self, total_steps: int, steps_per_epoch: int) -> list[int]:
         """Steps of the pruning events: first at start * total (rounded down to its epoch's first step with
@@ -85,7 +77,7 @@ class Schedule:
         if self.align == "epoch":
             spe = max(1, int(steps_per_epoch))
             first = (first // spe) * spe
-        if self.kind == "oneshot":
+        if self.schedule == "oneshot":
             return [first]
         gap = int(self.every) * (max(1, int(steps_per_epoch)) if self.unit == "epoch" else 1)
         limit = total_steps if self.end >= 1.0 else min(total_steps, int(math.floor(self.end * total_steps + 1e-9)) + 1)

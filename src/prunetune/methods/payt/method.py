@@ -121,7 +121,7 @@ class PaytCallback(TrainerCallback):
     def __init__(self, spec: PaytSpec, masks: MaskSet, model_ref: dict, tokenizer: Any = None,
                  calib_text: str | None = None) -> None:
         self.spec = spec
-        self.schedule = spec.as_schedule()
+        self.schedule = spec  # a PaytSpec is its own pruning schedule
         self.masks = masks
         self.model_ref = model_ref
         self.tokenizer = tokenizer

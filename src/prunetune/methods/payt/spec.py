@@ -6,27 +6,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from prunetune.pruning.api import registered_name
 from prunetune.pruning.schedules import Schedule
 from prunetune.schema import Spec
 
 
-class PaytSpec(Spec):
+class PaytSpec(Schedule):
     """Prune-As-You-Tune settings: the recipe's `payt` section and the one schema `prunetune.methods.payt` takes
-    (library callers build it too: `PaytSpec(sparsity=0.5, schedule="linear")`)."""
+    (library callers build it too: `PaytSpec(sparsity=0.5, schedule="linear")`). The schedule keys are
+    `pruning.schedules.Schedule`'s own (a PaytSpec is the schedule its callback plans); PAYT starts later by
+    default (a fifth of training first adapts the dense model) and adds what it prunes by."""
 
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    schedule: Literal["agp", "linear", "oneshot"] = "agp"
-    start: float = Field(0.2, ge=0.0, lt=1.0)
-    end: float = Field(1.0, gt=0.0, le=1.0)
-    every: int = Field(1, ge=1)
-    unit: Literal["epoch", "step"] = "epoch"
-    align: Literal["step", "epoch"] = Field(
-        "step", description="step: the first event at floor(start x total steps); epoch: rounded down to the start "
-        "of its epoch (floor(start x epochs)), as PAYT's own code does, so with unit epoch every event is on an "
-        "epoch boundary")
+    start: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of training before the first pruning event")
     criterion: str = Field("l1-global", description="a registered pruning criterion: l1-global | l2-cols | wanda "
                            "| magnitude (= l1-global here) | sparsegpt; the seed's L1Unstructured / LnStructured too")
     nsamples: int = Field(16, ge=1, description="calibration windows of the training text (wanda criterion)")
@@ -39,16 +32,6 @@ class PaytSpec(Spec):
         if not isinstance(v, str):
             return v
         return registered_name(v, "payt")
-
-    @model_validator(mode="after")
-    def _end_after_start(self) -> PaytSpec:
-        if self.end <= self.start:  # checked at load, not after the stages before PAYT have run
-            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
-        return self
-
-    def as_schedule(self):
-        """The pruning schedule these settings describe (`pruning.schedules.Schedule`)."""
-        return Schedule(self.schedule, self.sparsity, self.start, self.every, self.unit, self.end, self.align)
 
     def to_dict(self) -> dict:
         return self.model_dump()
