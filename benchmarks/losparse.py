@@ -38,17 +38,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT_SEED = 0
-# budget -> rank ratio (the rest of the budget is kept S)
-RANK_SPLIT = {0.20: 0.10, 0.15: 0.075, 0.10: 0.05}
+# the budgets (fraction of the linear parameters kept); --rank-share of each goes to U·V, the rest to kept S
+# (0.5 is the first table's even split; the method's GLUE script spends a quarter: rank 5% + S 15% at 20%)
+BUDGETS = (0.20, 0.15, 0.10)
 DENSE = "dense full FT"
 LOSPARSE_VARIANTS = ("LoSparse", "LoSparse-structured", "LoSparse+KD")
-BASELINES = ("PAYT", "Wanda->LoRA")
+# one-shot pruning then LoRA, by criterion: Wanda, and ADMM (the pruner that beat SparseGPT in this repo)
+ONESHOT_CRITERIA = {"Wanda->LoRA": "wanda", "ADMM->LoRA": "admm"}
+BASELINES = ("PAYT", *ONESHOT_CRITERIA)
 METHODS = (*LOSPARSE_VARIANTS, *BASELINES)
 DEFAULT_METHODS = ["LoSparse", "LoSparse+KD@0.15,0.10", "PAYT", "Wanda->LoRA"]
 # the options a MiniLM row's result depends on: a row run with other values is refused on resume
 MINILM_SIZES = ("model", "n_samples", "eval_samples", "epochs", "batch_size", "max_length", "full_lr", "lora_lr",
                 "payt_mix", "payt_every", "losparse_lr", "warmup_unit", "initial_warmup", "final_warmup", "delta_t",
-                "structured", "direction", "kd_weight", "layer_weight", "kd_temp")
+                "structured", "direction", "kd_weight", "layer_weight", "kd_temp", "rank_share")
 SMOLLM_SIZES = ("sm_model", "sm_steps", "sm_batch", "sm_seqlen", "sm_windows", "sm_lr", "sm_iw", "sm_fw", "sm_delta_t",
                 "sm_calib")
 SMOLLM_ROWS = ("smollm2_dense", "smollm2_LoSparse_50", "smollm2_Wanda_50", "smollm2_dense_recovered")
@@ -106,7 +109,11 @@ def row_dense(args, seed, out):
             "teacher_dir": str(Path(out).resolve() / "model")}
 
 
-def _payt_like(args, seed, out, budget, schedule):
+def rank_ratio_of(args, budget: float) -> float:
+    return round(budget * getattr(args, "rank_share", 0.5), 6)
+
+
+def _payt_like(args, seed, out, budget, schedule, criterion: str = "wanda"):
     from prunetune.data.spec import MixSpec
     from prunetune.methods.payt import PaytMethod, PaytSpec
     from prunetune.tuning.finetune import finetune
@@ -114,7 +121,7 @@ def _payt_like(args, seed, out, budget, schedule):
     cfg = tune_spec(args, mode="lora", kd=True, kd_alpha=0.3, lr=args.lora_lr, mix=MixSpec(fraction=args.payt_mix))
     if schedule == "oneshot":
         spec = PaytSpec(sparsity=round(1 - budget, 6), schedule="oneshot", start=0.0, every=1, unit="step",
-                        criterion="wanda")
+                        criterion=criterion)
     else:
         spec = PaytSpec(sparsity=round(1 - budget, 6), schedule="agp", start=0.2, every=args.payt_every, unit="step",
                         criterion="wanda")
@@ -136,7 +143,7 @@ def row_losparse(args, seed, out, budget, variant: str, rows_dir: Path, exports:
     from prunetune.tuning.finetune import finetune
 
     cfg = tune_spec(args, mode="full", kd=False, lr=args.losparse_lr)
-    rank_ratio = RANK_SPLIT[budget]
+    rank_ratio = rank_ratio_of(args, budget)
     # keep of S = budget − the actual low-rank fraction (ranks are rounded up), so U·V + kept S = the budget
     keep = round(budget - _lowrank_fraction(args.model, rank_ratio), 6)
     kw = {}
@@ -331,8 +338,10 @@ def row_smollm(args, key: str) -> dict:
         losses, train_s = _recover(args, model, batches, lambda step: None)
         return {**common, "dense_after": ppl(model), "train_losses": losses, "train_s": train_s}
     if key == "smollm2_LoSparse_50":
-        spec = LosparseSpec(rank_ratio=0.25, keep=round(0.5 - _lowrank_fraction_of_model(model, 0.25), 6),
-                            initial_warmup_steps=args.sm_iw, final_warmup_steps=args.sm_fw, deltaT=args.sm_delta_t)
+        rank = getattr(args, "sm_rank_ratio", 0.25)  # benchmarks/losparse_smollm.py varies it
+        spec = LosparseSpec(rank_ratio=rank, keep=round(0.5 - _lowrank_fraction_of_model(model, rank), 6),
+                            initial_warmup_steps=args.sm_iw, final_warmup_steps=args.sm_fw, deltaT=args.sm_delta_t,
+                            select_scope=getattr(args, "sm_select_scope", "global"))
         method = Losparse(spec)
         ctx = MethodContext(task="causal-lm", tokenizer=tok, max_steps=len(batches), steps_per_epoch=len(batches),
                             seed=0)
@@ -378,9 +387,9 @@ def parse_methods(items: list[str], budgets: list[float]) -> list[tuple[str, lis
         if name not in METHODS:
             raise SystemExit(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
         bl = [float(b) for b in bs.split(",")] if bs else list(budgets)
-        bad = [b for b in bl if b not in RANK_SPLIT]
+        bad = [b for b in bl if b not in BUDGETS]
         if bad:
-            raise SystemExit(f"budget(s) {bad} have no rank split; known: {sorted(RANK_SPLIT)}")
+            raise SystemExit(f"budget(s) {bad} are not in this benchmark; known: {sorted(BUDGETS)}")
         out.append((name, bl))
     return out
 
@@ -421,8 +430,8 @@ def run_row(args, entry: dict) -> dict:
         r = row_dense(args, seed, out)
     elif method == "PAYT":
         r = _payt_like(args, seed, out, b, "agp")
-    elif method == "Wanda->LoRA":
-        r = _payt_like(args, seed, out, b, "oneshot")
+    elif method in ONESHOT_CRITERIA:
+        r = _payt_like(args, seed, out, b, "oneshot", ONESHOT_CRITERIA[method])
     else:
         budgets = dict(parse_methods(args.methods, args.budgets))[method]
         exports = args.exports and method != "LoSparse+KD" and seed == args.seeds[0] and b == min(budgets)
@@ -531,7 +540,7 @@ def pack(args, argv: list[str], entries: list[dict]) -> dict:
                          f"{args.threads} torch thread(s) each, niceness {os.nice(0)})") if loads
                         else f"{os.cpu_count()} cores, {cpu_model()}",
         "split_seed": SPLIT_SEED, "seeds": args.seeds, "budgets": args.budgets,
-        "sizes": {**sizes_of(args), "budget_rank_split": {str(k): v for k, v in RANK_SPLIT.items()},
+        "sizes": {**sizes_of(args), "budget_rank_split": {str(b): rank_ratio_of(args, b) for b in BUDGETS},
                   **({"smollm2": sizes_of(args, True)} if args.smollm else {})},
         "plan": [e["key"] for e in entries], "missing": [e["key"] for e in entries if e["key"] not in rows],
         "rows": {k: {kk: vv for kk, vv in r.items() if kk != "predictions"} for k, r in minilm.items()},
@@ -561,7 +570,8 @@ def how_spent(r: dict) -> str:
     if r["method"] == DENSE:
         return "all weights"
     if r["method"] in BASELINES:
-        return f"{1 - r['linear_kept_fraction']:.1%} zeros (Wanda), LoRA merged under the mask"
+        crit = "ADMM" if r["method"] == "ADMM->LoRA" else "Wanda"
+        return f"{1 - r['linear_kept_fraction']:.1%} zeros ({crit}), LoRA merged under the mask"
     spec = r["spec"]
     s = (f"{spec['structured_direction']}s of S, {spec['structured_method']}-pooled" if spec["structured_method"]
          else "unstructured S")
@@ -637,6 +647,8 @@ def render(data: dict) -> str:
     sz = data["sizes"]
     iw, fw = sz["initial_warmup"] * sz["warmup_unit"], sz["final_warmup"] * sz["warmup_unit"]
     steps = math.ceil(math.ceil(sz["n_samples"] / sz["batch_size"]) * sz["epochs"])
+    admm = ("ADMM->LoRA: as Wanda->LoRA with the ADMM pruner (Wanda's mask refined by ADMM iterations on the same "
+            "calibration). " if any(r["method"] == "ADMM->LoRA" for r in rows.values()) else "")
     lines = [f"- command: `{data['command']}`", f"- code: {data['code']}", f"- machine: {data['machine_line']}",
              f"- sizes (every method): {sz['n_samples']} training articles, {sz['epochs']:g} epoch(s), batch "
              f"{sz['batch_size']}, {sz['max_length']} tokens ({steps} optimizer steps); test = "
@@ -647,7 +659,7 @@ def render(data: dict) -> str:
              f"distillation from the dense full-FT row of the same seed. PAYT / Wanda->LoRA: LoRA r8, lr "
              f"{sz['lora_lr']}, KD alpha 0.3 from the initial model (as benchmarks/payt.py), Wanda criterion; PAYT "
              f"prunes every {sz['payt_every']} steps from 20% of training (AGP), Wanda->LoRA once before training. "
-             f"Dense full FT lr {sz['full_lr']}",
+             f"{admm}Dense full FT lr {sz['full_lr']}",
              "", summ["table"], "", "Paired differences (same seeds; a win needs mean > sd):", "", summ["paired_table"],
              "", "Targets (LoSparse >= the best baseline at 15% and 10% kept):", ""]
     for k, v in summ["targets"].items():
@@ -746,6 +758,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-warmup", type=float, default=1.0)
     p.add_argument("--final-warmup", type=float, default=2.0)
     p.add_argument("--delta-t", type=int, default=2)
+    p.add_argument("--rank-share", type=float, default=0.5,
+                   help="share of each budget spent on U·V (the rest is kept S): 0.5 even, 0.25 as the method's "
+                        "GLUE script (rank 5%% + S 15%% at 20%%)")
     p.add_argument("--structured", default="mean", help="LoSparse-structured: mean|sum|max|min")
     p.add_argument("--direction", default="row", help="LoSparse-structured: row|col|row_col")
     p.add_argument("--kd-weight", type=float, default=1.0, help="LoSparse+KD: weight of T²·KL on logits")
