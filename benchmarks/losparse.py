@@ -340,8 +340,7 @@ def row_smollm(args, key: str) -> dict:
     if key == "smollm2_LoSparse_50":
         rank = getattr(args, "sm_rank_ratio", 0.25)  # benchmarks/losparse_smollm.py varies it
         spec = LosparseSpec(rank_ratio=rank, keep=round(0.5 - _lowrank_fraction_of_model(model, rank), 6),
-                            initial_warmup_steps=args.sm_iw, final_warmup_steps=args.sm_fw, deltaT=args.sm_delta_t,
-                            select_scope=getattr(args, "sm_select_scope", "global"))
+                            initial_warmup_steps=args.sm_iw, final_warmup_steps=args.sm_fw, deltaT=args.sm_delta_t)
         method = Losparse(spec)
         ctx = MethodContext(task="causal-lm", tokenizer=tok, max_steps=len(batches), steps_per_epoch=len(batches),
                             seed=0)

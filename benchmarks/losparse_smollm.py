@@ -11,7 +11,9 @@ The first LoSparse table's SmolLM2 rows (`benchmarks/losparse.py --smollm`) had 
    after, no recovery. The engine's own Wanda (sequential, block by block) is the reference row.
 2. **PLATON on a causal LM, and the budget.** LoSparse as the method runs it (PLATON scores over all S at once,
    cubic schedule), Wanda + recovery and dense + recovery, at `--steps` recovery lengths (the first table's 16
-   and 4x that), rank share `--shares`.
+   and 4x that), rank share `--shares`. The JSON also holds rows with PLATON selecting per output row of each S
+   (Wanda's granularity), run from commit 5d9173f whose LoSparse had a `select_scope` option; it measured worse
+   than the global threshold and was removed.
 
 Every row writes OUT/rows/<key>.json (skipped when it exists, so a stopped run resumes); the JSON is rewritten
 after each row.
@@ -37,12 +39,11 @@ import losparse as bench  # noqa: E402  (the SmolLM2 setup, recovery data and re
 SELECTIONS = ("global-magnitude", "row-magnitude", "row-wanda")
 
 
-def sm_args(args, steps: int, share: float, scope: str = "global") -> SimpleNamespace:
+def sm_args(args, steps: int, share: float) -> SimpleNamespace:
     """The first table's SmolLM2 options (`losparse.py --sm-*`), with this row's recovery length and rank."""
     return SimpleNamespace(sm_model=args.model, sm_steps=steps, sm_batch=args.batch, sm_seqlen=args.seqlen,
                            sm_windows=args.windows, sm_lr=args.lr, sm_iw=max(1, steps // 8), sm_fw=3 * steps // 8,
-                           sm_delta_t=max(1, steps // 8), sm_calib=args.calib, sm_rank_ratio=round(0.5 * share, 6),
-                           sm_select_scope=scope)
+                           sm_delta_t=max(1, steps // 8), sm_calib=args.calib, sm_rank_ratio=round(0.5 * share, 6))
 
 
 # ------------------------------------------------------------------------------------------------ one-shot rows
@@ -134,13 +135,13 @@ def row_engine_wanda(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ trained rows
-def row_trained(args, arm: str, steps: int, share: float, scope: str = "global") -> dict:
+def row_trained(args, arm: str, steps: int, share: float) -> dict:
     key = {"LoSparse": "smollm2_LoSparse_50", "Wanda": "smollm2_Wanda_50", "dense": "smollm2_dense_recovered"}[arm]
-    r = bench.row_smollm(sm_args(args, steps, share, scope), key)
+    r = bench.row_smollm(sm_args(args, steps, share), key)
     after = r.get("losparse_after") or r.get("wanda_after") or r.get("dense_after")
     before = r.get("losparse_init") or r.get("wanda_pruned")
     out = {"kind": "trained", "arm": arm, "steps": steps, "share": share if arm == "LoSparse" else None,
-           "scope": scope if arm == "LoSparse" else None,
+           "scope": "global" if arm == "LoSparse" else None,
            "ppl": after, "ppl_before": before, "train_s": r["train_s"], "train_losses": r["train_losses"]}
     if arm == "LoSparse":
         out.update(counts=r["counts"], spec=r["spec"], events=r["events"])
@@ -155,9 +156,8 @@ def plan(args) -> list[tuple[str, dict]]:
     for steps in args.steps:
         rows += [(f"trained_dense_{steps}", {"fn": "trained", "arm": "dense", "steps": steps, "share": 0.0}),
                  (f"trained_Wanda_{steps}", {"fn": "trained", "arm": "Wanda", "steps": steps, "share": 0.0})]
-        rows += [(f"trained_LoSparse_{steps}_r{int(round(sh * 100))}{'' if sc == 'global' else '_' + sc}",
-                  {"fn": "trained", "arm": "LoSparse", "steps": steps, "share": sh, "scope": sc})
-                 for sh in args.shares for sc in args.scopes]
+        rows += [(f"trained_LoSparse_{steps}_r{int(round(sh * 100))}",
+                  {"fn": "trained", "arm": "LoSparse", "steps": steps, "share": sh}) for sh in args.shares]
     return rows
 
 
@@ -185,9 +185,10 @@ def render(data: dict) -> str:
               "a mask every steps/8):", "",
               "| recovery steps | arm | rank share | S selected | ppl before recovery | ppl after | train s |",
               "|---|---|---|---|---|---|---|"]
-    for k, r in rows.items():
-        if r["kind"] != "trained":
-            continue
+    arms = {"dense": 0, "Wanda": 1, "LoSparse": 2}
+    trained = sorted((r for r in rows.values() if r["kind"] == "trained"),
+                     key=lambda r: (r["steps"], arms[r["arm"]], -(r["share"] or 0), r.get("scope") != "global"))
+    for r in trained:
         before = f"{r['ppl_before']['value']:.2f}" if r.get("ppl_before") else "-"
         share = f"{r['share']:.0%}" if r["share"] is not None else "-"
         scope = {"global": "PLATON, one global threshold", "layer": "PLATON, per S", "row": "PLATON, per output row",
@@ -203,7 +204,10 @@ def pack(args, argv, entries) -> dict:
     from _machine import cpu_model
 
     rows_dir = Path(args.out) / "rows"
-    rows = {k: json.loads((rows_dir / f"{k}.json").read_text()) for k, _ in entries
+    # every row in OUT, in plan order, then rows of earlier plans (the per-row PLATON rows ran from commit
+    # 5d9173f, whose LoSparse had a select_scope option; it measured worse and was removed)
+    keys = [k for k, _ in entries] + sorted(p.stem for p in rows_dir.glob("*.json"))
+    rows = {k: json.loads((rows_dir / f"{k}.json").read_text()) for k in dict.fromkeys(keys)
             if (rows_dir / f"{k}.json").is_file()}
     loads = [x for r in rows.values() for x in (r["loadavg_start"][0], r["loadavg"][0])]
     revs = sorted({r["code"]["rev"] + (" + uncommitted changes" if r["code"]["dirty"] else "") for r in rows.values()})
@@ -226,8 +230,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, nargs="+", default=[16, 64])
     p.add_argument("--shares", type=float, nargs="+", default=[0.5, 0.2], help="rank share of the 50%% budget")
-    p.add_argument("--scopes", nargs="+", default=["global", "row"],
-                   help="LoSparse's select_scope: global (PLATON's one threshold) | layer | row")
     p.add_argument("--oneshot-shares", type=float, nargs="+", default=[0.0, 0.2, 0.5])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128)
@@ -257,7 +259,7 @@ def main(argv: list[str]) -> int:
         elif e["fn"] == "oneshot":
             r = row_oneshot(args, e["share"], e["selection"])
         else:
-            r = row_trained(args, e["arm"], e["steps"], e["share"], e.get("scope", "global"))
+            r = row_trained(args, e["arm"], e["steps"], e["share"])
         r.update(wall_s=time.perf_counter() - t0, loadavg_start=load0, loadavg=os.getloadavg(), code=code)
         path.write_text(json.dumps(r, indent=2, default=str))
         print(f"[{time.strftime('%H:%M:%S')}] {key}: ppl {r['ppl']['value']:.2f}  {r['wall_s']:.0f}s", flush=True)

@@ -230,29 +230,6 @@ def test_select_keep_unstructured_and_structured():
     assert 30 - 10 < kept <= 30
 
 
-def test_select_scope_layer_and_row_keep_the_fraction_in_every_matrix_and_row():
-    """On a causal LM one global threshold empties some layers (benchmarks/losparse_smollm.py): `layer` keeps
-    `keep` of each S, `row` of each output row, each by its own highest scores."""
-    torch.manual_seed(0)
-    # b's scores are 100x a's: a global threshold keeps only b, the other scopes keep 30% of each
-    sc = {"a": torch.rand(6, 10), "b": 100 * torch.rand(4, 10)}
-    glob = select_keep(sc, 0.3)
-    assert int(glob["a"].sum()) == 0 and int(glob["b"].sum()) == 30
-    layer = select_keep(sc, 0.3, scope="layer")
-    assert (int(layer["a"].sum()), int(layer["b"].sum())) == (18, 12)
-    assert float(sc["a"][layer["a"]].min()) >= float(sc["a"][~layer["a"]].max())
-    row = select_keep(sc, 0.3, scope="row")
-    assert all(row[k].sum(1).tolist() == [3] * sc[k].shape[0] for k in sc)
-    for k in sc:  # in each row the kept entries are that row's 3 highest
-        assert bool((sc[k].masked_fill(~row[k], float("inf")).min(1).values
-                     >= sc[k].masked_fill(row[k], float("-inf")).max(1).values).all())
-    with pytest.raises(PrunetuneError, match="unstructured"):
-        select_keep(sc, 0.3, "mean", scope="row")
-    with pytest.raises(ValidationError, match="select_scope"):
-        LosparseSpec(select_scope="row", structured_method="mean")
-    assert LosparseSpec().select_scope == "global"  # the method's selection stays the default
-
-
 # ------------------------------------------------------------------------------------------------ schedule
 def test_schedule_is_cubic_and_reaches_final_threshold_exactly():
     s = LosparseSpec(rank_ratio=0.1, keep=0.15, warmup_steps=4, initial_warmup=1, final_warmup=2, deltaT=3)
@@ -335,22 +312,6 @@ def test_training_prunes_s_and_mask_is_fixed_through_exports(tmp_path, structure
     re_plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain")
     assert torch.allclose(_logits(re_plain, tok), ref, atol=1e-5)
     assert _logits(re_fac, tok).argmax(-1).tolist() == ref.argmax(-1).tolist()
-
-
-def test_training_with_row_scope_keeps_the_fraction_of_every_row_of_every_s(tmp_path):
-    """`select_scope: row` through the method's lifecycle: the exported S keeps exactly round(keep x in) entries
-    in every output row of every factorised layer."""
-    model, tok = _tiny_cls()
-    spec = LosparseSpec(rank_ratio=0.2, keep=0.25, initial_warmup_steps=2, final_warmup_steps=4, deltaT=2,
-                        select_scope="row")
-    method = Losparse(spec)
-    ctx = MethodContext(max_steps=12, tokenizer=tok)
-    ctx.out = tmp_path / "run"
-    _train(model, method, ctx, _batches(tok, 12))
-    for lay in method.layers.values():
-        per_row = (lay.weight != 0).sum(1)
-        assert per_row.tolist() == [round(0.25 * lay.in_features)] * lay.out_features
-    assert all(e["kept"] == pytest.approx(0.25, abs=0.01) for e in method.events if e["fixed"])
 
 
 def test_revival_possible_before_final_warmup():

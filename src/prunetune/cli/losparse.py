@@ -27,8 +27,7 @@ LOSPARSE_FLAGS = {"rank_ratio": "losparse.rank_ratio", "keep": "losparse.keep",
                   "beta1": "losparse.beta1", "beta2": "losparse.beta2",
                   "platon_ema": "losparse.platon_ema", "final_mask": "losparse.final_mask",
                   "structured_method": "losparse.structured_method",
-                  "structured_direction": "losparse.structured_direction", "select_scope": "losparse.select_scope",
-                  "distill_from": "losparse.teacher",
+                  "structured_direction": "losparse.structured_direction", "distill_from": "losparse.teacher",
                   "kd_weight": "losparse.kd_weight", "layer_weight": "losparse.layer_weight",
                   "distill_temp": "losparse.kd_temp"}
 
@@ -73,9 +72,6 @@ def losparse(
         "--structured-method", "--structured_method", help="mean | sum | max | min (rows/columns of S) | none (unstructured)")] = None,
     structured_direction: Annotated[Optional[str], typer.Option(
         "--structured-direction", "--structured_direction", help="row | col | row_col")] = None,
-    select_scope: Annotated[Optional[str], typer.Option(
-        "--select-scope", help="global (default: one threshold over every S, the method's) | layer | row (each "
-        "output row of each S keeps the same fraction; unstructured S only)")] = None,
     distill_from: Annotated[Optional[str], typer.Option(
         "--distill-from", "--teacher-path", help="dense fine-tuned model dir to distil from")] = None,
     kd_weight: Annotated[Optional[float], typer.Option(

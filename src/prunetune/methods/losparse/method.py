@@ -123,7 +123,7 @@ class Losparse(Method):
         if not recompute:
             return
         masks = MaskSet(select_keep({n: self.scores.score(n) for n in params if n in self.scores.avg}, keep,
-                                    self.spec.pooling, self.directions, self.spec.select_scope))
+                                    self.spec.pooling, self.directions))
         self._apply(masks)
         kept = sum(int(m.sum()) for _, m in masks.items()) / sum(m.numel() for _, m in masks.items())
         self.events.append({"step": self.t, "keep_target": keep, "kept": kept, "fixed": final})

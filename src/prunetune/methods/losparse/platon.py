@@ -97,31 +97,14 @@ def unit_direction(direction: str, role: str) -> str:
 
 
 @torch.no_grad()
-def _topk_mask(score: torch.Tensor, keep: float, per_row: bool) -> torch.Tensor:
-    """The round(keep·n) highest entries of `score` (of each row when `per_row`), as a bool mask."""
-    flat = score if per_row else score.reshape(1, -1)
-    k = int(round(keep * flat.shape[1]))
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        mask.scatter_(1, torch.topk(flat, k, dim=1, sorted=False).indices, True)
-    return mask.view_as(score)
-
-
 def select_keep(scores: dict[str, torch.Tensor], keep: float, structured_method: str | None = None,
-                directions: dict[str, str] | None = None, scope: str = "global") -> dict[str, torch.Tensor]:
+                directions: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Keep-masks over all `scores` together: the highest-scoring units holding `keep` of all entries.
 
     Unstructured: exactly round(keep·N) entries (ties broken by position, so the count is exact). Structured:
     each row (or column) is one unit scored by pooling its entries; units are taken best-first while they fit
-    in the budget, so the kept fraction is `keep` up to one unit. `scope` (unstructured only) is where the
-    budget is compared: `global` one threshold over every S (the method's), `layer` each S keeps `keep` of its
-    entries, `row` each output row of each S does (Wanda's granularity: on a causal LM the scores' scale differs
-    so much between layers that one threshold empties some of them).
+    in the budget, so the kept fraction is `keep` up to one unit.
     """
-    if scope != "global":
-        if structured_method is not None:
-            raise PrunetuneError(f"select scope '{scope}' is for unstructured S; structured S is selected globally")
-        return {n: _topk_mask(s, keep, per_row=scope == "row") for n, s in scores.items()}
     names = list(scores)
     total = sum(scores[n].numel() for n in names)
     budget = int(round(keep * total))

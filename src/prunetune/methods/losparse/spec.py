@@ -47,9 +47,6 @@ class LosparseSpec(Spec):
     structured_method: Literal["mean", "sum", "max", "min", "none"] = Field(
         "none", description="pool S's scores per row/column (structured) or none (unstructured)")
     structured_direction: Literal["row", "col", "row_col"] = "row"
-    select_scope: Literal["global", "layer", "row"] = Field(
-        "global", description="where unstructured S's budget is compared: global (one threshold over every S, the "
-        "method's), layer (each S keeps `keep` of its entries) or row (each output row of each S does)")
     roles: list[str] = Field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"],
                              description="projections factorised (never embeddings, norms, pooler, classifier)")
     teacher: str | None = Field(None, description="dense fine-tuned model dir to distil from (None: no distillation)")
@@ -74,8 +71,6 @@ class LosparseSpec(Spec):
     def _consistent(self) -> LosparseSpec:
         if self.initial_threshold < self.keep:
             raise ValueError(f"initial_threshold ({self.initial_threshold}) must be >= keep ({self.keep})")
-        if self.select_scope != "global" and self.structured_method != "none":
-            raise ValueError(f"select_scope '{self.select_scope}' is for unstructured S (structured_method: none)")
         if (self.kd_weight > 0 or self.layer_weight > 0) and not self.teacher:
             raise ValueError("kd_weight / layer_weight need a teacher (a dense fine-tuned model dir)")
         return self
