@@ -137,12 +137,14 @@ def _script_render(script: str, fn: str = "render"):
 
 render_composability = _script_render("composability")
 render_losparse = _script_render("losparse")
+render_losparse_smollm = _script_render("losparse_smollm")
 render_structured = _script_render("structured", "table")
 render_memory_scaling = _script_render("memory_scaling")
 
 
 RENDERERS = {"payt_seeds": render_payt_seeds, "payt_summary": render_payt_summary,
              "composability": render_composability, "losparse": render_losparse, "structured": render_structured,
+             "losparse_smollm": render_losparse_smollm,
              "memory_scaling": render_memory_scaling}
 BLOCK = re.compile(r"<!-- generated:(?P<name>[\w.-]+) render=(?P<render>\w+) json=(?P<json>\S+) -->\n"
                    r"(?P<body>.*?)\n?<!-- /generated:(?P=name) -->", re.S)
