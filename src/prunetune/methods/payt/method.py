@@ -121,7 +121,6 @@ class PaytCallback(TrainerCallback):
     def __init__(self, spec: PaytSpec, masks: MaskSet, model_ref: dict, tokenizer: Any = None,
                  calib_text: str | None = None) -> None:
         self.spec = spec
-        self.schedule = spec  # a PaytSpec is its own pruning schedule
         self.masks = masks
         self.model_ref = model_ref
         self.tokenizer = tokenizer
@@ -132,7 +131,7 @@ class PaytCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
         spe = max(1, len(train_dataloader) // max(1, args.gradient_accumulation_steps)) if train_dataloader else 1
-        self.plan = self.schedule.plan(state.max_steps, spe)
+        self.plan = self.spec.plan(state.max_steps, spe)  # a PaytSpec is its own pruning schedule
         self._done = {ev.step for ev in self.plan if self.resumed_from is not None and ev.step < self.resumed_from}
 
     def on_step_begin(self, args, state, control, **kw):
