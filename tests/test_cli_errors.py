@@ -89,3 +89,25 @@ def test_console_script_one_line_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"prunetune: error: data file {tmp_path / 'missing.txt'} does not exist"]
+
+
+def test_error_line_is_one_write(tmp_path, monkeypatch):
+    """The ranks of a multi-process launch share one stderr pipe, and a pipe write up to PIPE_BUF is atomic only
+    when the line and its newline go out in one write: two writes let the ranks' lines interleave into one."""
+    from prunetune.cli.main import main
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "tiny-llama", "--ppl", str(tmp_path / "missing.txt")])
+    assert stop.value.code == 2
+    assert writes == [f"prunetune: error: data file {tmp_path / 'missing.txt'} does not exist\n"]

@@ -57,6 +57,14 @@ _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOT
                 errno.EISDIR, errno.EDQUOT}
 
 
+def _say(line: str) -> None:
+    """One line on stderr in a single write: stderr writes through, so `print` would send the text and its
+    newline as two writes, and the ranks of a multi-process launch, which share the pipe, interleave them into
+    one garbled line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors (ours and click's) become one line on stderr and exit code 2."""
     click_errors = tuple({getattr(m, "ClickException") for m in _click_modules()})
@@ -70,25 +78,25 @@ def main(argv: list[str] | None = None) -> None:
             raise KeyboardInterrupt
     except PrunetuneError as exc:
         remove_empty_outputs()
-        print(f"prunetune: error: {exc}", file=sys.stderr)
+        _say(f"prunetune: error: {exc}")
         sys.exit(2)
     except OSError as exc:
         if exc.errno not in _USER_ERRNOS:
             raise
         remove_empty_outputs()
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"prunetune: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        _say(f"prunetune: error: {exc.strerror or exc}{where}")
         sys.exit(2)
     except click_errors as exc:
         msg = " ".join(exc.format_message().split())
         if msg:  # a bare `prunetune` already printed its help
-            print(f"prunetune: error: {msg}", file=sys.stderr)
+            _say(f"prunetune: error: {msg}")
         sys.exit(2)
     except exit_types as exc:
         sys.exit(exc.exit_code)
     except abort_types:
-        print("prunetune: aborted", file=sys.stderr)
+        _say("prunetune: aborted")
         sys.exit(130)
     except KeyboardInterrupt:
-        print("prunetune: interrupted", file=sys.stderr)
+        _say("prunetune: interrupted")
         sys.exit(130)
