@@ -148,12 +148,15 @@ def test_lagrangian_brings_thresholded_sparsity_to_target(structures):
     assert 1 - by_hand / geom.block_params(geom.dense()) == pytest.approx(removed)
 
 
-def test_per_layer_constraint_brings_every_layer_to_the_uniform_widths():
+@pytest.mark.parametrize("step", ["adam", "gap"])
+def test_per_layer_constraint_brings_every_layer_to_the_uniform_widths(step):
+    """Either multiplier rule; the gap rule divides out each layer's weight (its share of block parameters), so
+    its per-layer multipliers move at the global one's pace instead of ~1/layers of it."""
     model = tiny()
     target = 0.4
     spec = StructuredSpec(sparsity=target, structures=["heads", "neurons"], vib_steps=120, vib_batch=4, vib_lr=0.1,
                           vib_mu_lr=None, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0, vib_loss="lm",
-                          vib_widths="uniform", vib_center=False, round_to=8)
+                          vib_widths="uniform", vib_center=False, round_to=8, lagrangian_step=step)
     meth = train_gates(model, VibMethod(spec, constraint="per_layer"), ids(16, 16))
     geom = meth.gates.geom
     want = allocate_widths(geom, target, ("heads", "neurons"), 8)

@@ -359,6 +359,10 @@ class VibMethod(Method):
         grad = self.lambdas.grad
         if grad is None:
             return
+        if self._layer_targets is not None:  # per-layer: each row's gradient carries its weight (share of block
+            # parameters, ~1/layers); divided out, every layer's multiplier moves as the global one would
+            weights = torch.cat([w for _, w in self._layer_targets.values()]).to(grad.device)
+            grad = grad / weights[:, None]
         self.lambdas.sub_(grad, alpha=self.spec.lagrangian_lr / max(self.spec.sparsity, 1e-3))  # grad is negated
         lam1 = self.lambdas.view(-1, 2)[:, 0]
         lam1[lam1 * self._gaps.to(lam1.device) < 0] = 0.0
