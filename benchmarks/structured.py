@@ -357,6 +357,9 @@ def main() -> None:
     ap.add_argument("--vib-optimizer", default="adam", choices=("adam", "nsgd"), help="gate optimizer (VibMethod's optimizer)")
     ap.add_argument("--vib-constraint", default="global", choices=("global", "per_layer"),
                     help="Lagrangian on the global kept fraction, or on every layer's count (VibMethod's constraint)")
+    ap.add_argument("--vib-lr-steps", type=int, default=None,
+                    help="StructuredSpec.vib_lr_steps: the step count the lrs are set for (longer runs scale them "
+                         "down); default None = constant lr, as every row before it")
     ap.add_argument("--vib-lr-decay", type=float, default=1.0, help="gate lr factor reached at the last step")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
@@ -500,13 +503,14 @@ def main() -> None:
                                  lagrangian_warmup=args.vib_warmup, lagrangian_lr=args.vib_lag_lr, vib_loss=args.vib_loss,
                                  vib_widths="learned" if learned else args.vib_widths, vib_center=center,
                                  vib_neuron_ranking="flap" if hybrid else "vib", split=split,  # explicit: rows keep their meaning
-                                 lagrangian_step=args.vib_lag_step)
+                                 lagrangian_step=args.vib_lag_step, vib_lr_steps=args.vib_lr_steps)
             vib_options = {"beta": args.vib_beta, "antithetic": args.vib_antithetic, "lr_decay": args.vib_lr_decay,
                            "compensate": comp, "optimizer": args.vib_optimizer, "constraint": args.vib_constraint}
             gate_file = work / (f"gates_{structs.replace(',', '-')}_{sparsity}_{vib_steps}"
                                 + ("_center" if center else "")
                                 + ("" if args.vib_constraint == "global" else f"_{args.vib_constraint}")
                                 + ("" if args.vib_lag_step == "adam" else f"_{args.vib_lag_step}{args.vib_lag_lr:g}")
+                                + ("" if args.vib_lr_steps is None else f"_lrsteps{args.vib_lr_steps}")
                                 + ".safetensors")
             gate_state = load_file(gate_file) if method == "vib" and gate_file.exists() else None
             gates_out: dict = {}

@@ -130,6 +130,7 @@ def test_lagrangian_brings_thresholded_sparsity_to_target(structures):
     model = tiny(hidden=64 if "hidden" in structures else 32)
     target = 0.4
     meth = VibMethod(StructuredSpec(sparsity=target, structures=structures, vib_steps=120, vib_batch=4, vib_lr=0.1,
+                                    vib_lr_steps=120,
                                     vib_mu_lr=None, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0,
                                     vib_loss="lm", vib_widths="learned", vib_center=False))
     train_gates(model, meth, ids(16, 16))
@@ -155,6 +156,7 @@ def test_per_layer_constraint_brings_every_layer_to_the_uniform_widths(step):
     model = tiny()
     target = 0.4
     spec = StructuredSpec(sparsity=target, structures=["heads", "neurons"], vib_steps=120, vib_batch=4, vib_lr=0.1,
+                          vib_lr_steps=120,
                           vib_mu_lr=None, lagrangian_lr=0.1, lagrangian_warmup=0.3, init_log_sigma2=-4.0, vib_loss="lm",
                           vib_widths="uniform", vib_center=False, round_to=8, lagrangian_step=step)
     meth = train_gates(model, VibMethod(spec, constraint="per_layer"), ids(16, 16))
@@ -172,6 +174,21 @@ def test_per_layer_constraint_brings_every_layer_to_the_uniform_widths(step):
 def test_per_layer_constraint_needs_uniform_widths():
     with pytest.raises(PrunetuneError, match="uniform"):
         VibMethod(StructuredSpec(vib_widths="learned"), constraint="per_layer")
+
+
+@pytest.mark.parametrize("steps,lr_steps,factor", [(16, 16, 1.0), (64, 16, 0.25), (8, 16, 1.0), (64, None, 1.0)])
+def test_gate_lr_shrinks_with_the_budget(steps, lr_steps, factor):
+    """vib_lr_steps: a run longer than the lrs were set for takes proportionally smaller steps (the gates travel as
+    far in all); a shorter one keeps the lr; None keeps it at any budget. Both gate groups (log σ², μ) scale."""
+    model = tiny()
+    meth = VibMethod(StructuredSpec(sparsity=0.3, vib_steps=steps, vib_lr=0.2, vib_mu_lr=0.04, vib_lr_steps=lr_steps,
+                                    vib_center=False))
+    meth.prepare(model)
+    for group in meth._opt.param_groups:
+        group["params"][0].grad = torch.zeros_like(group["params"][0])
+    meth.after_step(model)
+    assert [g["lr"] for g in meth._opt.param_groups] == pytest.approx([0.2 * factor, 0.04 * factor])
+    assert meth.record()["lr_steps"] == lr_steps
 
 
 def test_target_ramps_over_the_warmup_fraction():
@@ -435,7 +452,8 @@ def test_vib_takes_the_recipe_schema_itself_and_records_the_settings_under_their
     spec = StructuredSpec(sparsity=0.4, vib_steps=3, vib_batch=5, vib_mu_lr=None, vib_loss="lm", vib_widths="learned",
                           vib_center=False, structures=["neurons", "heads"])
     rec = VibMethod(spec, seed=7, optimizer="nsgd").summary()["config"]
-    assert rec == {"target_sparsity": 0.4, "vib_lr": spec.vib_lr, "mu_lr": None, "lagrangian_lr": spec.lagrangian_lr,
+    assert rec == {"target_sparsity": 0.4, "vib_lr": spec.vib_lr, "mu_lr": None, "lr_steps": 16,
+                   "lagrangian_lr": spec.lagrangian_lr,
                    "lagrangian_step": spec.lagrangian_step, "lagrangian_warmup": spec.lagrangian_warmup, "att_mul": spec.att_mul, "kl_factor": spec.kl_factor,
                    "beta": 1.0, "straight_through": True, "structures": ["heads", "neurons"], "round_to": 64,
                    "steps": 3, "batch_size": 5, "init_log_sigma2": spec.init_log_sigma2, "antithetic": False,

@@ -295,14 +295,25 @@ class VibMethod(Method):
         self._gaps = torch.cat(gaps)
         return lag
 
+    def budget_scale(self) -> float:
+        """Gate lr factor for the budget: vib_lr_steps / steps when training runs longer than the lr was set for.
+
+        Adam moves each gate by about lr per step whatever the size of its gradient, so at a constant lr a longer
+        run is a longer walk, and with 2 x 256 tokens a step most of each gate's gradient is noise. On SmolLM2 at
+        50% (pure VIB, μ lr = lr, gap rule; 16 test windows) 64 steps at lr 0.2 gave ppl 1,044 against 230 for
+        16 steps; 64 steps at 0.05, the same travel in all, gave 129 (BENCHMARKS.md, VIB gate budget)."""
+        ref = self.spec.vib_lr_steps
+        return 1.0 if ref is None else min(1.0, ref / max(1, self.total_steps))
+
     def lr_scale(self, step: int) -> float:
-        """Gate lr factor: 1 while the target ramps up, then linear to `lr_decay` at the last step, so the gates
-        settle where the multipliers put the thresholded count instead of oscillating around it."""
+        """Gate lr factor: the budget's (`budget_scale`), times 1 while the target ramps up, then linear to
+        `lr_decay` at the last step, so the gates settle where the multipliers put the thresholded count instead
+        of oscillating around it."""
         warm = self.spec.lagrangian_warmup * self.total_steps
         if step < warm or self.total_steps <= warm:
-            return 1.0
+            return self.budget_scale()
         frac = (step - warm) / max(1.0, self.total_steps - 1 - warm)
-        return 1.0 - (1.0 - self.lr_decay) * min(1.0, frac)
+        return self.budget_scale() * (1.0 - (1.0 - self.lr_decay) * min(1.0, frac))
 
     def extra_loss(self, model: nn.Module, inputs: dict | None, outputs, ctx: MethodContext | None = None):
         assert self.gates is not None
@@ -392,7 +403,7 @@ class VibMethod(Method):
         them: `target_sparsity`, `steps`, `batch_size`, ...), so old and new results compare key by key."""
         sp = self.spec
         return {"target_sparsity": sp.sparsity, "vib_lr": sp.vib_lr, "mu_lr": sp.vib_mu_lr,
-                "lagrangian_lr": sp.lagrangian_lr, "lagrangian_step": sp.lagrangian_step,
+                "lr_steps": sp.vib_lr_steps, "lagrangian_lr": sp.lagrangian_lr, "lagrangian_step": sp.lagrangian_step,
                 "lagrangian_warmup": sp.lagrangian_warmup, "att_mul": sp.att_mul,
                 "kl_factor": sp.kl_factor, "beta": self.beta, "straight_through": self.straight_through,
                 "structures": list(self.structures), "round_to": sp.round_to, "steps": sp.vib_steps,

@@ -36,6 +36,11 @@ class StructuredSpec(Spec):
     vib_lr: float = Field(0.2, gt=0, description="VIB_LR: Adam learning rate of the gates' log sigma^2")
     vib_mu_lr: float | None = Field(0.01, gt=0, description="learning rate of the gates' mu (small: mu stays near 1 "
                                     "for the fold); None = vib_lr")
+    vib_lr_steps: int | None = Field(
+        16, ge=1, description="the step count vib_lr and vib_mu_lr are set for: with more steps each step's lr is "
+        "scaled by vib_lr_steps / vib_steps, so the gates travel as far in all and the extra steps average their noise "
+        "(Adam moves a gate about lr per step whatever its gradient; at a constant lr, 4x the steps was 4x the "
+        "travel and a worse selection); None = the same lr at any budget")
     vib_loss: Literal["kd", "lm"] = Field("kd", description="gate objective: KL to the dense model, or the LM loss")
     vib_widths: Literal["uniform", "learned"] = Field(
         "uniform", description="uniform: the baselines' width rule; learned: KV groups from VIB's thresholding")
