@@ -48,27 +48,17 @@ def sm_args(args, steps: int, share: float) -> SimpleNamespace:
 
 # ------------------------------------------------------------------------------------------------ one-shot rows
 def input_norms(model, tok, args) -> dict:
-    """‖x_j‖₂ over the calibration tokens for every targeted linear's input feature j (the dense model's)."""
-    import torch
-
+    """‖x_j‖₂ over the calibration tokens for every targeted linear's input feature j (the dense model's; the
+    moments structured pruning collects)."""
     from prunetune.data.sources import load_text
     from prunetune.methods.losparse import targets
     from prunetune.pruning.calibrate import calibration_ids
+    from prunetune.pruning.shrink.scores import collect_moments
 
     ids = calibration_ids(load_text("wikitext2", "valid", data_dir=os.environ.get("PRUNETUNE_DATA_DIR")), tok,
                           args.calib, args.seqlen, 0)
-    sums, hooks = {}, []
-    for name, (_, lin) in targets(model).items():
-        def hook(_m, inp, _o, name=name):
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-        hooks.append(lin.register_forward_hook(hook))
-    with torch.no_grad():
-        for i in range(ids.shape[0]):
-            model(ids[i:i + 1])
-    for h in hooks:
-        h.remove()
-    return {n: s.sqrt().float() for n, s in sums.items()}
+    stats = collect_moments(model, ids)
+    return {name: stats[name].norm().float() for name in targets(model)}
 
 
 def row_oneshot(args, share: float, selection: str) -> dict:
@@ -76,6 +66,7 @@ def row_oneshot(args, share: float, selection: str) -> dict:
     import torch
 
     from prunetune.methods.losparse import rank_for, targets
+    from prunetune.pruning.granularity import global_masks, unstructured_mask
 
     model, tok, ppl = bench._smollm_setup(sm_args(args, 16, share))
     norms = input_norms(model, tok, args) if selection == "row-wanda" else {}
@@ -95,18 +86,13 @@ def row_oneshot(args, share: float, selection: str) -> dict:
                 low = torch.zeros_like(w)
             parts[name] = (low, w - low)
         keep_total = int(round(0.5 * dense)) - lowrank
+        pruned = 1.0 - keep_total / dense  # of S's entries: the budget left after U·V
         if selection == "global-magnitude":
-            flat = torch.cat([sp.abs().reshape(-1).float() for _, sp in parts.values()])
-            thresh = torch.topk(flat, keep_total, sorted=True).values[-1]
-            masks = {name: sp.abs().float() >= thresh for name, (_, sp) in parts.items()}
+            masks = global_masks({name: sp.abs().float() for name, (_, sp) in parts.items()}, pruned)
         else:  # per output row: every row keeps the same fraction of its S (what Wanda keeps of W)
-            frac = keep_total / dense
-            masks = {}
-            for name, (_, sp) in parts.items():
-                score = sp.abs().float() * (norms[name][None, :] if selection == "row-wanda" else 1.0)
-                k = int(round(frac * sp.shape[1]))
-                idx = torch.topk(score, k, dim=1).indices
-                masks[name] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True)
+            masks = {name: unstructured_mask(sp.abs().float() * (norms[name][None, :] if selection == "row-wanda"
+                                                                  else 1.0), pruned, per="row")
+                     for name, (_, sp) in parts.items()}
         kept = 0
         per_layer = {}
         for name, (_, lin) in found.items():
