@@ -278,12 +278,21 @@ def _ppl_cell(r: dict, windows: str, dense: dict | None) -> str:
     return f"{m['ppl']:.2f}" + (f" ({m['ppl'] / d['ppl']:.2f}x)" if d and r is not dense else "")
 
 
+def _budget_scale(c: dict) -> str:
+    """' x f' where the row's gate lrs were scaled down for its budget (StructuredSpec.vib_lr_steps)."""
+    ref, steps = c.get("lr_steps"), c.get("steps")
+    return f" x {ref / steps:g}" if ref and steps and steps > ref else ""
+
+
 def table(data: dict) -> str:
     """Markdown tables of the rows (for BENCHMARKS.md): the main table, then what each VIB row trained."""
     rows = data["rows"]
     dense = rows.get("dense", {})
+    own = {r.get("windows") for n, r in rows.items() if n != "dense" and "widths" in r}  # each row's --ppl-windows
+    n_own = own.pop() if len(own) == 1 else None
+    own_label = f"ppl, {n_own} windows" if n_own not in (None, 64) else "ppl, the row's windows"
     out = ["| row | widths kv/neurons/hidden | block params removed | params (M) | disk (MB) | compute ratio | "
-           "b1x256 | b8x256 | generate | gen ÷ ratio | llama.cpp pp256 / tg32 | ppl, 8 windows | ppl, 64 windows | "
+           f"b1x256 | b8x256 | generate | gen ÷ ratio | llama.cpp pp256 / tg32 | {own_label} | ppl, 64 windows | "
            "after LoRA, 8 windows | after LoRA, 64 windows |", "|" + "---|" * 15]
     dw = next((r["dense_widths"] for r in rows.values() if "dense_widths" in r), None)
     if dense:
@@ -317,8 +326,10 @@ def table(data: dict) -> str:
             vib.append(f"| {name} | {v.get('budget', '')} | {c.get('loss', 'lm')} | {'yes' if c.get('center') else 'no'} | "
                        f"{c.get('optimizer', 'adam')} | {c.get('constraint', 'global')} | "
                        f"{'FLAP' if c.get('neuron_ranking') == 'flap' else 'gates'} | "
-                       f"{c.get('vib_lr')} / {c.get('mu_lr') if c.get('mu_lr') is not None else c.get('vib_lr')} | "
-                       f"{c.get('lagrangian_lr')} | {c.get('init_log_sigma2')} | "
+                       f"{c.get('vib_lr')} / {c.get('mu_lr') if c.get('mu_lr') is not None else c.get('vib_lr')}"
+                       f"{_budget_scale(c)} | {c.get('lagrangian_lr')}"
+                       f"{'' if c.get('lagrangian_step', 'adam') == 'adam' else ' (' + c['lagrangian_step'] + ')'} | "
+                       f"{c.get('init_log_sigma2')} | "
                        f"{v.get('thresholded_sparsity', float('nan')):.3f} | {mus} | "
                        f"{trained if isinstance(trained, str) else _cell(trained, '{:.0f}')} |")
     if vib:

@@ -34,6 +34,18 @@ def test_shrink_print_recipe_is_a_runnable_recipe(capsys):
     assert [s if isinstance(s, str) else s["type"] for s in rec["stages"]] == ["structured", "export"]
 
 
+def test_shrink_longer_budget_flags_reach_the_recipe(capsys):
+    """The README's 4x-budget command: every flag lands in the recipe's structured section, and the gate lrs
+    keep their 16-step reference (vib_lr_steps), so 64 steps run at a quarter of them."""
+    text = cli_ok(["shrink", "tiny-llama", "--method", "vib", "--sparsity", "0.5", "--vib-steps", "64", "--vib-mu-lr",
+                   "0.2", "--lagrangian-step", "gap", "--vib-neuron-ranking", "vib", "--split", "equal", "--out",
+                   "unused", "--print-recipe"], capsys)
+    st = yaml.safe_load(text)["structured"]
+    assert (st["vib_steps"], st["vib_mu_lr"], st["lagrangian_step"], st["vib_neuron_ranking"], st["split"]) == (
+        64, 0.2, "gap", "vib", "equal")
+    assert st["vib_lr_steps"] == 16
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--method", "l2", "--structures", "heads", "--sparsity", "0.9"], "every KV group"),
     (["--method", "l2", "--round-to", "512"], "larger than the neurons dimension"),

@@ -26,7 +26,7 @@ SHRINK_FLAGS = {  # flag parameter -> recipe key (no defaults here: commands/shr
     "round_to": "structured.round_to", "split": "structured.split", "calib": "data.calib",
     "calib_split": "data.calib_split",
     "nsamples": "structured.nsamples", "seqlen": "structured.seqlen", "vib_steps": "structured.vib_steps",
-    "vib_batch": "structured.vib_batch", "vib_lr": "structured.vib_lr", "vib_loss": "structured.vib_loss",
+    "vib_batch": "structured.vib_batch", "vib_lr": "structured.vib_lr", "vib_mu_lr": "structured.vib_mu_lr", "vib_loss": "structured.vib_loss",
     "vib_widths": "structured.vib_widths", "vib_center": "structured.vib_center",
     "vib_neuron_ranking": "structured.vib_neuron_ranking",
     "lagrangian_warmup": "structured.lagrangian_warmup", "lagrangian_lr": "structured.lagrangian_lr",
@@ -63,6 +63,9 @@ def shrink_cmd(
     vib_batch: Annotated[Optional[int], typer.Option("--vib-batch", help="windows per VIB step")] = None,
     vib_lr: Annotated[Optional[float], typer.Option(
         "--vib-lr", help="VIB_LR: learning rate of the gates' log sigma^2")] = None,
+    vib_mu_lr: Annotated[Optional[float], typer.Option(
+        "--vib-mu-lr", help="learning rate of the gates' mu (recipe default 0.01; the gate lr measured best with "
+                            "--vib-steps 64 and --lagrangian-step gap)")] = None,
     vib_loss: Annotated[Optional[str], typer.Option(
         "--vib-loss", help="gate objective: kd (KL to the dense model) or lm")] = None,
     vib_widths: Annotated[Optional[str], typer.Option(
