@@ -60,6 +60,12 @@ VIB's own selection and 87.5 / 179.8 for FLAP's. `vib_neuron_ranking="flap"` is 
 train on both kinds (the neuron noise is part of what the head gates learn under), the KV groups come from
 the gates, the neurons from FLAP's fluctuation of the dense model, and the fold is unchanged (kept
 structures scaled by μ, removed ones left at their means).
+
+Longer gate training (issue 29 item 8). At a constant lr, 4x the steps made every selection worse: Adam moves
+each gate by about its lr per step, so more steps were a longer walk driven mostly by the noise of 2 x 256-token
+gradients. `vib_lr_steps` scales both gate lrs by vib_lr_steps / steps (`budget_scale`). With that, μ's lr equal
+to the gate lr and the gap rule, pure VIB improves with the budget: 232 / 88 / 83 at 1x / 4x / 16x at 50% (FLAP
+180) and 92 / 54 / 44 at 30% (64 windows; BENCHMARKS.md).
 """
 
 from __future__ import annotations
