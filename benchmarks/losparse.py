@@ -42,7 +42,7 @@ SPLIT_SEED = 0
 # (0.5 is the first table's even split; the method's GLUE script spends a quarter: rank 5% + S 15% at 20%)
 BUDGETS = (0.20, 0.15, 0.10)
 DENSE = "dense full FT"
-LOSPARSE_VARIANTS = ("LoSparse", "LoSparse-structured", "LoSparse+KD")
+LOSPARSE_VARIANTS = ("LoSparse", "LoSparse-structured", "LoSparse+KD", "LoSparse-step")
 # one-shot pruning then LoRA, by criterion: Wanda, and ADMM (the pruner that beat SparseGPT in this repo)
 ONESHOT_CRITERIA = {"Wanda->LoRA": "wanda", "ADMM->LoRA": "admm"}
 BASELINES = ("PAYT", *ONESHOT_CRITERIA)
@@ -137,8 +137,9 @@ def _payt_like(args, seed, out, budget, schedule, criterion: str = "wanda"):
 
 def row_losparse(args, seed, out, budget, variant: str, rows_dir: Path, exports: bool):
     """One LoSparse row: `variant` LoSparse (the method's default, unstructured S), LoSparse-structured (rows of
-    S, mean-pooled PLATON scores, as the seed) or LoSparse+KD (default S, distilled from the dense row of the
-    same seed)."""
+    S, mean-pooled PLATON scores, as the seed), LoSparse+KD (default S, distilled from the dense row of the
+    same seed) or LoSparse-step (default S, PLATON's averages updated every step instead of once per deltaT
+    window)."""
     from prunetune.methods.losparse import Losparse, LosparseSpec
     from prunetune.tuning.finetune import finetune
 
@@ -149,6 +150,8 @@ def row_losparse(args, seed, out, budget, variant: str, rows_dir: Path, exports:
     kw = {}
     if variant == "LoSparse-structured":
         kw = {"structured_method": args.structured, "structured_direction": args.direction}
+    if variant == "LoSparse-step":  # PLATON's averages folded every step (the rule before issue 29 item 4)
+        kw = {"platon_ema": "step"}
     if variant == "LoSparse+KD":
         teacher = json.loads((rows_dir / f"{row_key(DENSE, 1.0, seed)}.json").read_text())["teacher_dir"]
         kw = {"teacher": teacher, "kd_weight": args.kd_weight, "layer_weight": args.layer_weight,
