@@ -208,7 +208,8 @@ def test_platon_beta2_one_is_the_sensitivity_alone():
     assert LosparseSpec(beta2=1.0).beta2 == 1.0
     method = Losparse(LosparseSpec(beta2=1.0, deltaT=4))
     assert (method.scores.beta2, method.scores.window) == (1.0, 4)
-    assert Losparse(LosparseSpec(deltaT=4, platon_ema="step")).scores.window == 1
+    with pytest.raises(ValidationError, match="platon_ema"):  # the per-step rule measured the same: not kept
+        LosparseSpec(platon_ema="step")
     with pytest.raises(ValidationError, match="beta2"):
         LosparseSpec(beta2=1.01)
     with pytest.raises(PrunetuneError, match="beta2"):

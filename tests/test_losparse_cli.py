@@ -30,13 +30,14 @@ def test_seed_names_are_aliases(capsys):
 
 
 def test_method_rules_reach_the_recipe_and_beta2_one_is_accepted(capsys):
-    """PLATON's window rule and the recomputed final mask are the defaults; per-step EMAs and a fixed final mask
-    are options; beta2 = 1 (uncertainty off, the LoSparse code's default) is accepted."""
+    """PLATON's window rule (deltaT) and the recomputed final mask are the defaults, a fixed final mask an
+    option; beta2 = 1 (uncertainty off, the LoSparse code's default) is accepted. The per-step EMA rule is gone
+    (it measured the same as the window rule)."""
     ls = yaml.safe_load(cli_ok(["losparse", "minilm-l6", "--beta2", "1", "--print-recipe"], capsys))["losparse"]
-    assert (ls["beta2"], ls["platon_ema"], ls["final_mask"]) == (1.0, "window", "recompute")
-    ls = yaml.safe_load(cli_ok(["losparse", "minilm-l6", "--platon-ema", "step", "--final-mask", "fixed",
-                                "--print-recipe"], capsys))["losparse"]
-    assert (ls["platon_ema"], ls["final_mask"]) == ("step", "fixed")
+    assert (ls["beta2"], ls["final_mask"]) == (1.0, "recompute") and "platon_ema" not in ls
+    ls = yaml.safe_load(cli_ok(["losparse", "minilm-l6", "--final-mask", "fixed", "--print-recipe"],
+                               capsys))["losparse"]
+    assert ls["final_mask"] == "fixed"
 
 
 @pytest.mark.parametrize("args,needle", [

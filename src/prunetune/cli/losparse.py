@@ -25,7 +25,7 @@ LOSPARSE_FLAGS = {"rank_ratio": "losparse.rank_ratio", "keep": "losparse.keep",
                   "initial_warmup_steps": "losparse.initial_warmup_steps",
                   "final_warmup_steps": "losparse.final_warmup_steps", "delta_t": "losparse.deltaT",
                   "beta1": "losparse.beta1", "beta2": "losparse.beta2",
-                  "platon_ema": "losparse.platon_ema", "final_mask": "losparse.final_mask",
+                  "final_mask": "losparse.final_mask",
                   "structured_method": "losparse.structured_method",
                   "structured_direction": "losparse.structured_direction", "distill_from": "losparse.teacher",
                   "kd_weight": "losparse.kd_weight", "layer_weight": "losparse.layer_weight",
@@ -62,9 +62,6 @@ def losparse(
     beta1: Annotated[Optional[float], typer.Option("--beta1", help="EMA of the sensitivity |θ·∇θ|")] = None,
     beta2: Annotated[Optional[float], typer.Option(
         "--beta2", help="EMA of its uncertainty; 1 = uncertainty off (the LoSparse code's default)")] = None,
-    platon_ema: Annotated[Optional[str], typer.Option(
-        "--platon-ema", help="window (default: the EMAs see each deltaT window's mean, PLATON's rule) | step "
-        "(every step)")] = None,
     final_mask: Annotated[Optional[str], typer.Option(
         "--final-mask", help="recompute (default: the mask is recomputed during the final warm-up, as the method "
         "does) | fixed (computed once at its start)")] = None,

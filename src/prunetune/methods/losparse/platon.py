@@ -26,7 +26,7 @@ class PlatonScores:
 
         Ī ← β1·Ī + (1 − β1)·mean(I),   Ū ← β2·Ū + (1 − β2)·|mean(I) − Ī|   (Ī after its update)
 
-    so β1 = 0.85 forgets over windows, not over steps. `window` = 1 folds every step (`platon_ema: step`).
+    so β1 = 0.85 forgets over windows, not over steps. `window` = 1 folds every step (deltaT 1).
     β2 = 1 switches the uncertainty off: the score is Ī alone (the LoSparse code's default). The seed's window is
     the deltaT steps *before* the fold step (the fold step's I opens the next window, and its first window holds a
     zero); here a window is the deltaT steps ending at the fold, so the mask sees the step it is computed at.

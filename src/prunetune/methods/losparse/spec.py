@@ -37,9 +37,6 @@ class LosparseSpec(Spec):
     beta1: float = Field(0.85, ge=0.0, lt=1.0, description="EMA of the sensitivity |θ·∇θ| (once per window)")
     beta2: float = Field(0.95, ge=0.0, le=1.0, description="EMA of its uncertainty; 1 switches the uncertainty off "
                          "(score = the sensitivity EMA alone: the LoSparse code's default)")
-    platon_ema: Literal["window", "step"] = Field(
-        "window", description="window: fold the mean |θ·∇θ| of each deltaT window into the EMAs once a window "
-        "(PLATON's rule); step: fold every step's |θ·∇θ| (deltaT then only spaces the masks)")
     final_mask: Literal["recompute", "fixed"] = Field(
         "recompute", description="the final warm-up (keep = final_threshold): recompute: the mask is recomputed "
         "from the scores that keep updating, as the method does (the last one is exported); fixed: computed once "
