@@ -15,7 +15,7 @@ The pieces, each usable alone:
   folds into Ī = EMA_β1 and Ū = EMA_β2(|mean − Ī|), score Ī·Ū (Ī alone at β2 = 1, the LoSparse code's default).
   The per-step rule it replaced (issue 29 item 4) measured the same on MiniLM / BBC News at 10% kept, 100 steps,
   3 seeds (94.92% both; paired +0.00 ± 0.45 pt, `benchmarks/results/losparse_minilm_platon_step.json`), so it is
-  not kept as an option: deltaT = 1 gives it.
+  not kept as an option (deltaT = 1 gives per-step averages, with a mask every step).
 - `LosparseSchedule`: the seed's cubic schedule of the kept fraction of S. Warm-ups are in units of
   `warmup_steps` (the seed's `initial_warmup` / `final_warmup`) or, when given, plain step counts
   (`initial_warmup_steps` / `final_warmup_steps`).
