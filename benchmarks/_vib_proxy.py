@@ -33,7 +33,8 @@ L = load_model("smollm2-135m", "causal-lm"); model, tok = L.model.eval(), L.toke
 calib = calibration_windows(tok, "wikitext2", max(8, a.steps * a.batch), a.seqlen, seed=0)
 t0 = time.perf_counter()
 vib = StructuredSpec(vib_steps=a.steps, vib_batch=a.batch, vib_lr=a.lr, vib_mu_lr=a.mu_lr, lagrangian_lr=a.lag_lr,
-                     lagrangian_warmup=a.warm, init_log_sigma2=a.init, vib_loss=a.loss, vib_widths=a.widths)
+                     lagrangian_warmup=a.warm, init_log_sigma2=a.init, vib_loss=a.loss, vib_widths=a.widths,
+                     vib_lr_steps=None)  # constant lr at any --steps, as its recorded runs had
 vib_options = dict(beta=a.beta, antithetic=a.anti, optimizer=a.opt)
 ids = calib if a.method == "vib" else calib[:8]
 model, facts = prune_structured(model, a.method, a.sparsity, structures="heads,neurons", round_to=64, ids=ids, vib=vib,

@@ -21,7 +21,7 @@ ids = calibration_windows(tok, "wikitext2", max(8, a.steps * a.batch), 256, seed
 stats = collect_moments(base, ids[:8], 4)
 cfg = StructuredSpec(sparsity=0.3, structures=["heads", "neurons"], vib_steps=a.steps, vib_batch=a.batch, vib_lr=a.lr,
                      vib_mu_lr=a.mu_lr, lagrangian_lr=a.lag_lr, lagrangian_warmup=a.warm, init_log_sigma2=a.init,
-                     vib_loss=a.loss)
+                     vib_loss=a.loss, vib_lr_steps=None)  # constant lr at any --steps, as its recorded runs had
 t0 = time.perf_counter()
 meth = VibMethod(cfg); train_gates(model, meth, ids)
 state = {k: v.detach().clone() for k, v in meth.gates.state_dict().items()}
